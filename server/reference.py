@@ -1,0 +1,143 @@
+"""The reference decoder: pure torch, exactly the math of the decode step (DESIGN §3.1) on
+our buffer layout (weight arena views, KV arena with sessions). It is the oracle: it is
+checked against HF transformers on real weights, and the CUDA kernels against it.
+
+`compute_dtype=torch.float32` (the oracle) upcasts weights per op and rounds to the model
+dtype at the same points as HF (after each linear, norm and residual add). With
+`compute_dtype` = the model dtype it is a fast torch path (cuBLAS GEMMs + SDPA on the GPU)
+that the CUDA backend uses for prefill.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from case4_errors import BadInput
+from custom_kernels.weight_loader import ModelWeights
+from server.kv import KVArena
+
+
+class ReferenceDecoder:
+    def __init__(self, weights: ModelWeights, kv: KVArena, compute_dtype: torch.dtype = torch.float32):
+        self.w = weights
+        self.cfg = weights.cfg
+        self.kv = kv
+        self.dtype = weights.dtype
+        self.cdt = compute_dtype
+        self.stages: dict[str, torch.Tensor] | None = None  # filled when recording
+
+    # -- helpers ------------------------------------------------------------------------
+    def _r(self, t: torch.Tensor) -> torch.Tensor:
+        """Round to the model dtype (where HF would hold the value in it), keep computing in cdt."""
+        return t if self.dtype == self.cdt else t.to(self.dtype).to(self.cdt)
+
+    def _lin(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._r(F.linear(x, w.to(self.cdt)))
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return self._r(w.to(self.cdt) * self._r(n.to(self.cdt)))
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D]: HF half rotation of the first R dims, cos/sin from the tables."""
+        R = self.cfg.rotary_dim
+        c = self.w.rope_cos[pos][:, None, :]  # [T, 1, R/2] fp32
+        s = self.w.rope_sin[pos][:, None, :]
+        xf = x.float()
+        a, b, rest = xf[..., :R // 2], xf[..., R // 2:R], xf[..., R:]
+        out = torch.cat([a * c - b * s, b * c + a * s, rest], dim=-1)
+        return self._r(out.to(self.cdt))
+
+    def _record(self, name: str, t: torch.Tensor) -> None:
+        if self.stages is not None:
+            self.stages[name] = t.detach().float().cpu().clone()
+
+    # -- the forward pass ------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, session: int, ids: list[int], start: int) -> torch.Tensor:
+        """Run tokens `ids` at positions start..start+T-1 of `session`; return fp32 logits [T, V]."""
+        cfg, w, kvs = self.cfg, self.w, self.kv
+        T = len(ids)
+        if start + T > kvs.max_seq:
+            raise BadInput(f"sequence of {start + T} tokens exceeds the context of {kvs.max_seq}")
+        dev = w.arena.device
+        tok = torch.tensor(ids, dtype=torch.long, device=dev)
+        if int(tok.min()) < 0 or int(tok.max()) >= cfg.vocab_size:
+            raise BadInput(f"token id out of range [0, {cfg.vocab_size})")
+        pos = torch.arange(start, start + T, device=dev)
+        Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x = w.embed[tok].to(self.cdt)                                   # [T, H]
+        for l, lw in enumerate(w.layers):
+            h = self._norm(x, lw.attn_norm)                             # [T, H]
+            qkv = self._lin(h, lw.w_qkv)                                # [T, (Hq+2Hkv)D]
+            q = qkv[:, :Hq * D].view(T, Hq, D)
+            k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
+            v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            self._record(f"L{l}.q", q), self._record(f"L{l}.k", k), self._record(f"L{l}.v", v)
+            kc, vc = kvs.k(session, l), kvs.v(session, l)               # [Hkv, max_seq, D]
+            kc[:, start:start + T] = k.transpose(0, 1).to(self.dtype)
+            vc[:, start:start + T] = v.transpose(0, 1).to(self.dtype)
+            ctx = self._attention(q, kc[:, :start + T], vc[:, :start + T], start)  # [T, Hq*D]
+            self._record(f"L{l}.ctx", ctx)
+            x = self._r(x + self._lin(ctx, lw.w_o))
+            self._record(f"L{l}.attn_out", x)
+            h = self._norm(x, lw.mlp_norm)
+            gu = self._lin(h, lw.w_gu)                                  # [T, 2I]
+            I = cfg.intermediate_size
+            act = self._r(F.silu(gu[:, :I].float()).to(self.cdt))
+            mlp = self._lin(self._r(act * gu[:, I:]), lw.w_down)
+            self._record(f"L{l}.mlp", mlp)
+            x = self._r(x + mlp)
+            self._record(f"L{l}.out", x)
+        h = self._norm(x, w.final_norm)
+        self._record("final_hidden", h)
+        logits = self._lin(h, w.lm_head).float()
+        self._record("logits", logits)
+        return logits
+
+    def _attention(self, q, kc, vc, start: int) -> torch.Tensor:
+        """q [T, Hq, D]; kc/vc [Hkv, start+T, D] (model dtype) -> ctx [T, Hq*D] (causal)."""
+        cfg = self.cfg
+        T, Hq, D = q.shape
+        g = cfg.group
+        k = kc.to(self.cdt).repeat_interleave(g, dim=0)                 # [Hq, S, D]
+        v = vc.to(self.cdt).repeat_interleave(g, dim=0)
+        S = k.shape[1]
+        qh = q.transpose(0, 1)                                          # [Hq, T, D]
+        # query i (position start+i) sees keys 0..start+i
+        mask = torch.arange(S, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
+        if self.cdt == torch.float32:
+            scores = (qh @ k.transpose(1, 2)).float() * D ** -0.5
+            scores = scores.masked_fill(~mask, float("-inf"))
+            ctx = torch.softmax(scores, dim=-1).to(self.cdt) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask[None, None])[0]
+        return self._r(ctx.transpose(0, 1).reshape(T, Hq * D))
+
+    # -- the server-facing API -----------------------------------------------------------
+    def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
+        """Reset `session`, run the prompt; fp32 logits [V] of its last position."""
+        self.kv.check_session(session)
+        if not ids:
+            raise BadInput("the prompt is empty")
+        logits = self.forward(session, list(ids), 0)
+        self.kv.seq_len[session] = len(ids)
+        return logits[-1]
+
+    def step(self, session: int, token: int) -> torch.Tensor:
+        """One decode step at position seq_len[session]; fp32 logits [V]."""
+        self.kv.check_session(session)
+        T = self.kv.seq_len[session]
+        logits = self.forward(session, [int(token)], T)
+        self.kv.seq_len[session] = T + 1
+        return logits[0]
+
+    def step_stages(self, session: int, token: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.stages = {}
+        try:
+            logits = self.step(session, token)
+            return logits, self.stages
+        finally:
+            self.stages = None
