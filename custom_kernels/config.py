@@ -155,8 +155,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) or None,
     }
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rotary_dim != cfg.head_dim:
-        d["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+        d["partial_rotary_factor"] = d["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
     return d
 
 

@@ -74,8 +74,8 @@ class ReferenceDecoder:
             q = qkv[:, :Hq * D].view(T, Hq, D)
             k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
             v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+            self._record(f"L{l}.q", q), self._record(f"L{l}.k", k), self._record(f"L{l}.v", v)  # pre-RoPE, as HF's projections
             q, k = self._rope(q, pos), self._rope(k, pos)
-            self._record(f"L{l}.q", q), self._record(f"L{l}.k", k), self._record(f"L{l}.v", v)
             kc, vc = kvs.k(session, l), kvs.v(session, l)               # [Hkv, max_seq, D]
             kc[:, start:start + T] = k.transpose(0, 1).to(self.dtype)
             vc[:, start:start + T] = v.transpose(0, 1).to(self.dtype)

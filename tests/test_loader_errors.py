@@ -1,0 +1,174 @@
+"""Model resolution, config validation and weight loading: every error names its culprit."""
+import json
+
+import pytest
+import torch
+
+from case4_errors import BadInput
+from custom_kernels.config import SYNTHETIC_SHAPES, ConfigError, config_from_hf, hf_config_dict
+from custom_kernels.weight_loader import (WeightLoadError, load_hf_folder, save_hf_folder, synthetic_weights)
+from server.models import ModelError, load_config, resolve_model
+
+TINY = SYNTHETIC_SHAPES["tiny"]
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    w = synthetic_weights(TINY, "float32", "cpu", seed=1)
+    save_hf_folder(w, tmp_path / "m")
+    return tmp_path / "m", w
+
+
+def test_roundtrip_and_layout(tiny_folder):
+    folder, w = tiny_folder
+    cfg, _ = load_config(str(folder))
+    w2 = load_hf_folder(folder, cfg, "float32")
+    assert torch.equal(w.arena[: w2.arena.numel()], w2.arena)
+    # every tensor is a 256-byte aligned view of the one arena
+    base = w2.arena.data_ptr()
+    views = [w2.embed, w2.final_norm, w2.lm_head] + [getattr(lw, f) for lw in w2.layers
+                                                     for f in ("attn_norm", "w_qkv", "w_o", "mlp_norm", "w_gu", "w_down")]
+    for v in views:
+        assert v.untyped_storage().data_ptr() == w2.arena.untyped_storage().data_ptr()
+        assert (v.data_ptr() - base) % 256 == 0
+    assert w2.layers[0].w_qkv.shape == (TINY.qkv_rows, TINY.hidden_size)
+    assert w2.layers[0].w_gu.shape == (2 * TINY.intermediate_size, TINY.hidden_size)
+
+
+def test_bf16_and_fp16_arena(tiny_folder):
+    folder, w = tiny_folder
+    for dt in (torch.float16, torch.bfloat16):
+        w2 = load_hf_folder(folder, TINY, dt)
+        assert w2.arena.dtype == dt
+        assert torch.allclose(w2.layers[1].w_down.float(), w.layers[1].w_down, rtol=1e-2, atol=1e-2)
+
+
+def test_tied_embeddings_share_storage():
+    from dataclasses import replace
+    w = synthetic_weights(replace(TINY, tie_word_embeddings=True), "float32", "cpu", 0)
+    assert w.lm_head.data_ptr() == w.embed.data_ptr()
+
+
+def test_sharded_folder(tiny_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder, w = tiny_folder
+    sd = load_file(str(folder / "model.safetensors"))
+    names = sorted(sd)
+    half = len(names) // 2
+    out = tmp_path / "sharded"
+    out.mkdir()
+    save_file({k: sd[k] for k in names[:half]}, str(out / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[half:]}, str(out / "model-00002-of-00002.safetensors"))
+    wm = {k: ("model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors")
+          for i, k in enumerate(names)}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    m = resolve_model(str(out))
+    assert torch.equal(m.weights.arena, load_hf_folder(folder, m.cfg).arena)
+
+
+def test_missing_tensor(tiny_folder):
+    from safetensors.torch import load_file, save_file
+    folder, _ = tiny_folder
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        resolve_model(str(folder))
+
+
+def test_wrong_shape(tiny_folder):
+    from safetensors.torch import load_file, save_file
+    folder, _ = tiny_folder
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(7, TINY.hidden_size)
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(WeightLoadError) as e:
+        resolve_model(str(folder))
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "k_proj" in msg and "(7, 128)" in msg and "(64, 128)" in msg
+
+
+def test_truncated_file(tiny_folder):
+    folder, _ = tiny_folder
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightLoadError, match="model.safetensors"):
+        resolve_model(str(folder))
+
+
+def test_corrupt_file(tiny_folder):
+    folder, _ = tiny_folder
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(WeightLoadError, match="model.safetensors"):
+        resolve_model(str(folder))
+
+
+def test_corrupt_config(tiny_folder):
+    folder, _ = tiny_folder
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("field,value,culprit", [
+    ("attention_bias", True, "attention_bias"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5}, "rope_parameters"),
+    ("sliding_window", 4096, "sliding_window"),
+    ("architectures", ["GPT2LMHeadModel"], "architectures"),
+    ("num_key_value_heads", 3, "num_key_value_heads"),
+    ("hidden_act", "gelu", "hidden_act"),
+])
+def test_config_refusals(field, value, culprit):
+    d = hf_config_dict(TINY)
+    d[field] = value
+    with pytest.raises(ConfigError, match=culprit):
+        config_from_hf(d)
+
+
+def test_rope_theta_sources():
+    d = hf_config_dict(TINY)
+    d.pop("rope_theta")
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 123456.0}
+    assert config_from_hf(d).rope_theta == 123456.0
+    d = hf_config_dict(TINY)
+    d.pop("rope_parameters")
+    d["rope_theta"] = 5e5
+    assert config_from_hf(d).rope_theta == 5e5
+    d["head_dim"] = 64
+    d["partial_rotary_factor"] = 0.25
+    c = config_from_hf(d)
+    assert (c.head_dim, c.rotary_dim) == (64, 16)
+
+
+def test_model_specs():
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model("/nonexistent/model/path")
+    with pytest.raises(ModelError, match="unknown synthetic shape 'nope'"):
+        resolve_model("synthetic:nope")
+    with pytest.raises(ModelError, match="local Hugging Face cache.*smollm2"):
+        resolve_model("nobody-here/no-such-model")
+    for name in ("tiny", "smollm2-135m", "llama2-7b", "llama2-13b", "tiny-mha", "gqa-32-8"):
+        assert name in SYNTHETIC_SHAPES
+    m = resolve_model("synthetic:tiny", dtype="bfloat16", seed=3)
+    assert m.weights.arena.dtype == torch.bfloat16 and m.tokenizer_dir is None
+    assert torch.equal(m.weights.arena, resolve_model("synthetic:tiny", dtype="bfloat16", seed=3).weights.arena)
+    assert isinstance(ModelError("x"), BadInput)
+
+
+def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch, smollm2_dir):
+    """An entry without its .complete marker is never used: it is rebuilt."""
+    import shutil
+
+    import server.models as sm
+    home = tmp_path / "home"
+    target = home / "models" / "smollm2"
+    shutil.copytree(smollm2_dir, target)
+    (target / ".complete").unlink()
+    (target / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setenv("CASE4_HOME", str(home))
+    out = sm.prepare_smollm2()
+    assert out == target and (target / ".complete").exists()
+    assert (target / "model.safetensors").stat().st_size > 100_000_000
