@@ -1,0 +1,76 @@
+"""Tokenizers for the client: the model's own (HF `transformers.AutoTokenizer` on the
+model folder, chat template included), or the byte-level fallback of synthetic models.
+
+Byte-level ids: 0..255 are the bytes of the UTF-8 text, 256 = BOS, 257 = EOS, 258 = PAD.
+"""
+from __future__ import annotations
+
+from case4_errors import BadInput
+
+BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
+
+
+class ByteTokenizer:
+    kind = "byte"
+    bos_id, eos_ids = BYTE_BOS, (BYTE_EOS,)
+    has_chat_template = True
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([BYTE_BOS] if add_special_tokens else []) + list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def chat(self, text: str) -> list[int]:
+        return self.encode(f"<|user|>\n{text}\n<|assistant|>\n")
+
+
+class HFTokenizer:
+    kind = "hf"
+
+    def __init__(self, folder: str):
+        from transformers import AutoTokenizer
+        try:
+            self.tok = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            raise BadInput(f"cannot load the tokenizer of {folder}: {e}") from None
+        self.bos_id = self.tok.bos_token_id
+        self.eos_ids = tuple(i for i in [self.tok.eos_token_id] if i is not None)
+        self.has_chat_template = bool(getattr(self.tok, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def chat(self, text: str) -> list[int]:
+        if not self.has_chat_template:
+            raise BadInput("--chat: this model's tokenizer has no chat template")
+        prompt = self.tok.apply_chat_template([{"role": "user", "content": text}],
+                                              tokenize=False, add_generation_prompt=True)
+        return self.encode(prompt, add_special_tokens=False)  # the template has its own BOS
+
+
+def load_tokenizer(folder: str | None):
+    return HFTokenizer(folder) if folder else ByteTokenizer()
+
+
+class IncrementalDetokenizer:
+    """Streaming decode: emit only text that can no longer change (the vLLM / TGI method:
+    decode a short window of ids twice, hold back an incomplete UTF-8 sequence)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+
+    def push(self, ids) -> str:
+        self.ids.extend(int(i) for i in ids)
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids)

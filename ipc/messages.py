@@ -1,0 +1,131 @@
+"""Request / reply records and their validation (DESIGN §4).
+
+    request: {"id": int, "op": str, "args": dict}
+    reply:   {"id": int, "ok": True,  "result": dict, "t": (t0_us, t1_us)}
+             {"id": int, "ok": False, "error": {"type": str, "message": str, "bad_input": bool}}
+
+`t` is when the serving process started and finished the op, in microseconds of
+time.perf_counter() (CLOCK_MONOTONIC: the same clock in every process of the machine);
+the orchestrator builds its trace from it.
+"""
+from __future__ import annotations
+
+import time
+
+from case4_errors import BadInput
+
+REQUIRED = object()
+
+
+class ProtocolError(BadInput):
+    """A malformed request: unknown op, missing or wrongly typed argument."""
+
+
+class RemoteError(RuntimeError):
+    """An error reply, raised on the caller's side."""
+
+    def __init__(self, peer: str, op: str, error: dict):
+        self.peer, self.op, self.type = peer, op, error.get("type", "Error")
+        self.message = error.get("message", "")
+        self.bad_input = bool(error.get("bad_input"))
+        super().__init__(f"{peer}: {op}: {self.type}: {self.message}")
+
+
+_LIST = "list[int]"
+
+# op -> {arg: (type, default)}; REQUIRED marks a mandatory argument.
+SERVER_OPS: dict[str, dict] = {
+    "kv_init": {"session": (int, 0), "input_ids": (_LIST, REQUIRED), "sample": (dict, None)},
+    "bg_capture_start": {"session": (int, 0), "window": (int, 8)},
+    "wait_precapture": {"session": (int, 0), "count": (int, 1), "timeout_s": (float, 60.0)},
+    "replay_seq": {"session": (int, 0), "seq_len": (int, REQUIRED), "token": (int, REQUIRED),
+                   "sample": (dict, None)},
+    "bg_capture_stop": {},
+    "kv_step": {"session": (int, 0), "token": (int, REQUIRED), "sample": (dict, None)},
+    "kv_generate": {"session": (int, 0), "steps": (int, REQUIRED), "sampling": (dict, REQUIRED),
+                    "start_token": (int, REQUIRED), "stop_ids": (_LIST, ())},
+    "status": {"trace": (bool, False)},
+    "stop": {},
+}
+# the seed's long names
+SERVER_ALIASES = {
+    "devgraph_bg_capture_start_custom": "bg_capture_start",
+    "devgraph_wait_precapture_custom": "wait_precapture",
+    "devgraph_bg_capture_stop": "bg_capture_stop",
+    "devgraph_replay_seq_custom": "replay_seq",
+}
+
+CLIENT_OPS: dict[str, dict] = {
+    # internal: tell the client its tokenizer and the logits channel once the server is up
+    "init": {"tokenizer_dir": (str, None), "vocab_size": (int, REQUIRED), "shm": (str, REQUIRED),
+             "slots": (int, REQUIRED), "eos_ids": (_LIST, ()), "special_tokens": (bool, False)},
+    "tokenize": {"text": (str, REQUIRED), "add_special_tokens": (bool, True), "chat": (bool, False),
+                 "max_len": (int, None)},
+    "detokenize": {"ids": (_LIST, REQUIRED), "stream": (bool, False)},
+    # sample from the logits in shm slot `slot` (written for `step`); returns token + text
+    "sample": {"slot": (int, REQUIRED), "step": (int, REQUIRED), "params": (dict, REQUIRED),
+               "position": (int, REQUIRED)},
+    "stop": {},
+}
+
+
+def _type_ok(value, typ) -> bool:
+    if typ == _LIST:
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def validate(msg, ops: dict, aliases: dict | None = None) -> tuple[int, str, dict]:
+    """Check a request; return (id, canonical op, args with defaults). Raises ProtocolError."""
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"a request must be a dict, got {type(msg).__name__}")
+    rid, op, args = msg.get("id"), msg.get("op"), msg.get("args", {})
+    if not isinstance(op, str):
+        raise ProtocolError("request has no op")
+    op = (aliases or {}).get(op, op)
+    if op not in ops:
+        raise ProtocolError(f"unknown op {op!r}; known: {', '.join(sorted(ops))}")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ProtocolError(f"{op}: args must be a dict, got {type(args).__name__}")
+    spec = ops[op]
+    unknown = set(args) - set(spec)
+    if unknown:
+        raise ProtocolError(f"{op}: unknown argument(s) {sorted(unknown)}")
+    out = {}
+    for name, (typ, default) in spec.items():
+        if name not in args or args[name] is None:
+            if default is REQUIRED:
+                raise ProtocolError(f"{op}: missing argument {name!r}")
+            out[name] = default
+            continue
+        value = args[name]
+        if not _type_ok(value, typ):
+            tname = typ if isinstance(typ, str) else typ.__name__
+            raise ProtocolError(f"{op}: argument {name!r} must be {tname}, got {type(value).__name__}")
+        out[name] = list(value) if typ == _LIST else value
+    return rid, op, out
+
+
+def now_us() -> float:
+    return time.perf_counter_ns() / 1e3
+
+
+def request(rid: int, op: str, args: dict | None = None) -> dict:
+    return {"id": rid, "op": op, "args": args or {}}
+
+
+def ok_reply(rid, result: dict, t0: float, t1: float) -> dict:
+    return {"id": rid, "ok": True, "result": result, "t": (t0, t1)}
+
+
+def error_reply(rid, exc: BaseException) -> dict:
+    return {"id": rid, "ok": False, "error": {
+        "type": type(exc).__name__, "message": str(exc) or repr(exc),
+        "bad_input": isinstance(exc, BadInput)}}

