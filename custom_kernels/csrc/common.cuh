@@ -1,0 +1,135 @@
+// common.cuh -- shared helpers for the Case4 decode kernels (llama.cpp ggml-cuda style).
+//
+// Conventions used by every kernel:
+//   * weights / activations are fp16 or bf16 (template parameter T), accumulation is fp32;
+//   * results are rounded to T at the same points as HF transformers (after each linear,
+//     after each norm, after the residual add), so the kernels track the torch reference;
+//   * a "position" T is either a host constant baked into the launch (exact graphs, eager)
+//     or read from seq_len_dev[s] on the device (dynamic graph): see `read_pos`.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "check.h"
+#include "ops.h"
+
+namespace case4 {
+
+constexpr int kWarp = 32;
+constexpr int kSampleThreads = 1024;
+
+
+// ---------------------------------------------------------------- conversions
+__device__ __forceinline__ float to_f(half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ half from_f<half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// round a float through T and back (the "result rounded to the model dtype" points)
+template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
+
+// 8 packed T values (one 16-byte vector) -> 8 floats
+template <typename T> __device__ __forceinline__ void unpack8(const uint4 &v, float (&f)[8]);
+template <> __device__ __forceinline__ void unpack8<half>(const uint4 &v, float (&f)[8]) {
+    const half2 *h = reinterpret_cast<const half2 *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 t = __half22float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+}
+template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4 &v, float (&f)[8]) {
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 t = __bfloat1622float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+}
+template <typename T> __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    uint4 v;
+    T *p = reinterpret_cast<T *>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p[i] = from_f<T>(f[i]);
+    return v;
+}
+
+// 16-byte streaming load of data read once per token (weights): bypass L1.
+__device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// ---------------------------------------------------------------- reductions
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// sum over the whole block; `red` is >= 32 floats of shared memory; all threads get the result
+__device__ __forceinline__ float block_sum(float v, float *red) {
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float *red) {
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// ---------------------------------------------------------------- programmatic dependent launch
+// Kernels of a step are launched with the PDL attribute (see launch_pdl): the next kernel's
+// blocks may start while the previous kernel drains. Each kernel therefore calls pdl_wait()
+// before touching any activation memory (griddepcontrol.wait returns once the previous grid
+// has completed and its writes are visible; a no-op without PDL), and lets its dependents
+// launch early with pdl_trigger(). Only read-only weights may be touched before pdl_wait().
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// host: launch `k` on `st` with programmatic stream serialization when PDL is on
+extern bool g_use_pdl;
+template <typename... KArgs, typename... Args>
+inline void launch_pdl(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = g_use_pdl ? 1 : 0;
+    CASE4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, args...));
+}
+
+// position of this step: host constant, or read from the device (dynamic graphs)
+__device__ __forceinline__ int read_pos(int pos_host, const int *pos_dev) {
+    return pos_dev ? *(volatile const int *)pos_dev : pos_host;
+}
+
+}  // namespace case4

@@ -1,0 +1,236 @@
+// gemv.cu -- y = W x for batch-1 decode, fp16/bf16 weights, fp32 accumulation.
+//
+// Layout: W is [N, K] row-major (nn.Linear weight), K % 8 == 0 (16-byte rows).
+// Work split: one warp per output row (per row pair for SwiGLU), each lane streams
+// 16-byte vectors of the row with kUnroll independent loads in flight; the block's
+// warps take consecutive rows and the grid loops over row groups (persistent-ish grid).
+// The input vector sits in shared memory (as T), staged once per block. Fused prologue:
+// optional embedding-row gather and RMSNorm (each block recomputes the sum of squares:
+// K elements from L2, negligible next to the weights). Fused epilogues: store, residual
+// add in place, SwiGLU over the gate|up halves, fp32 logits.
+#include "common.cuh"
+#include "ops.h"
+
+namespace case4 {
+
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * kWarp;
+constexpr int kUnrollSmall = 4;  // 16-byte loads in flight per lane per row (K < 2048)
+constexpr int kUnrollLarge = 8;  // K >= 2048: fewer dependent round trips per row
+constexpr int kGemvMaxSmem = 96 * 1024;
+
+template <typename T>
+__device__ __forceinline__ float dot8(const uint4 &w, const uint4 &x) {
+    float wf[8], xf[8];
+    unpack8<T>(w, wf);
+    unpack8<T>(x, xf);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s = fmaf(wf[i], xf[i], s);
+    return s;
+}
+
+// Load the chunk of a row that starts at vector `base` (kUnroll vectors per lane).
+template <int kUnroll>
+__device__ __forceinline__ void load_chunk(const uint4 *__restrict__ wrow, int base, int nvec, int lane,
+                                           uint4 (&w)[kUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarp + lane;
+        w[u] = i < nvec ? ld_stream(wrow + i) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// Dot product of one weight row with the staged input (whole warp; result in every lane).
+// `w` may hold the row's first chunk already (loaded before griddepcontrol.wait).
+template <typename T, int kUnroll>
+__device__ __forceinline__ float row_dot(const uint4 *__restrict__ wrow, const uint4 *xs, int nvec, int lane,
+                                         uint4 (&w)[kUnroll], bool first_loaded) {
+    float acc = 0.f;
+    for (int base = 0; base < nvec; base += kWarp * kUnroll) {
+        if (!(first_loaded && base == 0)) load_chunk<kUnroll>(wrow, base, nvec, lane, w);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int i = base + u * kWarp + lane;
+            if (i < nvec) acc += dot8<T>(w[u], xs[i]);
+        }
+    }
+    return warp_sum(acc);
+}
+
+// two rows at once (gate and up of SwiGLU): twice the loads in flight
+template <typename T, int kUnroll>
+__device__ __forceinline__ float2 row_dot2(const uint4 *__restrict__ wa, const uint4 *__restrict__ wb,
+                                           const uint4 *xs, int nvec, int lane, uint4 (&va)[kUnroll],
+                                           uint4 (&vb)[kUnroll], bool first_loaded) {
+    float a = 0.f, b = 0.f;
+    for (int base = 0; base < nvec; base += kWarp * kUnroll) {
+        if (!(first_loaded && base == 0)) {
+            load_chunk<kUnroll>(wa, base, nvec, lane, va);
+            load_chunk<kUnroll>(wb, base, nvec, lane, vb);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int i = base + u * kWarp + lane;
+            if (i < nvec) {
+                a += dot8<T>(va[u], xs[i]);
+                b += dot8<T>(vb[u], xs[i]);
+            }
+        }
+    }
+    return make_float2(warp_sum(a), warp_sum(b));
+}
+
+template <typename T, int MODE, bool NORM, int U>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs a) {
+    extern __shared__ uint4 xs[];  // K/8 vectors of the (normed) input
+    __shared__ float red[kWarp];
+    constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
+    const int nvec = a.K / 8;
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const uint4 *W = reinterpret_cast<const uint4 *>(a.W);
+    // rows go round-robin over the blocks first (row = warp * grid + block): blocks sit on
+    // the SMs in order, so every SM gets the same number of rows (+-1) even when N is not a
+    // multiple of the grid's warps (N = 4096 over 528 blocks x 8 warps: 31 or 32 rows per
+    // SM, instead of 24 or 32 with row = block * 8 + warp)
+    const int row0 = warp * gridDim.x + blockIdx.x;
+    const int stride = gridDim.x * kGemvWarps;
+
+    // ---- before the previous kernel is done: only read-only weights may be touched
+    uint4 wa[UR], wb[UR];
+    const bool preload = a.prefetch == 2 && row0 < a.N;  // first chunk of the first row into registers
+    if (preload) {
+        load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa);
+        if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb);
+    } else if (a.prefetch == 1 && row0 < a.N) {  // or just towards L2
+        for (int i = lane * 4; i < nvec; i += kWarp * 4) {  // one 64-byte prefetch per 4 vectors
+            prefetch_l2(W + (size_t)row0 * nvec + i);
+            if (MODE == kGemvSwiglu) prefetch_l2(W + (size_t)(row0 + a.N) * nvec + i);
+        }
+    }
+    pdl_trigger();
+    pdl_wait();
+
+    // ---- prologue: stage the input (optionally the embedding row, optionally RMSNorm'd)
+    const uint4 *xin = reinterpret_cast<const uint4 *>(a.x);
+    if (a.tok) xin += (size_t)(*a.tok) * nvec;
+    const bool write_resid = a.tok && a.x_out && blockIdx.x == 0;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const uint4 v = xin[i];
+        xs[i] = v;
+        if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
+        if (NORM) {
+            float f[8];
+            unpack8<T>(v, f);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+        }
+    }
+    if (NORM) {
+        const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
+        const uint4 *nw = reinterpret_cast<const uint4 *>(a.norm_w);
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+            float f[8], w[8];
+            unpack8<T>(xs[i], f);
+            unpack8<T>(nw[i], w);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) f[j] = w[j] * round_t<T>(f[j] * inv);
+            xs[i] = pack8<T>(f);
+        }
+    }
+    __syncthreads();
+
+    // ---- rows
+    for (int row = row0; row < a.N; row += stride) {
+        const bool first = preload && row == row0;
+        if (MODE == kGemvSwiglu) {
+            const float2 gu = row_dot2<T, UR>(W + (size_t)row * nvec, W + (size_t)(row + a.N) * nvec, xs, nvec,
+                                              lane, wa, wb, first);
+            if (lane == 0) {
+                const float g = round_t<T>(gu.x), u = round_t<T>(gu.y);
+                const float act = round_t<T>(g / (1.f + __expf(-g)));
+                reinterpret_cast<T *>(a.out)[row] = from_f<T>(act * u);
+            }
+        } else {
+            const float acc = row_dot<T, UR>(W + (size_t)row * nvec, xs, nvec, lane, wa, first);
+            if (lane == 0) {
+                if (MODE == kGemvStore) {
+                    reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
+                } else if (MODE == kGemvResid) {
+                    T *o = reinterpret_cast<T *>(a.out);
+                    o[row] = from_f<T>(round_t<T>(acc) + to_f(o[row]));
+                } else {  // kGemvF32
+                    reinterpret_cast<float *>(a.out)[row] = a.round_logits ? round_t<T>(acc) : acc;
+                }
+            }
+        }
+    }
+}
+
+template <typename T, int MODE, bool NORM>
+static void set_attr() {
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollSmall>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollLarge>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+}
+
+template <typename T>
+static void init_t() {
+    set_attr<T, kGemvStore, false>(); set_attr<T, kGemvStore, true>();
+    set_attr<T, kGemvResid, false>(); set_attr<T, kGemvResid, true>();
+    set_attr<T, kGemvSwiglu, false>(); set_attr<T, kGemvSwiglu, true>();
+    set_attr<T, kGemvF32, false>(); set_attr<T, kGemvF32, true>();
+}
+
+bool g_use_pdl = true;
+static int g_gemv_prefetch = 0;
+// 0: plain launches; 1: PDL; 2: PDL + L2 prefetch of each warp's first weight row before
+// griddepcontrol.wait (measured: helps SmolLM2 by ~1 %, costs 7B ~7 %: the prefetched lines
+// are evicted by the running kernel's stream); 3: PDL + the first chunk of each warp's first
+// row loaded into registers before the wait (nothing to evict).
+void set_pdl(int mode) {
+    g_use_pdl = mode >= 1;
+    g_gemv_prefetch = mode == 2 ? 1 : mode == 3 ? 2 : 0;
+}
+
+void gemv_init(int dtype) {
+    if (dtype == kF16) init_t<half>(); else init_t<__nv_bfloat16>();
+}
+
+template <typename T, int MODE>
+static void launch_mode(const GemvArgs &a, cudaStream_t st) {
+    const int groups = (a.N + kGemvWarps - 1) / kGemvWarps;
+    const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
+    const size_t smem = (size_t)a.K * sizeof(T);
+    GemvArgs b = a;
+    b.prefetch = g_gemv_prefetch;
+    const bool large = a.K >= 2048;
+    if (a.norm_w) {
+        if (large) launch_pdl(gemv_kernel<T, MODE, true, kUnrollLarge>, grid, kGemvThreads, smem, st, b);
+        else launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall>, grid, kGemvThreads, smem, st, b);
+    } else {
+        if (large) launch_pdl(gemv_kernel<T, MODE, false, kUnrollLarge>, grid, kGemvThreads, smem, st, b);
+        else launch_pdl(gemv_kernel<T, MODE, false, kUnrollSmall>, grid, kGemvThreads, smem, st, b);
+    }
+}
+
+template <typename T>
+static void launch_t(const GemvArgs &a, cudaStream_t st) {
+    switch (a.mode) {
+        case kGemvStore: launch_mode<T, kGemvStore>(a, st); break;
+        case kGemvResid: launch_mode<T, kGemvResid>(a, st); break;
+        case kGemvSwiglu: launch_mode<T, kGemvSwiglu>(a, st); break;
+        case kGemvF32: launch_mode<T, kGemvF32>(a, st); break;
+        default: throw std::runtime_error("gemv: bad mode");
+    }
+}
+
+void launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) {
+    if (a.K % 8 != 0) throw std::runtime_error("gemv: K must be a multiple of 8");
+    if ((size_t)a.K * 2 > (size_t)kGemvMaxSmem) throw std::runtime_error("gemv: K too large for shared memory");
+    if (dtype == kF16) launch_t<half>(a, st); else launch_t<__nv_bfloat16>(a, st);
+}
+
+}  // namespace case4

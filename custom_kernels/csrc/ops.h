@@ -1,0 +1,94 @@
+// ops.h -- host-side launchers of the decode kernels (one .cu per op family).
+// Plain C++ header: included by step.cu, graphs.cpp and bindings.cpp.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace case4 {
+
+constexpr int kSplitLen = 64;  // KV positions per flash-decoding split (attention.cu)
+constexpr int kMaxGroup = 8;   // max query heads per KV head (attention.cu)
+enum DType : int { kF16 = 0, kBF16 = 1 };
+
+// ------------------------------------------------------------------ gemv.cu
+enum GemvMode : int {
+    kGemvStore = 0,   // out[n] = round(W x)                         (QKV)
+    kGemvResid = 1,   // out[n] = round(round(W x) + out[n])          (O, down: residual add in place)
+    kGemvSwiglu = 2,  // out[n] = round(silu(round(Wg x)) * round(Wu x)); W has 2N rows (gate | up)
+    kGemvF32 = 3,     // out[n] = float(W x) (optionally rounded through the dtype)  (lm_head)
+};
+
+struct GemvArgs {
+    const void *W = nullptr;     // [N (x2 for swiglu), K] row-major, dtype
+    int N = 0, K = 0;
+    const void *x = nullptr;     // input [K] dtype; with `tok`, the embedding table base [V, K]
+    const int *tok = nullptr;    // optional: x := embedding row tok[0]; block 0 copies it to x_out
+    void *x_out = nullptr;       // residual buffer filled by the embedding gather
+    const void *norm_w = nullptr;  // optional: RMSNorm the input with this weight first (fused)
+    float eps = 1e-5f;
+    void *out = nullptr;
+    int mode = kGemvStore;
+    int round_logits = 1;        // kGemvF32: round through the dtype first (as HF's fp16 lm_head)
+    int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
+    int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
+};
+void gemv_init(int dtype);
+void set_pdl(int mode);  // 0 plain, 1 programmatic dependent launch, 2 + L2 weight prefetch, 3 + register preload
+void launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);
+
+// ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
+// out = round(w * round(x * rsqrt(mean(x^2) + eps))); with tok: x = embed row tok[0] and x_out = x
+void launch_rmsnorm(const void *x, const int *tok, void *x_out, const void *w, void *out, int n,
+                    float eps, int dtype, cudaStream_t st);
+// epilogues of a cuBLAS GEMV result `y` (dtype): resid: out = round(y + out); swiglu: out = round(silu(y[:N]) * y[N:])
+void launch_resid_add(const void *y, void *out, int n, int dtype, cudaStream_t st);
+void launch_swiglu(const void *y, void *out, int n, int dtype, cudaStream_t st);
+void launch_to_f32(const void *y, float *out, int n, int dtype, cudaStream_t st);
+
+// ------------------------------------------------------------------ attention.cu
+struct AttnArgs {
+    const void *qkv = nullptr;   // [(Hq + 2 Hkv) * D] this step's raw projections (dtype)
+    void *k_cache = nullptr;     // this (session, layer): K rows [Hkv, max_seq, D]
+    void *v_cache = nullptr;     // V rows [Hkv, max_seq, D]
+    const float *rope_cos = nullptr, *rope_sin = nullptr;  // [max_seq, R/2]
+    int rotary_dim = 0;
+    int Hq = 0, Hkv = 0, D = 0, max_seq = 0;
+    int pos = 0;                 // T (host constant) ...
+    const int *pos_dev = nullptr;  // ... or read from the device (dynamic graph)
+    int grid_splits = 0;         // blocks along the split axis (>= needed; extra blocks exit)
+    float *part_acc = nullptr;   // [Hq, max_splits, D]
+    float *part_ml = nullptr;    // [Hq, max_splits, 2]  (max, sum)
+    int max_splits = 0;
+    int *counters = nullptr;     // [Hkv] last-block-done counters (zero at rest)
+    void *ctx = nullptr;         // out [Hq * D] dtype
+};
+void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
+
+// ------------------------------------------------------------------ sampling.cu
+struct SampleParams {            // per session, on the device (so graphs need no recapture)
+    float temperature;           // <= 0: greedy
+    int top_k;                   // 0: all
+    float top_p;                 // >= 1: all
+    int enabled;                 // 0: no device sampling (client samples)
+    unsigned long long seed;
+};
+struct FinishArgs {
+    const float *logits = nullptr;  // [V]
+    int V = 0;
+    int pos = 0;                 // T of this step (host) ...
+    const int *pos_dev = nullptr;   // ... or on the device
+    int *seq_len_dev = nullptr;  // seq_len_dev[s] := T + 1
+    const SampleParams *params = nullptr;
+    int *token_dev = nullptr;    // next input token (written when sampling)
+    int *ring = nullptr;         // [ring_len] sampled tokens, index (T + 1) % ring_len
+    int ring_len = 0;
+    int force_sample = 0;        // 1: sample even if params->enabled == 0 (kernel tests)
+};
+void launch_finish(const FinishArgs &a, cudaStream_t st);
+void launch_set_int(int *dst, int value, cudaStream_t st);
+void launch_set_params(SampleParams *dst, SampleParams value, cudaStream_t st);
+// position used for the RNG of the token sampled at step T (shared with client/sampler.py)
+int sample_rng_position(int T);
+
+}  // namespace case4

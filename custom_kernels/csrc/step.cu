@@ -1,0 +1,146 @@
+// step.cu -- one decode step = the kernels of every layer, enqueued on one stream.
+//
+// Custom path, per layer (5 launches):
+//   gemv[norm+QKV]  ->  attention[RoPE + K/V write + split-KV + merge]  ->  gemv[O + residual]
+//   -> gemv[norm + gate|up + SwiGLU]  ->  gemv[down + residual]
+// plus gemv[final norm + lm_head -> fp32 logits] and finish[sampling, seq_len += 1].
+// The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x).
+// cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues.
+#include <stdexcept>
+#include <string>
+
+#include "common.cuh"
+#include "step.h"
+
+namespace case4 {
+
+#define CASE4_CUBLAS_CHECK(expr)                                                                  \
+    do {                                                                                          \
+        cublasStatus_t st__ = (expr);                                                             \
+        if (st__ != CUBLAS_STATUS_SUCCESS)                                                        \
+            throw std::runtime_error(std::string("cuBLAS error ") + std::to_string((int)st__) +  \
+                                     " at " __FILE__ ":" + std::to_string(__LINE__));             \
+    } while (0)
+
+void Plan::validate() const {
+    auto need = [](bool c, const char *what) {
+        if (!c) throw std::runtime_error(std::string("plan: ") + what);
+    };
+    need(dtype == kF16 || dtype == kBF16, "dtype must be float16 or bfloat16");
+    need(H % 8 == 0 && I % 8 == 0 && D % 8 == 0, "hidden, intermediate and head dims must be multiples of 8");
+    need(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxGroup, "query heads per KV head must be <= 8");
+    need(D == 32 || D == 64 || D == 128 || D == 256, "head_dim must be 32, 64, 128 or 256");
+    need(R > 0 && R <= D && R % 2 == 0, "rotary_dim must be even and <= head_dim");
+    need((int)layers.size() == L, "one LayerPtrs per layer");
+    need(V < (1 << 20), "vocab must be < 2^20 (device sampler key)");
+    need(max_splits >= (max_seq + kSplitLen - 1) / kSplitLen, "max_splits too small for max_seq");
+    need(x && qkv && ctx && mlp && logits && part_acc && part_ml && counters, "scratch pointer missing");
+    need(token_dev && seq_len_dev && params_dev && ring && ring_len > 0, "session state pointer missing");
+    need(!use_cublas || (xn && tmp), "cuBLAS path needs xn and tmp scratch");
+}
+
+// y[N] = W[N, K] x[K] through cuBLAS (W row-major = column-major [K, N], so op T)
+static void blas_gemv(cublasHandle_t h, int dtype, const void *W, const void *x, void *y, int N, int K) {
+    const float one = 1.f, zero = 0.f;
+    const cudaDataType_t t = dtype == kF16 ? CUDA_R_16F : CUDA_R_16BF;
+    CASE4_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, 1, K, &one, W, t, K, x, t, K, &zero, y, t, N,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+static AttnArgs attn_args(const Plan &p, int s, int l, int T) {
+    AttnArgs a;
+    a.qkv = p.qkv;
+    a.k_cache = p.k_cache(s, l);
+    a.v_cache = p.v_cache(s, l);
+    a.rope_cos = p.rope_cos;
+    a.rope_sin = p.rope_sin;
+    a.rotary_dim = p.R;
+    a.Hq = p.Hq; a.Hkv = p.Hkv; a.D = p.D; a.max_seq = p.max_seq;
+    a.pos = T < 0 ? 0 : T;
+    a.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
+    a.grid_splits = T < 0 ? p.max_splits : (T + 1 + kSplitLen - 1) / kSplitLen;
+    a.part_acc = p.part_acc; a.part_ml = p.part_ml; a.max_splits = p.max_splits;
+    a.counters = p.counters;
+    a.ctx = p.ctx;
+    return a;
+}
+
+static void finish(const Plan &p, int s, int T, cudaStream_t st) {
+    FinishArgs f;
+    f.logits = p.logits;
+    f.V = p.V;
+    f.pos = T < 0 ? 0 : T;
+    f.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
+    f.seq_len_dev = p.seq_len_dev + s;
+    f.params = p.params_dev + s;
+    f.token_dev = p.token_dev + s;
+    f.ring = p.ring + (size_t)s * p.ring_len;
+    f.ring_len = p.ring_len;
+    launch_finish(f, st);
+}
+
+static void step_custom(const Plan &p, int s, int T, cudaStream_t st) {
+    const int max_blocks = p.sm_count * 4;
+    for (int l = 0; l < p.L; ++l) {
+        const LayerPtrs &w = p.layers[l];
+        GemvArgs g;
+        g.max_blocks = max_blocks;
+        g.eps = p.eps;
+        // norm + QKV (layer 0: gather the embedding row of token_dev[s] into x first)
+        g.W = w.w_qkv; g.N = p.qkv_rows(); g.K = p.H;
+        g.x = l == 0 ? p.embed : p.x;
+        g.tok = l == 0 ? p.token_dev + s : nullptr;
+        g.x_out = l == 0 ? p.x : nullptr;
+        g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
+        launch_gemv(g, p.dtype, st);
+        launch_attention(attn_args(p, s, l, T), p.dtype, st);
+        // O + residual (in place on x)
+        g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
+        g.W = w.w_o; g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
+        launch_gemv(g, p.dtype, st);
+        // norm + gate|up + SwiGLU
+        g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
+        g.W = w.w_gu; g.N = p.I; g.K = p.H; g.x = p.x; g.norm_w = w.mlp_norm; g.out = p.mlp; g.mode = kGemvSwiglu;
+        launch_gemv(g, p.dtype, st);
+        // down + residual
+        g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
+        g.W = w.w_down; g.N = p.H; g.K = p.I; g.x = p.mlp; g.out = p.x; g.mode = kGemvResid;
+        launch_gemv(g, p.dtype, st);
+    }
+    GemvArgs g;
+    g.max_blocks = max_blocks; g.eps = p.eps;
+    g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
+    g.mode = kGemvF32; g.round_logits = p.round_logits;
+    launch_gemv(g, p.dtype, st);
+}
+
+static void step_cublas(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t h) {
+    if (!h) throw std::runtime_error("cuBLAS path without a handle");
+    for (int l = 0; l < p.L; ++l) {
+        const LayerPtrs &w = p.layers[l];
+        launch_rmsnorm(l == 0 ? p.embed : p.x, l == 0 ? p.token_dev + s : nullptr, l == 0 ? p.x : nullptr,
+                       w.attn_norm, p.xn, p.H, p.eps, p.dtype, st);
+        blas_gemv(h, p.dtype, w.w_qkv, p.xn, p.qkv, p.qkv_rows(), p.H);
+        launch_attention(attn_args(p, s, l, T), p.dtype, st);
+        blas_gemv(h, p.dtype, w.w_o, p.ctx, p.tmp, p.H, p.Hq * p.D);
+        launch_resid_add(p.tmp, p.x, p.H, p.dtype, st);
+        launch_rmsnorm(p.x, nullptr, nullptr, w.mlp_norm, p.xn, p.H, p.eps, p.dtype, st);
+        blas_gemv(h, p.dtype, w.w_gu, p.xn, p.tmp, 2 * p.I, p.H);
+        launch_swiglu(p.tmp, p.mlp, p.I, p.dtype, st);
+        blas_gemv(h, p.dtype, w.w_down, p.mlp, p.tmp, p.H, p.I);
+        launch_resid_add(p.tmp, p.x, p.H, p.dtype, st);
+    }
+    launch_rmsnorm(p.x, nullptr, nullptr, p.final_norm, p.xn, p.H, p.eps, p.dtype, st);
+    blas_gemv(h, p.dtype, p.lm_head, p.xn, p.tmp, p.V, p.H);
+    launch_to_f32(p.tmp, p.logits, p.V, p.dtype, st);
+}
+
+void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t blas) {
+    if (s < 0 || s >= p.sessions) throw std::runtime_error("step: session out of range");
+    if (T >= p.max_seq) throw std::runtime_error("step: position beyond max_seq");
+    if (p.use_cublas) step_cublas(p, s, T, st, blas);
+    else step_custom(p, s, T, st);
+    finish(p, s, T, st);
+}
+
+}  // namespace case4

@@ -1,0 +1,68 @@
+// step.h -- the decode-step plan: every pointer and size one token needs, fixed at start-up.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <vector>
+
+#include "ops.h"
+
+namespace case4 {
+
+struct LayerPtrs {
+    const void *attn_norm, *w_qkv, *w_o, *mlp_norm, *w_gu, *w_down;
+};
+
+struct Plan {
+    // model
+    int dtype = kF16;
+    int V = 0, H = 0, I = 0, L = 0, Hq = 0, Hkv = 0, D = 0, R = 0, max_seq = 0, sessions = 1;
+    float eps = 1e-5f;
+    int round_logits = 1;
+    // weights (views of the weight arena)
+    const void *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
+    const float *rope_cos = nullptr, *rope_sin = nullptr;
+    std::vector<LayerPtrs> layers;
+    // KV arena [S, L, 2, Hkv, max_seq, D]
+    void *kv = nullptr;
+    // scratch, preallocated by the owner (CudaBackend: torch tensors); shared by all sessions
+    // because every step runs on the one replay stream
+    void *x = nullptr;      // [H] residual stream
+    void *xn = nullptr;     // [H] normed input (cuBLAS path)
+    void *qkv = nullptr;    // [(Hq + 2 Hkv) D]
+    void *ctx = nullptr;    // [Hq D]
+    void *mlp = nullptr;    // [I]
+    void *tmp = nullptr;    // [max(2I, qkv_rows, H, V)] GEMM output (cuBLAS path)
+    float *logits = nullptr;   // [V] fp32
+    float *part_acc = nullptr; // [Hq, max_splits, D]
+    float *part_ml = nullptr;  // [Hq, max_splits, 2]
+    int *counters = nullptr;   // [Hkv], zero
+    int max_splits = 0;
+    // per-session device state
+    int *token_dev = nullptr;          // [S] the next input token
+    int *seq_len_dev = nullptr;        // [S]
+    SampleParams *params_dev = nullptr;  // [S]
+    int *ring = nullptr;               // [S, ring_len]
+    int ring_len = 0;
+    // launch shape
+    int sm_count = 132;
+    bool use_cublas = false;
+
+    size_t elem() const { return 2; }
+    int qkv_rows() const { return (Hq + 2 * Hkv) * D; }
+    void *k_cache(int s, int l) const {
+        return (char *)kv + (((size_t)s * L + l) * 2 + 0) * Hkv * max_seq * D * elem();
+    }
+    void *v_cache(int s, int l) const {
+        return (char *)kv + (((size_t)s * L + l) * 2 + 1) * Hkv * max_seq * D * elem();
+    }
+    void validate() const;
+};
+
+// Enqueue one whole decode step of session s on `st`. T >= 0: position baked into every
+// launch (eager, exact graphs); T < 0: kernels read it from seq_len_dev[s] (dynamic graph).
+// Does not synchronize or allocate; safe to call inside stream capture. `blas` must be a
+// handle dedicated to `st` (only used with plan.use_cublas).
+void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t blas);
+
+}  // namespace case4

@@ -1,0 +1,222 @@
+"""The `cuda` backend: custom CUDA kernels + CUDA graphs (DESIGN §3.1, §3.2).
+
+Memory is owned by torch tensors allocated here once (KV arena, scratch, per-session
+device state, pinned host buffers); the extension gets their raw pointers. The C++
+`Engine` (custom_kernels/csrc/graphs.cpp) owns the non-blocking replay and capture
+streams, the graph cache and the background capture thread; every call into it releases
+the GIL. Prefill runs the torch path (cuBLAS GEMMs + SDPA) of the ReferenceDecoder in the
+model dtype on the same KV arena.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from case4_errors import BadInput
+from custom_kernels.config import with_max_seq
+from custom_kernels.ext import load_extension
+from server.backends import Backend
+from server.kv import KVArena
+from server.models import LoadedModel
+from server.reference import ReferenceDecoder
+
+GRAPH_MODES = ("exact", "dynamic", "none")
+GEMMS = ("custom", "cublas")
+
+
+class PrecaptureTimeout(RuntimeError):
+    """wait_precapture ran out of time."""
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    supports_graphs = True
+
+    def __init__(self, model: LoadedModel, sessions: int = 1, graph_mode: str = "exact", gemm: str = "custom",
+                 max_seq: int | None = None, steps_per_graph: int = 8, ring_len: int = 4096):
+        if graph_mode not in GRAPH_MODES:
+            raise BadInput(f"graph_mode must be one of {', '.join(GRAPH_MODES)}, got '{graph_mode}'")
+        if gemm not in GEMMS:
+            raise BadInput(f"gemm must be one of {', '.join(GEMMS)}, got '{gemm}'")
+        super().__init__(model, sessions)
+        self.ext = load_extension()
+        w = model.weights
+        if w.device.type != "cuda":
+            raise BadInput("the cuda backend needs the weights on a CUDA device")
+        if w.dtype not in (torch.float16, torch.bfloat16):
+            raise BadInput(f"the cuda backend runs float16 or bfloat16, not {str(w.dtype).replace('torch.', '')}")
+        self.cfg = cfg = with_max_seq(model.cfg, max_seq)
+        self.graph_mode, self.gemm = graph_mode, gemm
+        self.steps_per_graph = max(1, int(steps_per_graph))
+        self.ring_len = ring_len
+        dev, dt = w.device, w.dtype
+        with torch.cuda.device(dev):
+            self.kv = KVArena(cfg, sessions, dt, dev)
+            self.prefill_dec = ReferenceDecoder(w, self.kv, compute_dtype=dt)
+            H, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+            self.max_splits = -(-cfg.max_seq_len // self.ext.SPLIT_LEN)
+
+            def buf(n, dtype=dt):
+                return torch.zeros(n, dtype=dtype, device=dev)
+
+            self.scratch = {
+                "x": buf(H), "xn": buf(H), "qkv": buf(cfg.qkv_rows), "ctx": buf(cfg.q_dim), "mlp": buf(I),
+                "tmp": buf(max(2 * I, cfg.qkv_rows, H, V)), "logits": buf(V, torch.float32),
+                "part_acc": buf(cfg.num_heads * self.max_splits * D, torch.float32),
+                "part_ml": buf(cfg.num_heads * self.max_splits * 2, torch.float32),
+                "counters": buf(cfg.num_kv_heads, torch.int32),
+                "token_dev": buf(sessions, torch.int32), "seq_len_dev": buf(sessions, torch.int32),
+                "params_dev": buf(sessions * self.ext.SAMPLE_PARAMS_BYTES, torch.uint8),
+                "ring": buf(sessions * ring_len, torch.int32),
+            }
+            self.logits_host = torch.empty(V, dtype=torch.float32, pin_memory=True)
+            self.ring_host = torch.empty(ring_len, dtype=torch.int32, pin_memory=True)
+            torch.cuda.synchronize(dev)  # start-up only: the zero fills are done before our streams run
+            p = w.pointers()
+            plan = {
+                "dtype": str(dt).replace("torch.", ""), "V": V, "H": H, "I": I, "L": cfg.num_layers,
+                "Hq": cfg.num_heads, "Hkv": cfg.num_kv_heads, "D": D, "R": cfg.rotary_dim,
+                "max_seq": cfg.max_seq_len, "sessions": sessions, "eps": float(cfg.rms_norm_eps),
+                "round_logits": 1, "embed": p["embed"], "final_norm": p["final_norm"], "lm_head": p["lm_head"],
+                "rope_cos": p["rope_cos"], "rope_sin": p["rope_sin"], "layers": p["layers"],
+                "kv": self.kv.kv.data_ptr(), "max_splits": self.max_splits, "ring_len": ring_len, "gemm": gemm,
+                "pdl": int(os.environ.get("CASE4_PDL", "3")),  # 0 plain, 1 PDL, 2 + L2 prefetch, 3 + register preload
+                **{k: t.data_ptr() for k, t in self.scratch.items()},
+            }
+            self.engine = self.ext.Engine(plan, graph_mode)
+            if graph_mode == "dynamic":
+                for s in range(sessions):
+                    self.engine.prepare_dynamic(s, 1)
+        self._closed = False
+
+    # -- positions ---------------------------------------------------------------------------
+    def seq_len(self, session: int) -> int:
+        return self.kv.seq_len[self.kv.check_session(session)]
+
+    def reset(self, session: int) -> None:
+        self.kv.check_session(session)
+        self.kv.seq_len[session] = 0
+        self.engine.set_seq_len(session, 0)
+
+    def _logits(self) -> torch.Tensor:
+        self.engine.fetch_logits(self.logits_host.data_ptr())
+        return self.logits_host.clone()
+
+    # -- decode --------------------------------------------------------------------------------
+    def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
+        self.kv.check_session(session)
+        if len(ids) >= self.cfg.max_seq_len:
+            raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of {self.cfg.max_seq_len}")
+        self.engine.sync()  # earlier steps on the replay stream are done with the arena
+        logits = self.prefill_dec.prefill(session, list(ids))
+        torch.cuda.current_stream(self.kv.kv.device).synchronize()  # the KV rows are written
+        self.engine.set_seq_len(session, len(ids))
+        return logits.float().cpu()
+
+    def step(self, session: int, token: int) -> torch.Tensor:
+        """One eager step (custom kernels, no graph)."""
+        self.kv.check_session(session)
+        T = self.seq_len(session)
+        self.check_position(session, T)
+        self.engine.eager(session, T, self.check_token(token))
+        self.kv.seq_len[session] = T + 1
+        return self._logits()
+
+    def replay(self, session: int, seq_len: int, token: int) -> torch.Tensor:
+        """The step at T = seq_len through the graph mode (exact: graph T or eager on a miss)."""
+        self.kv.check_session(session)
+        self.check_position(session, seq_len)
+        self.engine.replay(session, seq_len, self.check_token(token))
+        self.kv.seq_len[session] = seq_len + 1
+        return self._logits()
+
+    def generate(self, session: int, start_token: int, steps: int, params, stop_ids=()) -> list[int]:
+        """`steps` decode steps with device sampling; tokens come back from the ring in chunks."""
+        self.kv.check_session(session)
+        tok = self.check_token(start_token)
+        if not isinstance(steps, int) or steps < 0:
+            raise BadInput(f"steps must be an integer >= 0, got {steps!r}")
+        steps = min(steps, self.cfg.max_seq_len - self.seq_len(session))
+        if steps <= 0:
+            return []
+        stop = set(int(t) for t in stop_ids)
+        chunk = 32 if stop else self.ring_len - 1
+        self.engine.set_params(session, float(params.temperature), int(params.top_k), float(params.top_p),
+                               int(params.seed) & ((1 << 64) - 1), 1)
+        self.engine.set_token(session, tok)
+        out: list[int] = []
+        try:
+            while len(out) < steps:
+                T0 = self.seq_len(session)
+                n = min(chunk, steps - len(out))
+                self.engine.generate(session, T0, n, self.steps_per_graph)
+                self.engine.fetch_ring(session, self.ring_host.data_ptr())
+                ring = self.ring_host.tolist()
+                got = [ring[(T0 + 1 + i) % self.ring_len] for i in range(n)]
+                self.kv.seq_len[session] = T0 + n
+                for i, t in enumerate(got):
+                    out.append(t)
+                    if t in stop:  # fed tokens end before the stop token: rewind the position
+                        self.kv.seq_len[session] = T0 + i + 1
+                        self.engine.set_seq_len(session, T0 + i + 1)
+                        return out
+        finally:
+            self.engine.set_params(session, 0.0, 0, 1.0, 0, 0)
+        return out
+
+    # -- graphs ---------------------------------------------------------------------------------
+    def bg_capture_start(self, session: int, window: int) -> dict:
+        self.kv.check_session(session)
+        if not isinstance(window, int) or window < 1:
+            raise BadInput(f"window must be an integer >= 1, got {window!r}")
+        if self.graph_mode != "exact":
+            return {"note": f"graph mode {self.graph_mode}: no background capture needed", **self.graph_stats()}
+        self.engine.bg_capture_start(session, window)
+        return self.graph_stats()
+
+    def wait_precapture(self, session: int, count: int, timeout_s: float = 60.0) -> dict:
+        self.kv.check_session(session)
+        if self.graph_mode == "exact":
+            try:
+                self.engine.wait_precapture(session, int(count), float(timeout_s))
+            except RuntimeError as e:
+                if "timed out" in str(e):
+                    raise PrecaptureTimeout(str(e)) from None
+                raise BadInput(str(e)) from None
+        return self.graph_stats()
+
+    def bg_capture_stop(self, session: int = -1) -> dict:
+        self.engine.bg_capture_stop(session)
+        return self.graph_stats()
+
+    def graph_stats(self) -> dict:
+        st = dict(self.engine.stats())
+        out = {k: (int(v) if float(v).is_integer() else v) for k, v in st.items() if not k.startswith("position_")}
+        out["mode"] = self.graph_mode
+        err = self.engine.last_error()
+        if err:
+            out["last_error"] = err
+        return out
+
+    def trace_events(self) -> list[dict]:
+        pid = os.getpid()
+        return [{"name": n, "ph": "X", "ts": ts, "dur": dur, "pid": pid, "tid": tid}
+                for n, tid, ts, dur in self.engine.trace_events()]
+
+    def status(self) -> dict:
+        w = self.model.weights
+        dev = w.device
+        free, total = torch.cuda.mem_get_info(dev)
+        return {"backend": self.name, "device": torch.cuda.get_device_name(dev), "model": self.model.name,
+                "dtype": str(w.dtype).replace("torch.", ""), "gemm": self.gemm, "graph_mode": self.graph_mode,
+                "graphs": self.graph_stats(),
+                "memory": {"weights_bytes": w.arena.numel() * w.arena.element_size(), "kv_bytes": self.kv.nbytes(),
+                           "scratch_bytes": sum(t.numel() * t.element_size() for t in self.scratch.values()),
+                           "device_free_bytes": free, "device_total_bytes": total},
+                "positions": list(self.kv.seq_len)}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.close()

@@ -1,0 +1,195 @@
+"""Quick decode timing of the cuda backend (not a test): ms/token per graph mode and gemm,
+per-kernel GEMV bandwidth for the 7B shapes against a measured device-to-device copy.
+
+    python tests/gpu/quick_timing.py --out OUTDIR [--shapes smollm2-135m,llama2-7b]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from client.sampler import SamplingParams  # noqa: E402
+from custom_kernels.config import SYNTHETIC_SHAPES, with_max_seq  # noqa: E402
+from custom_kernels.ext import load_extension  # noqa: E402
+from custom_kernels.weight_loader import synthetic_weights  # noqa: E402
+from server.cuda_backend import CudaBackend  # noqa: E402
+from server.models import LoadedModel  # noqa: E402
+
+
+def copy_bandwidth():
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(10):
+        e0.record(); b.copy_(a); e1.record(); e1.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    ts.sort()
+    return 2 * n / (ts[len(ts) // 2] / 1e3) / 1e9
+
+
+def gemv_bw(ext):
+    rows = []
+    st = torch.cuda.current_stream().cuda_stream
+    for name, N, K, mode in [("qkv 7B", 12288, 4096, 0), ("o 7B", 4096, 4096, 1), ("gate|up 7B", 11008, 4096, 2),
+                             ("down 7B", 4096, 11008, 1), ("lm_head 7B", 32000, 4096, 3),
+                             ("gate|up smollm2", 1536, 576, 2), ("lm_head smollm2", 49152, 576, 3)]:
+        nmat = 2 if mode == 2 else 1
+        reps = max(2, int(2e9 // (N * K * 2 * nmat)))  # rotate over > L2 worth of weights
+        Ws = [(torch.randn(nmat * N, K, device="cuda") / math.sqrt(K)).half() for _ in range(min(reps, 8))]
+        x = torch.randn(K, device="cuda").half()
+        out = torch.zeros(N, device="cuda", dtype=torch.float32 if mode == 3 else torch.float16)
+        nw = torch.ones(K, device="cuda").half()
+        def run(W):
+            ext.gemv(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4)
+        for W in Ws:
+            run(W)
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        it = 50
+        e0.record()
+        for i in range(it):
+            run(Ws[i % len(Ws)])
+        e1.record(); e1.synchronize()
+        us = e0.elapsed_time(e1) * 1e3 / it
+        byts = nmat * N * K * 2 + K * 2 + N * (4 if mode == 3 else 2)
+        rows.append({"kernel": name, "N": N, "K": K, "us": round(us, 2), "GB/s": round(byts / us / 1e3, 1),
+                     "bytes": byts})
+        del Ws
+    return rows
+
+
+def attn_bw(ext):
+    rows = []
+    st = torch.cuda.current_stream().cuda_stream
+    for name, Hq, Hkv, D in [("smollm2", 9, 3, 64), ("7B", 32, 32, 128), ("gqa-32-8", 32, 8, 128)]:
+        max_seq = 4096
+        ms = max_seq // ext.SPLIT_LEN
+        qkv = torch.randn((Hq + 2 * Hkv) * D, device="cuda").half()
+        caches = [(torch.randn(Hkv, max_seq, D, device="cuda").half(), torch.randn(Hkv, max_seq, D, device="cuda").half())
+                  for _ in range(4)]
+        cos = torch.ones(max_seq, D // 2, device="cuda"); sin = torch.zeros_like(cos)
+        pa = torch.empty(Hq * ms * D, device="cuda"); pm = torch.empty(Hq * ms * 2, device="cuda")
+        cnt = torch.zeros(Hkv, dtype=torch.int32, device="cuda")
+        ctx = torch.empty(Hq * D, device="cuda").half()
+        for T in (511, 2047):
+            def run(i):
+                kc, vc = caches[i % 4]
+                ext.attention(qkv.data_ptr(), kc.data_ptr(), vc.data_ptr(), cos.data_ptr(), sin.data_ptr(), D, Hq, Hkv,
+                              D, max_seq, T, pa.data_ptr(), pm.data_ptr(), ms, cnt.data_ptr(), ctx.data_ptr(), 0, st, 0)
+            for i in range(4):
+                run(i)
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for i in range(50):
+                run(i)
+            e1.record(); e1.synchronize()
+            us = e0.elapsed_time(e1) * 1e3 / 50
+            byts = 2 * Hkv * (T + 1) * D * 2
+            rows.append({"kernel": f"attention {name} T={T + 1}", "us": round(us, 2), "GB/s": round(byts / us / 1e3, 1),
+                         "bytes": byts})
+    return rows
+
+
+def time_backend(model, mode, gemm, steps, window=64):
+    be = CudaBackend(model, sessions=1, graph_mode=mode, gemm=gemm, steps_per_graph=8)
+    res = {"mode": mode, "gemm": gemm}
+    try:
+        ids = list(range(1, 33))
+        tok = int(be.prefill(0, ids).argmax())
+        if mode == "exact":
+            t0 = time.perf_counter()
+            be.bg_capture_start(0, window)
+            be.wait_precapture(0, min(window, steps), 300.0)
+            res["precapture_s"] = round(time.perf_counter() - t0, 3)
+        be.generate(0, tok, 16, SamplingParams())  # warm-up
+        be.prefill(0, ids)
+        if mode == "exact":
+            be.wait_precapture(0, min(window, steps), 300.0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        toks = be.generate(0, tok, steps, SamplingParams())
+        dt = time.perf_counter() - t0
+        res["tokens"] = toks
+        res.update({"steps": len(toks), "ms_per_token": round(dt * 1e3 / len(toks), 4),
+                    "tok_per_s": round(len(toks) / dt, 1)})
+        # client-sampling path: replay + logits to host per token
+        be.prefill(0, ids)
+        if mode == "exact":
+            be.wait_precapture(0, min(window, 64), 300.0)
+        n = 64
+        t0 = time.perf_counter()
+        t = tok
+        for _ in range(n):
+            t = int(be.replay(0, be.seq_len(0), t).argmax())
+        res["client_ms_per_token"] = round((time.perf_counter() - t0) * 1e3 / n, 4)
+        g = be.graph_stats()
+        res.update({k: g[k] for k in ("captured", "misses", "capture_ms_p50", "capture_ms_p99",
+                                      "instantiate_ms_p50", "instantiate_ms_p99", "live_max") if k in g})
+    finally:
+        be.close()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--shapes", default="smollm2-135m,llama2-7b")
+    ap.add_argument("--steps", type=int, default=256)
+    a = ap.parse_args()
+    ext = load_extension()
+    ext.set_pdl(int(os.environ.get("CASE4_PDL", "1")))
+    report = {"device": torch.cuda.get_device_name(0)}
+    report["copy_GBps"] = round(copy_bandwidth(), 1)
+    print("copy GB/s (read+write):", report["copy_GBps"], flush=True)
+    report["gemv"] = gemv_bw(ext)
+    report["gemv"] += attn_bw(ext)
+    for r in report["gemv"]:
+        print(r, flush=True)
+    report["decode"] = []
+    for shape in a.shapes.split(","):
+        cfg = with_max_seq(SYNTHETIC_SHAPES[shape], 2048)
+        w = synthetic_weights(cfg, "float16", "cuda", 0)
+        model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
+        floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3
+        first_tokens = None
+        for mode, gemm, pdl in [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
+                                ("dynamic", "custom", "0"), ("exact", "custom", "0"), ("dynamic", "custom", "2"),
+                                ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
+                                ("dynamic", "cublas", "1")]:
+            os.environ["CASE4_PDL"] = pdl
+            r = time_backend(model, mode, gemm, a.steps)
+            r["pdl"] = int(pdl)
+            toks = r.pop("tokens")
+            if first_tokens is None:
+                first_tokens = toks
+            r["tokens_equal_first_row"] = toks == first_tokens
+            r.update({"shape": shape, "weight_bytes": cfg.decode_weight_bytes(2), "floor_ms": round(floor_ms, 3)})
+            print(r, flush=True)
+            report["decode"].append(r)
+        del model, w
+        torch.cuda.empty_cache()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    Path(a.out, "quick_timing.json").write_text(json.dumps(report, indent=2))
+    print("\nshape          mode     gemm   pdl ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 same-tokens")
+    for r in report["decode"]:
+        print(f"{r['shape']:14s} {r['mode']:8s} {r['gemm']:7s} {r['pdl']} {r.get('ms_per_token', 0):7.3f} "
+              f"{r.get('tok_per_s', 0):7.1f} {r.get('client_ms_per_token', 0):8.3f} {r['floor_ms']:8.3f} "
+              f"{r.get('capture_ms_p50', 0):8.2f} {r.get('tokens_equal_first_row')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Graph modes: token identity with eager, background-capture stress, overlap in the trace."""
+import random
+import threading
+
+import pytest
+import torch
+
+from tests.gpu.conftest import synthetic_model
+
+pytestmark = pytest.mark.gpu
+
+
+def make(shape, mode, sessions=1, max_seq=2048, dtype="float16"):
+    from server.cuda_backend import CudaBackend
+    return CudaBackend(synthetic_model(shape, dtype, max_seq), sessions=sessions, graph_mode=mode)
+
+
+def greedy():
+    from client.sampler import SamplingParams
+    return SamplingParams()
+
+
+def ids_for(V, n=8, seed=0):
+    r = random.Random(seed)
+    return [r.randrange(V) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shape,n", [("smollm2-135m", 1000), ("llama2-7b", 300)])
+def test_graph_modes_equal_eager(shape, n):
+    runs, logits = {}, {}
+    for mode in ("none", "exact", "dynamic"):
+        be = make(shape, mode)
+        try:
+            ids = ids_for(be.cfg.vocab_size)
+            tok = int(be.prefill(0, ids).argmax())
+            if mode == "exact":
+                be.bg_capture_start(0, 64)
+                be.wait_precapture(0, 32, 120.0)
+            runs[mode] = be.generate(0, tok, n, greedy())          # device sampling through the mode
+            be.prefill(0, ids)
+            if mode == "exact":
+                be.wait_precapture(0, 32, 120.0)
+            seq, t = [], tok                                        # client sampling: logits per step
+            for _ in range(32):
+                lg = be.replay(0, be.seq_len(0), t)
+                seq.append(lg)
+                t = int(lg.argmax())
+            logits[mode] = torch.stack(seq)
+            st = be.status()["graphs"]
+            print(mode, st)
+            if mode == "exact":
+                assert st["misses"] == 0 and st["failures"] == 0
+        finally:
+            be.close()
+    assert runs["exact"] == runs["none"]
+    assert runs["dynamic"] == runs["none"]
+    # the same kernels in the same order: bitwise equal logits
+    assert torch.equal(logits["exact"], logits["none"])
+    assert torch.equal(logits["dynamic"], logits["none"])
+
+
+def test_dynamic_k_steps_per_graph():
+    from server.cuda_backend import CudaBackend
+    m = synthetic_model("smollm2-135m", "float16", 2048)
+    ref = CudaBackend(m, sessions=1, graph_mode="none")
+    try:
+        ids = ids_for(m.cfg.vocab_size, seed=9)
+        tok = int(ref.prefill(0, ids).argmax())
+        want = ref.generate(0, tok, 203, greedy())
+    finally:
+        ref.close()
+    be = CudaBackend(m, sessions=1, graph_mode="dynamic", steps_per_graph=8)
+    try:
+        be.prefill(0, ids)
+        assert be.generate(0, tok, 203, greedy()) == want
+        assert be.seq_len(0) == len(ids) + 203
+    finally:
+        be.close()
+
+
+def test_stress_bg_capture_three_sessions():
+    """5000 tokens over 3 sessions, client sampling through replay(), bg capture with window 1
+    (forcing misses) then 48, stopped and restarted mid-run; equal to eager, zero errors."""
+    shape, S = "smollm2-135m", 3
+    eager = make(shape, "none", sessions=S, max_seq=2048)
+    prompts = [ids_for(eager.cfg.vocab_size, 4 + s, seed=s) for s in range(S)]
+    want = {}
+    try:
+        for s in range(S):
+            tok = int(eager.prefill(s, prompts[s]).argmax())
+            want[s] = [tok] + eager.generate(s, tok, 1700, greedy())
+    finally:
+        eager.close()
+    be = make(shape, "exact", sessions=S, max_seq=2048)
+    try:
+        got = {}
+        for s in range(S):
+            got[s] = [int(be.prefill(s, prompts[s]).argmax())]
+        window = 1
+        for s in range(S):
+            be.bg_capture_start(s, window)
+        live_max, total = 0, 0
+        for rnd in range(1700 // 50):
+            if rnd == 8:                      # stop mid-run, replay eagerly for a while, restart larger
+                be.bg_capture_stop()
+            if rnd == 12:
+                window = 48
+                for s in range(S):
+                    be.bg_capture_start(s, window)
+                be.wait_precapture(0, 16, 60.0)
+            for s in range(S):
+                for _ in range(50):
+                    lg = be.replay(s, be.seq_len(s), got[s][-1])
+                    got[s].append(int(lg.argmax()))
+                    total += 1
+                st = be.graph_stats()
+                live_max = max(live_max, st["live"])
+                assert st["failures"] == 0, st
+                assert st["live"] <= S * (window + 2), st
+        st = be.graph_stats()
+        print("stress:", total, "tokens", st)
+        assert total >= 5000
+        for s in range(S):
+            assert got[s] == want[s][:len(got[s])], f"session {s} diverged"
+        assert st["misses"] > 0 and st["replays"] > 0
+        ev = be.trace_events()
+        cap = [(e["ts"], e["ts"] + e["dur"]) for e in ev if e["tid"] == "capture"]
+        rep = [(e["ts"], e["ts"] + e["dur"]) for e in ev if e["tid"] == "replay"]
+        assert cap and rep
+        # overlap: some replay interval lies inside some capture interval (sorted sweep)
+        cap.sort()
+        overlaps = 0
+        j = 0
+        for a, b in sorted(rep):
+            while j < len(cap) and cap[j][1] < a:
+                j += 1
+            if j < len(cap) and cap[j][0] <= b:
+                overlaps += 1
+        print("replay intervals overlapping a capture:", overlaps)
+        assert overlaps > 0
+    finally:
+        be.close()
+
+
+def test_wait_precapture_timeout_and_stop_anytime():
+    from server.cuda_backend import PrecaptureTimeout
+    be = make("llama2-7b", "exact", max_seq=2048)
+    try:
+        be.prefill(0, [1, 2, 3])
+        be.bg_capture_start(0, 512)
+        with pytest.raises(PrecaptureTimeout):
+            be.wait_precapture(0, 512, 0.001)
+        be.bg_capture_stop()                      # while capturing
+        lg = be.replay(0, 3, 5)                   # not ready or ready: never hangs
+        assert torch.isfinite(lg).all()
+    finally:
+        be.close()
