@@ -10,8 +10,11 @@ device sampling agree token for token (except at floating-point rounding ties).
     kept_mass = that prefix's cumulative mass, or (no cut) the sum of the kept top-k p
     renormalise, and return the first kept token whose cumulative mass exceeds u * kept_mass
 
-`position` is the sequence position the sampled token will occupy (for a prompt of
-n tokens the first generated token has position n). temperature == 0 is greedy.
+`position` is the position of the token whose logits are sampled, i.e. the sequence
+length T of the step that produced them (for a prompt of n tokens the first generated
+token is drawn with position n-1; after a step at T, with position T). The device
+sampler keys its draw the same way, so both sampling paths give the same tokens.
+temperature == 0 is greedy.
 """
 from __future__ import annotations
 

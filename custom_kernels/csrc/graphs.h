@@ -94,7 +94,6 @@ private:
     std::vector<double> capture_ms_, instantiate_ms_;
     std::string last_error_;
     std::vector<TraceEvent> trace_;
-    std::chrono::steady_clock::time_point t0_;
 };
 
 }  // namespace case4
