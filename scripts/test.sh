@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/setup_env.sh
-exec python -m pytest -m "not gpu" -q tests "$@"
+exec "$CASE4_PY" -m pytest -m "not gpu" -q tests "$@"
