@@ -102,6 +102,8 @@ def check_args(args) -> SamplingParams:
         raise BadInput(f"--prompt-len must be >= 1, got {args.prompt_len}")
     if args.window < 1 or args.precapture < 0:
         raise BadInput("--window must be >= 1 and --precapture >= 0")
+    if args.precapture > args.window:  # asking for N graphs ahead implies a window of at least N
+        args.window = args.precapture
     if args.max_seq is not None and args.max_seq < 2:
         raise BadInput(f"--max-seq must be >= 2, got {args.max_seq}")
     try:
