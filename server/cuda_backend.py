@@ -34,7 +34,7 @@ class CudaBackend(Backend):
     supports_graphs = True
 
     def __init__(self, model: LoadedModel, sessions: int = 1, graph_mode: str = "exact", gemm: str = "custom",
-                 max_seq: int | None = None, steps_per_graph: int = 8, ring_len: int = 4096):
+                 max_seq: int | None = None, steps_per_graph: int = 8, ring_len: int = 4096, warmup: bool = True):
         if graph_mode not in GRAPH_MODES:
             raise BadInput(f"graph_mode must be one of {', '.join(GRAPH_MODES)}, got '{graph_mode}'")
         if gemm not in GEMMS:
@@ -89,6 +89,24 @@ class CudaBackend(Backend):
                 for s in range(sessions):
                     self.engine.prepare_dynamic(s, 1)
         self._closed = False
+        if warmup:
+            self._warmup()
+
+    def _warmup(self) -> None:
+        """Start-up only: prefills of 4, 64 and 512 tokens (torch/cuBLAS handles and GEMM/SDPA kernel
+        loads) and one eager step with a logits fetch (our kernels, the D2H path) on session 0,
+        then reset it, so the first request's TTFT does not pay the initialisation. Scratch,
+        KV rows past the reset position and the token ring are overwritten by real work."""
+        V, cap = self.cfg.vocab_size, self.cfg.max_seq_len - 2
+        for n in sorted({min(4, cap), min(64, cap), min(512, cap)}):  # GEMM kernels differ by prompt length
+            if n < 1:
+                continue
+            ids = [(7 * i + 1) % V for i in range(n)]
+            tok = int(self.prefill(0, ids).argmax())
+            if n == min(4, cap):
+                self.step(0, tok)
+        self.engine.sync()
+        self.reset(0)
 
     # -- positions ---------------------------------------------------------------------------
     def seq_len(self, session: int) -> int:
@@ -100,8 +118,9 @@ class CudaBackend(Backend):
         self.engine.set_seq_len(session, 0)
 
     def _logits(self) -> torch.Tensor:
+        # no copy: the pinned buffer itself is returned (see step/replay)
         self.engine.fetch_logits(self.logits_host.data_ptr())
-        return self.logits_host.clone()
+        return self.logits_host
 
     # -- decode --------------------------------------------------------------------------------
     def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
@@ -115,7 +134,10 @@ class CudaBackend(Backend):
         return logits.float().cpu()
 
     def step(self, session: int, token: int) -> torch.Tensor:
-        """One eager step (custom kernels, no graph)."""
+        """One eager step (custom kernels, no graph).
+
+        Returns the fp32 logits as a CPU tensor that is the backend's pinned host buffer: it
+        stays valid until the next step/replay call overwrites it (clone it to keep it)."""
         self.kv.check_session(session)
         T = self.seq_len(session)
         self.check_position(session, T)
@@ -124,7 +146,10 @@ class CudaBackend(Backend):
         return self._logits()
 
     def replay(self, session: int, seq_len: int, token: int) -> torch.Tensor:
-        """The step at T = seq_len through the graph mode (exact: graph T or eager on a miss)."""
+        """The step at T = seq_len through the graph mode (exact: graph T or eager on a miss).
+
+        Returns the fp32 logits as a CPU tensor that is the backend's pinned host buffer (no
+        per-token copy): valid until the next step/replay call; clone it to keep it."""
         self.kv.check_session(session)
         self.check_position(session, seq_len)
         self.engine.replay(session, seq_len, self.check_token(token))

@@ -2,8 +2,8 @@
 //
 // Layout: W is [N, K] row-major (nn.Linear weight), K % 8 == 0 (16-byte rows).
 // Work split: one warp per output row (per row pair for SwiGLU), each lane streams
-// 16-byte vectors of the row with kUnroll independent loads in flight; the block's
-// warps take consecutive rows and the grid loops over row groups (persistent-ish grid).
+// 16-byte vectors of the row with kUnroll independent loads in flight; the grid loops over
+// rows (persistent-ish grid; row mapping in gemv_kernel).
 // The input vector sits in shared memory (as T), staged once per block. Fused prologue:
 // optional embedding-row gather and RMSNorm (each block recomputes the sum of squares:
 // K elements from L2, negligible next to the weights). Fused epilogues: store, residual
@@ -81,28 +81,34 @@ __device__ __forceinline__ float2 row_dot2(const uint4 *__restrict__ wa, const u
     return make_float2(warp_sum(a), warp_sum(b));
 }
 
+constexpr int kStageVecs = 4;  // input vectors per thread per staging round (loads issued together)
+
 template <typename T, int MODE, bool NORM, int U>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     extern __shared__ uint4 xs[];  // K/8 vectors of the (normed) input
     __shared__ float red[kWarp];
     constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
     const int nvec = a.K / 8;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const uint4 *W = reinterpret_cast<const uint4 *>(a.W);
-    // rows go round-robin over the blocks first (row = warp * grid + block): blocks sit on
-    // the SMs in order, so every SM gets the same number of rows (+-1) even when N is not a
-    // multiple of the grid's warps (N = 4096 over 528 blocks x 8 warps: 31 or 32 rows per
-    // SM, instead of 24 or 32 with row = block * 8 + warp)
-    const int row0 = warp * gridDim.x + blockIdx.x;
+    // Row mapping. One row per warp (N <= grid * 8, e.g. O and down, N = 4096 over 512 blocks):
+    // a block's warps take consecutive rows (row = block * 8 + warp: neighbouring DRAM pages).
+    // Several rows per warp (QKV, gate|up, lm_head): rows go round-robin over the blocks first
+    // (row = warp * grid + block) so every SM gets the same number of rows (+-1) even when N is
+    // not a multiple of the grid's warps.
+    const bool one_row = (long long)gridDim.x * kGemvWarps >= a.N;
+    const int row0 = one_row ? blockIdx.x * kGemvWarps + warp : warp * gridDim.x + blockIdx.x;
     const int stride = gridDim.x * kGemvWarps;
 
-    // ---- before the previous kernel is done: only read-only weights may be touched
+    // ---- the first chunk of each warp's first row goes into registers before the input is
+    // staged, so the weight stream is in flight during the prologue; with a.prefetch == 2 it is
+    // issued even before griddepcontrol.wait (only read-only weights are touched there)
     uint4 wa[UR], wb[UR];
-    const bool preload = a.prefetch == 2 && row0 < a.N;  // first chunk of the first row into registers
-    if (preload) {
+    const bool first_loaded = row0 < a.N;
+    if (a.prefetch == 2 && first_loaded) {
         load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa);
         if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb);
-    } else if (a.prefetch == 1 && row0 < a.N) {  // or just towards L2
+    } else if (a.prefetch == 1 && first_loaded) {  // or just towards L2
         for (int i = lane * 4; i < nvec; i += kWarp * 4) {  // one 64-byte prefetch per 4 vectors
             prefetch_l2(W + (size_t)row0 * nvec + i);
             if (MODE == kGemvSwiglu) prefetch_l2(W + (size_t)(row0 + a.N) * nvec + i);
@@ -110,21 +116,38 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs a) {
     }
     pdl_trigger();
     pdl_wait();
+    if (a.prefetch != 2 && first_loaded) {
+        load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa);
+        if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb);
+    }
 
-    // ---- prologue: stage the input (optionally the embedding row, optionally RMSNorm'd)
+    // ---- prologue: stage the input (optionally the embedding row, optionally RMSNorm'd);
+    // kStageVecs loads per thread are issued before any is used (one L2 round trip per round
+    // instead of one per vector)
     const uint4 *xin = reinterpret_cast<const uint4 *>(a.x);
     if (a.tok) xin += (size_t)(*a.tok) * nvec;
     const bool write_resid = a.tok && a.x_out && blockIdx.x == 0;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-        const uint4 v = xin[i];
-        xs[i] = v;
-        if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
-        if (NORM) {
-            float f[8];
-            unpack8<T>(v, f);
+    for (int i0 = threadIdx.x; i0 < nvec; i0 += blockDim.x * kStageVecs) {
+        uint4 v[kStageVecs];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+        for (int j = 0; j < kStageVecs; ++j) {
+            const int i = i0 + j * blockDim.x;
+            v[j] = i < nvec ? xin[i] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < kStageVecs; ++j) {
+            const int i = i0 + j * blockDim.x;
+            if (i < nvec) {
+                xs[i] = v[j];
+                if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v[j];
+                if (NORM) {
+                    float f[8];
+                    unpack8<T>(v[j], f);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
+                }
+            }
         }
     }
     if (NORM) {
@@ -143,7 +166,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvArgs a) {
 
     // ---- rows
     for (int row = row0; row < a.N; row += stride) {
-        const bool first = preload && row == row0;
+        const bool first = first_loaded && row == row0;
         if (MODE == kGemvSwiglu) {
             const float2 gu = row_dot2<T, UR>(W + (size_t)row * nvec, W + (size_t)(row + a.N) * nvec, xs, nvec,
                                               lane, wa, wb, first);
@@ -189,7 +212,8 @@ static int g_gemv_prefetch = 0;
 // 0: plain launches; 1: PDL; 2: PDL + L2 prefetch of each warp's first weight row before
 // griddepcontrol.wait (measured: helps SmolLM2 by ~1 %, costs 7B ~7 %: the prefetched lines
 // are evicted by the running kernel's stream); 3: PDL + the first chunk of each warp's first
-// row loaded into registers before the wait (nothing to evict).
+// row loaded into registers before the wait (nothing to evict). Modes 0-2 load that chunk right
+// after the wait, still before the input is staged.
 void set_pdl(int mode) {
     g_use_pdl = mode >= 1;
     g_gemv_prefetch = mode == 2 ? 1 : mode == 3 ? 2 : 0;

@@ -26,7 +26,9 @@ Engine::Engine(const Plan &plan, const std::string &mode) : plan_(plan), mode_(m
     gemv_init(plan_.dtype);
     CASE4_CUDA_CHECK(cudaStreamCreateWithFlags(&replay_, cudaStreamNonBlocking));
     CASE4_CUDA_CHECK(cudaStreamCreateWithFlags(&capture_, cudaStreamNonBlocking));
-    CASE4_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming | cudaEventBlockingSync));
+    // spinning wait (no cudaEventBlockingSync): the per-token logits fetch of client sampling
+    // waits ~5 ms; a sleeping thread wakes tens of microseconds late in a VM, on every token
+    CASE4_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
     if (plan_.use_cublas) {  // one handle per stream; workspace set after the stream
         CASE4_CUDA_CHECK(cudaMalloc(&ws_replay_, kBlasWorkspace));
         CASE4_CUDA_CHECK(cudaMalloc(&ws_capture_, kBlasWorkspace));

@@ -40,7 +40,8 @@ def copy_bandwidth():
     return 2 * n / (ts[len(ts) // 2] / 1e3) / 1e9
 
 
-def gemv_bw(ext):
+def gemv_bw(ext, pdl=1):
+    ext.set_pdl(pdl)
     rows = []
     st = torch.cuda.current_stream().cuda_stream
     for name, N, K, mode in [("qkv 7B", 12288, 4096, 0), ("o 7B", 4096, 4096, 1), ("gate|up 7B", 11008, 4096, 2),
@@ -65,7 +66,7 @@ def gemv_bw(ext):
         e1.record(); e1.synchronize()
         us = e0.elapsed_time(e1) * 1e3 / it
         byts = nmat * N * K * 2 + K * 2 + N * (4 if mode == 3 else 2)
-        rows.append({"kernel": name, "N": N, "K": K, "us": round(us, 2), "GB/s": round(byts / us / 1e3, 1),
+        rows.append({"kernel": name, "pdl": pdl, "N": N, "K": K, "us": round(us, 2), "GB/s": round(byts / us / 1e3, 1),
                      "bytes": byts})
         del Ws
     return rows
@@ -144,18 +145,67 @@ def time_backend(model, mode, gemm, steps, window=64):
     return res
 
 
+_TTFT_CHILD = r"""
+import sys, time, json, torch
+sys.path.insert(0, sys.argv[1])
+from custom_kernels.config import SYNTHETIC_SHAPES, with_max_seq
+from custom_kernels.weight_loader import synthetic_weights
+from server.cuda_backend import CudaBackend
+from server.models import LoadedModel
+warm = sys.argv[2] == "1"
+cfg = with_max_seq(SYNTHETIC_SHAPES["llama2-7b"], 2048)
+w = synthetic_weights(cfg, "float16", "cuda", 0)
+model = LoadedModel(name="synthetic:llama2-7b", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+try:
+    be = CudaBackend(model, sessions=1, graph_mode="exact", warmup=warm)
+except TypeError:
+    be = CudaBackend(model, sessions=1, graph_mode="exact")
+t1 = time.perf_counter()
+out = {"warmup": warm, "construct_ms": round((t1 - t0) * 1e3, 1)}
+for n in (512, 512):
+    t0 = time.perf_counter()
+    tok = int(be.prefill(0, [(3 * i + 5) % 32000 for i in range(n)]).argmax())
+    t1 = time.perf_counter()
+    be.step(0, tok)
+    t2 = time.perf_counter()
+    out.setdefault("prefill512_ms", []).append(round((t1 - t0) * 1e3, 2))
+    out.setdefault("first_step_ms", []).append(round((t2 - t1) * 1e3, 2))
+be.close()
+print("TTFT", json.dumps(out))
+"""
+
+
+def first_request(warm):
+    import subprocess
+    root = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-c", _TTFT_CHILD, root, "1" if warm else "0"], capture_output=True,
+                       text=True, timeout=300)
+    for line in r.stdout.splitlines():
+        if line.startswith("TTFT "):
+            return json.loads(line[5:])
+    return {"warmup": warm, "error": (r.stderr or r.stdout)[-500:]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--shapes", default="smollm2-135m,llama2-7b")
     ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--kernel-pdl", default="1,3", help="PDL modes for the per-kernel GEMV rows")
+    ap.add_argument("--rows", default="", help="decode rows mode:gemm:pdl,... (default: all)")
+    ap.add_argument("--ttft", action="store_true", help="first-request TTFT in fresh processes (7B)")
     a = ap.parse_args()
     ext = load_extension()
     ext.set_pdl(int(os.environ.get("CASE4_PDL", "1")))
     report = {"device": torch.cuda.get_device_name(0)}
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     print("copy GB/s (read+write):", report["copy_GBps"], flush=True)
-    report["gemv"] = gemv_bw(ext)
+    report["gemv"] = []
+    for m in a.kernel_pdl.split(","):
+        report["gemv"] += gemv_bw(ext, int(m))
+    ext.set_pdl(int(os.environ.get("CASE4_PDL", "1")))
     report["gemv"] += attn_bw(ext)
     for r in report["gemv"]:
         print(r, flush=True)
@@ -166,7 +216,8 @@ def main():
         model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
         floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3
         first_tokens = None
-        for mode, gemm, pdl in [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
+        rows = [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows else None
+        for mode, gemm, pdl in rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
                                 ("dynamic", "custom", "0"), ("exact", "custom", "0"), ("dynamic", "custom", "2"),
                                 ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
                                 ("dynamic", "cublas", "1")]:
@@ -182,6 +233,10 @@ def main():
             report["decode"].append(r)
         del model, w
         torch.cuda.empty_cache()
+    if a.ttft:
+        report["ttft"] = [first_request(w) for w in (False, True)]
+        for r in report["ttft"]:
+            print(r, flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     Path(a.out, "quick_timing.json").write_text(json.dumps(report, indent=2))
     print("\nshape          mode     gemm   pdl ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 same-tokens")

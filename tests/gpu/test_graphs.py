@@ -43,7 +43,7 @@ def test_graph_modes_equal_eager(shape, n):
             seq, t = [], tok                                        # client sampling: logits per step
             for _ in range(32):
                 lg = be.replay(0, be.seq_len(0), t)
-                seq.append(lg)
+                seq.append(lg.clone())  # the backend returns its own buffer, valid until the next call
                 t = int(lg.argmax())
             logits[mode] = torch.stack(seq)
             st = be.status()["graphs"]
