@@ -403,14 +403,31 @@ def write_trace(base: Path, events: list[dict]) -> list[str]:
         return [Path(f"{base}.json").name]
     names = {pid: n for n, pid in pids.items()}
     tracks = sorted(tids.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(12, 1 + 0.6 * len(tracks)))
-    for row, ((pid, tname), tid) in enumerate(tracks):
-        bars = [(e["ts"] / 1e3, max(e["dur"] / 1e3, 0.001)) for e in out if e["tid"] == tid]
-        color = "tab:red" if "captur" in tname.lower() else f"C{row % 10}"
-        ax.broken_barh(bars, (row - 0.35, 0.7), color=color)
-    ax.set_yticks(range(len(tracks)), [f"{names[pid]} / {t}" for (pid, t), _ in tracks])
-    ax.set_xlabel("ms since the first event")
-    ax.set_title("Case4 timeline: capture vs replay intervals per process / stream")
+    labels = [f"{names[pid]} / {t}" for (pid, t), _ in tracks]
+    # second panel: a zoom on ~8 tokens around a capture in the middle of the run, where
+    # individual capture intervals can be seen against the replays they overlap
+    cap = sorted(e["ts"] for e in out if "captur" in labels[[t for _, t in tracks].index(e["tid"])].lower())
+    rep = sorted(e["ts"] for e in out if labels[[t for _, t in tracks].index(e["tid"])].endswith("/ replay"))
+    zoom = None
+    if cap and len(rep) > 2:
+        gaps = sorted(b - a for a, b in zip(rep, rep[1:]))
+        width = 8 * max(gaps[len(gaps) // 2], 1.0)
+        mid = cap[len(cap) // 2]
+        zoom = ((mid - width / 2) / 1e3, (mid + width / 2) / 1e3)
+    fig, axes = plt.subplots(2 if zoom else 1, 1, figsize=(12, (1 + 0.6 * len(tracks)) * (2 if zoom else 1)),
+                             squeeze=False)
+    for ax, window in zip(axes[:, 0], (None, zoom)):
+        for row, ((pid, tname), tid) in enumerate(tracks):
+            bars = [(e["ts"] / 1e3, max(e["dur"] / 1e3, 0.001)) for e in out if e["tid"] == tid]
+            color = "tab:red" if "captur" in tname.lower() else f"C{row % 10}"
+            ax.broken_barh(bars, (row - 0.35, 0.7), color=color)
+        ax.set_yticks(range(len(tracks)), labels)
+        ax.set_xlabel("ms since the first event")
+        if window:
+            ax.set_xlim(*window)
+            ax.set_title("zoom: ~8 tokens around a capture in the middle of the run")
+        else:
+            ax.set_title("Case4 timeline: capture vs replay intervals per process / stream")
     fig.tight_layout()
     fig.savefig(f"{base}.png", dpi=100)
     plt.close(fig)

@@ -554,7 +554,7 @@ class Bench:
             row.update(p50_ms=rnd(percentile(allt, 50)), p99_ms=rnd(percentile(allt, 99)))
         else:
             row["latency_note"] = "device sampling: all steps in one call, p50/p99 per token not observable"
-        if mode == "exact":
+        if mode in ("exact", "dynamic"):  # dynamic: the capture of its one (or K-step) graph
             self.add_graph_fields(row, g0, g1, runs)
         self.add_bytes(row, cfg, steps)
 

@@ -94,6 +94,7 @@ private:
     std::vector<double> capture_ms_, instantiate_ms_;
     std::string last_error_;
     std::vector<TraceEvent> trace_;
+    double busy_t0_ = -1;  // start of the replay stream's current busy interval (trace only)
 };
 
 }  // namespace case4
