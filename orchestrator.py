@@ -378,6 +378,9 @@ class Run:
 
 # ---- trace: Chrome-trace JSON (open in Perfetto / chrome://tracing) + a PNG timeline
 
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:gray")  # red = capture
+
+
 def write_trace(base: Path, events: list[dict]) -> list[str]:
     """Write base.json and base.png from "X" events whose pid/tid may be names; the
     backend's own events (Backend.trace_events(), e.g. capture intervals per stream) are
@@ -419,7 +422,7 @@ def write_trace(base: Path, events: list[dict]) -> list[str]:
     for ax, window in zip(axes[:, 0], (None, zoom)):
         for row, ((pid, tname), tid) in enumerate(tracks):
             bars = [(e["ts"] / 1e3, max(e["dur"] / 1e3, 0.001)) for e in out if e["tid"] == tid]
-            color = "tab:red" if "captur" in tname.lower() else f"C{row % 10}"
+            color = "tab:red" if "captur" in tname.lower() else PALETTE[row % len(PALETTE)]
             ax.broken_barh(bars, (row - 0.35, 0.7), color=color)
         ax.set_yticks(range(len(tracks)), labels)
         ax.set_xlabel("ms since the first event")
