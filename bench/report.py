@@ -18,6 +18,15 @@ import floors  # noqa: E402
 SMALL_SHAPES = ("tiny", "tiny-mha", "tiny-partial", "smollm2-135m")
 
 
+def shape_groups(rows: list[dict]) -> list[tuple]:
+    """(shape, dtype) of the decode rows, in first-seen order."""
+    groups = []
+    for r in rows:
+        k = (r.get("shape"), r.get("dtype"))
+        if r.get("system") not in ("copy", "gemm", "case4/prefill") and k not in groups:
+            groups.append(k)
+    return groups
+
 def _f(x, fmt="{:.2f}", none="–"):
     if x is None:
         return none
@@ -169,13 +178,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "`floor` = those bytes at the copy rate. Device-sampling rows have no per-token p50/p99 "
              "(all steps run in one call). See bench/README.md for what each row measures.")
     L.append("")
-    groups = []
-    for r in rows:
-        if r.get("system") in ("copy", "gemm", "case4/prefill"):
-            continue
-        k = (r.get("shape"), r.get("dtype"))
-        if k not in groups:
-            groups.append(k)
+    groups = shape_groups(rows)
     for shape, dtype in groups:
         grp = [r for r in rows if (r.get("shape"), r.get("dtype")) == (shape, dtype)
                and r.get("system") not in ("copy", "gemm", "case4/prefill")]
@@ -252,13 +255,7 @@ def png(meta: dict, rows: list[dict], path: Path) -> Path | None:
     except Exception as e:
         print(f"bench: no PNG ({e!r})", file=sys.stderr)
         return None
-    groups = []
-    for r in rows:
-        if r.get("system") in ("copy", "gemm", "case4/prefill"):
-            continue
-        k = (r.get("shape"), r.get("dtype"))
-        if k not in groups:
-            groups.append(k)
+    groups = shape_groups(rows)
     if not groups:
         return None
     cg = meta.get("copy_GBps")
@@ -327,12 +324,16 @@ _png = png
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 0 if argv else 2
     for a in argv:
         p = Path(a)
-        doc = json.loads(p.read_text())
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            print(f"report: error: {a}: {e}", file=sys.stderr)
+            return 2
         rows = doc.pop("rows", [])
         paths = write_outputs(p.with_suffix(""), doc, rows)
         print(compact_table(doc, rows))
