@@ -205,6 +205,12 @@ def test_hook(system: str, args) -> None:
 
 # ----------------------------------------------------------------------------- plan
 
+def bad_input(msg: str) -> None:
+    """One line on stderr, exit code 2 (the project's convention for bad input)."""
+    print(f"bench: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_shapes(spec: str | None, device: str, quick: bool) -> list[tuple[str, str]]:
     if not spec:
         if not device.startswith("cuda"):
@@ -213,12 +219,15 @@ def parse_shapes(spec: str | None, device: str, quick: bool) -> list[tuple[str, 
             spec = "llama2-7b:float16,smollm2-135m:float16"
         else:
             spec = "llama2-7b:float16,smollm2-135m:float16,llama2-7b:bfloat16"
+    from custom_kernels.config import SYNTHETIC_SHAPES
     out = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, dt = part.partition(":")
+        if name not in SYNTHETIC_SHAPES:
+            bad_input(f"unknown shape {name!r} in --shapes (choose from {', '.join(SYNTHETIC_SHAPES)})")
         if dt:
             if dt.lower() not in DTYPE_ALIASES:
-                raise SystemExit(f"bench: unknown dtype {dt!r} in --shapes (use fp16, bf16 or fp32)")
+                bad_input(f"unknown dtype {dt!r} in --shapes (use fp16, bf16 or fp32)")
             dts = [DTYPE_ALIASES[dt.lower()]]
         elif name == "llama2-7b" and device.startswith("cuda"):
             dts = ["float16"] if quick else ["float16", "bfloat16"]
