@@ -135,8 +135,10 @@ def make_backend(name: str, model: LoadedModel, sessions: int = 1, device=None, 
         raise BadInput(f"--graph-mode must be one of {', '.join(GRAPH_MODES)}, got '{graph_mode}'")
     if name == "reference":
         return ReferenceBackend(model, sessions)
+    if not torch.cuda.is_available():
+        raise BadInput("--backend cuda needs a CUDA GPU and none is visible (use --backend reference)")
     if model.weights.device.type != "cuda":
-        raise BadInput("the cuda backend needs the model on a CUDA device")
+        raise BadInput("the cuda backend needs the model on a CUDA device (--device cuda)")
     from server.cuda_backend import CudaBackend
     return CudaBackend(model, sessions=sessions, graph_mode=graph_mode, gemm=gemm)
 

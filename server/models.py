@@ -184,6 +184,8 @@ def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
                   max_seq: int | None = None) -> LoadedModel:
     """Resolve and load a model onto `device` in `dtype`."""
     dt = parse_dtype(dtype)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' was asked for, but no CUDA GPU is visible (use --device cpu)")
     cfg, folder = load_config(spec, max_seq)
     if folder is None:
         w = synthetic_weights(cfg, dt, device, seed)

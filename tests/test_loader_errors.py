@@ -172,3 +172,12 @@ def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch, smollm2_dir):
     out = sm.prepare_smollm2()
     assert out == target and (target / ".complete").exists()
     assert (target / "model.safetensors").stat().st_size > 100_000_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_asked_without_gpu():
+    from server.backends import make_backend
+    with pytest.raises(ModelError, match="no CUDA GPU is visible"):
+        resolve_model("synthetic:tiny", device="cuda")
+    with pytest.raises(BadInput, match="needs a CUDA GPU"):
+        make_backend("cuda", resolve_model("synthetic:tiny"))
