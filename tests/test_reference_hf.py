@@ -9,7 +9,7 @@ from custom_kernels.config import SYNTHETIC_SHAPES
 from custom_kernels.weight_loader import synthetic_weights
 from server.kv import KVArena
 from server.models import LoadedModel
-from server.parity import BOUNDS, compare, hf_model_for, hf_stages, run_parity
+from server.parity import BOUNDS, TIE_REL, compare, hf_model_for, hf_stages, run_parity
 from server.reference import ReferenceDecoder
 
 
@@ -118,6 +118,6 @@ def test_synthetic_vs_hf(variant, dtype, partial_rotary_hf):
         logits, ours = dec.step_stages(0, ids[t])
         ours = {k: v[0] for k, v in ours.items()}
         theirs = hf_stages(hf, ids[:t + 1])
-        rows = compare(ours, theirs, cfg.num_layers, bound)
+        rows = compare(ours, theirs, cfg.num_layers, bound, TIE_REL[dtype])
         assert all(r[3] for r in rows), (t, rows)
     assert kv.seq_len == [9, 4]
