@@ -1,46 +1,72 @@
 """The two child processes as seen from both sides: liveness, timeouts, the serve loop.
 
 Orchestrator side: `Peer` owns one child (a spawn-context Process) and its two queues
-(requests in, replies out). Every wait is sliced into short `get`s; between slices the
-child's and the watched peers' exit codes are checked, so a dead process is reported by
-name and exit code ("client process died (exit code -9)") instead of a hang.
+(requests in, replies out). A waiting `recv` blocks in a plain `q.get()` (no timeout,
+no poll); liveness and timeouts are the job of one watchdog thread per orchestrator
+process, which sleeps on the children's sentinels and, when a child dies or a wait's
+deadline passes, wakes the blocked reader by putting a marker into its reply queue. So a
+dead process is still reported by name and exit code ("client process died (exit code
+-9)") instead of a hang, and the hot path costs one blocking read per hop.
 
 Child side: `serve()` runs the request loop: validate, dispatch, reply, and an error
 reply (never a crash) for a bad request. The child ignores SIGINT (Ctrl-C reaches the
-whole process group; the orchestrator decides) and exits by itself when its parent dies.
+whole process group; the orchestrator decides) and exits by itself when its parent dies
+(a daemon thread waits on the parent's sentinel).
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import queue
 import signal
 import sys
+import threading
 import time
+from multiprocessing.connection import wait as wait_ready
+from multiprocessing.reduction import ForkingPickler
 
 from ipc.messages import ProtocolError, RemoteError, error_reply, now_us, ok_reply, request, validate
 
-SLICE_S = 0.05  # how often a waiting side looks at its peers' exit codes
+SLICE_S = 0.05  # how late the watchdog may notice a passed deadline (deaths: at once)
 
 # The queues are multiprocessing SimpleQueues (spawn context): a put writes straight into
 # the pipe. mp.Queue hands every put to a feeder thread first, which costs ~60 us per hop
 # on a 2-core machine (measured: 85-135 us vs 22-25 us per round trip) and would put the
 # per-token IPC cost (two round trips) far above the 100 us budget.
+# Every read is a plain blocking q.get(): a poll(timeout) before each get (how timeouts
+# were done before the watchdog) cost another ~17-30 us per round trip on a 2-core VM.
 # The orchestrator (only it: children spinning while idle starve the busy one on 2 cores)
 # first spins on a non-blocking poll for up to SPIN_S before it sleeps in the kernel; a
-# sleeping reader's wake-up is the main per-hop cost (measured per token: 180 us with
-# the spin, 280 us without, on a loaded 2-core machine). Bounded: on a slow step (a real
-# model) it costs at most SPIN_S of CPU per wait.
+# sleeping reader's wake-up is the main per-hop cost. Bounded: on a slow step (a real
+# model) it costs at most SPIN_S of CPU per wait. With one usable CPU (taskset -c 0) a
+# spin can only delay the process being waited for, so it is 0 there whatever is asked.
 # On a machine with cores to spare (>= 8: a GPU server) every process spins for up to
 # 10 ms, so a token's four hops cost no kernel wake-up at all (each one measured at
 # ~250 us in a Firecracker VM on an H100 host: 6.5 vs 5.5 ms/token on Llama-2-7B shapes).
-MANY_CORES = (os.cpu_count() or 1) >= 8
-SPIN_S = float(os.environ.get("CASE4_IPC_SPIN_US", "10000" if MANY_CORES else "200")) / 1e6
+try:
+    NCPU = len(os.sched_getaffinity(0))
+except AttributeError:  # not Linux
+    NCPU = os.cpu_count() or 1
+MANY_CORES = NCPU >= 8
+SPIN_S = 0.0 if NCPU == 1 else \
+    float(os.environ.get("CASE4_IPC_SPIN_US", "10000" if MANY_CORES else "200")) / 1e6
 CHILD_SPIN_S = SPIN_S if MANY_CORES else 0.0
 
 
+def spin_get(q, spin: float = 0.0):
+    """q.get() after spinning up to `spin` s on a non-blocking poll (SimpleQueue, one reader)."""
+    if spin > 0:
+        r = q._reader
+        t_end = time.perf_counter() + spin
+        while not r.poll(0) and time.perf_counter() < t_end:
+            pass
+    return q.get()
+
+
 def get(q, timeout: float, spin: float = 0.0):
-    """q.get() with a timeout (raises queue.Empty), for a SimpleQueue with one reader."""
+    """q.get() with a timeout (raises queue.Empty), for a SimpleQueue with one reader.
+    Not on the hot path (it adds a poll syscall per read); kept for tools and tests."""
     r = q._reader
     if spin > 0 and not r.poll(0):
         t_end = time.perf_counter() + spin
@@ -65,6 +91,95 @@ def context():
     return mp.get_context("spawn")
 
 
+WAKE = "_wake"  # key of the watchdog's marker in a reply queue; children never send it
+
+
+class _Wait:
+    """One blocked recv: the peer read from, the peers whose death ends it, its deadline."""
+    __slots__ = ("peer", "peers", "deadline", "token", "woken")
+
+    def __init__(self, peer, peers, deadline, token):
+        self.peer, self.peers, self.deadline, self.token, self.woken = peer, peers, deadline, token, False
+
+
+class _Watchdog:
+    """One daemon thread per orchestrator process. It sleeps on the sentinels of the started
+    peers (ready = that process has exited) for at most SLICE_S, then wakes each blocked
+    recv that involves a dead peer or whose deadline has passed, once, by putting
+    {WAKE: token} into that peer's reply queue. recv ignores a marker whose token is not
+    its current wait's (left over from a wait that ended otherwise)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.peers: set = set()   # started and not stopped
+        self.dead: set = set()    # of those, the ones whose sentinel has fired
+        self.waits: dict = {}     # id(peer) -> _Wait
+        self.tokens = itertools.count(1)
+        self.thread = None
+
+    def add(self, peer) -> None:
+        with self.lock:
+            self.peers.add(peer)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="case4-ipc-watchdog", daemon=True)
+                self.thread.start()
+
+    def remove(self, peer) -> None:
+        with self.lock:
+            self.peers.discard(peer)
+            self.dead.discard(peer)
+            self.waits.pop(id(peer), None)
+
+    def arm(self, peer, peers, deadline) -> _Wait:
+        w = _Wait(peer, peers, deadline, next(self.tokens))
+        with self.lock:
+            self.waits[id(peer)] = w
+        return w
+
+    def rearm(self, w: _Wait) -> None:
+        with self.lock:
+            w.woken = False
+
+    def disarm(self, peer) -> None:
+        with self.lock:
+            self.waits.pop(id(peer), None)
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                live = {p.proc.sentinel: p for p in self.peers if p not in self.dead}
+            if live:
+                ready = wait_ready(list(live), SLICE_S)
+            else:
+                time.sleep(SLICE_S)
+                ready = ()
+            now = time.monotonic()
+            with self.lock:
+                self.dead.update(live[s] for s in ready if live[s] in self.peers)
+                for w in self.waits.values():
+                    if not w.woken and (now >= w.deadline or any(p in self.dead for p in w.peers)):
+                        w.woken = True
+                        _wake(w.peer.rep, w.token)
+
+
+def _wake(q, token: int) -> None:
+    """q.put({WAKE: token}) from the orchestrator's side (SimpleQueue.put, thread-safe via
+    the queue's write lock), but never stuck behind a write lock held by a child that was
+    killed mid-put: after 1 s the holder is taken as dead and the marker written anyway."""
+    data = ForkingPickler.dumps({WAKE: token})
+    locked = q._wlock.acquire(timeout=1.0) if q._wlock is not None else False
+    try:
+        q._writer.send_bytes(data)
+    except (OSError, ValueError):  # queue closed: nobody is waiting any more
+        pass
+    finally:
+        if locked:
+            q._wlock.release()
+
+
+_WATCHDOG = _Watchdog()
+
+
 class Peer:
     def __init__(self, name: str, target, args: tuple = (), ctx=None):
         ctx = ctx or context()
@@ -81,6 +196,7 @@ class Peer:
 
     def start(self) -> "Peer":
         self.proc.start()
+        _WATCHDOG.add(self)
         return self
 
     def check(self) -> None:
@@ -95,22 +211,32 @@ class Peer:
         return rid
 
     def recv(self, rid: int, timeout: float, watch: tuple["Peer", ...] = ()) -> dict:
-        """The reply to request `rid` (0 = the start-up message)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                msg = get(self.rep, max(0.0, min(SLICE_S, deadline - time.monotonic())), SPIN_S)
-            except queue.Empty:
-                for p in (self, *watch):
-                    p.check()
-                if time.monotonic() >= deadline:
-                    raise PeerTimeout(f"{self.name} process did not answer request {rid} in {timeout:.0f} s")
-                continue
-            if "progress" in msg:
-                self.on_progress(msg["progress"])
-            elif msg.get("id") == rid:
-                return msg
-            # else: a late reply to a request we gave up on; drop it
+        """The reply to request `rid` (0 = the start-up message). Blocks in a plain get();
+        the watchdog wakes it if this peer or one in `watch` dies, or after `timeout` s."""
+        w = _WATCHDOG.arm(self, (self, *watch), time.monotonic() + timeout)
+        try:
+            while True:
+                msg = spin_get(self.rep, SPIN_S)
+                if WAKE in msg:
+                    if msg[WAKE] == w.token:
+                        self._woken(w, rid, timeout)  # raises, or re-arms if nothing holds
+                    continue  # a stale marker from an earlier wait
+                if "progress" in msg:
+                    self.on_progress(msg["progress"])
+                elif msg.get("id") == rid:
+                    return msg
+                # else: a late reply to a request we gave up on; drop it
+        finally:
+            _WATCHDOG.disarm(self)
+
+    def _woken(self, w: _Wait, rid: int, timeout: float) -> None:
+        for p in w.peers:
+            if p.proc.pid is not None and wait_ready([p.proc.sentinel], 0):
+                p.proc.join(1.0)  # it has exited: reap it so exitcode is set
+            p.check()
+        if time.monotonic() >= w.deadline:
+            raise PeerTimeout(f"{self.name} process did not answer request {rid} in {timeout:.0f} s")
+        _WATCHDOG.rearm(w)
 
     def call(self, op: str, args: dict | None = None, timeout: float = 60.0,
              watch: tuple["Peer", ...] = ()) -> dict:
@@ -121,6 +247,7 @@ class Peer:
 
     def stop(self, timeout: float = 3.0) -> None:
         """Ask politely, then terminate, then kill. Never blocks longer than ~timeout + 2 s."""
+        _WATCHDOG.remove(self)
         if self.proc.pid is None:
             return
         if self.proc.exitcode is None:
@@ -145,24 +272,28 @@ def child_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def parent_alive() -> bool:
+def watch_parent() -> None:
+    """Exit (os._exit(0)) as soon as the parent process is gone: a daemon thread blocks on
+    the parent's sentinel, so the request loop itself can block in a plain get()."""
     parent = mp.parent_process()
-    return parent is None or parent.is_alive()
+    if parent is None:
+        return
+
+    def run():
+        wait_ready([parent.sentinel])
+        os._exit(0)
+    threading.Thread(target=run, name="case4-parent-watch", daemon=True).start()
 
 
 def progress(rep, text: str) -> None:
     rep.put({"progress": text})
 
 
-def serve(req, rep, ops: dict, handle, aliases: dict | None = None, poll_s: float = 0.5) -> None:
+def serve(req, rep, ops: dict, handle, aliases: dict | None = None) -> None:
     """Answer requests until `stop` (or the parent's death). handle(op, args) -> dict."""
+    watch_parent()
     while True:
-        try:
-            msg = get(req, poll_s, CHILD_SPIN_S)
-        except queue.Empty:
-            if not parent_alive():
-                os._exit(0)
-            continue
+        msg = spin_get(req, CHILD_SPIN_S)
         t0 = now_us()
         rid = msg.get("id") if isinstance(msg, dict) else None
         try:
