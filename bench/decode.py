@@ -30,6 +30,7 @@ Output: OUTDIR/<gpu-slug>-<yyyymmdd>.json, .md and .png (see bench/README.md);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import fnmatch
 import gc
@@ -106,6 +107,19 @@ def device_name(device: str) -> str:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def closing_backend(be, device: str):
+    """Use a backend, then close it and give its device memory back, whatever happened."""
+    try:
+        yield be
+    finally:
+        try:
+            be.close()
+        finally:
+            del be
+            free_memory(device)
 
 
 def free_memory(device: str) -> None:
@@ -533,8 +547,7 @@ class Bench:
         if item["prompt"] + steps + self.args.warmup_steps >= cfg.max_seq_len:
             raise RowSkipped(f"prompt + steps exceed the context of {cfg.max_seq_len}")
         ids = prompt_ids(cfg, item["prompt"], self.args.seed)
-        be = self.make_case4_backend(model, mode)
-        try:
+        with closing_backend(self.make_case4_backend(model, mode), self.device) as be:
             row["backend"] = getattr(be, "name", self.args.case4_backend)
             g0 = self.graph_stats(be)
             self.decode_once(be, ids, mode, sampling, self.args.warmup_steps)   # warm-up
@@ -545,12 +558,6 @@ class Bench:
                     break
                 runs.append(self.decode_once(be, ids, mode, sampling, steps))
             g1 = self.graph_stats(be)
-        finally:
-            try:
-                be.close()
-            finally:
-                del be
-                free_memory(self.device)
         per_run = [r["total_ms"] / steps for r in runs]
         ms = median(per_run)
         row.update(repeats=len(runs), ms_per_token=rnd(ms), tok_s=rnd(1e3 / ms, 2),
@@ -601,8 +608,7 @@ class Bench:
         if item["prompt"] + 1 >= model.cfg.max_seq_len:
             raise RowSkipped(f"prompt exceeds the context of {model.cfg.max_seq_len}")
         ids = prompt_ids(model.cfg, item["prompt"], self.args.seed)
-        be = self.make_case4_backend(model, "none")
-        try:
+        with closing_backend(self.make_case4_backend(model, "none"), self.device) as be:
             row["backend"] = getattr(be, "name", self.args.case4_backend)
             times = []
             for r in range(1 + self.args.ttft_repeats):  # first is warm-up
@@ -614,12 +620,6 @@ class Bench:
                     times.append((now_s() - t0) * 1e3)
                 if times and self.deadline.expired():
                     break
-        finally:
-            try:
-                be.close()
-            finally:
-                del be
-                free_memory(self.device)
         row.update(repeats=len(times), ttft_ms=rnd(median(times), 3), ttft_min_ms=rnd(min(times), 3),
                    note="be.prefill incl. last-position logits to host + argmax")
 
@@ -629,17 +629,10 @@ class Bench:
         from server.backends import make_backend
         steps = int(item["steps"])
         ids = prompt_ids(model.cfg, item["prompt"], self.args.seed)
-        be = call_filtered(make_backend, "reference", model, sessions=1, device=self.device)
-        try:
+        with closing_backend(call_filtered(make_backend, "reference", model, sessions=1, device=self.device), self.device) as be:
             row["backend"] = getattr(be, "name", "reference")
             self.decode_once(be, ids, "none", "client", min(4, steps))   # warm-up
             run = self.decode_once(be, ids, "none", "client", steps)
-        finally:
-            try:
-                be.close()
-            finally:
-                del be
-                free_memory(self.device)
         ms = run["total_ms"] / steps
         row.update(repeats=1, ms_per_token=rnd(ms), tok_s=rnd(1e3 / ms, 2), ttft_ms=rnd(run["ttft_ms"], 3),
                    p50_ms=rnd(percentile(run["per_tok"], 50)), p99_ms=rnd(percentile(run["per_tok"], 99)),

@@ -25,107 +25,36 @@ Run `python bench/floors.py` to print the floors table that docs/performance.md 
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from custom_kernels.config import SYNTHETIC_SHAPES  # noqa: E402
 
 # The DESIGN's measured reference copy rate on one H100 80GB HBM3 (read + write).
 REFERENCE_COPY_GBPS = 3007.0
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 
-# Fallback shapes, used only where custom_kernels.config.SYNTHETIC_SHAPES is not
-# importable (docs, tests without the package). Field names follow ModelConfig.
-_FALLBACK = {
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                      num_heads=32, num_kv_heads=32, head_dim=128, max_seq_len=4096,
-                      tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5),
-    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
-                       num_heads=40, num_kv_heads=40, head_dim=128, max_seq_len=4096,
-                       tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                         num_heads=9, num_kv_heads=3, head_dim=64, max_seq_len=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
-                 num_heads=4, num_kv_heads=2, head_dim=32, max_seq_len=512,
-                 tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5),
-}
-
-
-def _ns(d: dict) -> SimpleNamespace:
-    d = dict(d)
-    d.setdefault("arch", "LlamaForCausalLM")
-    d.setdefault("rotary_dim", d["head_dim"])
-    d.setdefault("bos_token_id", 1)
-    d.setdefault("eos_token_ids", (2,))
-    return SimpleNamespace(**d)
-
-
-def _coerce(name: str, value):
-    """SYNTHETIC_SHAPES values may be a ModelConfig, a dict of ModelConfig fields, or an HF dict."""
-    if hasattr(value, "hidden_size") and hasattr(value, "num_layers"):
-        return value
-    if isinstance(value, dict):
-        if "num_layers" in value:
-            return _ns(value)
-        try:  # an HF-style config.json dict
-            from custom_kernels.config import config_from_hf
-            return config_from_hf(value)
-        except Exception:
-            pass
-        if "num_hidden_layers" in value:
-            return _ns(dict(
-                vocab_size=value["vocab_size"], hidden_size=value["hidden_size"],
-                intermediate_size=value["intermediate_size"], num_layers=value["num_hidden_layers"],
-                num_heads=value["num_attention_heads"],
-                num_kv_heads=value.get("num_key_value_heads", value["num_attention_heads"]),
-                head_dim=value.get("head_dim") or value["hidden_size"] // value["num_attention_heads"],
-                max_seq_len=value.get("max_position_embeddings", 4096),
-                tie_word_embeddings=value.get("tie_word_embeddings", False),
-                rope_theta=value.get("rope_theta", 10000.0), rms_norm_eps=value.get("rms_norm_eps", 1e-5)))
-    raise TypeError(f"cannot read shape {name!r} from {type(value).__name__}")
-
-
 def shape_config(name: str):
-    """The ModelConfig (or an object with its fields) of synthetic shape `name`."""
-    try:
-        from custom_kernels.config import SYNTHETIC_SHAPES  # the project's own definition wins
-        if name in SYNTHETIC_SHAPES:
-            return _coerce(name, SYNTHETIC_SHAPES[name])
-    except Exception:
-        pass
-    if name in _FALLBACK:
-        return _ns(_FALLBACK[name])
-    raise KeyError(f"unknown synthetic shape {name!r}")
+    """The ModelConfig of synthetic shape `name` (the one table: custom_kernels.config)."""
+    if name not in SYNTHETIC_SHAPES:
+        raise KeyError(f"unknown synthetic shape {name!r}")
+    return SYNTHETIC_SHAPES[name]
 
 
 def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[str(dtype).replace("torch.", "")]
 
 
-def layer_weight_elems(cfg) -> int:
-    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    Hq, Hkv = cfg.num_heads, cfg.num_kv_heads
-    return (H                       # attn_norm
-            + (Hq + 2 * Hkv) * D * H  # fused QKV
-            + H * Hq * D              # O
-            + H                       # mlp_norm
-            + 2 * I * H               # fused gate|up
-            + H * I)                  # down
-
-
 def weight_bytes_per_token(cfg, dtype: str) -> int:
     """Weights one decode step reads: all layer matrices and norms, final norm, lm_head, one embedding row."""
-    H, V = cfg.hidden_size, cfg.vocab_size
-    elems = cfg.num_layers * layer_weight_elems(cfg) + H + V * H + H
-    return elems * dtype_bytes(dtype)
+    return cfg.decode_weight_bytes(dtype_bytes(dtype))
 
 
 def all_params_bytes(cfg, dtype: str) -> int:
     """Every parameter once (full embedding table; lm_head only when untied): the checkpoint size."""
-    H, V = cfg.hidden_size, cfg.vocab_size
-    elems = cfg.num_layers * layer_weight_elems(cfg) + H + V * H
-    if not cfg.tie_word_embeddings:
-        elems += V * H
-    return elems * dtype_bytes(dtype)
+    return cfg.weight_elements() * dtype_bytes(dtype)
 
 
 def kv_bytes_per_position(cfg, dtype: str) -> int:
