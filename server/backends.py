@@ -37,9 +37,22 @@ class Backend:
         if cur >= self.cfg.max_seq_len:
             raise BadInput(f"session {session} is full: context of {self.cfg.max_seq_len} tokens reached")
 
+    def check_prompt(self, session: int, ids) -> list[int]:
+        """The checks of every prefill, in one place: session, non-empty, fits, token ids."""
+        self.seq_len(session)  # validates the session
+        ids = list(ids)
+        if not ids:
+            raise BadInput("the prompt is empty")
+        if len(ids) >= self.cfg.max_seq_len:
+            raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of "
+                           f"{self.cfg.max_seq_len} tokens (see --max-seq)")
+        for t in ids:
+            self.check_token(t)
+        return ids
+
     def check_token(self, token) -> int:
         if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.cfg.vocab_size:
-            raise BadInput(f"token must be an integer in [0, {self.cfg.vocab_size}), got {token!r}")
+            raise BadInput(f"token {token!r} out of range [0, {self.cfg.vocab_size})")
         return token
 
     def generate(self, session: int, start_token: int, steps: int, params, stop_ids=()) -> list[int]:
@@ -71,9 +84,7 @@ class ReferenceBackend(Backend):
         self.dec = ReferenceDecoder(w, self.kv)
 
     def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
-        if len(ids) >= self.cfg.max_seq_len:
-            raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of {self.cfg.max_seq_len}")
-        return self.dec.prefill(session, ids).cpu()
+        return self.dec.prefill(session, self.check_prompt(session, ids)).cpu()
 
     def step(self, session: int, token: int) -> torch.Tensor:
         self.kv.check_session(session)

@@ -124,11 +124,9 @@ class CudaBackend(Backend):
 
     # -- decode --------------------------------------------------------------------------------
     def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
-        self.kv.check_session(session)
-        if len(ids) >= self.cfg.max_seq_len:
-            raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of {self.cfg.max_seq_len}")
+        ids = self.check_prompt(session, ids)
         self.engine.sync()  # earlier steps on the replay stream are done with the arena
-        logits = self.prefill_dec.prefill(session, list(ids))
+        logits = self.prefill_dec.prefill(session, ids)
         torch.cuda.current_stream(self.kv.kv.device).synchronize()  # the KV rows are written
         self.engine.set_seq_len(session, len(ids))
         return logits.float().cpu()

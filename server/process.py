@@ -51,18 +51,6 @@ class Server:
         self.cfg = backend.cfg
         self.step = 0  # shared-memory step counter (every logits write gets the next one)
 
-    # -- helpers
-    def _session(self, s: int) -> int:
-        n = getattr(self.backend, "sessions", 1)
-        if not 0 <= s < n:
-            raise BadInput(f"session {s} out of range [0, {n})")
-        return s
-
-    def _token(self, t: int) -> int:
-        if not 0 <= t < self.cfg.vocab_size:
-            raise BadInput(f"token {t} out of range [0, {self.cfg.vocab_size})")
-        return t
-
     def _logits_reply(self, session: int, logits, sample_params) -> dict:
         step = self.step
         self.step += 1
@@ -78,25 +66,17 @@ class Server:
     def handle(self, op: str, a: dict) -> dict:
         b = self.backend
         if op == "kv_init":
-            s, ids = self._session(a["session"]), a["input_ids"]
-            if not ids:
-                raise BadInput("kv_init: input_ids is empty")
-            for t in ids:
-                self._token(t)
-            if len(ids) >= self.cfg.max_seq_len:
-                raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of "
-                               f"{self.cfg.max_seq_len} tokens (see --max-seq)")
-            b.reset(s)
-            return self._logits_reply(s, b.prefill(s, ids), a["sample"])
+            s = a["session"]  # the backend validates session, prompt and token ids
+            return self._logits_reply(s, b.prefill(s, a["input_ids"]), a["sample"])
         if op == "replay_seq":
-            s = self._session(a["session"])
-            return self._logits_reply(s, b.replay(s, a["seq_len"], self._token(a["token"])), a["sample"])
+            s = a["session"]
+            return self._logits_reply(s, b.replay(s, a["seq_len"], a["token"]), a["sample"])
         if op == "kv_step":
-            s = self._session(a["session"])
-            return self._logits_reply(s, b.step(s, self._token(a["token"])), a["sample"])
+            s = a["session"]
+            return self._logits_reply(s, b.step(s, a["token"]), a["sample"])
         if op == "kv_generate":
             from client.sampler import SamplingParams
-            s, steps = self._session(a["session"]), a["steps"]
+            s, steps = a["session"], a["steps"]
             if steps < 1:
                 raise BadInput(f"kv_generate: steps must be >= 1, got {steps}")
             room = self.cfg.max_seq_len - b.seq_len(s)
@@ -104,13 +84,13 @@ class Server:
                 raise BadInput(f"kv_generate: {steps} steps do not fit the {room} positions left")
             params = SamplingParams.from_dict(a["sampling"])
             t0 = time.perf_counter()
-            tokens = b.generate(s, self._token(a["start_token"]), steps, params, tuple(a["stop_ids"]))
+            tokens = b.generate(s, a["start_token"], steps, params, tuple(a["stop_ids"]))
             return {"tokens": [int(t) for t in tokens], "elapsed_ms": (time.perf_counter() - t0) * 1e3,
                     "seq_len": b.seq_len(s)}
         if op == "bg_capture_start":
-            return b.bg_capture_start(self._session(a["session"]), a["window"]) or {}
+            return b.bg_capture_start(a["session"], a["window"]) or {}
         if op == "wait_precapture":
-            return b.wait_precapture(self._session(a["session"]), a["count"], float(a["timeout_s"])) or {}
+            return b.wait_precapture(a["session"], a["count"], float(a["timeout_s"])) or {}
         if op == "bg_capture_stop":
             return b.bg_capture_stop() or {}
         if op == "status":
