@@ -3,9 +3,11 @@
     python orchestrator.py --model smollm2 --prompt "Hello" --max-tokens 64
 
 Starts the server (model, KV cache, graphs) and the client (tokenizer, sampler) as spawn
-processes, then: tokenize -> kv_init -> [bg_capture_start -> wait_precapture] -> per token
-replay_seq + client sample (--sampling client) or kv_generate chunks (--sampling device)
--> stream the text -> stop. Text goes to stdout; progress and the summary to stderr.
+processes, then: tokenize -> kv_init -> sample -> [bg_capture_start -> wait_precapture] ->
+one decode loop in which the server and the client pass steps and tokens straight to each
+other while the client streams tokens here (--sampling client; `--ipc calls`: a
+replay_seq + sample request pair per token instead) or kv_generate chunks (--sampling
+device) -> stream the text -> stop. Text goes to stdout; progress and the summary to stderr.
 Exit codes: 0 ok, 2 bad input (one line on stderr), 1 internal failure (names the
 process), 130 interrupted (partial outputs are written).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import random
@@ -24,7 +27,8 @@ from pathlib import Path
 from case4_errors import BadInput
 from client.sampler import SamplingParams
 from ipc.messages import RemoteError
-from ipc.peers import Peer, PeerDied, PeerTimeout
+from ipc.link import Link
+from ipc.peers import Peer, PeerDied, PeerTimeout, context, watch_link
 from ipc import shm
 
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -73,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sampling", choices=("client", "device"), default="client",
       help="client: logits through shared memory to the client's sampler (default); "
            "device: the server samples (kv_generate)")
+    a("--ipc", choices=("loop", "calls"), default="loop",
+      help="--sampling client: loop: server and client exchange steps and tokens directly, "
+           "the client streams the tokens here (default); calls: a replay_seq + sample request "
+           "pair per token through this process (the protocol's per-token ops; slower)")
     a("--graph-mode", choices=("exact", "dynamic", "none"),
       default="none" if _env("CASE4_KV_ONLY") == "1" else "exact")
     a("--backend", choices=("auto", "cuda", "reference"), default=backend)
@@ -143,10 +151,11 @@ class Run:
                                 "pid": peer.name, "tid": "requests"})
         return reply["result"]
 
-    def emit(self, token_ids, text: str, t: float) -> None:
-        for tok in token_ids:
+    def emit(self, token_ids, text: str, t) -> None:
+        """Tokens and their text; t: when they were available (one time, or one per token)."""
+        for tok, ti in zip(token_ids, t if isinstance(t, list) else [t] * len(token_ids)):
             self.tokens.append(int(tok))
-            self.t_tok.append(t)
+            self.t_tok.append(ti)
         self.pieces.append(text)
         if text and not self.args.quiet:
             sys.stdout.write(text)
@@ -161,13 +170,16 @@ class Run:
         sopts = {"model": a.model, "backend": a.backend, "dtype": a.dtype, "device": a.device,
                  "graph_mode": a.graph_mode, "gemm": a.gemm, "seed": a.seed, "max_seq": a.max_seq,
                  "shm": self.shm_name, "slots": 4, "factory": os.environ.get("CASE4_SERVER_FACTORY")}
-        self.server = Peer("server", server_main, (sopts,))
-        self.client = Peer("client", client_main, ({},))
+        self.link = Link(context())  # the decode loop's direct server <-> client channel
+        self.loop_ids = itertools.count(1)
+        self.server = Peer("server", server_main, ({**sopts, "link": self.link},))
+        self.client = Peer("client", client_main, ({"link": self.link},))
         self.watch = {"server": (self.client,), "client": (self.server,)}
         self.t_start = time.perf_counter()
         try:
             self.server.start()
             self.client.start()
+            watch_link(self.link, (self.server, self.client))  # a death wakes the survivor
             self.log(f"server pid {self.server.pid}, client pid {self.client.pid}, shm {self.shm_name}")
             self.start_up()
             self.generate()
@@ -245,6 +257,8 @@ class Run:
                 text = self.call(self.client, "detokenize", {"ids": toks, "stream": True})["text"]
                 self.emit(toks, text, time.perf_counter())
                 T, tok = r["seq_len"], toks[-1]
+            elif a.ipc == "loop":
+                tok, T = self.decode_loop(T, tok, not use_graphs, max_new - len(self.tokens))
             elif use_graphs:
                 r = self.call(self.server, "replay_seq", {"session": 0, "seq_len": T, "token": tok},
                               label=f"replay T={T}")
@@ -254,6 +268,33 @@ class Run:
                 tok, T = self._sample(r, T), T + 1
         self.stop_reason = "eos" if tok in self.eos else "max_tokens"
         self.stop_graphs(use_graphs)
+
+    def decode_loop(self, T: int, tok: int, eager: bool, n: int) -> tuple[int, int]:
+        """Up to n tokens in one decode_loop (server) + sample_loop (client) pair: per token
+        the two children talk directly (ipc/link.py); this process only takes the client's
+        stream messages, batched (STREAM_US), with the times the tokens were sampled."""
+        loop = next(self.loop_ids)
+        sid = self.server.send("decode_loop", {"session": 0, "seq_len": T, "token": tok, "loop": loop,
+                                               "eager": eager})
+        cid = self.client.send("sample_loop", {"loop": loop, "params": self.params.to_dict(), "position": T,
+                                               "max_tokens": n, "stop_ids": sorted(self.eos)})
+        crep = self.client.recv(cid, self.args.timeout, (self.server,), on_stream=self.on_stream)
+        srep = self.server.recv(sid, self.args.timeout, (self.client,))
+        for peer, op, rep in ((self.server, "decode_loop", srep), (self.client, "sample_loop", crep)):
+            if not rep["ok"]:  # the server's error first: the client's then only says the loop ended
+                raise RemoteError(peer.name, op, rep["error"])
+        if self.args.trace:
+            what = "step" if eager else "replay"
+            self.events += [{"name": f"{what} T={T + i}", "ph": "X", "ts": t0, "dur": max(t1 - t0, 0.01),
+                             "pid": "server", "tid": "requests"} for i, (t0, t1) in enumerate(srep["result"]["t"])]
+        return self.tokens[-1], srep["result"]["seq_len"]
+
+    def on_stream(self, item) -> None:
+        toks, text, times = item  # times: (t0, t1) us of each token's sampling in the client
+        self.emit(toks, text, [t1 / 1e6 for _, t1 in times])
+        if self.args.trace:
+            self.events += [{"name": "sample", "ph": "X", "ts": t0, "dur": max(t1 - t0, 0.01),
+                             "pid": "client", "tid": "requests"} for t0, t1 in times]
 
     def _sample(self, r: dict, position: int) -> int:
         c = self.call(self.client, "sample", {"slot": r["slot"], "step": r["step"],
@@ -303,8 +344,11 @@ class Run:
             if self.tokens:
                 self.write_outputs()
         finally:
+            if self.stop_reason not in ("eos", "max_tokens"):
+                self.link.abort()  # a child may be blocked in the decode loop
             self.client.stop()
             self.server.stop()
+            self.link.close()
             shm.unlink(self.shm_name)
 
     def metrics(self) -> dict:

@@ -1,21 +1,78 @@
 """The JIT client process: tokenizes, samples from the logits in shared memory, and
 detokenizes incrementally for streaming. It starts before the model is loaded (imports
 overlap with the server's load); `init` then names the tokenizer folder and the channel.
+In the decode loop (`sample_loop`, the path of --sampling client) it gets each step from
+the server over a direct link (ipc/link.py), sends the sampled token straight back, and
+streams tokens, text and per-token times to the orchestrator every STREAM_US.
 """
 from __future__ import annotations
 
 from case4_errors import BadInput
 from client.sampler import SamplingParams, sample
 from client.tokenizer import IncrementalDetokenizer, load_tokenizer
+from ipc.link import ABORT
 from ipc.messages import CLIENT_OPS, now_us, ok_reply
-from ipc.peers import child_setup, serve
+from ipc.peers import LOOP_SPIN_S, child_setup, serve, spin_get
 from ipc.shm import LogitsChannel
+
+STREAM_US = 10_000  # the decode loop sends what it has to the orchestrator at most this often
 
 
 class Client:
-    def __init__(self):
+    def __init__(self, rep=None, link=None):
+        self.rep, self.link = rep, link
         self.tok = self.channel = self.detok = None
         self._params = {}
+
+    def sample_loop(self, a: dict) -> dict:
+        """Sample each step the server hands over, send the token back, or (loop, None)
+        after `max_tokens` tokens or a stop id, so the server never steps in vain."""
+        if self.link is None:
+            raise BadInput("sample_loop: this client has no link to a server")
+        loop, pos, n_max, stop = a["loop"], a["position"], a["max_tokens"], frozenset(a["stop_ids"])
+        inbox, put = self.link.to_client, self.link.to_server.put
+        toks, times, sent, reason = [], [], 0, "aborted"
+        try:
+            if self.tok is None:
+                raise BadInput("sample_loop: the client is not initialised yet (send init first)")
+            read, slots = self.channel.read, self.channel.slots
+            params = self.params(a["params"])
+            if n_max < 1:
+                raise BadInput(f"sample_loop: max_tokens must be >= 1, got {n_max}")
+            t_sent = now_us()
+            while True:
+                msg = spin_get(inbox, LOOP_SPIN_S)
+                t0 = now_us()
+                if msg == ABORT:
+                    break
+                if msg[0] != loop:  # left over from an earlier loop
+                    continue
+                if msg[1] is None:
+                    raise RuntimeError("the server ended the decode loop (its reply says why)")
+                tok = sample(read(msg[1] % slots, msg[1]), params, pos)
+                pos += 1
+                last = len(toks) + 1 >= n_max or tok in stop
+                put((loop, None if last else tok))  # first: the server steps while we book-keep
+                t1 = now_us()
+                toks.append(tok)
+                times.append((t0, t1))
+                if last:
+                    reason = "eos" if tok in stop else "max_tokens"
+                    break
+                if t1 - t_sent >= STREAM_US:
+                    sent, t_sent = self._stream(toks, times, sent), t1
+        except BaseException:
+            put((loop, None))  # the server may wait for our token: end its loop too
+            raise
+        finally:
+            self._stream(toks, times, sent)
+        return {"tokens": len(toks), "stop_reason": reason, "position": pos}
+
+    def _stream(self, toks: list, times: list, sent: int) -> int:
+        """Send tokens[sent:] with their text and (t0, t1) sampling times; return len(toks)."""
+        if sent < len(toks):
+            self.rep.put({"stream": (toks[sent:], self.detok.push(toks[sent:]), times[sent:])})
+        return len(toks)
 
     def params(self, d: dict) -> SamplingParams:
         key = tuple(sorted(d.items()))
@@ -34,6 +91,8 @@ class Client:
             if self.channel:
                 self.channel.close()
             return {}
+        if op == "sample_loop":
+            return self.sample_loop(a)
         if self.tok is None:
             raise BadInput(f"{op}: the client is not initialised yet (send init first)")
         if op == "tokenize":
@@ -58,4 +117,4 @@ def client_main(req, rep, opts: dict | None = None) -> None:
     if not (opts or {}).get("lazy"):
         import transformers  # noqa: F401  (slow import, done while the server loads)
     rep.put(ok_reply(0, {"ready": True}, t0, now_us()))
-    serve(req, rep, CLIENT_OPS, Client().handle)
+    serve(req, rep, CLIENT_OPS, Client(rep, (opts or {}).get("link")).handle)

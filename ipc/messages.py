@@ -44,6 +44,11 @@ SERVER_OPS: dict[str, dict] = {
     "kv_step": {"session": (int, 0), "token": (int, REQUIRED), "sample": (dict, None)},
     "kv_generate": {"session": (int, 0), "steps": (int, REQUIRED), "sampling": (dict, REQUIRED),
                     "start_token": (int, REQUIRED), "stop_ids": (_LIST, ())},
+    # the decode loop of --sampling client (docs/ipc.md "Decode loop"): feeds `token` at
+    # `seq_len` (replay_seq, or kv_step when eager), hands each step's logits to the client
+    # over the direct link and steps again on the token it sends back, until it says stop
+    "decode_loop": {"session": (int, 0), "seq_len": (int, REQUIRED), "token": (int, REQUIRED),
+                    "loop": (int, REQUIRED), "eager": (bool, False)},
     "status": {"trace": (bool, False)},
     "stop": {},
 }
@@ -65,6 +70,11 @@ CLIENT_OPS: dict[str, dict] = {
     # sample from the logits in shm slot `slot` (written for `step`); returns token + text
     "sample": {"slot": (int, REQUIRED), "step": (int, REQUIRED), "params": (dict, REQUIRED),
                "position": (int, REQUIRED)},
+    # the client's half of the decode loop: samples each step the server hands over (the
+    # first at `position`), sends the token back, streams tokens and text to the
+    # orchestrator; stops after `max_tokens` tokens or a stop id (no step is wasted)
+    "sample_loop": {"loop": (int, REQUIRED), "params": (dict, REQUIRED), "position": (int, REQUIRED),
+                    "max_tokens": (int, REQUIRED), "stop_ids": (_LIST, ())},
     "stop": {},
 }
 

@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 from multiprocessing.connection import wait as wait_ready
-from multiprocessing.reduction import ForkingPickler
 
+from ipc.link import put_marker
 from ipc.messages import ProtocolError, RemoteError, error_reply, now_us, ok_reply, request, validate
 
 SLICE_S = 0.05  # how late the watchdog may notice a passed deadline (deaths: at once)
@@ -52,6 +52,13 @@ MANY_CORES = NCPU >= 8
 SPIN_S = 0.0 if NCPU == 1 else \
     float(os.environ.get("CASE4_IPC_SPIN_US", "10000" if MANY_CORES else "200")) / 1e6
 CHILD_SPIN_S = SPIN_S if MANY_CORES else 0.0
+# The decode loop's reads (server and client waiting on each other over ipc/link.py) spin
+# as long as the orchestrator's: there the orchestrator sleeps (it only takes a batch of
+# tokens every ~10 ms), so the two children are the only busy processes and, on 2 cores,
+# a spinning reader sees the other's message without a cross-CPU wake-up (measured on a
+# 2-core VM, no-op step: ~95-155 us/token without the spin, ~39-56 with 200 us).
+LOOP_SPIN_S = 0.0 if NCPU == 1 else \
+    float(os.environ.get("CASE4_LOOP_SPIN_US", SPIN_S * 1e6)) / 1e6
 
 
 def spin_get(q, spin: float = 0.0):
@@ -107,13 +114,16 @@ class _Watchdog:
     peers (ready = that process has exited) for at most SLICE_S, then wakes each blocked
     recv that involves a dead peer or whose deadline has passed, once, by putting
     {WAKE: token} into that peer's reply queue. recv ignores a marker whose token is not
-    its current wait's (left over from a wait that ended otherwise)."""
+    its current wait's (left over from a wait that ended otherwise). When a peer dies it
+    also aborts the server <-> client links (ipc/link.py) that peer is on, so the other
+    child, blocked on the link, is woken too."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.peers: set = set()   # started and not stopped
         self.dead: set = set()    # of those, the ones whose sentinel has fired
         self.waits: dict = {}     # id(peer) -> _Wait
+        self.links: list = []     # [link, peers]: aborted once when one of the peers dies
         self.tokens = itertools.count(1)
         self.thread = None
 
@@ -129,6 +139,11 @@ class _Watchdog:
             self.peers.discard(peer)
             self.dead.discard(peer)
             self.waits.pop(id(peer), None)
+            self.links = [lp for lp in self.links if peer not in lp[1]]
+
+    def add_link(self, link, peers) -> None:
+        with self.lock:
+            self.links.append((link, tuple(peers)))
 
     def arm(self, peer, peers, deadline) -> _Wait:
         w = _Wait(peer, peers, deadline, next(self.tokens))
@@ -160,24 +175,23 @@ class _Watchdog:
                     if not w.woken and (now >= w.deadline or any(p in self.dead for p in w.peers)):
                         w.woken = True
                         _wake(w.peer.rep, w.token)
+                for lp in [lp for lp in self.links if any(p in self.dead for p in lp[1])]:
+                    self.links.remove(lp)  # the survivor may be blocked on the link: wake it
+                    lp[0].abort()
 
 
 def _wake(q, token: int) -> None:
-    """q.put({WAKE: token}) from the orchestrator's side (SimpleQueue.put, thread-safe via
-    the queue's write lock), but never stuck behind a write lock held by a child that was
-    killed mid-put: after 1 s the holder is taken as dead and the marker written anyway."""
-    data = ForkingPickler.dumps({WAKE: token})
-    locked = q._wlock.acquire(timeout=1.0) if q._wlock is not None else False
-    try:
-        q._writer.send_bytes(data)
-    except (OSError, ValueError):  # queue closed: nobody is waiting any more
-        pass
-    finally:
-        if locked:
-            q._wlock.release()
+    """q.put({WAKE: token}) from the orchestrator's side (ipc/link.py put_marker: never stuck
+    behind a write lock held by a child killed mid-put)."""
+    put_marker(q, {WAKE: token})
 
 
 _WATCHDOG = _Watchdog()
+
+
+def watch_link(link, peers) -> None:
+    """Abort `link` (wake the child blocked on it) as soon as one of `peers` dies."""
+    _WATCHDOG.add_link(link, peers)
 
 
 class Peer:
@@ -210,9 +224,11 @@ class Peer:
         self.req.put(request(rid, op, args))
         return rid
 
-    def recv(self, rid: int, timeout: float, watch: tuple["Peer", ...] = ()) -> dict:
+    def recv(self, rid: int, timeout: float, watch: tuple["Peer", ...] = (), on_stream=None) -> dict:
         """The reply to request `rid` (0 = the start-up message). Blocks in a plain get();
-        the watchdog wakes it if this peer or one in `watch` dies, or after `timeout` s."""
+        the watchdog wakes it if this peer or one in `watch` dies, or after `timeout` s
+        without a message: each progress or stream message ({"stream": ...}, handed to
+        on_stream, from a long op such as sample_loop) starts the timeout again."""
         w = _WATCHDOG.arm(self, (self, *watch), time.monotonic() + timeout)
         try:
             while True:
@@ -221,11 +237,15 @@ class Peer:
                     if msg[WAKE] == w.token:
                         self._woken(w, rid, timeout)  # raises, or re-arms if nothing holds
                     continue  # a stale marker from an earlier wait
-                if "progress" in msg:
+                if "stream" in msg and on_stream is not None:
+                    on_stream(msg["stream"])
+                elif "progress" in msg:
                     self.on_progress(msg["progress"])
                 elif msg.get("id") == rid:
                     return msg
-                # else: a late reply to a request we gave up on; drop it
+                else:
+                    continue  # a late reply to a request we gave up on; drop it
+                w.deadline = time.monotonic() + timeout
         finally:
             _WATCHDOG.disarm(self)
 
@@ -308,4 +328,4 @@ def serve(req, rep, ops: dict, handle, aliases: dict | None = None) -> None:
 
 
 __all__ = ["Peer", "PeerDied", "PeerTimeout", "ProtocolError", "RemoteError", "context",
-           "child_setup", "progress", "serve"]
+           "child_setup", "progress", "serve", "spin_get", "watch_link", "LOOP_SPIN_S"]

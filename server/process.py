@@ -6,7 +6,9 @@ facts (vocab, context, eos ids, tokenizer folder, backend) or the load error (a 
 such as a missing model folder becomes exit code 2 in the orchestrator).
 
 Logits never travel through the queue: they are written to the shared-memory ring
-(ipc/shm.py) and the reply carries {slot, step}.
+(ipc/shm.py) and the reply carries {slot, step}. In the decode loop (`decode_loop`, the
+path of --sampling client) the server and the client hand steps and tokens to each other
+over a direct link (ipc/link.py) and the orchestrator is off the per-token path.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import importlib
 import time
 
 from case4_errors import BadInput
+from ipc.link import ABORT
 from ipc.messages import SERVER_ALIASES, SERVER_OPS, error_reply, now_us, ok_reply
-from ipc.peers import child_setup, progress, serve
+from ipc.peers import LOOP_SPIN_S, child_setup, progress, serve, spin_get
 from ipc.shm import LogitsChannel
 
 
@@ -46,8 +49,8 @@ def load(opts: dict):
 
 
 class Server:
-    def __init__(self, model, backend, channel: LogitsChannel):
-        self.model, self.backend, self.channel = model, backend, channel
+    def __init__(self, model, backend, channel: LogitsChannel, link=None):
+        self.model, self.backend, self.channel, self.link = model, backend, channel, link
         self.cfg = backend.cfg
         self.step = 0  # shared-memory step counter (every logits write gets the next one)
 
@@ -61,6 +64,35 @@ class Server:
             params = SamplingParams.from_dict(sample_params)
             out["token"] = sample(self.channel.read(out["slot"], step), params, out["seq_len"] - 1)
         return out
+
+    def decode_loop(self, a: dict) -> dict:
+        """Step, put the logits in the ring, hand (loop, step) to the client, wait for its
+        token, step again; until the client sends (loop, None) or the orchestrator ABORT."""
+        if self.link is None:
+            raise BadInput("decode_loop: this server has no link to a client")
+        b, s, loop, eager, T, tok = self.backend, a["session"], a["loop"], a["eager"], a["seq_len"], a["token"]
+        inbox, put, write = self.link.to_server, self.link.to_client.put, self.channel.write
+        times = []  # (t0, t1) us of each step, for the trace
+        try:
+            while True:
+                t0 = now_us()
+                logits = b.step(s, tok) if eager else b.replay(s, T, tok)
+                step = self.step
+                self.step += 1
+                write(step, logits)
+                put((loop, step))
+                times.append((t0, now_us()))
+                T += 1
+                msg = spin_get(inbox, LOOP_SPIN_S)
+                while msg != ABORT and msg[0] != loop:  # left over from an earlier loop
+                    msg = spin_get(inbox, LOOP_SPIN_S)
+                if msg == ABORT or msg[1] is None:
+                    break
+                tok = msg[1]
+        except Exception:
+            put((loop, None))  # the client waits for this step: the loop is over (our reply says why)
+            raise
+        return {"steps": len(times), "seq_len": b.seq_len(s), "aborted": msg == ABORT, "t": times}
 
     # -- ops
     def handle(self, op: str, a: dict) -> dict:
@@ -87,6 +119,8 @@ class Server:
             tokens = b.generate(s, a["start_token"], steps, params, tuple(a["stop_ids"]))
             return {"tokens": [int(t) for t in tokens], "elapsed_ms": (time.perf_counter() - t0) * 1e3,
                     "seq_len": b.seq_len(s)}
+        if op == "decode_loop":
+            return self.decode_loop(a)
         if op == "bg_capture_start":
             return b.bg_capture_start(a["session"], a["window"]) or {}
         if op == "wait_precapture":
@@ -128,7 +162,7 @@ def server_main(req, rep, opts: dict) -> None:
             "status": backend.status(), "load_s": (now_us() - t0) / 1e6}
     rep.put(ok_reply(0, info, t0, now_us()))
     try:
-        serve(req, rep, SERVER_OPS, Server(model, backend, channel).handle, SERVER_ALIASES)
+        serve(req, rep, SERVER_OPS, Server(model, backend, channel, opts.get("link")).handle, SERVER_ALIASES)
     finally:
         backend.close()
         channel.close()

@@ -1,13 +1,17 @@
-"""ipc/: validation, the shared-memory ring, dead-peer detection, and a live server
-(synthetic:tiny on the reference backend) answering bad requests without dying."""
+"""ipc/: validation, the shared-memory ring, dead-peer detection, a live server
+(synthetic:tiny on the reference backend) answering bad requests without dying, and the
+decode loop (server and client over their direct link), its errors and dead peers."""
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
 
 from ipc import shm
 from ipc.messages import SERVER_ALIASES, SERVER_OPS, ProtocolError, RemoteError, validate
-from ipc.peers import Peer, PeerDied
+from ipc.link import Link
+from ipc.peers import Peer, PeerDied, context, watch_link
 
 
 # ---- records and validation
@@ -160,6 +164,130 @@ def test_remote_error_names_the_peer(server):
 def test_ipc_overhead_bench_runs():
     """bench/ipc_overhead.py end to end (the number itself depends on the machine: see its output)."""
     from bench.ipc_overhead import bare_round_trip, measure
-    us = measure(300, 512)
-    assert 0 < us < 20000
+    assert 0 < measure(300, 512, "loop") < 20000
+    assert 0 < measure(50, 512, "calls") < 20000
     assert 0 < bare_round_trip(100) < 20000
+
+
+# ---- the decode loop: server and client talk directly (ipc/link.py)
+
+def _start_pair(server_opts: dict, link=None, server_target=None, client_target=None):
+    """A server and a client on one link (either may be replaced by a stand-in target)."""
+    from client.process import client_main
+    from server.process import server_main
+    link = link or Link(context())
+    server = Peer("server", server_target or server_main, (dict(server_opts, link=link),)).start()
+    client = Peer("client", client_target or client_main, ({"lazy": True, "link": link},)).start()
+    watch_link(link, (server, client))
+    return server, client, link
+
+
+@pytest.fixture(scope="module")
+def pair():
+    name = shm.new_name(os.getpid())
+    server, client, link = _start_pair({"model": "synthetic:tiny", "backend": "reference", "device": "cpu",
+                                        "shm": name, "slots": 4})
+    info = server.recv(0, timeout=300)["result"]
+    client.recv(0, timeout=60)
+    client.call("init", {"tokenizer_dir": None, "vocab_size": info["vocab_size"], "shm": name, "slots": 4})
+    yield server, client
+    client.stop()
+    server.stop()
+    assert server.proc.exitcode == 0 and client.proc.exitcode == 0
+    link.close()
+    shm.unlink(name)
+
+
+def _loop(server, client, loop, seq_len, token, n, params, stop_ids=()):
+    """Run one decode loop as the orchestrator does; (streamed tokens, server reply, client reply)."""
+    sid = server.send("decode_loop", {"seq_len": seq_len, "token": token, "loop": loop})
+    cid = client.send("sample_loop", {"loop": loop, "params": params, "position": seq_len, "max_tokens": n,
+                                      "stop_ids": list(stop_ids)})
+    streamed = []
+    crep = client.recv(cid, 60, (server,), on_stream=lambda item: streamed.extend(item[0]))
+    return streamed, server.recv(sid, 60, (client,)), crep
+
+
+def test_decode_loop_equals_kv_generate_and_stops_without_a_wasted_step(pair):
+    from client.sampler import SamplingParams
+    server, client = pair
+    params = SamplingParams(0.9, 20, 0.95, 42).to_dict()
+    ids = [256] + list(b"Once")
+    first = server.call("kv_init", {"input_ids": ids, "sample": params})["result"]["token"]
+    gen = server.call("kv_generate", {"steps": 10, "sampling": params, "start_token": first})["result"]["tokens"]
+    server.call("kv_init", {"input_ids": ids})
+    toks, srep, crep = _loop(server, client, 1, len(ids), first, 10, params)
+    assert toks == gen
+    assert srep["result"]["steps"] == 10 and srep["result"]["seq_len"] == len(ids) + 10
+    assert crep["result"]["stop_reason"] == "max_tokens" and crep["result"]["tokens"] == 10
+    assert len(srep["result"]["t"]) == 10
+    # a stop id ends the loop where it is sampled: the server takes no step after it
+    k = gen.index(gen[3])
+    server.call("kv_init", {"input_ids": ids})
+    toks, srep, crep = _loop(server, client, 2, len(ids), first, 10, params, stop_ids=[gen[3]])
+    assert toks == gen[:k + 1] and crep["result"]["stop_reason"] == "eos"
+    assert srep["result"]["steps"] == k + 1 and srep["result"]["seq_len"] == len(ids) + k + 1
+
+
+def test_decode_loop_errors_end_both_halves_and_both_keep_serving(pair):
+    server, client = pair
+    params = {"temperature": 0.0}
+    server.call("kv_init", {"input_ids": [256, 65]})
+    _, srep, crep = _loop(server, client, 3, 7, 66, 5, params)  # wrong seq_len: the server fails
+    assert not srep["ok"] and "does not match" in srep["error"]["message"]
+    assert not crep["ok"] and "server ended the decode loop" in crep["error"]["message"]
+    _, srep, crep = _loop(server, client, 4, 2, 66, 0, params)  # bad max_tokens: the client fails
+    assert not crep["ok"] and "max_tokens" in crep["error"]["message"]
+    assert srep["ok"] and srep["result"]["steps"] == 1  # it stepped once, then was told to stop
+    # messages of the failed loops were left on the link; the next loop ignores them
+    server.call("kv_init", {"input_ids": [256, 65]})
+    toks, srep, crep = _loop(server, client, 5, 2, 66, 4, params)
+    assert srep["ok"] and crep["ok"] and len(toks) == 4
+    assert server.call("status")["ok"] and client.call("detokenize", {"ids": toks})["ok"]
+
+
+def _hold(req, rep, opts):
+    """A stand-in peer on the link that never answers (killed by the test)."""
+    time.sleep(600)
+
+
+@pytest.mark.parametrize("victim", ["client", "server"])
+def test_a_dead_peer_wakes_the_one_blocked_on_the_link(victim):
+    """Kill the client while the server waits on the link for its token, and vice versa:
+    the watchdog aborts the link, the survivor ends its loop at once and keeps serving."""
+    from client.process import client_main
+    from server.process import server_main
+    name = shm.new_name(os.getpid())
+    opts = {"factory": "bench.ipc_overhead:make_noop", "vocab": 512, "shm": name, "slots": 4}
+    server, client, link = _start_pair(opts, server_target=_hold if victim == "server" else server_main,
+                                       client_target=_hold if victim == "client" else client_main)
+    dead, survivor = (server, client) if victim == "server" else (client, server)
+    own = None
+    try:
+        if victim == "client":
+            server.recv(0, timeout=60)
+            server.call("kv_init", {"input_ids": [1, 2, 3]})
+            rid = server.send("decode_loop", {"seq_len": 3, "token": 65, "loop": 1})
+            assert link.to_client.get()[0] == 1  # the server stepped and now waits for a token
+        else:
+            own = shm.LogitsChannel(name, 4, 512, create=True)
+            client.recv(0, timeout=60)
+            client.call("init", {"tokenizer_dir": None, "vocab_size": 512, "shm": name, "slots": 4})
+            rid = client.send("sample_loop", {"loop": 1, "params": {}, "position": 3, "max_tokens": 5})
+            time.sleep(0.3)  # the client waits for a step
+        os.kill(dead.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        reply = survivor.recv(rid, 10)  # the survivor was woken: its loop ended
+        assert time.monotonic() - t0 < 5 and reply["ok"], reply
+        dead.proc.join(5)
+        with pytest.raises(PeerDied, match=rf"{victim} process died \(exit code -9\)"):
+            dead.check()
+        assert reply["result"].get("aborted") or reply["result"].get("stop_reason") == "aborted"
+        assert survivor.call("stop")["ok"]
+    finally:
+        survivor.stop()
+        dead.stop()
+        if own:
+            own.close()
+        link.close()
+        shm.unlink(name)

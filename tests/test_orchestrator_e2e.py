@@ -90,10 +90,11 @@ def test_seeded_sampling_is_reproducible_on_both_paths(tmp_path):
     b = gen(tmp_path, "b", PLAIN, *flags)[0]
     c = gen(tmp_path, "c", PLAIN, "--sampling", "device", *flags)[0]
     d = gen(tmp_path, "d", PLAIN, *flags[:-1], "8")[0]
-    assert a == b == c  # same seed: same tokens, client or device sampling (same function on the CPU)
+    e = gen(tmp_path, "e", PLAIN, "--ipc", "calls", *flags)[0]  # per-token requests, not the loop
+    assert a == b == c == e  # same seed: same tokens, client or device sampling (same function on the CPU)
     assert a != d
     rows = (tmp_path / "generate.csv").read_text().strip().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("run_name,")
+    assert len(rows) == 6 and rows[0].startswith("run_name,")
 
 
 # ---- bad input: exit 2, one line, no traceback
@@ -222,6 +223,22 @@ def test_killed_child_exits_1_naming_it(tmp_path, victim):
     os.kill(getattr(live, victim), signal.SIGKILL)
     rc, took = live.wait(10)
     assert rc == 1 and took < 10, (rc, took, live.stderr)
+    assert f"{victim} process died (exit code -9)" in live.stderr
+    assert "Traceback" not in live.stderr
+    live.assert_clean()
+
+
+@pytest.mark.parametrize("victim", ["client", "server"])
+def test_killed_child_while_the_other_waits_on_it_in_the_decode_loop(tmp_path, victim):
+    """The victim is stopped first, so the other child blocks on the direct link waiting for
+    it; then killed: exit 1 naming it, and the survivor is woken (link aborted by the
+    watchdog) and exits by itself, not after the 3 s stop timeout and SIGTERM."""
+    live = Live(tmp_path)
+    os.kill(getattr(live, victim), signal.SIGSTOP)
+    time.sleep(0.5)
+    os.kill(getattr(live, victim), signal.SIGKILL)
+    rc, took = live.wait(10)
+    assert rc == 1 and took < 3, (rc, took, live.stderr)
     assert f"{victim} process died (exit code -9)" in live.stderr
     assert "Traceback" not in live.stderr
     live.assert_clean()
