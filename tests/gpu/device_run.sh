@@ -19,6 +19,7 @@ run() {  # name, then run_ipc.sh arguments
 }
 run none7b synthetic:llama2-7b --backend cuda --graph-mode none --max-tokens 256 --ignore-eos
 run exact7b synthetic:llama2-7b --backend cuda --graph-mode exact --precapture 32 --max-tokens 1000 --ignore-eos --trace
+run exact7b_calls synthetic:llama2-7b --backend cuda --graph-mode exact --precapture 32 --max-tokens 1000 --ignore-eos --ipc calls
 run dyn_dev_smol synthetic:smollm2-135m --backend cuda --graph-mode dynamic --sampling device --max-tokens 1000 --ignore-eos
 run exact_smol_trace synthetic:smollm2-135m --backend cuda --graph-mode exact --precapture 16 --max-tokens 1000 --ignore-eos --trace
 cp $OUT/e2e/exact7b_trace.png $OUT/ 2>/dev/null
@@ -28,7 +29,7 @@ import json, sys, glob
 for f in sorted(glob.glob(sys.argv[1] + "/*_metrics.json")):
     m = json.load(open(f))
     g = (m.get("server_status") or {}).get("graphs") or {}
-    print(f.split("/")[-1], {k: m.get(k) for k in ("decode_tok_s", "ttft_ms", "generated", "stop_reason")},
+    print(f.split("/")[-1], {k: m.get(k) for k in ("decode_tok_s", "ttft_ms", "p50_ms", "p99_ms", "generated", "stop_reason")},
           {k: g.get(k) for k in ("captured", "misses", "live", "capture_ms_p50", "instantiate_ms_p50")})
 EOF
 echo "== parity: cuda backend vs HF transformers (synthetic smollm2-135m, fp16, step 8)"
