@@ -100,6 +100,15 @@ PYBIND11_MODULE(_case4_cuda, m) {
     m.def("sample", &k_sample, nogil);
     m.def("rng_position", &sample_rng_position);
     m.def("set_pdl", &set_pdl);
+    m.def("set_gemv_l2", &set_gemv_l2);
+    m.def("set_step_skip", &set_step_skip);
+    m.def("set_kernel_trace", &set_kernel_trace);
+    m.def("kernel_trace_names", [](int lo, int hi) {
+        std::vector<std::string> v;
+        for (int i = lo; i < hi; ++i) v.emplace_back(kernel_trace_name(i));
+        return v;
+    });
+    m.def("kernel_trace_next", &kernel_trace_next);
 
     py::class_<Engine>(m, "Engine")
         .def(py::init([](py::dict plan, const std::string &mode) { return new Engine(plan_from_dict(plan), mode); }))

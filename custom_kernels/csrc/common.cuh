@@ -51,12 +51,45 @@ template <typename T> __device__ __forceinline__ uint4 pack8(const float (&f)[8]
     return v;
 }
 
-// 16-byte streaming load of data read once per token (weights): bypass L1.
-__device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
+// L2 cache policy for the weight stream (createpolicy). evict_first: weights are read once per
+// token, so their lines are the first to go and lines prefetched for the next kernel survive;
+// evict_normal: the default behaviour.
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
+    uint64_t p;
+    if (evict_first) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    else asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+// 16-byte streaming load of data read once per token (weights): bypass L1, L2 policy `pol`.
+__device__ __forceinline__ uint4 ld_stream(const uint4 *p, uint64_t pol) {
     uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(pol));
     return r;
+}
+
+// ---------------------------------------------------------------- kernel timeline (opt-in)
+// With a trace slot (set_kernel_trace, tests/gpu/quick_timing.py --timeline) thread 0 of every
+// block records, in ns of the global timer: [0] min over blocks of the start, [1] min of the time
+// past griddepcontrol.wait, [2] max of the end. Without one (the default) nothing is written.
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void ktrace(unsigned long long *t, int what) {
+    if (t && threadIdx.x == 0) {
+        const unsigned long long now = global_ns();
+        if (what < 2) atomicMin(t + what, now);
+        else atomicMax(t + 2, now);
+    }
+}
+// end of a block: every thread must call it (block-uniform path)
+__device__ __forceinline__ void ktrace_end(unsigned long long *t) {
+    if (t) {
+        __syncthreads();
+        ktrace(t, 2);
+    }
 }
 
 // ---------------------------------------------------------------- reductions

@@ -15,8 +15,8 @@ namespace case4 {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * kWarp;
-constexpr int kUnrollSmall = 4;  // 16-byte loads in flight per lane per row (K < 2048)
-constexpr int kUnrollLarge = 8;  // K >= 2048: fewer dependent round trips per row
+constexpr int kUnrollSmall = 4;  // 16-byte loads in flight per lane per row (K <= 1024, and SwiGLU)
+constexpr int kUnrollLarge = 8;  // K > 1024: fewer dependent round trips per row
 constexpr int kGemvMaxSmem = 96 * 1024;
 
 template <typename T>
@@ -33,11 +33,11 @@ __device__ __forceinline__ float dot8(const uint4 &w, const uint4 &x) {
 // Load the chunk of a row that starts at vector `base` (kUnroll vectors per lane).
 template <int kUnroll>
 __device__ __forceinline__ void load_chunk(const uint4 *__restrict__ wrow, int base, int nvec, int lane,
-                                           uint4 (&w)[kUnroll]) {
+                                           uint4 (&w)[kUnroll], uint64_t pol) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
         const int i = base + u * kWarp + lane;
-        w[u] = i < nvec ? ld_stream(wrow + i) : make_uint4(0, 0, 0, 0);
+        w[u] = i < nvec ? ld_stream(wrow + i, pol) : make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -45,10 +45,10 @@ __device__ __forceinline__ void load_chunk(const uint4 *__restrict__ wrow, int b
 // `w` may hold the row's first chunk already (loaded before griddepcontrol.wait).
 template <typename T, int kUnroll>
 __device__ __forceinline__ float row_dot(const uint4 *__restrict__ wrow, const uint4 *xs, int nvec, int lane,
-                                         uint4 (&w)[kUnroll], bool first_loaded) {
+                                         uint4 (&w)[kUnroll], bool first_loaded, uint64_t pol) {
     float acc = 0.f;
     for (int base = 0; base < nvec; base += kWarp * kUnroll) {
-        if (!(first_loaded && base == 0)) load_chunk<kUnroll>(wrow, base, nvec, lane, w);
+        if (!(first_loaded && base == 0)) load_chunk<kUnroll>(wrow, base, nvec, lane, w, pol);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int i = base + u * kWarp + lane;
@@ -62,12 +62,12 @@ __device__ __forceinline__ float row_dot(const uint4 *__restrict__ wrow, const u
 template <typename T, int kUnroll>
 __device__ __forceinline__ float2 row_dot2(const uint4 *__restrict__ wa, const uint4 *__restrict__ wb,
                                            const uint4 *xs, int nvec, int lane, uint4 (&va)[kUnroll],
-                                           uint4 (&vb)[kUnroll], bool first_loaded) {
+                                           uint4 (&vb)[kUnroll], bool first_loaded, uint64_t pol) {
     float a = 0.f, b = 0.f;
     for (int base = 0; base < nvec; base += kWarp * kUnroll) {
         if (!(first_loaded && base == 0)) {
-            load_chunk<kUnroll>(wa, base, nvec, lane, va);
-            load_chunk<kUnroll>(wb, base, nvec, lane, vb);
+            load_chunk<kUnroll>(wa, base, nvec, lane, va, pol);
+            load_chunk<kUnroll>(wb, base, nvec, lane, vb, pol);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -104,10 +104,12 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     // staged, so the weight stream is in flight during the prologue; with a.prefetch == 2 it is
     // issued even before griddepcontrol.wait (only read-only weights are touched there)
     uint4 wa[UR], wb[UR];
+    ktrace(a.trace, 0);
     const bool first_loaded = row0 < a.N;
+    const uint64_t pol = l2_policy(a.evict_first);
     if (a.prefetch == 2 && first_loaded) {
-        load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa);
-        if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb);
+        load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa, pol);
+        if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb, pol);
     } else if (a.prefetch == 1 && first_loaded) {  // or just towards L2
         for (int i = lane * 4; i < nvec; i += kWarp * 4) {  // one 64-byte prefetch per 4 vectors
             prefetch_l2(W + (size_t)row0 * nvec + i);
@@ -116,9 +118,10 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     }
     pdl_trigger();
     pdl_wait();
+    ktrace(a.trace, 1);
     if (a.prefetch != 2 && first_loaded) {
-        load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa);
-        if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb);
+        load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa, pol);
+        if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb, pol);
     }
 
     // ---- prologue: stage the input (optionally the embedding row, optionally RMSNorm'd);
@@ -169,14 +172,14 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
         const bool first = first_loaded && row == row0;
         if (MODE == kGemvSwiglu) {
             const float2 gu = row_dot2<T, UR>(W + (size_t)row * nvec, W + (size_t)(row + a.N) * nvec, xs, nvec,
-                                              lane, wa, wb, first);
+                                              lane, wa, wb, first, pol);
             if (lane == 0) {
                 const float g = round_t<T>(gu.x), u = round_t<T>(gu.y);
                 const float act = round_t<T>(g / (1.f + __expf(-g)));
                 reinterpret_cast<T *>(a.out)[row] = from_f<T>(act * u);
             }
         } else {
-            const float acc = row_dot<T, UR>(W + (size_t)row * nvec, xs, nvec, lane, wa, first);
+            const float acc = row_dot<T, UR>(W + (size_t)row * nvec, xs, nvec, lane, wa, first, pol);
             if (lane == 0) {
                 if (MODE == kGemvStore) {
                     reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
@@ -189,6 +192,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
             }
         }
     }
+    ktrace_end(a.trace);
 }
 
 template <typename T, int MODE, bool NORM>
@@ -218,6 +222,10 @@ void set_pdl(int mode) {
     g_use_pdl = mode >= 1;
     g_gemv_prefetch = mode == 2 ? 1 : mode == 3 ? 2 : 0;
 }
+// Weight loads carry an L2 evict_first policy (measured on the H100: 7B -0.5 %, SmolLM2 -1 %
+// ms/token; docs/performance.md log entry 5). 0 = plain loads, for A/B timing.
+static int g_evict_first = 1;
+void set_gemv_l2(int evict_first) { g_evict_first = evict_first ? 1 : 0; }
 
 void gemv_init(int dtype) {
     if (dtype == kF16) init_t<half>(); else init_t<__nv_bfloat16>();
@@ -230,7 +238,11 @@ static void launch_mode(const GemvArgs &a, cudaStream_t st) {
     const size_t smem = (size_t)a.K * sizeof(T);
     GemvArgs b = a;
     b.prefetch = g_gemv_prefetch;
-    const bool large = a.K >= 2048;
+    b.evict_first = g_evict_first;
+    b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
+    // 8 loads per lane once a row has more than 4 vectors per lane: the whole row of K <= 2048
+    // (e.g. SmolLM2's down, K = 1536) is then in registers before the wait, none after it
+    const bool large = a.K > kWarp * kUnrollSmall * 8;
     if (a.norm_w) {
         if (large) launch_pdl(gemv_kernel<T, MODE, true, kUnrollLarge>, grid, kGemvThreads, smem, st, b);
         else launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall>, grid, kGemvThreads, smem, st, b);

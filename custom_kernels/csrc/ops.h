@@ -11,6 +11,15 @@ constexpr int kSplitLen = 64;  // KV positions per flash-decoding split (attenti
 constexpr int kMaxGroup = 8;   // max query heads per KV head (attention.cu)
 enum DType : int { kF16 = 0, kBF16 = 1 };
 
+// ------------------------------------------------------------------ kernel timeline (step.cu)
+// Opt-in per-launch timing: `buf` holds n slots of 3 uint64 (see ktrace in common.cuh); each
+// launch enqueued (or captured) afterwards takes the next slot and its name is recorded.
+// buf = 0 turns it off. Timing tool only (tests/gpu/quick_timing.py --timeline).
+void set_kernel_trace(uintptr_t buf, int n);
+unsigned long long *ktrace_slot(const char *fmt, int a = 0, int b = 0, int c = 0);
+int kernel_trace_next();
+const char *kernel_trace_name(int i);
+
 // ------------------------------------------------------------------ gemv.cu
 enum GemvMode : int {
     kGemvStore = 0,   // out[n] = round(W x)                         (QKV)
@@ -32,9 +41,12 @@ struct GemvArgs {
     int round_logits = 1;        // kGemvF32: round through the dtype first (as HF's fp16 lm_head)
     int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
     int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
+    int evict_first = 1;         // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
+    unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void gemv_init(int dtype);
 void set_pdl(int mode);  // 0 plain, 1 programmatic dependent launch, 2 + L2 weight prefetch, 3 + register preload
+void set_gemv_l2(int evict_first);  // weight loads with the L2 evict_first policy (default 1)
 void launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);
 
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
@@ -62,6 +74,7 @@ struct AttnArgs {
     int max_splits = 0;
     int *counters = nullptr;     // [Hkv] last-block-done counters (zero at rest)
     void *ctx = nullptr;         // out [Hq * D] dtype
+    unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
 
@@ -84,6 +97,7 @@ struct FinishArgs {
     int *ring = nullptr;         // [ring_len] sampled tokens, index (T + 1) % ring_len
     int ring_len = 0;
     int force_sample = 0;        // 1: sample even if params->enabled == 0 (kernel tests)
+    unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_finish(const FinishArgs &a, cudaStream_t st);
 void launch_set_int(int *dst, int value, cudaStream_t st);

@@ -162,21 +162,26 @@ __device__ int block_sample(const float *logits, int V, const SampleParams &p, l
 }
 
 __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, int rng_offset) {
+    ktrace(a.trace, 0);
     pdl_trigger();
     pdl_wait();
+    ktrace(a.trace, 1);
     const int pos = read_pos(a.pos, a.pos_dev);
     __syncthreads();  // every thread has read pos before seq_len_dev changes below
     SampleParams p{};
     if (a.params) p = *a.params;
     if (a.force_sample || (a.params && p.enabled)) {
-        const int tok = p.temperature > 0.f ? block_sample(a.logits, a.V, p, (long long)pos + rng_offset)
+        const int raw = p.temperature > 0.f ? block_sample(a.logits, a.V, p, (long long)pos + rng_offset)
                                             : block_argmax(a.logits, a.V);
+        // all-NaN logits have no maximum: token 0 keeps the next step's embedding gather in bounds
+        const int tok = (unsigned)raw < (unsigned)a.V ? raw : 0;
         if (threadIdx.x == 0) {
             if (a.token_dev) *a.token_dev = tok;
             if (a.ring) a.ring[(pos + 1) % a.ring_len] = tok;
         }
     }
     if (threadIdx.x == 0 && a.seq_len_dev) *a.seq_len_dev = pos + 1;
+    ktrace_end(a.trace);
 }
 
 // The RNG position of the token sampled by the step at position T. Backend.generate
@@ -184,7 +189,9 @@ __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, in
 int sample_rng_position(int T) { return T; }
 
 void launch_finish(const FinishArgs &a, cudaStream_t st) {
-    launch_pdl(finish_kernel, dim3(1), dim3(kSampleThreads), 0, st, a, sample_rng_position(0));
+    FinishArgs b = a;
+    b.trace = ktrace_slot("finish");
+    launch_pdl(finish_kernel, dim3(1), dim3(kSampleThreads), 0, st, b, sample_rng_position(0));
 }
 
 __global__ void set_int_kernel(int *dst, int v) { *dst = v; }

@@ -6,8 +6,10 @@
 // plus gemv[final norm + lm_head -> fp32 logits] and finish[sampling, seq_len += 1].
 // The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x).
 // cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues.
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common.cuh"
 #include "step.h"
@@ -79,6 +81,46 @@ static void finish(const Plan &p, int s, int T, cudaStream_t st) {
     launch_finish(f, st);
 }
 
+// ---- kernel timeline (ops.h)
+static unsigned long long *g_kt_buf = nullptr;
+static int g_kt_n = 0, g_kt_next = 0;
+static std::vector<std::string> g_kt_names;
+void set_kernel_trace(uintptr_t buf, int n) {
+    g_kt_buf = reinterpret_cast<unsigned long long *>(buf);
+    g_kt_n = buf ? n : 0;
+    g_kt_next = 0;
+    g_kt_names.clear();
+}
+unsigned long long *ktrace_slot(const char *fmt, int a, int b, int c) {
+    if (!g_kt_buf || g_kt_next >= g_kt_n) return nullptr;
+    char name[96];
+    snprintf(name, sizeof name, fmt, a, b, c);
+    g_kt_names.emplace_back(name);
+    return g_kt_buf + 3 * (size_t)g_kt_next++;
+}
+int kernel_trace_next() { return g_kt_next; }
+const char *kernel_trace_name(int i) {
+    return i >= 0 && i < (int)g_kt_names.size() ? g_kt_names[i].c_str() : "";
+}
+
+// Timing ablation only (tests/gpu/quick_timing.py, docs/performance.md "where the gap goes"):
+// bit i drops kernel i of every layer (1 QKV, 2 attention, 4 O, 8 gate|up, 16 down; 32 lm_head);
+// with bit 64 each dropped kernel is replaced by an empty one-block PDL kernel, so the launch
+// count stays the same. The results are wrong; only the time is of interest. 0 = normal step.
+static int g_step_skip = 0;
+void set_step_skip(int mask) { g_step_skip = mask; }
+
+__global__ void noop_kernel() {
+    pdl_trigger();
+    pdl_wait();
+}
+
+static bool run_kernel(int bit, cudaStream_t st) {
+    if (!(g_step_skip & bit)) return true;
+    if (g_step_skip & 64) launch_pdl(noop_kernel, 1, kWarp, 0, st);
+    return false;
+}
+
 static void step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     const int max_blocks = p.sm_count * 4;
     for (int l = 0; l < p.L; ++l) {
@@ -92,26 +134,26 @@ static void step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         g.tok = l == 0 ? p.token_dev + s : nullptr;
         g.x_out = l == 0 ? p.x : nullptr;
         g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
-        launch_gemv(g, p.dtype, st);
-        launch_attention(attn_args(p, s, l, T), p.dtype, st);
+        if (run_kernel(1, st)) launch_gemv(g, p.dtype, st);
+        if (run_kernel(2, st)) launch_attention(attn_args(p, s, l, T), p.dtype, st);
         // O + residual (in place on x)
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_o; g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
-        launch_gemv(g, p.dtype, st);
+        if (run_kernel(4, st)) launch_gemv(g, p.dtype, st);
         // norm + gate|up + SwiGLU
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_gu; g.N = p.I; g.K = p.H; g.x = p.x; g.norm_w = w.mlp_norm; g.out = p.mlp; g.mode = kGemvSwiglu;
-        launch_gemv(g, p.dtype, st);
+        if (run_kernel(8, st)) launch_gemv(g, p.dtype, st);
         // down + residual
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_down; g.N = p.H; g.K = p.I; g.x = p.mlp; g.out = p.x; g.mode = kGemvResid;
-        launch_gemv(g, p.dtype, st);
+        if (run_kernel(16, st)) launch_gemv(g, p.dtype, st);
     }
     GemvArgs g;
     g.max_blocks = max_blocks; g.eps = p.eps;
     g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
     g.mode = kGemvF32; g.round_logits = p.round_logits;
-    launch_gemv(g, p.dtype, st);
+    if (run_kernel(32, st)) launch_gemv(g, p.dtype, st);
 }
 
 static void step_cublas(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t h) {

@@ -64,5 +64,7 @@ struct Plan {
 // Does not synchronize or allocate; safe to call inside stream capture. `blas` must be a
 // handle dedicated to `st` (only used with plan.use_cublas).
 void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t blas);
+// timing ablation of the custom path (see step.cu); 0 = the normal step
+void set_step_skip(int mask);
 
 }  // namespace case4

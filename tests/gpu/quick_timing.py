@@ -188,25 +188,98 @@ def first_request(warm):
     return {"warmup": warm, "error": (r.stderr or r.stdout)[-500:]}
 
 
+KINDS = {"m0": "norm+QKV", "m2": "norm+gate|up", "m3": "norm+lm_head", "attention": "attention", "finish": "finish"}
+
+
+def kernel_timeline(ext, model, steps=8):
+    """Per-kernel timeline of `steps` decode steps replayed as one dynamic graph: for each kernel,
+    from the global timer, min start / min past griddepcontrol.wait / max end over its blocks."""
+    cfg = model.cfg
+    n = 8192
+    buf = torch.empty(n * 3, dtype=torch.int64, device="cuda")
+    ext.set_kernel_trace(buf.data_ptr(), n)
+    be = CudaBackend(model, sessions=1, graph_mode="dynamic", gemm="custom", steps_per_graph=steps)
+    try:
+        ids = list(range(1, 33))
+        tok = int(be.prefill(0, ids).argmax())
+        be.engine.prepare_dynamic(0, steps)  # captured now: its launches take the slots below
+        lo = ext.kernel_trace_next() - steps * (5 * cfg.num_layers + 2)
+        names = ext.kernel_trace_names(lo, ext.kernel_trace_next())
+        be.generate(0, tok, steps, SamplingParams())  # warm
+        be.prefill(0, ids)
+        buf.view(n, 3)[:, :2].fill_(-1)
+        buf.view(n, 3)[:, 2].fill_(0)
+        torch.cuda.synchronize()
+        be.generate(0, tok, steps, SamplingParams())
+        torch.cuda.synchronize()
+        t = buf.view(n, 3)[lo:lo + len(names)].cpu().tolist()
+    finally:
+        ext.set_kernel_trace(0, 0)
+        be.close()
+    t0 = t[0][0]
+    rows, by_kind = [], {}
+    for i, (name, (s, w, e)) in enumerate(zip(names, t)):
+        key = name.split()[1] if name.startswith("gemv") else name
+        kind = KINDS.get(key, name)
+        if key == "m1":
+            kind = "O+resid" if i % (5 * cfg.num_layers + 2) % 5 == 2 else "down+resid"
+        prev_end = t[i - 1][2] if i else s
+        r = {"i": i, "kind": kind, "start_us": (s - t0) / 1e3, "wait_done_us": (w - t0) / 1e3, "end_us": (e - t0) / 1e3,
+             "release_us": (w - prev_end) / 1e3, "work_us": (e - w) / 1e3, "total_us": (e - prev_end) / 1e3}
+        rows.append(r)
+        by_kind.setdefault(kind, []).append(r)
+    summary = {}
+    for kind, rs in by_kind.items():
+        m = lambda k: round(sorted(x[k] for x in rs)[len(rs) // 2], 2)  # noqa: E731
+        summary[kind] = {"count": len(rs), "release_us_p50": m("release_us"), "work_us_p50": m("work_us"),
+                         "end_to_end_us_p50": m("total_us"),
+                         "sum_us": round(sum(x["total_us"] for x in rs), 1)}
+    span = (t[-1][2] - t0) / 1e3
+    return {"shape": model.name, "steps": steps, "span_us": round(span, 1),
+            "us_per_step": round(span / steps, 1), "summary": summary, "kernels": rows}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--shapes", default="smollm2-135m,llama2-7b")
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--kernel-pdl", default="1,3", help="PDL modes for the per-kernel GEMV rows")
-    ap.add_argument("--rows", default="", help="decode rows mode:gemm:pdl,... (default: all)")
+    ap.add_argument("--rows", default="",
+                    help="decode rows mode:gemm:pdl[:evict_first:skip],... (default: all); evict_first "
+                         "(default 1): ext.set_gemv_l2, skip: ext.set_step_skip (timing ablation)")
     ap.add_argument("--ttft", action="store_true", help="first-request TTFT in fresh processes (7B)")
+    ap.add_argument("--timeline", default="", help="shapes for a per-kernel timeline (kernel_timeline)")
     a = ap.parse_args()
     ext = load_extension()
+    if a.timeline:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        out = []
+        for shape in a.timeline.split(","):
+            cfg = with_max_seq(SYNTHETIC_SHAPES[shape], 2048)
+            w = synthetic_weights(cfg, "float16", "cuda", 0)
+            model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
+            tl = kernel_timeline(ext, model)
+            out.append(tl)
+            print(f"== timeline {shape}: {tl['us_per_step']} us/step")
+            print(f"{'kind':14s} {'n':>4s} {'release':>8s} {'work':>8s} {'end2end':>8s} {'sum':>8s}  (us, p50)")
+            for k, v in tl["summary"].items():
+                print(f"{k:14s} {v['count']:4d} {v['release_us_p50']:8.2f} {v['work_us_p50']:8.2f} "
+                      f"{v['end_to_end_us_p50']:8.2f} {v['sum_us']:8.1f}")
+            del model, w
+            torch.cuda.empty_cache()
+        Path(a.out, "timeline.json").write_text(json.dumps(out, indent=1))
+        return
     ext.set_pdl(int(os.environ.get("CASE4_PDL", "1")))
     report = {"device": torch.cuda.get_device_name(0)}
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     print("copy GB/s (read+write):", report["copy_GBps"], flush=True)
     report["gemv"] = []
-    for m in a.kernel_pdl.split(","):
+    for m in filter(None, a.kernel_pdl.split(",")):
         report["gemv"] += gemv_bw(ext, int(m))
     ext.set_pdl(int(os.environ.get("CASE4_PDL", "1")))
-    report["gemv"] += attn_bw(ext)
+    if a.kernel_pdl:
+        report["gemv"] += attn_bw(ext)
     for r in report["gemv"]:
         print(r, flush=True)
     report["decode"] = []
@@ -217,17 +290,23 @@ def main():
         floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3
         first_tokens = None
         rows = [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows else None
-        for mode, gemm, pdl in rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
+        for mode, gemm, pdl, *tune in rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
                                 ("dynamic", "custom", "0"), ("exact", "custom", "0"), ("dynamic", "custom", "2"),
                                 ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
                                 ("dynamic", "cublas", "1")]:
             os.environ["CASE4_PDL"] = pdl
+            ef, skip = (int(v) for v in (tune + ["1", "0"][len(tune):])[:2])
+            ext.set_gemv_l2(ef)
+            ext.set_step_skip(skip)
             r = time_backend(model, mode, gemm, a.steps)
+            ext.set_gemv_l2(1)
+            ext.set_step_skip(0)
             r["pdl"] = int(pdl)
+            r.update({"evict_first": ef, "skip": skip})
             toks = r.pop("tokens")
             if first_tokens is None:
                 first_tokens = toks
-            r["tokens_equal_first_row"] = toks == first_tokens
+            r["tokens_equal_first_row"] = toks == first_tokens if not skip else None
             r.update({"shape": shape, "weight_bytes": cfg.decode_weight_bytes(2), "floor_ms": round(floor_ms, 3)})
             print(r, flush=True)
             report["decode"].append(r)
@@ -239,9 +318,11 @@ def main():
             print(r, flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     Path(a.out, "quick_timing.json").write_text(json.dumps(report, indent=2))
-    print("\nshape          mode     gemm   pdl ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 same-tokens")
+    print("\nshape          mode     gemm   pdl ef skip ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 "
+          "same-tokens")
     for r in report["decode"]:
-        print(f"{r['shape']:14s} {r['mode']:8s} {r['gemm']:7s} {r['pdl']} {r.get('ms_per_token', 0):7.3f} "
+        print(f"{r['shape']:14s} {r['mode']:8s} {r['gemm']:7s} {r['pdl']} {r.get('evict_first', 0)}  "
+              f"{r.get('skip', 0):3d} {r.get('ms_per_token', 0):7.3f} "
               f"{r.get('tok_per_s', 0):7.1f} {r.get('client_ms_per_token', 0):8.3f} {r['floor_ms']:8.3f} "
               f"{r.get('capture_ms_p50', 0):8.2f} {r.get('tokens_equal_first_row')}")
 

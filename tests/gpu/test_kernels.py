@@ -73,8 +73,10 @@ def rope64(x, pos, cos, sin, R):
     return torch.cat([a * c - b * s, b * c + a * s, rest], dim=-1)
 
 
-# (Hq, Hkv, D, R): SmolLM2, Llama-2-7B, GQA 32/8, tiny partial-rotary
-ATT_SHAPES = [(9, 3, 64, 64), (32, 32, 128, 128), (32, 8, 128, 128), (4, 2, 32, 16)]
+# (Hq, Hkv, D, R): SmolLM2, Llama-2-7B, GQA 32/8, tiny partial-rotary; G = 8; D = 256; 64 KV heads (the dynamic
+# grid has 2 blocks per KV head on 132 SMs, so long sequences loop over block-chunks)
+ATT_SHAPES = [(9, 3, 64, 64), (32, 32, 128, 128), (32, 8, 128, 128), (4, 2, 32, 16), (16, 2, 64, 64),
+              (8, 2, 256, 128), (64, 64, 64, 64)]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -140,6 +142,15 @@ def test_argmax_exact():
             m = logits.max()
             logits[100], logits[40000] = m + 1, m + 1
         assert _device_sample(ext, logits, i, SamplingParams()) == int(torch.argmax(logits))
+
+
+def test_all_nan_logits_give_token_in_range():
+    """No maximum exists: the sampler must still return an id the next step can gather (0)."""
+    from client.sampler import SamplingParams
+    ext = load_extension()
+    logits = torch.full((32000,), float("nan"), device="cuda")
+    assert _device_sample(ext, logits, 3, SamplingParams()) == 0
+    assert _device_sample(ext, logits, 3, SamplingParams(temperature=0.8, seed=1)) in range(32000)
 
 
 @pytest.mark.parametrize("t,k,p", [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (0.8, 40, 0.95), (1.5, 1, 1.0)])
