@@ -1,208 +1,277 @@
-// attention.cu -- split-KV decode attention (flash-decoding) with fused RoPE and K/V write.
+// attention.cu -- decode attention (flash-decoding) with fused RoPE and K/V write.
 //
-// Grid (Hkv, splits): block (h, s) serves all G = Hq/Hkv query heads of KV head h over
-// positions [s*kSplitLen, min((s+1)*kSplitLen, T+1)), so every K/V row is read once.
-//   1. prologue: rotate the group's query heads (fp32 tables), and if the block owns
-//      position T, rotate K_T and write K_T, V_T into the KV arena (the step's K/V write);
-//   2. scores q.k for the split (D/8 threads per row, one 16-byte vector each), softmax
-//      statistics (max, sum) per head, then sum_j p_j V_j;
-//   3. one split: write ctx directly. Several: write (max, sum, acc) partials, and the
-//      last block to finish (atomic counter per KV head) merges them and resets the
-//      counter to 0, so the kernel is graph-safe and needs no second launch.
-// With pos_dev (dynamic graph) the grid has max_splits columns and blocks past T exit.
+// Positions are cut into 64-row chunks (kSplitLen). A block of KV head h holds NG 128-thread
+// groups, one chunk each (NG = 1, 2 or 4, picked by the host: see launch_dg), and takes the
+// block-chunks b, b + gridDim.y, ... of NG consecutive chunks, so every K/V row is read once. A
+// short sequence (up to 256 positions) fits in one block per KV head and needs no cross-block merge.
+//   1. the K/V rows of earlier positions go into registers -- before griddepcontrol.wait when T
+//      is known at launch (eager, exact graphs), right after reading T otherwise (dynamic graph);
+//   2. rotate the group's query heads (fp32 tables); K_T is rotated, K_T and V_T are written into
+//      the arena and handed to the thread of row T through shared memory;
+//   3. per group: scores q.k (D/8 threads per row, one 16-byte vector each), softmax statistics,
+//      sum_j p_j V_j; the groups are merged in shared memory (fixed order: deterministic);
+//   4. one block-chunk per KV head: write ctx. Several: write (max, sum, acc) partials, and the
+//      last block to finish (atomic counter per KV head) merges them and resets the counter to 0,
+//      so the kernel is graph-safe and needs no second launch.
+#include <algorithm>
+
 #include "common.cuh"
 #include "ops.h"
 #include "rope.cuh"
 
 namespace case4 {
 
-constexpr int kAttnThreads = 128;
+constexpr int kAttnGroup = 128;  // threads per 64-position chunk
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
+// Per (head_dim, max group size GM): how many chunk groups one block may hold, so that the
+// per-thread K/V registers (2 * 64 / (128 / (D/8)) vectors) and q/acc (2 * GM * 8 floats) fit.
+__host__ __device__ constexpr int attn_max_groups(int D, int GM) {
+    return D >= 256 ? 1 : (GM >= 8 || GM * D >= 512) ? 2 : 4;
+}
+
+template <typename T, int D, int GM>
+__global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_kernel(AttnArgs a) {
+    constexpr int NGM = attn_max_groups(D, GM);
     constexpr int TPR = D / 8;                 // threads per K/V row
-    constexpr int RPP = kAttnThreads / TPR;    // rows per pass
-    __shared__ float q_s[kMaxGroup][D];
-    __shared__ float p_s[kMaxGroup][kSplitLen];
-    __shared__ float acc_w[kAttnThreads / kWarp][kMaxGroup][D];  // per-warp partial sums (fixed order)
-    __shared__ float m_s[kMaxGroup], l_s[kMaxGroup];
+    constexpr int RPP = kAttnGroup / TPR;      // rows per pass of a group
+    constexpr int NP = kSplitLen / RPP;        // passes over the chunk; all loads issued up front
+    constexpr int WPG = kAttnGroup / kWarp;    // warps per group
+    __shared__ float q_s[GM][D];
+    __shared__ uint4 kt_s[D / 8], vt_s[D / 8];  // this step's K_T (rotated) and V_T, dtype
+    __shared__ float p_s[NGM][GM][kSplitLen];
+    __shared__ float acc_w[NGM * WPG][GM][D];  // per-warp partial sums
+    __shared__ float m_s[NGM][GM], l_s[NGM][GM];
     __shared__ int last_s;
 
+    const int NG = blockDim.x / kAttnGroup;
+    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+    const int grp = tid / kAttnGroup, gt = tid % kAttnGroup;
+    const int r = gt / TPR, c = gt % TPR;
+    const int kvh = blockIdx.x;
+    const int G = a.Hq / a.Hkv;
+    T *kc = reinterpret_cast<T *>(a.k_cache) + (size_t)kvh * a.max_seq * D;
+    T *vc = reinterpret_cast<T *>(a.v_cache) + (size_t)kvh * a.max_seq * D;
+
+    // ---- 1. K/V rows of positions < T of block-chunk bc (row T is this step's: shared memory)
+    uint4 kv[NP], vv[NP];
+    auto load_kv = [&](int bc, int pos) {
+        const int start = (bc * NG + grp) * kSplitLen;
+#pragma unroll
+        for (int pp = 0; pp < NP; ++pp) {
+            const int p = start + pp * RPP + r;
+            kv[pp] = p < pos ? *reinterpret_cast<const uint4 *>(kc + (size_t)p * D + c * 8) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int pp = 0; pp < NP; ++pp) {
+            const int p = start + pp * RPP + r;
+            vv[pp] = p < pos ? *reinterpret_cast<const uint4 *>(vc + (size_t)p * D + c * 8) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    ktrace(a.trace, 0);
+    // T known at launch: rows < T were written by earlier steps' kernels, which completed long
+    // before this one could start (a PDL kernel starts early only once its predecessor's blocks
+    // have all started, and a whole layer of kernels lies between), so they are read before the wait.
+    const bool host_pos = a.pos_dev == nullptr;
+    if (host_pos) load_kv(blockIdx.y, a.pos);
     pdl_trigger();
     pdl_wait();
-    const int kvh = blockIdx.x, split = blockIdx.y;
+    ktrace(a.trace, 1);
     const int pos = read_pos(a.pos, a.pos_dev);
     const int n = pos + 1;
-    const int nsplit = (n + kSplitLen - 1) / kSplitLen;
-    if (split >= nsplit) return;  // idle block of a fixed (dynamic) grid
-    const int G = a.Hq / a.Hkv;
-    const int start = split * kSplitLen, len = min(kSplitLen, n - start);
-    const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+    const int nchunk = (n + kSplitLen - 1) / kSplitLen;
+    const int nblk = (nchunk + NG - 1) / NG;  // block-chunks of NG chunks; this block takes
+    if ((int)blockIdx.y >= nblk) {            // blockIdx.y, + gridDim.y, ... (idle: exit)
+        ktrace_end(a.trace);
+        return;
+    }
+    if (!host_pos) load_kv(blockIdx.y, pos);
     const int R = a.rotary_dim;
     const T *qkv = reinterpret_cast<const T *>(a.qkv);
     const float *cs = a.rope_cos + (size_t)pos * (R / 2);
     const float *sn = a.rope_sin + (size_t)pos * (R / 2);
-    T *kc = reinterpret_cast<T *>(a.k_cache) + (size_t)kvh * a.max_seq * D;
-    T *vc = reinterpret_cast<T *>(a.v_cache) + (size_t)kvh * a.max_seq * D;
 
-    // ---- 1. RoPE on the query group; K/V write at T by the block that owns T
+    // ---- 2. RoPE on the query group; K_T and V_T into shared memory (every block: D elements),
+    // and into the arena by the block whose block-chunks include T
     const float scale = rsqrtf((float)D);
     for (int i = tid; i < G * D; i += blockDim.x) {
         const int g = i / D, d = i % D;
         q_s[g][d] = rope_elem<T>(qkv + (size_t)(kvh * G + g) * D, d, R, cs, sn) * scale;
     }
-    if (pos >= start && pos < start + len) {
+    const int bc_t = pos / kSplitLen / NG;  // block-chunk of T
+    {
         const T *kh = qkv + (size_t)(a.Hq + kvh) * D;
         const T *vh = qkv + (size_t)(a.Hq + a.Hkv + kvh) * D;
+        const bool writes_t = bc_t % gridDim.y == blockIdx.y;
         for (int d = tid; d < D; d += blockDim.x) {
-            kc[(size_t)pos * D + d] = from_f<T>(rope_elem<T>(kh, d, R, cs, sn));
-            vc[(size_t)pos * D + d] = vh[d];
-        }
-    }
-    __syncthreads();  // also makes this block's K_T/V_T writes visible to its own threads
-
-    // ---- 2a. scores
-    const int r = tid / TPR, c = tid % TPR;
-    float q[kMaxGroup][8];
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) q[g][i] = g < G ? q_s[g][c * 8 + i] : 0.f;
-    constexpr int NP = kSplitLen / RPP;  // passes over the split; all K and V loads issued up front
-    uint4 kv[NP], vv[NP];
-#pragma unroll
-    for (int pp = 0; pp < NP; ++pp) {
-        const int j = pp * RPP + r;
-        kv[pp] = j < len ? *reinterpret_cast<const uint4 *>(kc + (size_t)(start + j) * D + c * 8)
-                         : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int pp = 0; pp < NP; ++pp) {
-        const int j = pp * RPP + r;
-        vv[pp] = j < len ? *reinterpret_cast<const uint4 *>(vc + (size_t)(start + j) * D + c * 8)
-                         : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int pp = 0; pp < NP; ++pp) {
-        const int j = pp * RPP + r;
-        float kf[8];
-        unpack8<T>(kv[pp], kf);
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g < G) {
-                float s = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) s = fmaf(q[g][i], kf[i], s);
-#pragma unroll
-                for (int o = TPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (c == 0 && j < len) p_s[g][j] = s;
+            const T k = from_f<T>(rope_elem<T>(kh, d, R, cs, sn));
+            const T v = vh[d];
+            reinterpret_cast<T *>(kt_s)[d] = k;
+            reinterpret_cast<T *>(vt_s)[d] = v;
+            if (writes_t) {
+                kc[(size_t)pos * D + d] = k;
+                vc[(size_t)pos * D + d] = v;
             }
         }
     }
     __syncthreads();
-
-    // ---- 2b. softmax statistics per head (one warp per head)
-    for (int g = warp; g < G; g += kAttnThreads / kWarp) {
-        float m = -INFINITY;
-        for (int j = lane; j < len; j += kWarp) m = fmaxf(m, p_s[g][j]);
-        m = warp_max(m);
-        float l = 0.f;
-        for (int j = lane; j < len; j += kWarp) {
-            const float e = __expf(p_s[g][j] - m);
-            p_s[g][j] = e;
-            l += e;
+    float q[GM][8];
+#pragma unroll
+    for (int g = 0; g < GM; ++g)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[g][i] = g < G ? q_s[g][c * 8 + i] : 0.f;
+    T *ctx = reinterpret_cast<T *>(a.ctx);
+    int iters = 0;
+    for (int bc = blockIdx.y; bc < nblk; bc += gridDim.y, ++iters) {
+        if (bc != (int)blockIdx.y) {
+            __syncthreads();  // shared p_s / acc_w / m_s of the previous block-chunk are consumed
+            load_kv(bc, pos);
         }
-        l = warp_sum(l);
-        if (lane == 0) { m_s[g] = m; l_s[g] = l; }
-    }
-    __syncthreads();
-
-    // ---- 2c. acc = sum_j p_j V_j
-    float acc[kMaxGroup][8];
+        const int start = (bc * NG + grp) * kSplitLen;    // this group's chunk
+        const int len = max(0, min(kSplitLen, n - start));  // 0: idle group of the last block-chunk
+        if (bc == bc_t) {
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
-#pragma unroll
-    for (int pp = 0; pp < NP; ++pp) {
-        const int j = pp * RPP + r;
-        if (j < len) {
-            float vf[8];
-            unpack8<T>(vv[pp], vf);
-#pragma unroll
-            for (int g = 0; g < kMaxGroup; ++g) {
-                if (g < G) {
-                    const float p = p_s[g][j];
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+            for (int pp = 0; pp < NP; ++pp) {
+                if (start + pp * RPP + r == pos) {
+                    kv[pp] = kt_s[c];
+                    vv[pp] = vt_s[c];
                 }
             }
         }
-    }
+
+        // ---- 3a. scores of this group's chunk
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-        if (g < G) {
+        for (int pp = 0; pp < NP; ++pp) {
+            const int j = pp * RPP + r;
+            float kf[8];
+            unpack8<T>(kv[pp], kf);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                float v = acc[g][i];
+            for (int g = 0; g < GM; ++g) {
+                if (g < G) {
+                    float s = 0.f;
 #pragma unroll
-                for (int o = TPR; o < kWarp; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane < TPR) acc_w[warp][g][c * 8 + i] = v;
+                    for (int i = 0; i < 8; ++i) s = fmaf(q[g][i], kf[i], s);
+#pragma unroll
+                    for (int o = TPR / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                    if (c == 0 && j < len) p_s[grp][g][j] = s;
+                }
             }
         }
-    }
-    __syncthreads();
-    // sum of the warps' partials in a fixed order: the kernel is deterministic
-    auto acc_of = [&](int g, int d) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < kAttnThreads / kWarp; ++w) v += acc_w[w][g][d];
-        return v;
-    };
+        __syncthreads();
 
-    T *ctx = reinterpret_cast<T *>(a.ctx);
-    if (nsplit == 1) {  // short sequence: no merge needed
+        // ---- 3b. softmax statistics per (group, head): one warp of the group per head
+        for (int g = warp % WPG; g < G; g += WPG) {
+            float m = -INFINITY;
+            for (int j = lane; j < len; j += kWarp) m = fmaxf(m, p_s[grp][g][j]);
+            m = warp_max(m);
+            float l = 0.f;
+            for (int j = lane; j < len; j += kWarp) {
+                const float e = __expf(p_s[grp][g][j] - m);
+                p_s[grp][g][j] = e;
+                l += e;
+            }
+            l = warp_sum(l);
+            if (lane == 0) { m_s[grp][g] = m; l_s[grp][g] = l; }
+        }
+        __syncthreads();
+
+        // ---- 3c. acc = sum_j p_j V_j over the chunk
+        float acc[GM][8];
+#pragma unroll
+        for (int g = 0; g < GM; ++g)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+#pragma unroll
+        for (int pp = 0; pp < NP; ++pp) {
+            const int j = pp * RPP + r;
+            if (j < len) {
+                float vf[8];
+                unpack8<T>(vv[pp], vf);
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g < G) {
+                        const float p = p_s[grp][g][j];
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g < G) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    float v = acc[g][i];
+#pragma unroll
+                    for (int o = TPR; o < kWarp; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                    if (lane < TPR) acc_w[warp][g][c * 8 + i] = v;
+                }
+            }
+        }
+        __syncthreads();
+
+        // ---- 3d. merge the groups (fixed order), then ctx or the block-chunk's partial
         for (int i = tid; i < G * D; i += blockDim.x) {
             const int g = i / D, d = i % D;
-            ctx[(size_t)(kvh * G + g) * D + d] = from_f<T>(acc_of(g, d) / l_s[g]);
+            float M = -INFINITY;
+            for (int q2 = 0; q2 < NG; ++q2) M = fmaxf(M, m_s[q2][g]);
+            float L = 0.f, o = 0.f;
+            for (int q2 = 0; q2 < NG; ++q2) {
+                const float l = l_s[q2][g];
+                if (l > 0.f) {  // an idle group (no rows) has l = 0, m = -inf
+                    const float w = __expf(m_s[q2][g] - M);
+                    float sacc = 0.f;
+#pragma unroll
+                    for (int w2 = 0; w2 < WPG; ++w2) sacc += acc_w[q2 * WPG + w2][g][d];
+                    L = fmaf(l, w, L);
+                    o = fmaf(sacc, w, o);
+                }
+            }
+            const int h = kvh * G + g;
+            if (nblk == 1) {
+                ctx[(size_t)h * D + d] = from_f<T>(o / L);
+            } else {
+                a.part_acc[((size_t)h * a.max_splits + bc) * D + d] = o;
+                if (d == 0) {
+                    a.part_ml[((size_t)h * a.max_splits + bc) * 2 + 0] = M;
+                    a.part_ml[((size_t)h * a.max_splits + bc) * 2 + 1] = L;
+                }
+            }
         }
+    }  // block-chunks
+    if (nblk == 1) {
+        ktrace_end(a.trace);
         return;
     }
 
-    // ---- 3. partials, then the last block of this KV head merges them
-    for (int i = tid; i < G * D; i += blockDim.x) {
-        const int g = i / D, d = i % D, h = kvh * G + g;
-        a.part_acc[((size_t)h * a.max_splits + split) * D + d] = acc_of(g, d);
-    }
-    if (tid < G) {
-        const int h = kvh * G + tid;
-        a.part_ml[((size_t)h * a.max_splits + split) * 2 + 0] = m_s[tid];
-        a.part_ml[((size_t)h * a.max_splits + split) * 2 + 1] = l_s[tid];
-    }
+    // ---- 4. the last block of this KV head to finish merges the nblk partials
     __threadfence();
     __syncthreads();
-    if (tid == 0) last_s = atomicAdd(&a.counters[kvh], 1) == nsplit - 1;
+    if (tid == 0) last_s = atomicAdd(&a.counters[kvh], iters) == nblk - iters;
     __syncthreads();
-    if (!last_s) return;
+    if (!last_s) {
+        ktrace_end(a.trace);
+        return;
+    }
     if (tid == 0) a.counters[kvh] = 0;  // ready for the next launch
     __threadfence();
     for (int i = tid; i < G * D; i += blockDim.x) {
         const int g = i / D, d = i % D, h = kvh * G + g;
         const float *ml = a.part_ml + (size_t)h * a.max_splits * 2;
         const float *pa = a.part_acc + (size_t)h * a.max_splits * D + d;
-        // 4 splits per iteration: independent L2 loads in flight instead of a serial chain
+        // 4 partials per iteration: independent L2 loads in flight instead of a serial chain
         float M = -INFINITY;
-        for (int s0 = 0; s0 < nsplit; s0 += 4) {
+        for (int s0 = 0; s0 < nblk; s0 += 4) {
 #pragma unroll
             for (int u = 0; u < 4; ++u)
-                if (s0 + u < nsplit) M = fmaxf(M, __ldcg(ml + 2 * (s0 + u)));
+                if (s0 + u < nblk) M = fmaxf(M, __ldcg(ml + 2 * (s0 + u)));
         }
         float L = 0.f, o = 0.f;
-        for (int s0 = 0; s0 < nsplit; s0 += 4) {
+        for (int s0 = 0; s0 < nblk; s0 += 4) {
             float m4[4], l4[4], a4[4];
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                const bool ok = s0 + u < nsplit;
+                const bool ok = s0 + u < nblk;
                 m4[u] = ok ? __ldcg(ml + 2 * (s0 + u)) : -INFINITY;
                 l4[u] = ok ? __ldcg(ml + 2 * (s0 + u) + 1) : 0.f;
                 a4[u] = ok ? __ldcg(pa + (size_t)(s0 + u) * D) : 0.f;
@@ -216,16 +285,51 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
         }
         ctx[(size_t)h * D + d] = from_f<T>(o / L);
     }
+    ktrace_end(a.trace);
+}
+
+// Groups per block: the chunks of T+1 positions (dynamic graph: of max_seq) rounded up to a
+// power of two, capped by attn_max_groups; the block-chunks of a KV head are spread over at most
+// max(1, SMs / Hkv) blocks (one wave; a block loops over its block-chunks), so a dynamic graph's
+// grid has no long tail of idle blocks.
+static int sm_count() {
+    static int n = 0;
+    if (!n) {
+        int dev = 0;
+        CASE4_CUDA_CHECK(cudaGetDevice(&dev));
+        CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return n;
+}
+
+template <typename T, int D, int GM>
+static void launch_dg(const AttnArgs &a0, cudaStream_t st) {
+    AttnArgs a = a0;
+    a.trace = ktrace_slot("attention");
+    int ng = 1;
+    while (ng < attn_max_groups(D, GM) && ng < a.grid_splits) ng *= 2;
+    const int nblk = (a.grid_splits + ng - 1) / ng;
+    const int per_head = std::max(1, sm_count() / a.Hkv);
+    const dim3 grid(a.Hkv, std::min(nblk, per_head));
+    launch_pdl(attn_kernel<T, D, GM>, grid, ng * kAttnGroup, 0, st, a);
+}
+
+template <typename T, int D>
+static void launch_d(const AttnArgs &a, cudaStream_t st) {
+    const int G = a.Hq / a.Hkv;
+    if (G <= 1) launch_dg<T, D, 1>(a, st);
+    else if (G <= 2) launch_dg<T, D, 2>(a, st);
+    else if (G <= 4) launch_dg<T, D, 4>(a, st);
+    else launch_dg<T, D, 8>(a, st);
 }
 
 template <typename T>
 static void launch_t(const AttnArgs &a, cudaStream_t st) {
-    const dim3 grid(a.Hkv, a.grid_splits);
     switch (a.D) {
-        case 32: launch_pdl(attn_kernel<T, 32>, grid, kAttnThreads, 0, st, a); break;
-        case 64: launch_pdl(attn_kernel<T, 64>, grid, kAttnThreads, 0, st, a); break;
-        case 128: launch_pdl(attn_kernel<T, 128>, grid, kAttnThreads, 0, st, a); break;
-        case 256: launch_pdl(attn_kernel<T, 256>, grid, kAttnThreads, 0, st, a); break;
+        case 32: launch_d<T, 32>(a, st); break;
+        case 64: launch_d<T, 64>(a, st); break;
+        case 128: launch_d<T, 128>(a, st); break;
+        case 256: launch_d<T, 256>(a, st); break;
         default: throw std::runtime_error("attention: head_dim must be 32, 64, 128 or 256");
     }
 }
