@@ -292,15 +292,6 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
 // power of two, capped by attn_max_groups; the block-chunks of a KV head are spread over at most
 // max(1, SMs / Hkv) blocks (one wave; a block loops over its block-chunks), so a dynamic graph's
 // grid has no long tail of idle blocks.
-static int sm_count() {
-    static int n = 0;
-    if (!n) {
-        int dev = 0;
-        CASE4_CUDA_CHECK(cudaGetDevice(&dev));
-        CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    }
-    return n;
-}
 
 template <typename T, int D, int GM>
 static void launch_dg(const AttnArgs &a0, cudaStream_t st) {
@@ -309,7 +300,7 @@ static void launch_dg(const AttnArgs &a0, cudaStream_t st) {
     int ng = 1;
     while (ng < attn_max_groups(D, GM) && ng < a.grid_splits) ng *= 2;
     const int nblk = (a.grid_splits + ng - 1) / ng;
-    const int per_head = std::max(1, sm_count() / a.Hkv);
+    const int per_head = std::max(1, a.sm_count / a.Hkv);
     const dim3 grid(a.Hkv, std::min(nblk, per_head));
     launch_pdl(attn_kernel<T, D, GM>, grid, ng * kAttnGroup, 0, st, a);
 }
@@ -337,6 +328,7 @@ static void launch_t(const AttnArgs &a, cudaStream_t st) {
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st) {
     if (a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > kMaxGroup)
         throw std::runtime_error("attention: query heads per KV head must be <= 8");
+    if (a.sm_count <= 0) throw std::runtime_error("attention: sm_count must be set");
     if (dtype == kF16) launch_t<half>(a, st); else launch_t<__nv_bfloat16>(a, st);
 }
 

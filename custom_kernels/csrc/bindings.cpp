@@ -14,6 +14,13 @@ static P ptr(const py::dict &d, const char *k) {
     return reinterpret_cast<P>(d[k].cast<uintptr_t>());
 }
 
+static int device_sm_count() {
+    int dev = 0, n = 0;
+    CASE4_CUDA_CHECK(cudaGetDevice(&dev));
+    CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+}
+
 static Plan plan_from_dict(const py::dict &d) {
     Plan p;
     const std::string dt = d["dtype"].cast<std::string>();
@@ -47,9 +54,7 @@ static Plan plan_from_dict(const py::dict &d) {
     p.ring = ptr<int *>(d, "ring"); p.ring_len = d["ring_len"].cast<int>();
     p.use_cublas = d["gemm"].cast<std::string>() == "cublas";
     if (d.contains("pdl")) set_pdl(d["pdl"].cast<int>());
-    int dev = 0;
-    CASE4_CUDA_CHECK(cudaGetDevice(&dev));
-    CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&p.sm_count, cudaDevAttrMultiProcessorCount, dev));
+    p.sm_count = device_sm_count();
     return p;
 }
 
@@ -75,6 +80,7 @@ static void k_attention(uintptr_t qkv, uintptr_t k_cache, uintptr_t v_cache, uin
     a.grid_splits = pos_dev ? max_splits : (pos + 1 + kSplitLen - 1) / kSplitLen;
     a.part_acc = (float *)part_acc; a.part_ml = (float *)part_ml; a.max_splits = max_splits;
     a.counters = (int *)counters; a.ctx = (void *)ctx;
+    a.sm_count = device_sm_count();
     launch_attention(a, dtype, (cudaStream_t)stream);
 }
 

@@ -52,8 +52,8 @@ template <typename T> __device__ __forceinline__ uint4 pack8(const float (&f)[8]
 }
 
 // L2 cache policy for the weight stream (createpolicy). evict_first: weights are read once per
-// token, so their lines are the first to go and lines prefetched for the next kernel survive;
-// evict_normal: the default behaviour.
+// token, so their lines go before anything else in L2 (KV rows, activations, the next kernel's
+// early loads); evict_normal: the default behaviour.
 __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
     uint64_t p;
     if (evict_first) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
@@ -93,35 +93,34 @@ __device__ __forceinline__ void ktrace_end(unsigned long long *t) {
 }
 
 // ---------------------------------------------------------------- reductions
-__device__ __forceinline__ float warp_sum(float v) {
+struct SumOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = kWarp / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-// sum over the whole block; `red` is >= 32 floats of shared memory; all threads get the result
-__device__ __forceinline__ float block_sum(float v, float *red) {
+// reduction over the whole block (`id`: the identity of `op`); `red` is >= 32 floats of shared
+// memory; all threads get the result
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, float *red, float id, Op op) {
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    v = lane < nw ? red[lane] : 0.f;
-    return warp_sum(v);
+    v = lane < nw ? red[lane] : id;
+    return warp_reduce(v, op);
 }
-__device__ __forceinline__ float block_max(float v, float *red) {
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    v = lane < nw ? red[lane] : -INFINITY;
-    return warp_max(v);
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp{}); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp{}); }
+__device__ __forceinline__ float block_sum(float v, float *red) { return block_reduce(v, red, 0.f, SumOp{}); }
+__device__ __forceinline__ float block_max(float v, float *red) { return block_reduce(v, red, -INFINITY, MaxOp{}); }
 
 // ---------------------------------------------------------------- programmatic dependent launch
 // Kernels of a step are launched with the PDL attribute (see launch_pdl): the next kernel's

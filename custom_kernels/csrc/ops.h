@@ -74,6 +74,7 @@ struct AttnArgs {
     int max_splits = 0;
     int *counters = nullptr;     // [Hkv] last-block-done counters (zero at rest)
     void *ctx = nullptr;         // out [Hq * D] dtype
+    int sm_count = 0;            // SMs of the device: at most max(1, sm_count / Hkv) blocks per KV head
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);

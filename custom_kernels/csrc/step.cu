@@ -64,6 +64,7 @@ static AttnArgs attn_args(const Plan &p, int s, int l, int T) {
     a.part_acc = p.part_acc; a.part_ml = p.part_ml; a.max_splits = p.max_splits;
     a.counters = p.counters;
     a.ctx = p.ctx;
+    a.sm_count = p.sm_count;
     return a;
 }
 
