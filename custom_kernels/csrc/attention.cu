@@ -138,9 +138,11 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
             }
         }
 
-        // ---- 3a. scores of this group's chunk
+        // ---- 3a. scores of this group's chunk (passes wholly past the end, the same for every
+        // thread of the group, are skipped: short sequences leave most of a block idle)
 #pragma unroll
         for (int pp = 0; pp < NP; ++pp) {
+            if (pp * RPP >= len) continue;
             const int j = pp * RPP + r;
             float kf[8];
             unpack8<T>(kv[pp], kf);
@@ -183,7 +185,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
 #pragma unroll
         for (int pp = 0; pp < NP; ++pp) {
             const int j = pp * RPP + r;
-            if (j < len) {
+            if (pp * RPP < len && j < len) {
                 float vf[8];
                 unpack8<T>(vv[pp], vf);
 #pragma unroll
@@ -198,7 +200,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
         }
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
-            if (g < G) {
+            if (g < G && len > 0) {  // an idle group's acc_w is never read (l = 0)
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
                     float v = acc[g][i];
