@@ -39,11 +39,9 @@ class ReferenceDecoder:
         n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
         return self._r(w.to(self.cdt) * self._r(n.to(self.cdt)))
 
-    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D]: HF half rotation of the first R dims, cos/sin from the tables."""
+    def _rope(self, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D]: HF half rotation of the first R dims; c, s [T, 1, R/2] fp32 table rows."""
         R = self.cfg.rotary_dim
-        c = self.w.rope_cos[pos][:, None, :]  # [T, 1, R/2] fp32
-        s = self.w.rope_sin[pos][:, None, :]
         xf = x.float()
         a, b, rest = xf[..., :R // 2], xf[..., R // 2:R], xf[..., R:]
         out = torch.cat([a * c - b * s, b * c + a * s, rest], dim=-1)
@@ -62,10 +60,15 @@ class ReferenceDecoder:
         if start + T > kvs.max_seq:
             raise BadInput(f"sequence of {start + T} tokens exceeds the context of {kvs.max_seq}")
         dev = w.arena.device
-        tok = torch.tensor(ids, dtype=torch.long, device=dev)
-        if int(tok.min()) < 0 or int(tok.max()) >= cfg.vocab_size:
+        if min(ids) < 0 or max(ids) >= cfg.vocab_size:  # on the host list: no device sync
             raise BadInput(f"token id out of range [0, {cfg.vocab_size})")
+        tok = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.arange(start, start + T, device=dev)
+        cos = self.w.rope_cos[pos][:, None, :]                          # [T, 1, R/2], once for all layers
+        sin = self.w.rope_sin[pos][:, None, :]
+        # query i (position start + i) sees keys 0..start + i; a fresh prompt is plain causal
+        causal = start == 0 and T > 1 and self.cdt != torch.float32
+        mask = None if causal else (torch.arange(start + T, device=dev)[None, :] <= pos[:, None])  # [T, S]
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = w.embed[tok].to(self.cdt)                                   # [T, H]
         for l, lw in enumerate(w.layers):
@@ -75,11 +78,11 @@ class ReferenceDecoder:
             k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
             v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
             self._record(f"L{l}.q", q), self._record(f"L{l}.k", k), self._record(f"L{l}.v", v)  # pre-RoPE, as HF's projections
-            q, k = self._rope(q, pos), self._rope(k, pos)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kc, vc = kvs.k(session, l), kvs.v(session, l)               # [Hkv, max_seq, D]
             kc[:, start:start + T] = k.transpose(0, 1).to(self.dtype)
             vc[:, start:start + T] = v.transpose(0, 1).to(self.dtype)
-            ctx = self._attention(q, kc[:, :start + T], vc[:, :start + T], start)  # [T, Hq*D]
+            ctx = self._attention(q, kc[:, :start + T], vc[:, :start + T], mask)  # [T, Hq*D]
             self._record(f"L{l}.ctx", ctx)
             x = self._r(x + self._lin(ctx, lw.w_o))
             self._record(f"L{l}.attn_out", x)
@@ -97,18 +100,18 @@ class ReferenceDecoder:
         self._record("logits", logits)
         return logits
 
-    def _attention(self, q, kc, vc, start: int) -> torch.Tensor:
-        """q [T, Hq, D]; kc/vc [Hkv, start+T, D] (model dtype) -> ctx [T, Hq*D] (causal)."""
+    def _attention(self, q, kc, vc, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [T, Hq, D]; kc/vc [Hkv, start+T, D] (model dtype) -> ctx [T, Hq*D]. `mask` [T, S]
+        (True = attend), or None for a plain causal prompt (start 0: SDPA's causal kernel)."""
         cfg = self.cfg
         T, Hq, D = q.shape
         g = cfg.group
         k = kc.to(self.cdt).repeat_interleave(g, dim=0)                 # [Hq, S, D]
         v = vc.to(self.cdt).repeat_interleave(g, dim=0)
-        S = k.shape[1]
         qh = q.transpose(0, 1)                                          # [Hq, T, D]
-        # query i (position start+i) sees keys 0..start+i
-        mask = torch.arange(S, device=q.device)[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
-        if self.cdt == torch.float32:
+        if mask is None:
+            ctx = F.scaled_dot_product_attention(qh[None], k[None], v[None], is_causal=True)[0]
+        elif self.cdt == torch.float32:
             scores = (qh @ k.transpose(1, 2)).float() * D ** -0.5
             scores = scores.masked_fill(~mask, float("-inf"))
             ctx = torch.softmax(scores, dim=-1).to(self.cdt) @ v
