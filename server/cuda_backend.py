@@ -65,7 +65,7 @@ class CudaBackend(Backend):
                 "tmp": buf(max(2 * I, cfg.qkv_rows, H, V)), "logits": buf(V, torch.float32),
                 "part_acc": buf(cfg.num_heads * self.max_splits * D, torch.float32),
                 "part_ml": buf(cfg.num_heads * self.max_splits * 2, torch.float32),
-                "counters": buf(cfg.num_kv_heads, torch.int32),
+                "counters": buf(cfg.num_heads, torch.int32),
                 "token_dev": buf(sessions, torch.int32), "seq_len_dev": buf(sessions, torch.int32),
                 "params_dev": buf(sessions * self.ext.SAMPLE_PARAMS_BYTES, torch.uint8),
                 "ring": buf(sessions * ring_len, torch.int32),

@@ -4,10 +4,10 @@
 // groups, one chunk each (NG = 1, 2 or 4, picked by the host: see launch_dg), and takes the
 // block-chunks b, b + gridDim.y, ... of NG consecutive chunks, so every K/V row is read once. A
 // short sequence (up to 256 positions) fits in one block per KV head and needs no cross-block merge.
-//   1. the K/V rows of earlier positions go into registers -- before griddepcontrol.wait when T
-//      is known at launch (eager, exact graphs), right after reading T otherwise (dynamic graph);
+//   1. T (launch constant, or seq_len_dev in a dynamic graph) and the K/V rows of earlier
+//      positions go into registers before griddepcontrol.wait (see the kernel for why it is safe);
 //   2. rotate the group's query heads (fp32 tables); K_T is rotated, K_T and V_T are written into
-//      the arena and handed to the thread of row T through shared memory;
+//      the arena and handed to the thread of row T through shared memory (one L2 round trip);
 //   3. per group: scores q.k (D/8 threads per row, one 16-byte vector each), softmax statistics,
 //      sum_j p_j V_j; the groups are merged in shared memory (fixed order: deterministic);
 //   4. one block-chunk per KV head: write ctx. Several: write (max, sum, acc) partials, and the
@@ -47,8 +47,8 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
     const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
     const int grp = tid / kAttnGroup, gt = tid % kAttnGroup;
     const int r = gt / TPR, c = gt % TPR;
-    const int kvh = blockIdx.x;
-    const int G = a.Hq / a.Hkv;
+    const int G = a.heads_per_block;  // query heads of this block: a KV head's whole group, or part of it
+    const int qb = blockIdx.x, h0 = qb * G, kvh = h0 / (a.Hq / a.Hkv);  // first query head, its KV head
     T *kc = reinterpret_cast<T *>(a.k_cache) + (size_t)kvh * a.max_seq * D;
     T *vc = reinterpret_cast<T *>(a.v_cache) + (size_t)kvh * a.max_seq * D;
 
@@ -68,14 +68,11 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
         }
     };
     ktrace(a.trace, 0);
-    // T known at launch: rows < T were written by earlier steps' kernels, which completed long
-    // before this one could start (a PDL kernel starts early only once its predecessor's blocks
-    // have all started, and a whole layer of kernels lies between), so they are read before the wait.
-    const bool host_pos = a.pos_dev == nullptr;
-    if (host_pos) load_kv(blockIdx.y, a.pos);
-    pdl_trigger();
-    pdl_wait();
-    ktrace(a.trace, 1);
+    // T and the K/V rows < T are read before the wait. They were written by the previous steps:
+    // the step's sampling kernel (finish) sets seq_len only after its own wait -- so after every
+    // earlier kernel has completed -- and lets the next kernels launch only after that write
+    // (sampling.cu). So when any kernel of this step is running, all kernels of earlier steps have
+    // completed, and seq_len_dev (dynamic graph) and the rows < T are final.
     const int pos = read_pos(a.pos, a.pos_dev);
     const int n = pos + 1;
     const int nchunk = (n + kSplitLen - 1) / kSplitLen;
@@ -84,36 +81,48 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
         ktrace_end(a.trace);
         return;
     }
-    if (!host_pos) load_kv(blockIdx.y, pos);
+    load_kv(blockIdx.y, pos);
+    pdl_trigger();
+    pdl_wait();
+    ktrace(a.trace, 1);
     const int R = a.rotary_dim;
     const T *qkv = reinterpret_cast<const T *>(a.qkv);
     const float *cs = a.rope_cos + (size_t)pos * (R / 2);
     const float *sn = a.rope_sin + (size_t)pos * (R / 2);
 
     // ---- 2. RoPE on the query group; K_T and V_T into shared memory (every block: D elements),
-    // and into the arena by the block whose block-chunks include T
+    // and into the arena by the block whose block-chunks include T. The (G + 2) D elements are
+    // taken 4 per thread and round: every load of a round is issued before any result is stored,
+    // so q, K_T and V_T arrive in one L2 round trip.
     const float scale = rsqrtf((float)D);
-    for (int i = tid; i < G * D; i += blockDim.x) {
-        const int g = i / D, d = i % D;
-        q_s[g][d] = rope_elem<T>(qkv + (size_t)(kvh * G + g) * D, d, R, cs, sn) * scale;
-    }
     const int bc_t = pos / kSplitLen / NG;  // block-chunk of T
-    {
-        const T *kh = qkv + (size_t)(a.Hq + kvh) * D;
-        const T *vh = qkv + (size_t)(a.Hq + a.Hkv + kvh) * D;
-        const bool writes_t = bc_t % gridDim.y == blockIdx.y;
-        for (int d = tid; d < D; d += blockDim.x) {
-            const T k = from_f<T>(rope_elem<T>(kh, d, R, cs, sn));
-            const T v = vh[d];
-            reinterpret_cast<T *>(kt_s)[d] = k;
-            reinterpret_cast<T *>(vt_s)[d] = v;
-            if (writes_t) {
-                kc[(size_t)pos * D + d] = k;
-                vc[(size_t)pos * D + d] = v;
+    const bool writes_t = bc_t % gridDim.y == blockIdx.y && h0 % (a.Hq / a.Hkv) == 0;
+    const int nel = (G + 2) * D;
+    for (int i0 = tid; i0 < nel; i0 += 4 * blockDim.x) {
+        float val[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = i0 + u * blockDim.x, hh = i / D, d = i % D;  // hh < G: query head; G: K; G + 1: V
+            if (i < nel) {
+                const T *src = qkv + (size_t)(hh < G ? h0 + hh : hh == G ? a.Hq + kvh : a.Hq + a.Hkv + kvh) * D;
+                val[u] = hh <= G ? rope_elem<T>(src, d, R, cs, sn) : to_f(src[d]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = i0 + u * blockDim.x, hh = i / D, d = i % D;
+            if (i >= nel) continue;
+            if (hh < G) {
+                q_s[hh][d] = val[u] * scale;
+            } else {
+                const T v = from_f<T>(val[u]);  // K_T rotated (already rounded), V_T raw: exact
+                reinterpret_cast<T *>(hh == G ? kt_s : vt_s)[d] = v;
+                if (writes_t) (hh == G ? kc : vc)[(size_t)pos * D + d] = v;
             }
         }
     }
     __syncthreads();
+    ktrace_mark(a.trace, 3);  // q rotated, K_T / V_T staged
     float q[GM][8];
 #pragma unroll
     for (int g = 0; g < GM; ++g)
@@ -159,6 +168,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
             }
         }
         __syncthreads();
+        if (iters == 0) ktrace_mark(a.trace, 4);  // scores
 
         // ---- 3b. softmax statistics per (group, head): one warp of the group per head
         for (int g = warp % WPG; g < G; g += WPG) {
@@ -175,6 +185,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
             if (lane == 0) { m_s[grp][g] = m; l_s[grp][g] = l; }
         }
         __syncthreads();
+        if (iters == 0) ktrace_mark(a.trace, 5);  // softmax statistics
 
         // ---- 3c. acc = sum_j p_j V_j over the chunk
         float acc[GM][8];
@@ -211,6 +222,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
             }
         }
         __syncthreads();
+        if (iters == 0) ktrace_mark(a.trace, 6);  // sum_j p_j V_j
 
         // ---- 3d. merge the groups (fixed order), then ctx or the block-chunk's partial
         for (int i = tid; i < G * D; i += blockDim.x) {
@@ -229,7 +241,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
                     o = fmaf(sacc, w, o);
                 }
             }
-            const int h = kvh * G + g;
+            const int h = h0 + g;
             if (nblk == 1) {
                 ctx[(size_t)h * D + d] = from_f<T>(o / L);
             } else {
@@ -241,6 +253,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
             }
         }
     }  // block-chunks
+    ktrace_mark(a.trace, 7);  // ctx (one block-chunk) or partials written
     if (nblk == 1) {
         ktrace_end(a.trace);
         return;
@@ -249,16 +262,16 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
     // ---- 4. the last block of this KV head to finish merges the nblk partials
     __threadfence();
     __syncthreads();
-    if (tid == 0) last_s = atomicAdd(&a.counters[kvh], iters) == nblk - iters;
+    if (tid == 0) last_s = atomicAdd(&a.counters[qb], iters) == nblk - iters;
     __syncthreads();
     if (!last_s) {
         ktrace_end(a.trace);
         return;
     }
-    if (tid == 0) a.counters[kvh] = 0;  // ready for the next launch
+    if (tid == 0) a.counters[qb] = 0;  // ready for the next launch
     __threadfence();
     for (int i = tid; i < G * D; i += blockDim.x) {
-        const int g = i / D, d = i % D, h = kvh * G + g;
+        const int g = i / D, d = i % D, h = h0 + g;
         const float *ml = a.part_ml + (size_t)h * a.max_splits * 2;
         const float *pa = a.part_acc + (size_t)h * a.max_splits * D + d;
         // 4 partials per iteration: independent L2 loads in flight instead of a serial chain
@@ -299,17 +312,19 @@ template <typename T, int D, int GM>
 static void launch_dg(const AttnArgs &a0, cudaStream_t st) {
     AttnArgs a = a0;
     a.trace = ktrace_slot("attention");
+    const int cap = tuning() & kTuneAttnOneGroup ? 1 : attn_max_groups(D, GM);
     int ng = 1;
-    while (ng < attn_max_groups(D, GM) && ng < a.grid_splits) ng *= 2;
+    while (ng < cap && ng < a.grid_splits) ng *= 2;
     const int nblk = (a.grid_splits + ng - 1) / ng;
-    const int per_head = std::max(1, a.sm_count / a.Hkv);
-    const dim3 grid(a.Hkv, std::min(nblk, per_head));
+    const int heads = a.Hq / a.heads_per_block;  // blocks along x: query-head groups
+    const int per_head = std::max(1, a.sm_count / heads);
+    const dim3 grid(heads, std::min(nblk, per_head));
     launch_pdl(attn_kernel<T, D, GM>, grid, ng * kAttnGroup, 0, st, a);
 }
 
 template <typename T, int D>
 static void launch_d(const AttnArgs &a, cudaStream_t st) {
-    const int G = a.Hq / a.Hkv;
+    const int G = a.heads_per_block;
     if (G <= 1) launch_dg<T, D, 1>(a, st);
     else if (G <= 2) launch_dg<T, D, 2>(a, st);
     else if (G <= 4) launch_dg<T, D, 4>(a, st);
@@ -331,7 +346,13 @@ void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st) {
     if (a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > kMaxGroup)
         throw std::runtime_error("attention: query heads per KV head must be <= 8");
     if (a.sm_count <= 0) throw std::runtime_error("attention: sm_count must be set");
-    if (dtype == kF16) launch_t<half>(a, st); else launch_t<__nv_bfloat16>(a, st);
+    AttnArgs b = a;
+    // one block row per query head (shorter serial score / PV / merge work per block; the G block
+    // rows of a KV head read its rows at the same time, mostly from L2), except for groups of 8
+    // (their K/V would be read 8 times over at long T)
+    const int G = a.Hq / a.Hkv;
+    b.heads_per_block = tuning() & kTuneAttnPerKvHead || G > 4 ? G : 1;
+    if (dtype == kF16) launch_t<half>(b, st); else launch_t<__nv_bfloat16>(b, st);
 }
 
 }  // namespace case4

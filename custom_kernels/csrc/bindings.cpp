@@ -108,6 +108,8 @@ PYBIND11_MODULE(_case4_cuda, m) {
     m.def("set_pdl", &set_pdl);
     m.def("set_gemv_l2", &set_gemv_l2);
     m.def("set_step_skip", &set_step_skip);
+    m.def("set_tuning", &set_tuning);
+    m.def("tuning", &tuning);
     m.def("set_kernel_trace", &set_kernel_trace);
     m.def("kernel_trace_names", [](int lo, int hi) {
         std::vector<std::string> v;

@@ -69,9 +69,10 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p, uint64_t pol) {
 }
 
 // ---------------------------------------------------------------- kernel timeline (opt-in)
-// With a trace slot (set_kernel_trace, tests/gpu/quick_timing.py --timeline) thread 0 of every
-// block records, in ns of the global timer: [0] min over blocks of the start, [1] min of the time
-// past griddepcontrol.wait, [2] max of the end. Without one (the default) nothing is written.
+// With a trace slot (kKtraceSlot uint64; set_kernel_trace, tests/gpu/quick_timing.py --timeline)
+// thread 0 of every block records, in ns of the global timer: [0] min over blocks of the start,
+// [1] min of the time past griddepcontrol.wait, [2] max of the end, [3..7] max of the end of a
+// kernel-specific phase (ktrace_mark; attention). Without one (the default) nothing is written.
 __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -83,6 +84,10 @@ __device__ __forceinline__ void ktrace(unsigned long long *t, int what) {
         if (what < 2) atomicMin(t + what, now);
         else atomicMax(t + 2, now);
     }
+}
+// end of phase k (3..kKtraceSlot-1) in this block (thread 0 only records)
+__device__ __forceinline__ void ktrace_mark(unsigned long long *t, int k) {
+    if (t && threadIdx.x == 0) atomicMax(t + k, global_ns());
 }
 // end of a block: every thread must call it (block-uniform path)
 __device__ __forceinline__ void ktrace_end(unsigned long long *t) {
@@ -141,6 +146,13 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void prefetch_l2(const void *p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
+// 16-byte global -> shared copy that does not pass through registers (cp.async, sm_80);
+// cp_async_wait_all() waits for the calling thread's copies
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // host: launch `k` on `st` with programmatic stream serialization when PDL is on
 extern bool g_use_pdl;

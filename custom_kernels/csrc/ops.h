@@ -12,13 +12,27 @@ constexpr int kMaxGroup = 8;   // max query heads per KV head (attention.cu)
 enum DType : int { kF16 = 0, kBF16 = 1 };
 
 // ------------------------------------------------------------------ kernel timeline (step.cu)
-// Opt-in per-launch timing: `buf` holds n slots of 3 uint64 (see ktrace in common.cuh); each
-// launch enqueued (or captured) afterwards takes the next slot and its name is recorded.
-// buf = 0 turns it off. Timing tool only (tests/gpu/quick_timing.py --timeline).
+// Opt-in per-launch timing: `buf` holds n slots of kKtraceSlot uint64 (see ktrace in
+// common.cuh); each launch enqueued (or captured) afterwards takes the next slot and its name is
+// recorded. buf = 0 turns it off. Timing tool only (tests/gpu/quick_timing.py --timeline).
+constexpr int kKtraceSlot = 8;
 void set_kernel_trace(uintptr_t buf, int n);
 unsigned long long *ktrace_slot(const char *fmt, int a = 0, int b = 0, int c = 0);
 int kernel_trace_next();
 const char *kernel_trace_name(int i);
+
+// ------------------------------------------------------------------ tuning switches (step.cu)
+// A/B switches read by the launchers at enqueue (capture) time, for timing runs
+// (tests/gpu/quick_timing.py); 0 = the defaults, which are the measured best
+// (docs/performance.md, log entry 10).
+enum TuneBit : int {
+    kTuneAttnOneGroup = 1,     // attention: one 128-thread chunk group per block (no shared-memory merge)
+    kTuneNoNormPreload = 8,    // gemv: norm weights loaded after the wait (default: cp.async before it)
+    kTuneNoResidPreload = 16,  // gemv: residual read in the epilogue (default: right after the wait)
+    kTuneAttnPerKvHead = 32,   // attention: one block row per KV head's group (default: per query head)
+};
+void set_tuning(int bits);
+int tuning();
 
 // ------------------------------------------------------------------ gemv.cu
 enum GemvMode : int {
@@ -42,6 +56,8 @@ struct GemvArgs {
     int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
     int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
     int evict_first = 1;         // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
+    int norm_pre = 1;            // set by the launcher: norm weights cp.async'd to shared memory before the wait
+    int resid_pre = 1;           // set by the launcher: residual of the first row read right after the wait
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void gemv_init(int dtype);
@@ -72,9 +88,10 @@ struct AttnArgs {
     float *part_acc = nullptr;   // [Hq, max_splits, D]
     float *part_ml = nullptr;    // [Hq, max_splits, 2]  (max, sum)
     int max_splits = 0;
-    int *counters = nullptr;     // [Hkv] last-block-done counters (zero at rest)
+    int *counters = nullptr;     // [Hq] last-block-done counters, one per block row (zero at rest)
     void *ctx = nullptr;         // out [Hq * D] dtype
     int sm_count = 0;            // SMs of the device: at most max(1, sm_count / Hkv) blocks per KV head
+    int heads_per_block = 0;     // set by the launcher: query heads per block (1, or Hq / Hkv)
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);

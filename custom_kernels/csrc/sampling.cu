@@ -161,13 +161,22 @@ __device__ int block_sample(const float *logits, int V, const SampleParams &p, l
     return (1 << kIdBits) - 1 - (int)(key & ((1ull << kIdBits) - 1));
 }
 
+// The next step's kernels may launch (griddepcontrol.launch_dependents) only once seq_len is
+// written: past this kernel's wait every earlier kernel has completed, so from then on the next
+// step may read T and the KV rows < T before its own waits (attention.cu). Sampling itself still
+// overlaps the next step's weight preloads.
 __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, int rng_offset) {
     ktrace(a.trace, 0);
-    pdl_trigger();
     pdl_wait();
     ktrace(a.trace, 1);
     const int pos = read_pos(a.pos, a.pos_dev);
-    __syncthreads();  // every thread has read pos before seq_len_dev changes below
+    __syncthreads();  // every thread has read pos before seq_len_dev changes
+    if (threadIdx.x == 0 && a.seq_len_dev) {
+        *a.seq_len_dev = pos + 1;
+        __threadfence();
+    }
+    __syncthreads();
+    pdl_trigger();
     SampleParams p{};
     if (a.params) p = *a.params;
     if (a.force_sample || (a.params && p.enabled)) {
@@ -180,7 +189,6 @@ __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, in
             if (a.ring) a.ring[(pos + 1) % a.ring_len] = tok;
         }
     }
-    if (threadIdx.x == 0 && a.seq_len_dev) *a.seq_len_dev = pos + 1;
     ktrace_end(a.trace);
 }
 

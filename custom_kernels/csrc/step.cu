@@ -97,12 +97,16 @@ unsigned long long *ktrace_slot(const char *fmt, int a, int b, int c) {
     char name[96];
     snprintf(name, sizeof name, fmt, a, b, c);
     g_kt_names.emplace_back(name);
-    return g_kt_buf + 3 * (size_t)g_kt_next++;
+    return g_kt_buf + kKtraceSlot * (size_t)g_kt_next++;
 }
 int kernel_trace_next() { return g_kt_next; }
 const char *kernel_trace_name(int i) {
     return i >= 0 && i < (int)g_kt_names.size() ? g_kt_names[i].c_str() : "";
 }
+
+static int g_tuning = 0;
+void set_tuning(int bits) { g_tuning = bits; }
+int tuning() { return g_tuning; }
 
 // Timing ablation only (tests/gpu/quick_timing.py, docs/performance.md "where the gap goes"):
 // bit i drops kernel i of every layer (1 QKV, 2 attention, 4 O, 8 gate|up, 16 down; 32 lm_head);
@@ -129,6 +133,7 @@ static void step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         GemvArgs g;
         g.max_blocks = max_blocks;
         g.eps = p.eps;
+       
         // norm + QKV (layer 0: gather the embedding row of token_dev[s] into x first)
         g.W = w.w_qkv; g.N = p.qkv_rows(); g.K = p.H;
         g.x = l == 0 ? p.embed : p.x;

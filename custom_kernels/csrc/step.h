@@ -36,7 +36,7 @@ struct Plan {
     float *logits = nullptr;   // [V] fp32
     float *part_acc = nullptr; // [Hq, max_splits, D]
     float *part_ml = nullptr;  // [Hq, max_splits, 2]
-    int *counters = nullptr;   // [Hkv], zero
+    int *counters = nullptr;   // [Hq], zero
     int max_splits = 0;
     // per-session device state
     int *token_dev = nullptr;          // [S] the next input token

@@ -191,51 +191,76 @@ def first_request(warm):
 KINDS = {"m0": "norm+QKV", "m2": "norm+gate|up", "m3": "norm+lm_head", "attention": "attention", "finish": "finish"}
 
 
-def kernel_timeline(ext, model, steps=8):
-    """Per-kernel timeline of `steps` decode steps replayed as one dynamic graph: for each kernel,
-    from the global timer, min start / min past griddepcontrol.wait / max end over its blocks."""
+SLOT = 8  # uint64 per trace slot (kKtraceSlot in ops.h)
+PHASES = {3: "rope", 4: "scores", 5: "softmax", 6: "pv", 7: "out"}  # attention's ktrace_mark points
+
+
+def kernel_timeline(ext, model, steps=8, mode="dynamic"):
+    """Per-kernel timeline of `steps` decode steps (one dynamic graph, or `steps` exact graphs
+    captured in the background): for each kernel, from the global timer, min start / min past
+    griddepcontrol.wait / max end over its blocks, and attention's phase ends (max over blocks)."""
     cfg = model.cfg
     n = 8192
-    buf = torch.empty(n * 3, dtype=torch.int64, device="cuda")
+    buf = torch.empty(n * SLOT, dtype=torch.int64, device="cuda")
     ext.set_kernel_trace(buf.data_ptr(), n)
-    be = CudaBackend(model, sessions=1, graph_mode="dynamic", gemm="custom", steps_per_graph=steps)
+    be = CudaBackend(model, sessions=1, graph_mode=mode, gemm="custom", steps_per_graph=steps)
     try:
         ids = list(range(1, 33))
         tok = int(be.prefill(0, ids).argmax())
-        be.engine.prepare_dynamic(0, steps)  # captured now: its launches take the slots below
-        lo = ext.kernel_trace_next() - steps * (5 * cfg.num_layers + 2)
-        names = ext.kernel_trace_names(lo, ext.kernel_trace_next())
-        be.generate(0, tok, steps, SamplingParams())  # warm
-        be.prefill(0, ids)
-        buf.view(n, 3)[:, :2].fill_(-1)
-        buf.view(n, 3)[:, 2].fill_(0)
+        lo = ext.kernel_trace_next()
+        if mode == "dynamic":
+            be.engine.prepare_dynamic(0, steps)  # captured now: its launches take the slots below
+        else:  # 2 x steps graphs; a replayed exact graph is evicted, so the first half is the warm-up
+            be.bg_capture_start(0, 2 * steps)
+            be.wait_precapture(0, 2 * steps, 300.0)
+            be.bg_capture_stop(0)
+        hi = ext.kernel_trace_next()
+        names = ext.kernel_trace_names(lo, hi)
+        v = buf.view(n, SLOT)
+        if mode == "dynamic":
+            be.generate(0, tok, steps, SamplingParams())  # warm
+            be.prefill(0, ids)
+        v[:, :2].fill_(-1)
+        v[:, 2:].fill_(0)
         torch.cuda.synchronize()
-        be.generate(0, tok, steps, SamplingParams())
+        be.generate(0, tok, steps if mode == "dynamic" else 2 * steps, SamplingParams())
         torch.cuda.synchronize()
-        t = buf.view(n, 3)[lo:lo + len(names)].cpu().tolist()
+        t = v[lo:hi].cpu().tolist()
     finally:
         ext.set_kernel_trace(0, 0)
         be.close()
-    t0 = t[0][0]
+    per_step = 5 * cfg.num_layers + 2
+    run = [(i, name, tt) for i, (name, tt) in enumerate(zip(names, t)) if tt[2] > 0]  # replayed slots
+    run.sort(key=lambda x: x[2][2])  # execution order (a serial chain: ends are monotonic)
+    run = run[len(run) - steps * per_step:]  # exact: the second half (the first is the warm-up)
+    t0 = run[0][2][0]
     rows, by_kind = [], {}
-    for i, (name, (s, w, e)) in enumerate(zip(names, t)):
+    for j, (i, name, tt) in enumerate(run):
+        s, w, e = tt[:3]
         key = name.split()[1] if name.startswith("gemv") else name
         kind = KINDS.get(key, name)
         if key == "m1":
-            kind = "O+resid" if i % (5 * cfg.num_layers + 2) % 5 == 2 else "down+resid"
-        prev_end = t[i - 1][2] if i else s
+            kind = "O+resid" if (i % per_step) % 5 == 2 else "down+resid"
+        prev_end = run[j - 1][2][2] if j else s
         r = {"i": i, "kind": kind, "start_us": (s - t0) / 1e3, "wait_done_us": (w - t0) / 1e3, "end_us": (e - t0) / 1e3,
-             "release_us": (w - prev_end) / 1e3, "work_us": (e - w) / 1e3, "total_us": (e - prev_end) / 1e3}
+             "release_us": (w - prev_end) / 1e3, "work_us": (e - w) / 1e3, "total_us": (e - prev_end) / 1e3,
+             "early_us": (w - s) / 1e3}
+        for k, ph in PHASES.items():
+            if tt[k] > 0:
+                r[ph + "_us"] = (tt[k] - w) / 1e3  # phase end, from the first block past the wait
         rows.append(r)
         by_kind.setdefault(kind, []).append(r)
     summary = {}
     for kind, rs in by_kind.items():
         m = lambda k: round(sorted(x[k] for x in rs)[len(rs) // 2], 2)  # noqa: E731
         summary[kind] = {"count": len(rs), "release_us_p50": m("release_us"), "work_us_p50": m("work_us"),
-                         "end_to_end_us_p50": m("total_us"),
+                         "end_to_end_us_p50": m("total_us"), "early_us_p50": m("early_us"),
                          "sum_us": round(sum(x["total_us"] for x in rs), 1)}
-    span = (t[-1][2] - t0) / 1e3
-    return {"shape": model.name, "steps": steps, "span_us": round(span, 1),
+        for ph in PHASES.values():
+            if all(ph + "_us" in x for x in rs):
+                summary[kind][ph + "_us_p50"] = m(ph + "_us")
+    span = (run[-1][2][2] - t0) / 1e3
+    return {"shape": model.name, "mode": mode, "tuning": ext.tuning(), "steps": steps, "span_us": round(span, 1),
             "us_per_step": round(span / steps, 1), "summary": summary, "kernels": rows}
 
 
@@ -246,10 +271,13 @@ def main():
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--kernel-pdl", default="1,3", help="PDL modes for the per-kernel GEMV rows")
     ap.add_argument("--rows", default="",
-                    help="decode rows mode:gemm:pdl[:evict_first:skip],... (default: all); evict_first "
-                         "(default 1): ext.set_gemv_l2, skip: ext.set_step_skip (timing ablation)")
+                    help="decode rows mode:gemm:pdl[:evict_first:skip:tuning],... (default: all); evict_first "
+                         "(default 1): ext.set_gemv_l2, skip: ext.set_step_skip (timing ablation), "
+                         "tuning: ext.set_tuning bits (ops.h TuneBit)")
     ap.add_argument("--ttft", action="store_true", help="first-request TTFT in fresh processes (7B)")
     ap.add_argument("--timeline", default="", help="shapes for a per-kernel timeline (kernel_timeline)")
+    ap.add_argument("--timeline-modes", default="dynamic", help="graph modes of the timeline: dynamic,exact")
+    ap.add_argument("--tune", default="0", help="ext.set_tuning values to run the timeline with (A/B)")
     a = ap.parse_args()
     ext = load_extension()
     if a.timeline:
@@ -259,13 +287,20 @@ def main():
             cfg = with_max_seq(SYNTHETIC_SHAPES[shape], 2048)
             w = synthetic_weights(cfg, "float16", "cuda", 0)
             model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
-            tl = kernel_timeline(ext, model)
-            out.append(tl)
-            print(f"== timeline {shape}: {tl['us_per_step']} us/step")
-            print(f"{'kind':14s} {'n':>4s} {'release':>8s} {'work':>8s} {'end2end':>8s} {'sum':>8s}  (us, p50)")
-            for k, v in tl["summary"].items():
-                print(f"{k:14s} {v['count']:4d} {v['release_us_p50']:8.2f} {v['work_us_p50']:8.2f} "
-                      f"{v['end_to_end_us_p50']:8.2f} {v['sum_us']:8.1f}")
+            for mode in a.timeline_modes.split(","):
+                for tune in (int(x) for x in a.tune.split(",")):
+                    ext.set_tuning(tune)
+                    tl = kernel_timeline(ext, model, mode=mode)
+                    ext.set_tuning(0)
+                    out.append(tl)
+                    print(f"== timeline {shape} {mode} tuning {tune}: {tl['us_per_step']} us/step")
+                    print(f"{'kind':14s} {'n':>4s} {'early':>7s} {'release':>8s} {'work':>8s} {'end2end':>8s} "
+                          f"{'sum':>8s}  (us, p50)  phases")
+                    for k, v in tl["summary"].items():
+                        ph = " ".join(f"{p}={v[p + '_us_p50']}" for p in PHASES.values() if p + "_us_p50" in v)
+                        print(f"{k:14s} {v['count']:4d} {v['early_us_p50']:7.2f} {v['release_us_p50']:8.2f} "
+                              f"{v['work_us_p50']:8.2f} {v['end_to_end_us_p50']:8.2f} {v['sum_us']:8.1f}  {ph}",
+                              flush=True)
             del model, w
             torch.cuda.empty_cache()
         Path(a.out, "timeline.json").write_text(json.dumps(out, indent=1))
@@ -295,14 +330,16 @@ def main():
                                 ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
                                 ("dynamic", "cublas", "1")]:
             os.environ["CASE4_PDL"] = pdl
-            ef, skip = (int(v) for v in (tune + ["1", "0"][len(tune):])[:2])
+            ef, skip, tn = (int(v) for v in (tune + ["1", "0", "0"][len(tune):])[:3])
             ext.set_gemv_l2(ef)
             ext.set_step_skip(skip)
+            ext.set_tuning(tn)
             r = time_backend(model, mode, gemm, a.steps)
             ext.set_gemv_l2(1)
             ext.set_step_skip(0)
+            ext.set_tuning(0)
             r["pdl"] = int(pdl)
-            r.update({"evict_first": ef, "skip": skip})
+            r.update({"evict_first": ef, "skip": skip, "tuning": tn})
             toks = r.pop("tokens")
             if first_tokens is None:
                 first_tokens = toks
@@ -318,11 +355,11 @@ def main():
             print(r, flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     Path(a.out, "quick_timing.json").write_text(json.dumps(report, indent=2))
-    print("\nshape          mode     gemm   pdl ef skip ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 "
+    print("\nshape          mode     gemm   pdl ef skip tune ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 "
           "same-tokens")
     for r in report["decode"]:
         print(f"{r['shape']:14s} {r['mode']:8s} {r['gemm']:7s} {r['pdl']} {r.get('evict_first', 0)}  "
-              f"{r.get('skip', 0):3d} {r.get('ms_per_token', 0):7.3f} "
+              f"{r.get('skip', 0):3d} {r.get('tuning', 0):3d} {r.get('ms_per_token', 0):7.3f} "
               f"{r.get('tok_per_s', 0):7.1f} {r.get('client_ms_per_token', 0):8.3f} {r['floor_ms']:8.3f} "
               f"{r.get('capture_ms_p50', 0):8.2f} {r.get('tokens_equal_first_row')}")
 

@@ -82,8 +82,17 @@ ATT_SHAPES = [(9, 3, 64, 64), (32, 32, 128, 128), (32, 8, 128, 128), (4, 2, 32, 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("Hq,Hkv,D,R", ATT_SHAPES)
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_attention(Hq, Hkv, D, R, dtype, dynamic):
+@pytest.mark.parametrize("tuning", [0, 32, 33])  # default (block row per query head); per KV head; + one chunk group per block
+def test_attention(Hq, Hkv, D, R, dtype, dynamic, tuning):
     ext = load_extension()
+    ext.set_tuning(tuning)
+    try:
+        _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic)
+    finally:
+        ext.set_tuning(0)
+
+
+def _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic):
     dt = DT[dtype]
     max_seq = 1100
     split = ext.SPLIT_LEN
@@ -93,7 +102,7 @@ def test_attention(Hq, Hkv, D, R, dtype, dynamic):
     cos, sin = fr.cos().cuda(), fr.sin().cuda()
     part_acc = torch.empty(Hq * max_splits * D, device="cuda")
     part_ml = torch.empty(Hq * max_splits * 2, device="cuda")
-    counters = torch.zeros(Hkv, dtype=torch.int32, device="cuda")
+    counters = torch.zeros(Hq, dtype=torch.int32, device="cuda")
     G = Hq // Hkv
     for pos in (0, 5, 63, 64, 200, 1000):
         g = torch.Generator(device="cuda").manual_seed(pos + 13 * D)
