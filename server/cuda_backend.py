@@ -5,7 +5,8 @@ device state, pinned host buffers); the extension gets their raw pointers. The C
 `Engine` (custom_kernels/csrc/graphs.cpp) owns the non-blocking replay and capture
 streams, the graph cache and the background capture thread; every call into it releases
 the GIL. Prefill runs the torch path (cuBLAS GEMMs + SDPA) of the ReferenceDecoder in the
-model dtype on the same KV arena.
+model dtype on the same KV arena, replayed as a CUDA graph per prompt-length bucket
+(server/prefill_graphs.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from custom_kernels.ext import load_extension
 from server.backends import Backend
 from server.kv import KVArena
 from server.models import LoadedModel
+from server.prefill_graphs import PrefillGraphs
 from server.reference import ReferenceDecoder
 
 GRAPH_MODES = ("exact", "dynamic", "none")
@@ -54,6 +56,9 @@ class CudaBackend(Backend):
         with torch.cuda.device(dev):
             self.kv = KVArena(cfg, sessions, dt, dev)
             self.prefill_dec = ReferenceDecoder(w, self.kv, compute_dtype=dt)
+            # prompt forwards replayed as CUDA graphs per (session, bucket); CASE4_PREFILL_GRAPHS=0: eager
+            self.prefill_graphs = (PrefillGraphs(self.prefill_dec, cfg.max_seq_len)
+                                   if os.environ.get("CASE4_PREFILL_GRAPHS", "1") != "0" else None)
             H, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
             self.max_splits = -(-cfg.max_seq_len // self.ext.SPLIT_LEN)
 
@@ -95,10 +100,18 @@ class CudaBackend(Backend):
     def _warmup(self) -> None:
         """Start-up only: prefills of 4, 64 and 512 tokens (torch/cuBLAS handles and GEMM/SDPA kernel
         loads) and one eager step with a logits fetch (our kernels, the D2H path) on session 0,
-        then reset it, so the first request's TTFT does not pay the initialisation. Scratch,
-        KV rows past the reset position and the token ring are overwritten by real work."""
+        then reset it, so the first request's TTFT does not pay the initialisation. With prefill
+        graphs, one prefill per bucket up to 2048 tokens instead (each captures its graph for
+        session 0; other sessions capture on first use). Scratch, KV rows past the reset position
+        and the token ring are overwritten by real work."""
         V, cap = self.cfg.vocab_size, self.cfg.max_seq_len - 2
-        for n in sorted({min(4, cap), min(64, cap), min(512, cap)}):  # GEMM kernels differ by prompt length
+        lens = {min(4, cap), min(64, cap), min(512, cap)}  # GEMM kernels differ by prompt length
+        if self.prefill_graphs is not None:
+            b = 16
+            while b <= min(2048, cap):
+                lens.add(b)
+                b *= 2
+        for n in sorted(lens):
             if n < 1:
                 continue
             ids = [(7 * i + 1) % V for i in range(n)]
@@ -126,7 +139,10 @@ class CudaBackend(Backend):
     def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
         ids = self.check_prompt(session, ids)
         self.engine.sync()  # earlier steps on the replay stream are done with the arena
-        logits = self.prefill_dec.prefill(session, ids)
+        logits = self.prefill_graphs.run(session, ids) if self.prefill_graphs is not None else None
+        if logits is None:  # no graph for this length (or graphs off): the eager torch path
+            logits = self.prefill_dec.prefill(session, ids)
+        self.kv.seq_len[session] = len(ids)
         torch.cuda.current_stream(self.kv.kv.device).synchronize()  # the KV rows are written
         self.engine.set_seq_len(session, len(ids))
         return logits.float().cpu()
@@ -217,6 +233,8 @@ class CudaBackend(Backend):
         st = dict(self.engine.stats())
         out = {k: (int(v) if float(v).is_integer() else v) for k, v in st.items() if not k.startswith("position_")}
         out["mode"] = self.graph_mode
+        if self.prefill_graphs is not None:
+            out.update(self.prefill_graphs.stats())
         err = self.engine.last_error()
         if err:
             out["last_error"] = err
@@ -243,3 +261,4 @@ class CudaBackend(Backend):
         if not self._closed:
             self._closed = True
             self.engine.close()
+            self.prefill_graphs = None  # graphs and their memory pool

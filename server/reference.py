@@ -53,16 +53,24 @@ class ReferenceDecoder:
 
     # -- the forward pass ------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, session: int, ids: list[int], start: int) -> torch.Tensor:
-        """Run tokens `ids` at positions start..start+T-1 of `session`; return fp32 logits [T, V]."""
-        cfg, w, kvs = self.cfg, self.w, self.kv
+    def forward(self, session: int, ids: list[int], start: int, last_only: bool = False) -> torch.Tensor:
+        """Run tokens `ids` at positions start..start+T-1 of `session`; return fp32 logits [T, V]
+        (last_only: of the last position only, [1, V])."""
         T = len(ids)
-        if start + T > kvs.max_seq:
-            raise BadInput(f"sequence of {start + T} tokens exceeds the context of {kvs.max_seq}")
+        if start + T > self.kv.max_seq:
+            raise BadInput(f"sequence of {start + T} tokens exceeds the context of {self.kv.max_seq}")
+        if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:  # on the host list: no device sync
+            raise BadInput(f"token id out of range [0, {self.cfg.vocab_size})")
+        tok = torch.tensor(ids, dtype=torch.long, device=self.w.arena.device)
+        return self.forward_tokens(session, tok, start, last=slice(T - 1, T) if last_only else None)
+
+    def forward_tokens(self, session: int, tok: torch.Tensor, start: int, last=None) -> torch.Tensor:
+        """forward() on a device tensor of token ids [T] (checked by the caller), with no host
+        sync: CUDA-graph capturable (server/prefill_graphs.py). `last` (a slice, or a device index
+        tensor [1]) picks the rows that get logits; None: all T."""
+        cfg, w, kvs = self.cfg, self.w, self.kv
+        T = tok.shape[0]
         dev = w.arena.device
-        if min(ids) < 0 or max(ids) >= cfg.vocab_size:  # on the host list: no device sync
-            raise BadInput(f"token id out of range [0, {cfg.vocab_size})")
-        tok = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.arange(start, start + T, device=dev)
         cos = self.w.rope_cos[pos][:, None, :]                          # [T, 1, R/2], once for all layers
         sin = self.w.rope_sin[pos][:, None, :]
@@ -94,6 +102,8 @@ class ReferenceDecoder:
             self._record(f"L{l}.mlp", mlp)
             x = self._r(x + mlp)
             self._record(f"L{l}.out", x)
+        if last is not None:
+            x = x[last] if isinstance(last, slice) else x.index_select(0, last)
         h = self._norm(x, w.final_norm)
         self._record("final_hidden", h)
         logits = self._lin(h, w.lm_head).float()
@@ -106,8 +116,10 @@ class ReferenceDecoder:
         cfg = self.cfg
         T, Hq, D = q.shape
         g = cfg.group
-        k = kc.to(self.cdt).repeat_interleave(g, dim=0)                 # [Hq, S, D]
-        v = vc.to(self.cdt).repeat_interleave(g, dim=0)
+        k, v = kc.to(self.cdt), vc.to(self.cdt)                          # [Hkv, S, D]
+        if g > 1:  # each KV head serves g query heads (expand + copy: no host sync, graph-safe)
+            k = k[:, None].expand(-1, g, -1, -1).reshape(Hq, -1, D)      # [Hq, S, D]
+            v = v[:, None].expand(-1, g, -1, -1).reshape(Hq, -1, D)
         qh = q.transpose(0, 1)                                          # [Hq, T, D]
         if mask is None:
             ctx = F.scaled_dot_product_attention(qh[None], k[None], v[None], is_causal=True)[0]
@@ -125,7 +137,7 @@ class ReferenceDecoder:
         self.kv.check_session(session)
         if not ids:
             raise BadInput("the prompt is empty")
-        logits = self.forward(session, list(ids), 0)
+        logits = self.forward(session, list(ids), 0, last_only=True)
         self.kv.seq_len[session] = len(ids)
         return logits[-1]
 

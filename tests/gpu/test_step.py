@@ -190,3 +190,38 @@ def test_no_allocation_after_startup():
         assert alloc1 == alloc0 and free1 == free0, (free0 - free1, alloc1 - alloc0)
     finally:
         be.close()
+
+
+@pytest.mark.parametrize("shape", ["smollm2-135m", "llama2-7b"])
+def test_prefill_graphs_match_eager(shape):
+    """Prefill replayed as a CUDA graph (padded to its bucket; server/prefill_graphs.py) == the eager
+    torch prefill: last-position logits, the KV rows, and the greedy continuation that decodes from
+    them; two sessions (one graph each), a bucket reused with new tokens, a length past the buckets
+    (max_seq 1000: 700 tokens would need bucket 1024, so it runs eagerly)."""
+    be = make(shape, mode="dynamic", sessions=2, max_seq=1000)
+    try:
+        assert be.prefill_graphs is not None
+        V, L = be.cfg.vocab_size, be.cfg.num_layers
+        st0 = be.graph_stats()
+        for i, (s, n) in enumerate([(0, 3), (1, 9), (0, 16), (1, 40), (0, 700), (0, 500)]):
+            ids = prompt(n, V, seed=100 + i)
+            got = be.prefill(s, ids).clone()
+            kv_got = [(be.kv.k(s, l)[:, :n].clone(), be.kv.v(s, l)[:, :n].clone()) for l in (0, L - 1)]
+            toks_got = be.generate(s, int(got.argmax()), 8, _greedy())
+            want = be.prefill_dec.prefill(s, ids).float().cpu()  # eager torch path, same arena
+            torch.cuda.synchronize()
+            be.engine.set_seq_len(s, n)
+            for (kg, vg), l in zip(kv_got, (0, L - 1)):
+                assert rel(kg, be.kv.k(s, l)[:, :n]) < 1e-2 and rel(vg, be.kv.v(s, l)[:, :n]) < 1e-2
+            assert rel(got, want) < 1e-2, (n, rel(got, want))
+            toks_want = be.generate(s, int(want.argmax()), 8, _greedy())
+            a, b = int(got.argmax()), int(want.argmax())
+            if a == b:
+                assert toks_got == toks_want, (n, toks_got, toks_want)
+            else:  # padded GEMM shapes round differently: only a near-tie may flip
+                assert abs(float(want[a] - want[b])) < 1e-2 * float(want.abs().max()), (n, a, b)
+        st = be.graph_stats()
+        assert st["prefill_replays"] - st0["prefill_replays"] == 5, (st0, st)  # 700 ran eagerly
+        assert st["prefill_graphs"] - st0["prefill_graphs"] == 2, (st0, st)  # session 1: buckets 16, 64
+    finally:
+        be.close()

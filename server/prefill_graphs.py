@@ -1,0 +1,81 @@
+"""CUDA graphs of the prompt forward (prefill) for the cuda backend.
+
+The prefill runs the reference decoder's torch path in the model dtype (cuBLAS GEMMs + SDPA):
+~55 small torch ops per layer, so an eager prefill is bound by the host (Python + launches,
+~25 ms for 32 layers on the H100 machines, whatever the prompt length). Here it is captured
+once per (session, bucket) and replayed: the host cost is one replay.
+
+  * bucket: the prompt is padded with token 0 to the next power of two >= MIN_BUCKET (at most
+    max_seq). A fresh prompt (start 0) is plain causal, so the padding rows never reach the real
+    ones; they write KV rows n..bucket-1, which are past seq_len: decode writes row T before it
+    reads it and never reads rows > T.
+  * static inputs: the token ids [bucket] and the index of the last real row [1]; static output:
+    that row's fp32 logits [1, V]. The session's KV slice is baked into the graph (one graph per
+    session and bucket).
+  * one memory pool for all the graphs (they never run at the same time; a graph's output is read
+    right after its replay).
+  * capture in thread-local mode: the engine's background thread may be capturing decode graphs.
+
+Continuation prompts (start > 0) and prompts longer than max_seq's bucket run eagerly.
+Kept apart from the model code (server/reference.py), as the decode graphs are
+(custom_kernels/csrc/graphs.cpp).
+"""
+from __future__ import annotations
+
+import torch
+
+MIN_BUCKET = 16
+
+
+class PrefillGraphs:
+    def __init__(self, dec, max_seq: int):
+        self.dec = dec                 # ReferenceDecoder in the model dtype (compute_dtype = dtype)
+        self.max_seq = max_seq
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (session, bucket) -> (graph, tok, last, out)
+        self.pool = None
+        self.captures = 0
+        self.replays = 0
+
+    def bucket(self, n: int) -> int | None:
+        b = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+        return b if b <= self.max_seq else None
+
+    def _capture(self, session: int, b: int):
+        dev = self.dec.w.arena.device
+        tok = torch.zeros(b, dtype=torch.long, device=dev)
+        last = torch.zeros(1, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up off the capture (library handles, kernel choice)
+            for _ in range(2):
+                self.dec.forward_tokens(session, tok, 0, last=last)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+            out = self.dec.forward_tokens(session, tok, 0, last=last)
+        self.pool = g.pool()
+        self.captures += 1
+        return g, tok, last, out
+
+    def run(self, session: int, ids: list[int]) -> torch.Tensor | None:
+        """fp32 logits [V] of the last position of prompt `ids` (checked by the caller) written
+        into `session` from position 0, or None when no graph applies (run it eagerly)."""
+        n = len(ids)
+        b = self.bucket(n)
+        if b is None:
+            return None
+        entry = self.graphs.get((session, b))
+        if entry is None:
+            entry = self.graphs[(session, b)] = self._capture(session, b)
+        g, tok, last, out = entry
+        host = torch.zeros(b, dtype=torch.long)
+        host[:n] = torch.tensor(ids, dtype=torch.long)
+        tok.copy_(host, non_blocking=False)
+        last.fill_(n - 1)
+        g.replay()
+        self.replays += 1
+        return out[0]
+
+    def stats(self) -> dict:
+        return {"prefill_graphs": len(self.graphs), "prefill_captures": self.captures,
+                "prefill_replays": self.replays}
