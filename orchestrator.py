@@ -255,7 +255,10 @@ class Run:
                               label=f"generate {steps}")
                 toks = r["tokens"]
                 text = self.call(self.client, "detokenize", {"ids": toks, "stream": True})["text"]
-                self.emit(toks, text, time.perf_counter())
+                # the chunk's tokens share its time: spread evenly since the previous token, so
+                # per-token p50/p99 are chunk time / tokens (docs/ipc.md), not 0 and the chunk time
+                t_now, t_prev = time.perf_counter(), self.t_tok[-1]
+                self.emit(toks, text, [t_prev + (t_now - t_prev) * (i + 1) / len(toks) for i in range(len(toks))])
                 T, tok = r["seq_len"], toks[-1]
             elif a.ipc == "loop":
                 tok, T = self.decode_loop(T, tok, not use_graphs, max_new - len(self.tokens))

@@ -80,6 +80,8 @@ def test_greedy_matches_hf_transformers(tmp_path, smollm2_hf, hf_tok, sampling, 
     assert toks == want, (text, hf_tok.decode(want))
     assert text == hf_tok.decode(toks, skip_special_tokens=True)
     assert m["generated_tokens"] == len(toks) and m["ttft_ms"] > 0 and m["sampling"] == sampling
+    # per-token latency: device sampling returns tokens in chunks, each token counts chunk time / tokens
+    assert m["p50_ms"] > 0 and m["p99_ms"] >= m["p50_ms"], (m["p50_ms"], m["p99_ms"])
     if chat:
         assert "Everest" in text
 
