@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 import threading
@@ -68,19 +67,6 @@ def spin_get(q, spin: float = 0.0):
         t_end = time.perf_counter() + spin
         while not r.poll(0) and time.perf_counter() < t_end:
             pass
-    return q.get()
-
-
-def get(q, timeout: float, spin: float = 0.0):
-    """q.get() with a timeout (raises queue.Empty), for a SimpleQueue with one reader.
-    Not on the hot path (it adds a poll syscall per read); kept for tools and tests."""
-    r = q._reader
-    if spin > 0 and not r.poll(0):
-        t_end = time.perf_counter() + spin
-        while not r.poll(0) and time.perf_counter() < t_end:
-            pass
-    if not r.poll(timeout):
-        raise queue.Empty
     return q.get()
 
 

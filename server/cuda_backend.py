@@ -107,10 +107,7 @@ class CudaBackend(Backend):
         V, cap = self.cfg.vocab_size, self.cfg.max_seq_len - 2
         lens = {min(4, cap), min(64, cap), min(512, cap)}  # GEMM kernels differ by prompt length
         if self.prefill_graphs is not None:
-            b = 16
-            while b <= min(2048, cap):
-                lens.add(b)
-                b *= 2
+            lens.update(self.prefill_graphs.buckets(min(2048, cap)))
         for n in sorted(lens):
             if n < 1:
                 continue

@@ -33,12 +33,15 @@ class PrefillGraphs:
         self.max_seq = max_seq
         self.graphs: dict[tuple[int, int], tuple] = {}  # (session, bucket) -> (graph, tok, last, out)
         self.pool = None
-        self.captures = 0
         self.replays = 0
 
     def bucket(self, n: int) -> int | None:
         b = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
         return b if b <= self.max_seq else None
+
+    def buckets(self, up_to: int) -> list[int]:
+        """Every bucket that prompts of up to `up_to` tokens fill exactly (start-up captures)."""
+        return [MIN_BUCKET << i for i in range(max(0, up_to // MIN_BUCKET).bit_length())]
 
     def _capture(self, session: int, b: int):
         dev = self.dec.w.arena.device
@@ -54,7 +57,6 @@ class PrefillGraphs:
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             out = self.dec.forward_tokens(session, tok, 0, last=last)
         self.pool = g.pool()
-        self.captures += 1
         return g, tok, last, out
 
     def run(self, session: int, ids: list[int]) -> torch.Tensor | None:
@@ -77,5 +79,4 @@ class PrefillGraphs:
         return out[0]
 
     def stats(self) -> dict:
-        return {"prefill_graphs": len(self.graphs), "prefill_captures": self.captures,
-                "prefill_replays": self.replays}
+        return {"prefill_graphs": len(self.graphs), "prefill_replays": self.replays}

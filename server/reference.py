@@ -103,7 +103,7 @@ class ReferenceDecoder:
             x = self._r(x + mlp)
             self._record(f"L{l}.out", x)
         if last is not None:
-            x = x[last] if isinstance(last, slice) else x.index_select(0, last)
+            x = x[last]
         h = self._norm(x, w.final_norm)
         self._record("final_hidden", h)
         logits = self._lin(h, w.lm_head).float()

@@ -16,6 +16,8 @@ def test_buckets():
     pg = PrefillGraphs(dec=None, max_seq=1024)
     assert [pg.bucket(n) for n in (1, 15, 16, 17, 32, 33, 512, 513, 1024)] == [16, 16, 16, 32, 32, 64, 512, 1024, 1024]
     assert pg.bucket(1025) is None
+    assert pg.buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048] and pg.buckets(998) == [16, 32, 64, 128, 256, 512]
+    assert pg.buckets(15) == [] and pg.buckets(16) == [16]
     assert MIN_BUCKET == 16
 
 
