@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
     __shared__ float acc_w[NGM * WPG][GM][D];  // per-warp partial sums
     __shared__ float m_s[NGM][GM], l_s[NGM][GM];
     __shared__ int last_s;
+    __shared__ volatile unsigned sink_s[attn_max_groups(D, GM) * kAttnGroup];  // kv_in's stores (timeline)
 
     const int NG = blockDim.x / kAttnGroup;
     const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
@@ -66,6 +67,14 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
             const int p = start + pp * RPP + r;
             vv[pp] = p < pos ? *reinterpret_cast<const uint4 *>(vc + (size_t)p * D + c * 8) : make_uint4(0, 0, 0, 0);
         }
+    };
+    // timeline only: wait until this thread's K (or V) rows are in registers (a store that depends
+    // on every word), to mark when the rows read ahead of the wait have arrived
+    auto kv_in = [&](const uint4 (&r)[NP]) {
+        unsigned x = 0;
+#pragma unroll
+        for (int pp = 0; pp < NP; ++pp) x ^= r[pp].x ^ r[pp].y ^ r[pp].z ^ r[pp].w;
+        sink_s[tid] = x;
     };
     ktrace(a.trace, 0);
     // T and the K/V rows < T are read before the wait. They were written by the previous steps:
@@ -123,6 +132,14 @@ __global__ void __launch_bounds__(attn_max_groups(D, GM) * kAttnGroup, 1) attn_k
     }
     __syncthreads();
     ktrace_mark(a.trace, 3);  // q rotated, K_T / V_T staged
+    if (a.trace) {  // timeline only: when the rows < T (loaded before the wait) are in
+        kv_in(kv);
+        __syncthreads();
+        ktrace_mark(a.trace, 10);
+        kv_in(vv);
+        __syncthreads();
+        ktrace_mark(a.trace, 11);
+    }
     float q[GM][8];
 #pragma unroll
     for (int g = 0; g < GM; ++g)

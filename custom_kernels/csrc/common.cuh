@@ -72,7 +72,9 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p, uint64_t pol) {
 // With a trace slot (kKtraceSlot uint64; set_kernel_trace, tests/gpu/quick_timing.py --timeline)
 // thread 0 of every block records, in ns of the global timer: [0] min over blocks of the start,
 // [1] min of the time past griddepcontrol.wait, [2] max of the end, [3..7] max of the end of a
-// kernel-specific phase (ktrace_mark; attention). Without one (the default) nothing is written.
+// kernel-specific phase (ktrace_mark; attention), [8] / [9] max of the start / of the time past
+// the wait (the last block), [10..11] attention's K / V rows in. Without one (the default)
+// nothing is written.
 __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -81,8 +83,12 @@ __device__ __forceinline__ unsigned long long global_ns() {
 __device__ __forceinline__ void ktrace(unsigned long long *t, int what) {
     if (t && threadIdx.x == 0) {
         const unsigned long long now = global_ns();
-        if (what < 2) atomicMin(t + what, now);
-        else atomicMax(t + 2, now);
+        if (what < 2) {
+            atomicMin(t + what, now);
+            atomicMax(t + 8 + what, now);  // the last block's start / pass of the wait
+        } else {
+            atomicMax(t + 2, now);
+        }
     }
 }
 // end of phase k (3..kKtraceSlot-1) in this block (thread 0 only records)

@@ -15,7 +15,9 @@ enum DType : int { kF16 = 0, kBF16 = 1 };
 // Opt-in per-launch timing: `buf` holds n slots of kKtraceSlot uint64 (see ktrace in
 // common.cuh); each launch enqueued (or captured) afterwards takes the next slot and its name is
 // recorded. buf = 0 turns it off. Timing tool only (tests/gpu/quick_timing.py --timeline).
-constexpr int kKtraceSlot = 8;
+// slot: 0 first block's start, 1 first block past the wait, 2 last block's end, 3-7 phase ends
+// (attention), 8 last block's start, 9 last block past the wait, 10-11 attention's K / V rows in
+constexpr int kKtraceSlot = 12;
 void set_kernel_trace(uintptr_t buf, int n);
 unsigned long long *ktrace_slot(const char *fmt, int a = 0, int b = 0, int c = 0);
 int kernel_trace_next();

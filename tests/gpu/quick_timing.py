@@ -191,8 +191,9 @@ def first_request(warm):
 KINDS = {"m0": "norm+QKV", "m2": "norm+gate|up", "m3": "norm+lm_head", "attention": "attention", "finish": "finish"}
 
 
-SLOT = 8  # uint64 per trace slot (kKtraceSlot in ops.h)
-PHASES = {3: "rope", 4: "scores", 5: "softmax", 6: "pv", 7: "out"}  # attention's ktrace_mark points
+SLOT = 12  # uint64 per trace slot (kKtraceSlot in ops.h)
+PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "scores", 5: "softmax", 6: "pv", 7: "out"}  # attention's ktrace_mark points
+# slots 8 / 9: the last block's start / pass of the wait (spread of a kernel's blocks)
 
 
 def kernel_timeline(ext, model, steps=8, mode="dynamic"):
@@ -244,7 +245,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic"):
         prev_end = run[j - 1][2][2] if j else s
         r = {"i": i, "kind": kind, "start_us": (s - t0) / 1e3, "wait_done_us": (w - t0) / 1e3, "end_us": (e - t0) / 1e3,
              "release_us": (w - prev_end) / 1e3, "work_us": (e - w) / 1e3, "total_us": (e - prev_end) / 1e3,
-             "early_us": (w - s) / 1e3}
+             "early_us": (w - s) / 1e3, "last_start_us": (tt[8] - w) / 1e3, "last_wait_us": (tt[9] - w) / 1e3}
         for k, ph in PHASES.items():
             if tt[k] > 0:
                 r[ph + "_us"] = (tt[k] - w) / 1e3  # phase end, from the first block past the wait
@@ -255,6 +256,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic"):
         m = lambda k: round(sorted(x[k] for x in rs)[len(rs) // 2], 2)  # noqa: E731
         summary[kind] = {"count": len(rs), "release_us_p50": m("release_us"), "work_us_p50": m("work_us"),
                          "end_to_end_us_p50": m("total_us"), "early_us_p50": m("early_us"),
+                         "last_start_us_p50": m("last_start_us"), "last_wait_us_p50": m("last_wait_us"),
                          "sum_us": round(sum(x["total_us"] for x in rs), 1)}
         for ph in PHASES.values():
             if all(ph + "_us" in x for x in rs):
@@ -295,11 +297,12 @@ def main():
                     out.append(tl)
                     print(f"== timeline {shape} {mode} tuning {tune}: {tl['us_per_step']} us/step")
                     print(f"{'kind':14s} {'n':>4s} {'early':>7s} {'release':>8s} {'work':>8s} {'end2end':>8s} "
-                          f"{'sum':>8s}  (us, p50)  phases")
+                          f"{'sum':>8s} {'lstart':>7s} {'lwait':>6s}  (us, p50)  phases")
                     for k, v in tl["summary"].items():
                         ph = " ".join(f"{p}={v[p + '_us_p50']}" for p in PHASES.values() if p + "_us_p50" in v)
                         print(f"{k:14s} {v['count']:4d} {v['early_us_p50']:7.2f} {v['release_us_p50']:8.2f} "
-                              f"{v['work_us_p50']:8.2f} {v['end_to_end_us_p50']:8.2f} {v['sum_us']:8.1f}  {ph}",
+                              f"{v['work_us_p50']:8.2f} {v['end_to_end_us_p50']:8.2f} {v['sum_us']:8.1f} "
+                              f"{v['last_start_us_p50']:7.2f} {v['last_wait_us_p50']:6.2f}  {ph}",
                               flush=True)
             del model, w
             torch.cuda.empty_cache()
