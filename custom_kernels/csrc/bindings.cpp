@@ -46,6 +46,7 @@ static Plan plan_from_dict(const py::dict &d) {
     p.kv = ptr<void *>(d, "kv");
     p.x = ptr<void *>(d, "x"); p.xn = ptr<void *>(d, "xn"); p.qkv = ptr<void *>(d, "qkv");
     p.ctx = ptr<void *>(d, "ctx"); p.mlp = ptr<void *>(d, "mlp"); p.tmp = ptr<void *>(d, "tmp");
+    if (d.contains("tmp_bytes")) p.tmp_bytes = d["tmp_bytes"].cast<size_t>();
     p.logits = ptr<float *>(d, "logits");
     p.part_acc = ptr<float *>(d, "part_acc"); p.part_ml = ptr<float *>(d, "part_ml");
     p.counters = ptr<int *>(d, "counters"); p.max_splits = d["max_splits"].cast<int>();
@@ -96,6 +97,27 @@ static void k_sample(uintptr_t logits, int V, int pos, float temperature, int to
     launch_finish(f, (cudaStream_t)stream);
 }
 
+// lm_head (fp32 logits) with per-block argmax partials in `part`, then greedy sampling from them
+// (the custom decode path's last two kernels); returns the number of partials
+static int k_greedy_lm(uintptr_t W, int N, int K, uintptr_t x, uintptr_t norm_w, float eps, uintptr_t logits,
+                       uintptr_t part, uintptr_t params_dev, uintptr_t token_dev, int dtype, uintptr_t stream,
+                       int max_blocks) {
+    GemvArgs a;
+    a.W = (const void *)W; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w;
+    a.eps = eps; a.out = (void *)logits; a.mode = kGemvF32; a.max_blocks = max_blocks;
+    a.amax_part = (int2 *)part;
+    gemv_init(dtype);
+    const int n = launch_gemv(a, dtype, (cudaStream_t)stream);
+    SampleParams p{};
+    p.temperature = 0.f; p.top_k = 0; p.top_p = 1.f; p.enabled = 1; p.seed = 0;
+    launch_set_params((SampleParams *)params_dev, p, (cudaStream_t)stream);
+    FinishArgs f;
+    f.logits = (const float *)logits; f.V = N; f.amax_part = (const int2 *)part; f.amax_n = n;
+    f.params = (const SampleParams *)params_dev; f.token_dev = (int *)token_dev; f.force_sample = 1;
+    launch_finish(f, (cudaStream_t)stream);
+    return n;
+}
+
 PYBIND11_MODULE(_case4_cuda, m) {
     m.doc() = "Case4 custom CUDA decode kernels, decode-step plan and CUDA graph cache";
     m.attr("SPLIT_LEN") = kSplitLen;
@@ -103,6 +125,7 @@ PYBIND11_MODULE(_case4_cuda, m) {
     auto nogil = py::call_guard<py::gil_scoped_release>();
     m.def("gemv", &k_gemv, nogil);
     m.def("attention", &k_attention, nogil);
+    m.def("greedy_lm", &k_greedy_lm, nogil);
     m.def("sample", &k_sample, nogil);
     m.def("rng_position", &sample_rng_position);
     m.def("set_pdl", &set_pdl);

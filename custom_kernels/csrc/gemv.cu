@@ -92,6 +92,7 @@ template <typename T, int MODE, bool NORM, int U>
 __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     extern __shared__ uint4 xs[];  // K/8 vectors of the (normed) input; with NORM, then K/8 of the norm weights
     __shared__ float red[kWarp];
+    __shared__ int2 amax_s[kGemvWarps];
     constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
     const int nvec = a.K / 8;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -181,6 +182,8 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     __syncthreads();
 
     // ---- rows
+    float best = -INFINITY;  // kGemvF32 with amax_part: lane 0's largest stored logit and its row
+    int best_row = -1;
     for (int row = row0; row < a.N; row += stride) {
         const bool first = first_loaded && row == row0;
         if (MODE == kGemvSwiglu) {
@@ -201,9 +204,24 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
                     const float r = first && a.resid_pre ? res0 : to_f(o[row]);
                     o[row] = from_f<T>(round_t<T>(acc) + r);
                 } else {  // kGemvF32
-                    reinterpret_cast<float *>(a.out)[row] = a.round_logits ? round_t<T>(acc) : acc;
+                    const float v = a.round_logits ? round_t<T>(acc) : acc;
+                    reinterpret_cast<float *>(a.out)[row] = v;
+                    if (v > best) { best = v; best_row = row; }  // rows ascend: the lowest row of a tie stays
                 }
             }
+        }
+    }
+    if (MODE == kGemvF32 && a.amax_part) {  // the block's argmax, for the sampling kernel
+        if (lane == 0) amax_s[warp] = make_int2(__float_as_int(best), best_row);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int2 b = amax_s[0];
+            for (int w = 1; w < kGemvWarps; ++w) {
+                const int2 c = amax_s[w];
+                const float cv = __int_as_float(c.x), bv = __int_as_float(b.x);
+                if (c.y >= 0 && (b.y < 0 || cv > bv || (cv == bv && c.y < b.y))) b = c;
+            }
+            a.amax_part[blockIdx.x] = b;
         }
     }
     ktrace_end(a.trace);
@@ -246,7 +264,7 @@ void gemv_init(int dtype) {
 }
 
 template <typename T, int MODE>
-static void launch_mode(const GemvArgs &a, cudaStream_t st) {
+static int launch_mode(const GemvArgs &a, cudaStream_t st) {
     const int groups = (a.N + kGemvWarps - 1) / kGemvWarps;
     const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
     const size_t smem = (size_t)a.K * sizeof(T) * (a.norm_w ? 2 : 1);  // input (+ norm weights)
@@ -266,24 +284,26 @@ static void launch_mode(const GemvArgs &a, cudaStream_t st) {
         if (large) launch_pdl(gemv_kernel<T, MODE, false, kUnrollLarge>, grid, kGemvThreads, smem, st, b);
         else launch_pdl(gemv_kernel<T, MODE, false, kUnrollSmall>, grid, kGemvThreads, smem, st, b);
     }
+    return grid;
 }
 
 template <typename T>
-static void launch_t(const GemvArgs &a, cudaStream_t st) {
+static int launch_t(const GemvArgs &a, cudaStream_t st) {
     switch (a.mode) {
-        case kGemvStore: launch_mode<T, kGemvStore>(a, st); break;
-        case kGemvResid: launch_mode<T, kGemvResid>(a, st); break;
-        case kGemvSwiglu: launch_mode<T, kGemvSwiglu>(a, st); break;
-        case kGemvF32: launch_mode<T, kGemvF32>(a, st); break;
+        case kGemvStore: return launch_mode<T, kGemvStore>(a, st);
+        case kGemvResid: return launch_mode<T, kGemvResid>(a, st);
+        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st);
+        case kGemvF32: return launch_mode<T, kGemvF32>(a, st);
         default: throw std::runtime_error("gemv: bad mode");
     }
 }
 
-void launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) {
+int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) {
     if (a.K % 8 != 0) throw std::runtime_error("gemv: K must be a multiple of 8");
     if ((size_t)a.K * 2 * (a.norm_w ? 2 : 1) > (size_t)kGemvMaxSmem)
         throw std::runtime_error("gemv: K too large for shared memory");
-    if (dtype == kF16) launch_t<half>(a, st); else launch_t<__nv_bfloat16>(a, st);
+    if (a.amax_part && a.mode != kGemvF32) throw std::runtime_error("gemv: amax_part needs the fp32 logits mode");
+    return dtype == kF16 ? launch_t<half>(a, st) : launch_t<__nv_bfloat16>(a, st);
 }
 
 }  // namespace case4

@@ -32,6 +32,7 @@ enum TuneBit : int {
     kTuneNoNormPreload = 8,    // gemv: norm weights loaded after the wait (default: cp.async before it)
     kTuneNoResidPreload = 16,  // gemv: residual read in the epilogue (default: right after the wait)
     kTuneAttnPerKvHead = 32,   // attention: one block row per KV head's group (default: per query head)
+    kTuneNoLmArgmax = 64,      // greedy: argmax over the V logits in finish (default: lm_head's per-block partials)
 };
 void set_tuning(int bits);
 int tuning();
@@ -55,6 +56,9 @@ struct GemvArgs {
     void *out = nullptr;
     int mode = kGemvStore;
     int round_logits = 1;        // kGemvF32: round through the dtype first (as HF's fp16 lm_head)
+    int2 *amax_part = nullptr;   // kGemvF32, optional: per block {float bits, row} of its largest stored
+                                 // logit (lowest row on ties; NaN never wins; none: {-inf, -1}); greedy
+                                 // sampling then reduces grid values instead of V (FinishArgs)
     int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
     int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
     int evict_first = 1;         // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
@@ -65,7 +69,7 @@ struct GemvArgs {
 void gemv_init(int dtype);
 void set_pdl(int mode);  // 0 plain, 1 programmatic dependent launch, 2 + L2 weight prefetch, 3 + register preload
 void set_gemv_l2(int evict_first);  // weight loads with the L2 evict_first policy (default 1)
-void launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);
+int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);  // returns the grid size
 
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
 // out = round(w * round(x * rsqrt(mean(x^2) + eps))); with tok: x = embed row tok[0] and x_out = x
@@ -109,6 +113,8 @@ struct SampleParams {            // per session, on the device (so graphs need n
 struct FinishArgs {
     const float *logits = nullptr;  // [V]
     int V = 0;
+    const int2 *amax_part = nullptr;  // optional: lm_head's per-block argmax (GemvArgs::amax_part) ...
+    int amax_n = 0;                   // ... of amax_n blocks: greedy picks from these, not from V logits
     int pos = 0;                 // T of this step (host) ...
     const int *pos_dev = nullptr;   // ... or on the device
     int *seq_len_dev = nullptr;  // seq_len_dev[s] := T + 1

@@ -117,6 +117,39 @@ __device__ int block_argmax(const float *logits, int V) {
 }
 
 // mass of the kept prefix {key >= cut}
+// greedy from lm_head's per-block argmax (GemvArgs::amax_part): the largest value, lowest row on
+// ties, as block_argmax over the logits; no candidate (all NaN or -inf) gives -1
+__device__ int part_argmax(const int2 *part, int n) {
+    __shared__ int2 best_s[kWarp];
+    auto better = [](int2 c, int2 b) {
+        const float cv = __int_as_float(c.x), bv = __int_as_float(b.x);
+        return c.y >= 0 && (b.y < 0 || cv > bv || (cv == bv && c.y < b.y));
+    };
+    int2 b = make_int2(__float_as_int(-INFINITY), -1);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int2 c = part[i];
+        if (better(c, b)) b = c;
+    }
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+        const int2 c = make_int2(__shfl_xor_sync(0xffffffffu, b.x, o), __shfl_xor_sync(0xffffffffu, b.y, o));
+        if (better(c, b)) b = c;
+    }
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    if (lane == 0) best_s[warp] = b;
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x / kWarp;
+        b = lane < nw ? best_s[lane] : make_int2(__float_as_int(-INFINITY), -1);
+        for (int o = kWarp / 2; o > 0; o >>= 1) {
+            const int2 c = make_int2(__shfl_xor_sync(0xffffffffu, b.x, o), __shfl_xor_sync(0xffffffffu, b.y, o));
+            if (better(c, b)) b = c;
+        }
+        if (lane == 0) best_s[0] = b;
+    }
+    __syncthreads();
+    return best_s[0].y;
+}
+
 __device__ float kept_mass(const SampleCtx &c, unsigned long long cut, float *red) {
     float s = 0.f;
     for (int i = threadIdx.x; i < c.V; i += blockDim.x) {
@@ -181,6 +214,7 @@ __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, in
     if (a.params) p = *a.params;
     if (a.force_sample || (a.params && p.enabled)) {
         const int raw = p.temperature > 0.f ? block_sample(a.logits, a.V, p, (long long)pos + rng_offset)
+                        : a.amax_part       ? part_argmax(a.amax_part, a.amax_n)
                                             : block_argmax(a.logits, a.V);
         // all-NaN logits have no maximum: token 0 keeps the next step's embedding gather in bounds
         const int tok = (unsigned)raw < (unsigned)a.V ? raw : 0;

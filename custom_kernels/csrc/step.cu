@@ -68,10 +68,14 @@ static AttnArgs attn_args(const Plan &p, int s, int l, int T) {
     return a;
 }
 
-static void finish(const Plan &p, int s, int T, cudaStream_t st) {
+static void finish(const Plan &p, int s, int T, cudaStream_t st, int amax_n) {
     FinishArgs f;
     f.logits = p.logits;
     f.V = p.V;
+    if (amax_n > 0) {  // custom lm_head: its per-block argmax in tmp (step_custom)
+        f.amax_part = reinterpret_cast<const int2 *>(p.tmp);
+        f.amax_n = amax_n;
+    }
     f.pos = T < 0 ? 0 : T;
     f.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
     f.seq_len_dev = p.seq_len_dev + s;
@@ -126,7 +130,8 @@ static bool run_kernel(int bit, cudaStream_t st) {
     return false;
 }
 
-static void step_custom(const Plan &p, int s, int T, cudaStream_t st) {
+// returns the number of lm_head blocks whose argmax partials are in p.tmp (0: none)
+static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     const int max_blocks = p.sm_count * 4;
     for (int l = 0; l < p.L; ++l) {
         const LayerPtrs &w = p.layers[l];
@@ -159,7 +164,12 @@ static void step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     g.max_blocks = max_blocks; g.eps = p.eps;
     g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
     g.mode = kGemvF32; g.round_logits = p.round_logits;
-    if (run_kernel(32, st)) launch_gemv(g, p.dtype, st);
+    // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
+    const bool part = p.tmp_bytes >= (size_t)max_blocks * sizeof(int2) && !(tuning() & kTuneNoLmArgmax);
+    g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
+    if (!run_kernel(32, st)) return 0;
+    const int grid = launch_gemv(g, p.dtype, st);
+    return part ? grid : 0;
 }
 
 static void step_cublas(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t h) {
@@ -186,9 +196,10 @@ static void step_cublas(const Plan &p, int s, int T, cudaStream_t st, cublasHand
 void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t blas) {
     if (s < 0 || s >= p.sessions) throw std::runtime_error("step: session out of range");
     if (T >= p.max_seq) throw std::runtime_error("step: position beyond max_seq");
+    int amax_n = 0;
     if (p.use_cublas) step_cublas(p, s, T, st, blas);
-    else step_custom(p, s, T, st);
-    finish(p, s, T, st);
+    else amax_n = step_custom(p, s, T, st);
+    finish(p, s, T, st, amax_n);
 }
 
 }  // namespace case4

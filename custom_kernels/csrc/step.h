@@ -32,7 +32,9 @@ struct Plan {
     void *qkv = nullptr;    // [(Hq + 2 Hkv) D]
     void *ctx = nullptr;    // [Hq D]
     void *mlp = nullptr;    // [I]
-    void *tmp = nullptr;    // [max(2I, qkv_rows, H, V)] GEMM output (cuBLAS path)
+    void *tmp = nullptr;    // [max(2I, qkv_rows, H, V)] GEMM output (cuBLAS path); custom path: lm_head's
+                            // per-block argmax {value bits, row} (int2 per block), read by finish
+    size_t tmp_bytes = 0;
     float *logits = nullptr;   // [V] fp32
     float *part_acc = nullptr; // [Hq, max_splits, D]
     float *part_ml = nullptr;  // [Hq, max_splits, 2]

@@ -153,6 +153,46 @@ def test_argmax_exact():
         assert _device_sample(ext, logits, i, SamplingParams()) == int(torch.argmax(logits))
 
 
+@pytest.mark.parametrize("N,K,max_blocks", [(32000, 4096, 528), (49152, 576, 528), (1000, 576, 0)])
+def test_lm_head_argmax_partials(N, K, max_blocks):
+    """lm_head's per-block argmax + the sampler's reduction of them == torch.argmax of the logits it
+    wrote (first index of the maximum): random rows, rows tied at the top (copies of the best row at a
+    lower and a higher index, in other blocks), NaN and -inf rows; all-NaN logits give token 0."""
+    ext = load_extension()
+    dt, g = torch.float16, torch.Generator(device="cuda").manual_seed(N + K)
+    x = torch.randn(K, device="cuda", generator=g).to(dt)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(dt)
+    part = torch.empty(2 * 528, dtype=torch.int32, device="cuda")
+    params = torch.zeros(ext.SAMPLE_PARAMS_BYTES, dtype=torch.uint8, device="cuda")
+    tok = torch.full((1,), -7, dtype=torch.int32, device="cuda")
+    for case in ("random", "tie", "nan", "all_nan"):
+        W = (torch.randn(N, K, device="cuda", generator=g) / math.sqrt(K)).to(dt)
+        if case in ("tie", "nan"):
+            logits = torch.empty(N, dtype=torch.float32, device="cuda")
+            ext.greedy_lm(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, logits.data_ptr(), part.data_ptr(),
+                          params.data_ptr(), tok.data_ptr(), 0, stream(), max_blocks)
+            best = int(torch.argmax(logits))
+            lo, hi = max(0, best - 2 * 8 * 67 - 3), min(N - 1, best + 8 * 131 + 5)
+            W[lo], W[hi] = W[best], W[best]  # the lowest of three equal maxima must win
+            if case == "nan":
+                W[best - 1 if best else best + 1] = float("nan")
+                W[N // 2] = float("-inf")
+        if case == "all_nan":
+            W.fill_(float("nan"))
+        logits = torch.full((N,), 123.0, dtype=torch.float32, device="cuda")
+        n = ext.greedy_lm(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, logits.data_ptr(), part.data_ptr(),
+                          params.data_ptr(), tok.data_ptr(), 0, stream(), max_blocks)
+        torch.cuda.synchronize()
+        assert 0 < n <= 528
+        if case == "all_nan":
+            assert int(tok) == 0
+            continue
+        finite = torch.where(torch.isnan(logits), torch.full_like(logits, -float("inf")), logits)
+        assert int(tok) == int(torch.argmax(finite)), case  # torch.argmax: first index of the maximum
+        if case == "tie":
+            assert int(tok) == lo, "the lowest index of a tie"
+
+
 def test_all_nan_logits_give_token_in_range():
     """No maximum exists: the sampler must still return an id the next step can gather (0)."""
     from client.sampler import SamplingParams
