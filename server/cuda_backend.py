@@ -51,6 +51,7 @@ class CudaBackend(Backend):
         self.cfg = cfg = with_max_seq(model.cfg, max_seq)
         self.graph_mode, self.gemm = graph_mode, gemm
         self.steps_per_graph = max(1, int(steps_per_graph))
+        self.bg_windows: dict[int, int] = {}  # session -> window of the running background capture
         self.ring_len = ring_len
         dev, dt = w.device, w.dtype
         with torch.cuda.device(dev):
@@ -137,7 +138,17 @@ class CudaBackend(Backend):
     def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
         ids = self.check_prompt(session, ids)
         self.engine.sync()  # earlier steps on the replay stream are done with the arena
-        logits = self.prefill_graphs.run(session, ids) if self.prefill_graphs is not None else None
+        pg, paused = self.prefill_graphs, {}
+        if pg is not None and self.bg_windows and not pg.ready(session, len(ids)):
+            # a prefill graph is captured first: torch.cuda.graph synchronizes the device, which is
+            # not permitted while the engine's thread captures a decode graph, so that thread pauses
+            paused = dict(self.bg_windows)
+            self.engine.bg_capture_stop(-1)
+        try:
+            logits = pg.run(session, ids) if pg is not None else None
+        finally:
+            for s, w in paused.items():
+                self.engine.bg_capture_start(s, w)
         if logits is None:  # no graph for this length (or graphs off): the eager torch path
             logits = self.prefill_dec.prefill(session, ids)
         self.kv.seq_len[session] = len(ids)
@@ -210,6 +221,7 @@ class CudaBackend(Backend):
         if self.graph_mode != "exact":
             return {"note": f"graph mode {self.graph_mode}: no background capture needed", **self.graph_stats()}
         self.engine.bg_capture_start(session, window)
+        self.bg_windows[session] = window
         return self.graph_stats()
 
     def wait_precapture(self, session: int, count: int, timeout_s: float = 60.0) -> dict:
@@ -225,6 +237,10 @@ class CudaBackend(Backend):
 
     def bg_capture_stop(self, session: int = -1) -> dict:
         self.engine.bg_capture_stop(session)
+        if session < 0:
+            self.bg_windows.clear()
+        else:
+            self.bg_windows.pop(session, None)
         return self.graph_stats()
 
     def graph_stats(self) -> dict:

@@ -14,7 +14,9 @@ once per (session, bucket) and replayed: the host cost is one replay.
     session and bucket).
   * one memory pool for all the graphs (they never run at the same time; a graph's output is read
     right after its replay).
-  * capture in thread-local mode: the engine's background thread may be capturing decode graphs.
+  * capture in thread-local mode; still, torch.cuda.graph synchronizes the device first, which is
+    not permitted while the engine's background thread captures a decode graph, so the backend
+    pauses that thread around a capture made here (CudaBackend.prefill).
 
 Continuation prompts (start > 0) and prompts longer than max_seq's bucket run eagerly.
 Kept apart from the model code (server/reference.py), as the decode graphs are
@@ -42,6 +44,11 @@ class PrefillGraphs:
     def buckets(self, up_to: int) -> list[int]:
         """Every bucket that prompts of up to `up_to` tokens fill exactly (start-up captures)."""
         return [MIN_BUCKET << i for i in range(max(0, up_to // MIN_BUCKET).bit_length())]
+
+    def ready(self, session: int, n: int) -> bool:
+        """False when run(session, n tokens) would capture a graph first."""
+        b = self.bucket(n)
+        return b is None or (session, b) in self.graphs
 
     def _capture(self, session: int, b: int):
         dev = self.dec.w.arena.device

@@ -20,6 +20,11 @@ def greedy():
     return SamplingParams()
 
 
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
 def ids_for(V, n=8, seed=0):
     r = random.Random(seed)
     return [r.randrange(V) for _ in range(n)]
@@ -144,6 +149,53 @@ def test_stress_bg_capture_three_sessions():
         inside = sum(any(a <= c0 and c1 <= b for a, b in busy) for c0, c1 in cap)
         print("captures inside a busy replay-stream interval:", inside, "of", len(cap))
         assert busy and inside > 0
+    finally:
+        be.close()
+
+
+def test_lazy_prefill_graph_capture_during_bg_capture():
+    """A prefill graph captured lazily (start-up captures only session 0's buckets) while the engine's
+    background thread is capturing session 0's decode graphs. torch.cuda.graph synchronizes the device,
+    which is not permitted during another stream's capture (it failed so before the backend paused
+    the thread around it): no capture failure, the background capture goes on afterwards, session 1's
+    prompt logits equal the eager torch prefill's, session 0 decodes the same tokens as an eager
+    backend, and session 1 decodes from its graph-written KV rows."""
+    shape, window = "smollm2-135m", 512
+    eager = make(shape, "none", sessions=2, max_seq=2048)
+    V = eager.cfg.vocab_size
+    p0, p1 = ids_for(V, 6, seed=1), ids_for(V, 40, seed=2)
+    try:
+        tok0 = int(eager.prefill(0, p0).argmax())
+        want0 = [tok0] + eager.generate(0, tok0, 300, greedy())
+        want1 = eager.prefill_dec.prefill(1, p1).float().cpu()  # the eager torch path
+        torch.cuda.synchronize()
+        eager.engine.set_seq_len(1, len(p1))
+        tok1 = int(want1.argmax())
+        want1_toks = eager.generate(1, tok1, 16, greedy())
+    finally:
+        eager.close()
+    be = make(shape, "exact", sessions=2, max_seq=2048)
+    try:
+        n_prefill = be.graph_stats()["prefill_graphs"]
+        got0 = [int(be.prefill(0, p0).argmax())]
+        start = be.graph_stats()["captured"]
+        be.bg_capture_start(0, window)
+        be.wait_precapture(0, 2, 60.0)  # the capture thread is at work
+        before = be.graph_stats()["captured"] - start
+        got1 = be.prefill(1, p1).float().cpu()  # bucket 64 of session 1: captured now
+        after = be.graph_stats()
+        print("decode graphs captured before / after the lazy prefill capture:", before, after["captured"] - start)
+        assert after["prefill_graphs"] == n_prefill + 1, after
+        assert before < window, "the background capture had already finished: no overlap tested"
+        be.wait_precapture(0, window, 120.0)
+        for _ in range(300):
+            got0.append(int(be.replay(0, be.seq_len(0), got0[-1]).argmax()))
+        assert got0 == want0
+        assert rel(got1, want1) < 1e-2
+        if int(got1.argmax()) == tok1:
+            assert be.generate(1, tok1, 16, greedy()) == want1_toks
+        st = be.graph_stats()
+        assert st["failures"] == 0, st
     finally:
         be.close()
 
