@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     ktrace(a.trace, 0);
     const bool first_loaded = row0 < a.N;
     const uint64_t pol = l2_policy(a.evict_first);
-    if (a.prefetch == 2 && first_loaded) {
+    const bool pre = a.prefetch == 2 && (int)blockIdx.x * 8 < (int)gridDim.x * a.pre_eighths;
+    if (pre && first_loaded) {
         load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa, pol);
         if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb, pol);
     } else if (a.prefetch == 1 && first_loaded) {  // or just towards L2
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     pdl_trigger();
     pdl_wait();
     ktrace(a.trace, 1);
-    if (a.prefetch != 2 && first_loaded) {
+    if (!pre && first_loaded) {
         load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa, pol);
         if (MODE == kGemvSwiglu) load_chunk<UR>(W + (size_t)(row0 + a.N) * nvec, 0, nvec, lane, wb, pol);
     }

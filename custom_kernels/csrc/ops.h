@@ -28,11 +28,14 @@ const char *kernel_trace_name(int i);
 // (tests/gpu/quick_timing.py); 0 = the defaults, which are the measured best
 // (docs/performance.md, log entry 10).
 enum TuneBit : int {
-    kTuneAttnOneGroup = 1,     // attention: one 128-thread chunk group per block (no shared-memory merge)
     kTuneNoNormPreload = 8,    // gemv: norm weights loaded after the wait (default: cp.async before it)
     kTuneNoResidPreload = 16,  // gemv: residual read in the epilogue (default: right after the wait)
     kTuneAttnPerKvHead = 32,   // attention: one block row per KV head's group (default: per query head)
     kTuneNoLmArgmax = 64,      // greedy: argmax over the V logits in finish (default: lm_head's per-block partials)
+    // a gemv after a long weight stream: only half of its blocks preload (step.cu, GemvArgs::pre_eighths)
+    kTunePreAll = 512,         // ... every block preloads, whatever precedes (the old rule)
+    kTunePreGuOnly = 1024,     // ... the half rule for gate|up only
+    kTunePreQuarter = 2048,    // ... a quarter instead of half
 };
 void set_tuning(int bits);
 int tuning();
@@ -61,6 +64,7 @@ struct GemvArgs {
                                  // sampling then reduces grid values instead of V (FinishArgs)
     int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
     int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
+    int pre_eighths = 8;         // with prefetch 2: only the first pre_eighths / 8 of the blocks preload
     int evict_first = 1;         // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
     int norm_pre = 1;            // set by the launcher: norm weights cp.async'd to shared memory before the wait
     int resid_pre = 1;           // set by the launcher: residual of the first row read right after the wait
@@ -97,10 +101,11 @@ struct AttnArgs {
     int *counters = nullptr;     // [Hq] last-block-done counters, one per block row (zero at rest)
     void *ctx = nullptr;         // out [Hq * D] dtype
     int sm_count = 0;            // SMs of the device: at most max(1, sm_count / Hkv) blocks per KV head
-    int heads_per_block = 0;     // set by the launcher: query heads per block (1, or Hq / Hkv)
+    int heads_per_block = 0;     // set by the launcher: query heads per block (attn_heads_per_block)
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
+int attn_heads_per_block(int Hq, int Hkv);  // 1, or Hq / Hkv when that is > 4 (or tuning 32)
 
 // ------------------------------------------------------------------ sampling.cu
 struct SampleParams {            // per session, on the device (so graphs need no recapture)

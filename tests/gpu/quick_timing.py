@@ -192,7 +192,10 @@ KINDS = {"m0": "norm+QKV", "m2": "norm+gate|up", "m3": "norm+lm_head", "attentio
 
 
 SLOT = 12  # uint64 per trace slot (kKtraceSlot in ops.h)
-PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "scores", 5: "softmax", 6: "pv", 7: "out"}  # attention's ktrace_mark points
+# attention's ktrace_mark points (attention.cu): 3 q / K_T / V_T rotated, 10 / 11 the K / V rows < T in
+# registers, 4 the block's rows done (scores, softmax, sum p V), 5 past the barrier (every warp's partial in
+# shared memory), 7 ctx (or partials) written
+PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "rows", 5: "barrier", 7: "ctx"}
 # slots 8 / 9: the last block's start / pass of the wait (spread of a kernel's blocks)
 
 
@@ -230,7 +233,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic"):
     finally:
         ext.set_kernel_trace(0, 0)
         be.close()
-    per_step = 5 * cfg.num_layers + 2
+    per_step = (hi - lo) // (steps if mode == "dynamic" else 2 * steps)  # 5 per layer + 2
     run = [(i, name, tt) for i, (name, tt) in enumerate(zip(names, t)) if tt[2] > 0]  # replayed slots
     run.sort(key=lambda x: x[2][2])  # execution order (a serial chain: ends are monotonic)
     run = run[len(run) - steps * per_step:]  # exact: the second half (the first is the warm-up)
@@ -241,7 +244,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic"):
         key = name.split()[1] if name.startswith("gemv") else name
         kind = KINDS.get(key, name)
         if key == "m1":
-            kind = "O+resid" if (i % per_step) % 5 == 2 else "down+resid"
+            kind = "down+resid" if int(name.split()[-1]) == cfg.intermediate_size else "O+resid"  # by K
         prev_end = run[j - 1][2][2] if j else s
         r = {"i": i, "kind": kind, "start_us": (s - t0) / 1e3, "wait_done_us": (w - t0) / 1e3, "end_us": (e - t0) / 1e3,
              "release_us": (w - prev_end) / 1e3, "work_us": (e - w) / 1e3, "total_us": (e - prev_end) / 1e3,
