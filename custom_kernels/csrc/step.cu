@@ -137,7 +137,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     // Weight preload before the wait (GemvArgs::pre_eighths): every block when the previous kernel
     // moves few bytes (attention, sampling, a small model's gemvs), half of them after a long weight
     // stream: there the DRAM is busy anyway, and a preload still in flight when that stream ends
-    // delays this kernel's wait release (docs/performance.md, log entry 14)
+    // delays this kernel's wait release (docs/performance.md, log entry 15)
     const size_t e = p.elem();
     const size_t b_o = (size_t)p.H * p.Hq * p.D * e;
     const size_t b_gu = (size_t)2 * p.I * p.H * e, b_down = (size_t)p.H * p.I * e;
