@@ -89,7 +89,6 @@ class CudaBackend(Backend):
                 "kv": self.kv.kv.data_ptr(), "max_splits": self.max_splits, "ring_len": ring_len, "gemm": gemm,
                 "pdl": int(os.environ.get("CASE4_PDL", "3")),  # 0 plain, 1 PDL, 2 + L2 prefetch, 3 + register preload
                 **{k: t.data_ptr() for k, t in self.scratch.items()},
-                "tmp_bytes": self.scratch["tmp"].numel() * self.scratch["tmp"].element_size(),
             }
             self.engine = self.ext.Engine(plan, graph_mode)
             if graph_mode == "dynamic":

@@ -46,7 +46,6 @@ static Plan plan_from_dict(const py::dict &d) {
     p.kv = ptr<void *>(d, "kv");
     p.x = ptr<void *>(d, "x"); p.xn = ptr<void *>(d, "xn"); p.qkv = ptr<void *>(d, "qkv");
     p.ctx = ptr<void *>(d, "ctx"); p.mlp = ptr<void *>(d, "mlp"); p.tmp = ptr<void *>(d, "tmp");
-    if (d.contains("tmp_bytes")) p.tmp_bytes = d["tmp_bytes"].cast<size_t>();
     p.logits = ptr<float *>(d, "logits");
     p.part_acc = ptr<float *>(d, "part_acc"); p.part_ml = ptr<float *>(d, "part_ml");
     p.counters = ptr<int *>(d, "counters"); p.max_splits = d["max_splits"].cast<int>();

@@ -133,6 +133,31 @@ __device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp
 __device__ __forceinline__ float block_sum(float v, float *red) { return block_reduce(v, red, 0.f, SumOp{}); }
 __device__ __forceinline__ float block_max(float v, float *red) { return block_reduce(v, red, -INFINITY, MaxOp{}); }
 
+// Argmax over the whole block: every thread brings its best (value bv, index bi), kNoIndex for
+// none; all threads get back the largest value and its index, the lowest index on ties (kNoIndex
+// if no thread had one). Callers never record NaN or -inf as a best, so neither can win.
+constexpr int kNoIndex = 0x7fffffff;
+__device__ inline void block_argmax_pick(float &bv, int &bi) {
+    __shared__ float bv_s[kWarp];
+    __shared__ int bi_s[kWarp];
+    auto warp_pick = [&]() {
+#pragma unroll
+        for (int o = kWarp / 2; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+    };
+    warp_pick();
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
+    __syncthreads();  // a previous call's readers are done with bi_s
+    if (lane == 0) { bv_s[warp] = bv; bi_s[warp] = bi; }
+    __syncthreads();
+    bv = lane < nw ? bv_s[lane] : -INFINITY;
+    bi = lane < nw ? bi_s[lane] : kNoIndex;
+    warp_pick();
+}
+
 // ---------------------------------------------------------------- programmatic dependent launch
 // Kernels of a step are launched with the PDL attribute (see launch_pdl): the next kernel's
 // blocks may start while the previous kernel drains. Each kernel therefore calls pdl_wait()

@@ -92,7 +92,6 @@ template <typename T, int MODE, bool NORM, int U>
 __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     extern __shared__ uint4 xs[];  // K/8 vectors of the (normed) input; with NORM, then K/8 of the norm weights
     __shared__ float red[kWarp];
-    __shared__ int2 amax_s[kGemvWarps];
     constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
     const int nvec = a.K / 8;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -184,7 +183,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
 
     // ---- rows
     float best = -INFINITY;  // kGemvF32 with amax_part: lane 0's largest stored logit and its row
-    int best_row = -1;
+    int best_row = kNoIndex;
     for (int row = row0; row < a.N; row += stride) {
         const bool first = first_loaded && row == row0;
         if (MODE == kGemvSwiglu) {
@@ -213,17 +212,9 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
         }
     }
     if (MODE == kGemvF32 && a.amax_part) {  // the block's argmax, for the sampling kernel
-        if (lane == 0) amax_s[warp] = make_int2(__float_as_int(best), best_row);
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int2 b = amax_s[0];
-            for (int w = 1; w < kGemvWarps; ++w) {
-                const int2 c = amax_s[w];
-                const float cv = __int_as_float(c.x), bv = __int_as_float(b.x);
-                if (c.y >= 0 && (b.y < 0 || cv > bv || (cv == bv && c.y < b.y))) b = c;
-            }
-            a.amax_part[blockIdx.x] = b;
-        }
+        if (lane != 0) best = -INFINITY, best_row = kNoIndex;  // only lane 0 of a warp tracked its rows
+        block_argmax_pick(best, best_row);
+        if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
     }
     ktrace_end(a.trace);
 }

@@ -60,7 +60,7 @@ struct GemvArgs {
     int mode = kGemvStore;
     int round_logits = 1;        // kGemvF32: round through the dtype first (as HF's fp16 lm_head)
     int2 *amax_part = nullptr;   // kGemvF32, optional: per block {float bits, row} of its largest stored
-                                 // logit (lowest row on ties; NaN never wins; none: {-inf, -1}); greedy
+                                 // logit (lowest row on ties; NaN never wins; none: {-inf, kNoIndex}); greedy
                                  // sampling then reduces grid values instead of V (FinishArgs)
     int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
     int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)

@@ -76,11 +76,10 @@ __device__ bool radix_find(const SampleCtx &c, unsigned long long cut, bool coun
     return true;
 }
 
-__device__ int block_argmax(const float *logits, int V) {
-    __shared__ float bv_s[kWarp];
-    __shared__ int bi_s[kWarp];
+// not inlined (nor part_argmax): inlined beside block_sample, finish spills at 64 registers
+__device__ __noinline__ int block_argmax(const float *logits, int V) {
     float bv = -INFINITY;
-    int bi = 0x7fffffff;
+    int bi = kNoIndex;
     constexpr int U = 8;  // 8 independent loads in flight per thread
     for (int base = threadIdx.x; base < V; base += U * blockDim.x) {
         float v[U];
@@ -93,61 +92,23 @@ __device__ int block_argmax(const float *logits, int V) {
         for (int u = 0; u < U; ++u)  // indices increase with u: strict '>' keeps the lowest id
             if (v[u] > bv) { bv = v[u]; bi = base + u * blockDim.x; }
     }
-    for (int o = kWarp / 2; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-    if (lane == 0) { bv_s[warp] = bv; bi_s[warp] = bi; }
-    __syncthreads();
-    if (warp == 0) {
-        const int nw = blockDim.x / kWarp;
-        bv = lane < nw ? bv_s[lane] : -INFINITY;
-        bi = lane < nw ? bi_s[lane] : 0x7fffffff;
-        for (int o = kWarp / 2; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (lane == 0) bi_s[0] = bi == 0x7fffffff ? 0 : bi;
-    }
-    __syncthreads();
-    return bi_s[0];
+    block_argmax_pick(bv, bi);
+    return bi;
 }
 
 // mass of the kept prefix {key >= cut}
 // greedy from lm_head's per-block argmax (GemvArgs::amax_part): the largest value, lowest row on
-// ties, as block_argmax over the logits; no candidate (all NaN or -inf) gives -1
-__device__ int part_argmax(const int2 *part, int n) {
-    __shared__ int2 best_s[kWarp];
-    auto better = [](int2 c, int2 b) {
-        const float cv = __int_as_float(c.x), bv = __int_as_float(b.x);
-        return c.y >= 0 && (b.y < 0 || cv > bv || (cv == bv && c.y < b.y));
-    };
-    int2 b = make_int2(__float_as_int(-INFINITY), -1);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int2 c = part[i];
-        if (better(c, b)) b = c;
+// ties, as block_argmax over the logits; no candidate (all NaN or -inf) gives kNoIndex
+__device__ __noinline__ int part_argmax(const int2 *part, int n) {
+    float bv = -INFINITY;
+    int bi = kNoIndex;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {  // partials ascend in neither value nor row
+        const float v = __int_as_float(part[i].x);
+        const int r = part[i].y;
+        if (v > bv || (v == bv && r < bi)) { bv = v; bi = r; }
     }
-    for (int o = kWarp / 2; o > 0; o >>= 1) {
-        const int2 c = make_int2(__shfl_xor_sync(0xffffffffu, b.x, o), __shfl_xor_sync(0xffffffffu, b.y, o));
-        if (better(c, b)) b = c;
-    }
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-    if (lane == 0) best_s[warp] = b;
-    __syncthreads();
-    if (warp == 0) {
-        const int nw = blockDim.x / kWarp;
-        b = lane < nw ? best_s[lane] : make_int2(__float_as_int(-INFINITY), -1);
-        for (int o = kWarp / 2; o > 0; o >>= 1) {
-            const int2 c = make_int2(__shfl_xor_sync(0xffffffffu, b.x, o), __shfl_xor_sync(0xffffffffu, b.y, o));
-            if (better(c, b)) b = c;
-        }
-        if (lane == 0) best_s[0] = b;
-    }
-    __syncthreads();
-    return best_s[0].y;
+    block_argmax_pick(bv, bi);
+    return bi;
 }
 
 __device__ float kept_mass(const SampleCtx &c, unsigned long long cut, float *red) {

@@ -183,7 +183,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
     g.mode = kGemvF32; g.round_logits = p.round_logits;
     // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
-    const bool part = p.tmp_bytes >= (size_t)max_blocks * sizeof(int2) && !(tuning() & kTuneNoLmArgmax);
+    const bool part = p.tmp && p.tmp_bytes() >= (size_t)max_blocks * sizeof(int2) && !(tuning() & kTuneNoLmArgmax);
     g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
     if (!run_kernel(32, st)) return 0;
     const int grid = launch_gemv(g, p.dtype, st);

@@ -1,6 +1,7 @@
 // step.h -- the decode-step plan: every pointer and size one token needs, fixed at start-up.
 #pragma once
 
+#include <algorithm>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <vector>
@@ -34,7 +35,6 @@ struct Plan {
     void *mlp = nullptr;    // [I]
     void *tmp = nullptr;    // [max(2I, qkv_rows, H, V)] GEMM output (cuBLAS path); custom path: lm_head's
                             // per-block argmax {value bits, row} (int2 per block), read by finish
-    size_t tmp_bytes = 0;
     float *logits = nullptr;   // [V] fp32
     float *part_acc = nullptr; // [Hq, max_splits, D]
     float *part_ml = nullptr;  // [Hq, max_splits, 2]
@@ -52,6 +52,7 @@ struct Plan {
 
     size_t elem() const { return 2; }
     int qkv_rows() const { return (Hq + 2 * Hkv) * D; }
+    size_t tmp_bytes() const { return std::max({(size_t)2 * I, (size_t)qkv_rows(), (size_t)H, (size_t)V}) * elem(); }
     void *k_cache(int s, int l) const {
         return (char *)kv + (((size_t)s * L + l) * 2 + 0) * Hkv * max_seq * D * elem();
     }
