@@ -31,8 +31,8 @@ __host__ __device__ constexpr int attn_groups(int D, int GM) {
     return D >= 256 ? 1 : (GM >= 8 || GM * D >= 512) ? 2 : 4;
 }
 
-// Query heads per block (ops.h)
-int attn_heads_per_block(int Hq, int Hkv) {
+// Query heads per block
+static int attn_heads_per_block(int Hq, int Hkv) {
     // one block row per query head (shorter serial work per block; the G block rows of a KV head
     // read its rows at the same time, mostly from L2), except for groups of more than 4 (their K/V
     // would be read G times over at long T)

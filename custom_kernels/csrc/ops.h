@@ -32,10 +32,8 @@ enum TuneBit : int {
     kTuneNoResidPreload = 16,  // gemv: residual read in the epilogue (default: right after the wait)
     kTuneAttnPerKvHead = 32,   // attention: one block row per KV head's group (default: per query head)
     kTuneNoLmArgmax = 64,      // greedy: argmax over the V logits in finish (default: lm_head's per-block partials)
-    // a gemv after a long weight stream: only half of its blocks preload (step.cu, GemvArgs::pre_eighths)
-    kTunePreAll = 512,         // ... every block preloads, whatever precedes (the old rule)
-    kTunePreGuOnly = 1024,     // ... the half rule for gate|up only
-    kTunePreQuarter = 2048,    // ... a quarter instead of half
+    kTunePreAll = 512,         // gemv: every block preloads its first chunk (default: half of them after a
+                               // long weight stream; step.cu, GemvArgs::pre_eighths)
 };
 void set_tuning(int bits);
 int tuning();
@@ -105,7 +103,6 @@ struct AttnArgs {
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
-int attn_heads_per_block(int Hq, int Hkv);  // 1, or Hq / Hkv when that is > 4 (or tuning 32)
 
 // ------------------------------------------------------------------ sampling.cu
 struct SampleParams {            // per session, on the device (so graphs need no recapture)

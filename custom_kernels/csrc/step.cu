@@ -117,7 +117,6 @@ int tuning() { return g_tuning; }
 // with bit 64 each dropped kernel is replaced by an empty one-block PDL kernel, so the launch
 // count stays the same. The results are wrong; only the time is of interest. 0 = normal step.
 static int g_step_skip = 0;
-constexpr size_t kPreLongStreamBytes = 16u << 20;  // "a long weight stream": >= 16 MiB (~5.6 us at 3 TB/s)
 void set_step_skip(int mask) { g_step_skip = mask; }
 
 __global__ void noop_kernel() {
@@ -131,6 +130,8 @@ static bool run_kernel(int bit, cudaStream_t st) {
     return false;
 }
 
+constexpr size_t kPreLongStreamBytes = 16u << 20;  // "a long weight stream": >= 16 MiB (~5.6 us at 3 TB/s)
+
 // returns the number of lm_head blocks whose argmax partials are in p.tmp (0: none)
 static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     const int max_blocks = p.sm_count * 4;
@@ -141,45 +142,43 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     const size_t e = p.elem();
     const size_t b_o = (size_t)p.H * p.Hq * p.D * e;
     const size_t b_gu = (size_t)2 * p.I * p.H * e, b_down = (size_t)p.H * p.I * e;
-    auto pre_eighths = [](size_t prev_bytes, bool gu) {
-        const int t = tuning();
-        if (t & kTunePreAll || (t & kTunePreGuOnly && !gu) || prev_bytes < kPreLongStreamBytes) return 8;
-        return t & kTunePreQuarter ? 2 : 4;
+    auto pre_eighths = [](size_t prev_bytes) {
+        return tuning() & kTunePreAll || prev_bytes < kPreLongStreamBytes ? 8 : 4;
     };
     for (int l = 0; l < p.L; ++l) {
         const LayerPtrs &w = p.layers[l];
         GemvArgs g;
         g.max_blocks = max_blocks;
         g.eps = p.eps;
-       
+
         // norm + QKV (layer 0: gather the embedding row of token_dev[s] into x first)
         g.W = w.w_qkv; g.N = p.qkv_rows(); g.K = p.H;
         g.x = l == 0 ? p.embed : p.x;
         g.tok = l == 0 ? p.token_dev + s : nullptr;
         g.x_out = l == 0 ? p.x : nullptr;
         g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
-        g.pre_eighths = pre_eighths(l == 0 ? 0 : b_down, false);  // layer 0: after the sampling kernel
+        g.pre_eighths = pre_eighths(l == 0 ? 0 : b_down);  // layer 0: after the sampling kernel
         if (run_kernel(1, st)) launch_gemv(g, p.dtype, st);
         if (run_kernel(2, st)) launch_attention(attn_args(p, s, l, T), p.dtype, st);
         // O + residual (in place on x)
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_o; g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
-        g.pre_eighths = pre_eighths(0, false);  // after attention
+        g.pre_eighths = pre_eighths(0);  // after attention
         if (run_kernel(4, st)) launch_gemv(g, p.dtype, st);
         // norm + gate|up + SwiGLU
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_gu; g.N = p.I; g.K = p.H; g.x = p.x; g.norm_w = w.mlp_norm; g.out = p.mlp; g.mode = kGemvSwiglu;
-        g.pre_eighths = pre_eighths(b_o, true);
+        g.pre_eighths = pre_eighths(b_o);
         if (run_kernel(8, st)) launch_gemv(g, p.dtype, st);
         // down + residual
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_down; g.N = p.H; g.K = p.I; g.x = p.mlp; g.out = p.x; g.mode = kGemvResid;
-        g.pre_eighths = pre_eighths(b_gu, false);
+        g.pre_eighths = pre_eighths(b_gu);
         if (run_kernel(16, st)) launch_gemv(g, p.dtype, st);
     }
     GemvArgs g;
     g.max_blocks = max_blocks; g.eps = p.eps;
-    g.pre_eighths = pre_eighths(b_down, false);
+    g.pre_eighths = pre_eighths(b_down);
     g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
     g.mode = kGemvF32; g.round_logits = p.round_logits;
     // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
