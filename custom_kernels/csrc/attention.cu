@@ -1,20 +1,23 @@
 // attention.cu -- decode attention (flash-decoding) with fused RoPE and K/V write.
 //
 // Grid (Hq / G, splits): block row x takes G query heads (G = 1, or the whole group of a KV head when
-// it has more than 4 query heads), block row y the block-chunks y, y + gridDim.y, ... of NG * 64
-// positions each. A block holds NG groups of 128 threads; D/8 threads share a K/V row (8 columns
-// each), so a group covers RPP = 128 / (D/8) rows per pass, and pass pp of group g holds the
-// positions pp * NG * RPP + g * RPP + [0, RPP) of the block-chunk: a short sequence keeps every group
-// busy. Per block:
+// it has more than 4 query heads). The positions are cut into block-chunks of NG * 64; nblk blocks
+// of the row are at work (one for up to kAttnChunksPerBlock block-chunks, else one per block-chunk,
+// at most gridDim.y), block y takes the block-chunks y, y + nblk, .... A block holds NG groups of
+// 128 threads; D/8 threads share a K/V row (8 columns each), so a group covers RPP = 128 / (D/8)
+// rows per pass, and pass pp of group g holds the positions pp * NG * RPP + g * RPP + [0, RPP) of
+// the block-chunk: a short sequence keeps every group busy. Per block:
 //   1. before griddepcontrol.wait: T (launch constant, or seq_len_dev in a dynamic graph) and the K/V
-//      rows < T into registers (see the kernel for why that is safe);
+//      rows < T of its first block-chunk into registers (see the kernel for why that is safe);
 //   2. one L2 round trip: each thread's 8 columns of q (and their RoPE partners) and the RoPE table
 //      entries; the thread of row T also K_T and V_T. Rotate; the block of the KV head's first query
 //      head writes K_T and V_T into the arena;
 //   3. registers only: the scores of a thread's rows (shuffles over the D/8 threads of a row), their
-//      max, sum and sum_j p_j V_j, merged over the rows of the warp by shuffles;
+//      max, sum and sum_j p_j V_j, carried over the block's block-chunks (online softmax; the rows of
+//      a later block-chunk are loaded after the earlier one's are used), then merged over the rows of
+//      the warp by shuffles;
 //   4. one (max, sum, acc) per warp into shared memory, one barrier, the merge over the warps in a
-//      fixed order (deterministic) -> ctx. Several block-chunks: each writes a partial, and the last
+//      fixed order (deterministic) -> ctx. Several blocks at work: each writes a partial, and the last
 //      block of the row to finish (atomic counter, reset to 0 after: graph-safe) merges them.
 #include <algorithm>
 
@@ -24,6 +27,11 @@
 namespace case4 {
 
 constexpr int kAttnGroup = 128;  // threads per group
+// Up to kAttnChunksPerBlock block-chunks of positions, one block takes them all (it loops: the rows
+// of its second block-chunk are one L2 round trip after the wait); past that, one block per
+// block-chunk (at most gridDim.y) and the merge of 4b (its fence, counter and partial reads are
+// three round trips behind the next kernel's weight preload). performance.md, log entry 18
+constexpr int kAttnChunksPerBlock = 2;
 
 // Groups per block for (head_dim, max heads per block GM): the per-thread K/V registers
 // (2 * 64 / (128 / (D/8)) vectors) and q/acc (2 * GM * 8 floats) must fit.
@@ -40,15 +48,15 @@ static int attn_heads_per_block(int Hq, int Hkv) {
     return tuning() & kTuneAttnPerKvHead || G > 4 ? G : 1;
 }
 
-// ---- 4b. the last block of a block row to finish merges the nblk per-block-chunk partials of its
-// G query heads into ctx
+// ---- 4b. the last block of a block row to finish merges the nblk per-block partials of its G query
+// heads into ctx
 template <typename T, int D>
-__device__ void merge_block_partials(const AttnArgs &a, int qb, int h0, int G, int nblk, int iters) {
+__device__ void merge_block_partials(const AttnArgs &a, int qb, int h0, int G, int nblk) {
     __shared__ int last_s;
     const int tid = threadIdx.x;
     __threadfence();
     __syncthreads();
-    if (tid == 0) last_s = atomicAdd(&a.counters[qb], iters) == nblk - iters;
+    if (tid == 0) last_s = atomicAdd(&a.counters[qb], 1) == nblk - 1;
     __syncthreads();
     if (!last_s) return;
     if (tid == 0) a.counters[qb] = 0;  // ready for the next launch
@@ -136,16 +144,17 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     // completed, and seq_len_dev (dynamic graph) and the rows < T are final.
     const int pos = read_pos(a.pos, a.pos_dev);
     const int n = pos + 1;
-    const int nblk = (n + BCL - 1) / BCL;  // block-chunks
-    if ((int)blockIdx.y >= nblk) {         // idle block row of a dynamic graph's grid
+    const int nchunk = (n + BCL - 1) / BCL;  // block-chunks
+    const int nblk = n <= a.solo_len ? 1 : min((int)gridDim.y, nchunk);  // blocks of the row at work
+    if ((int)blockIdx.y >= nblk) {         // idle block row (a dynamic graph's grid is sized for max_seq)
         ktrace_end(a.trace);
         return;
     }
     load_kv(blockIdx.y, pos);
-    // the thread of row T: block-chunk bc_t (taken by block row bc_t % gridDim.y), pass, group, row
+    // the thread of row T: block-chunk bc_t (taken by block row bc_t % nblk), pass, group, row
     const int bc_t = pos / BCL, off_t = pos % BCL;
     const int pp_t = off_t / (NG * RPP), grp_t = off_t % (NG * RPP) / RPP, r_t = off_t % RPP;
-    const bool holds_t = bc_t % (int)gridDim.y == (int)blockIdx.y && grp == grp_t && r == r_t;
+    const bool holds_t = bc_t % nblk == (int)blockIdx.y && grp == grp_t && r == r_t;
     const bool writes_t = holds_t && h0 % (a.Hq / a.Hkv) == 0;
     pdl_trigger();
     pdl_wait();
@@ -245,22 +254,25 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
         ktrace_mark(a.trace, 11);
     }
 
-    T *ctx = reinterpret_cast<T *>(a.ctx);
-    int iters = 0;
-    for (int bc = blockIdx.y; bc < nblk; bc += gridDim.y, ++iters) {
-        if (bc != (int)blockIdx.y) {
-            __syncthreads();  // acc_w / m_w / l_w of the previous block-chunk are consumed
-            load_kv(bc, pos);
-        }
+    // ---- 3. block-chunks bc = blockIdx.y, + nblk, ...: the scores of this thread's rows (passes
+    // wholly past the end, the same for the whole group, are skipped), their max, sum and
+    // sum_j p_j V_j, carried over the block-chunks in registers (online softmax)
+    float m[GM], l[GM], acc[GM][8];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+    }
+    for (int bc = blockIdx.y; bc < nchunk; bc += nblk) {
+        if (bc != (int)blockIdx.y) load_kv(bc, pos);
         const int len = n - bc * BCL;  // positions of this block-chunk (row_of(pp) < len: a real row)
         if (holds_t && bc == bc_t) {
 #pragma unroll
             for (int pp = 0; pp < NP; ++pp)
                 if (pp == pp_t) { kv[pp] = kt; vv[pp] = vr; }
         }
-
-        // ---- 3. scores of this thread's rows (passes wholly past the end, the same for the
-        // whole group, are skipped), then max, sum and sum_j p_j V_j over them
         float s[NP][GM];
 #pragma unroll
         for (int pp = 0; pp < NP; ++pp) {
@@ -282,16 +294,17 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
                 }
             }
         }
-        float m[GM], l[GM], acc[GM][8];
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
-            m[g] = -INFINITY;
+            float mn = m[g];
 #pragma unroll
-            for (int pp = 0; pp < NP; ++pp) m[g] = fmaxf(m[g], s[pp][g]);
-            const float ms = m[g] == -INFINITY ? 0.f : m[g];  // no rows: every p = 0
-            l[g] = 0.f;
+            for (int pp = 0; pp < NP; ++pp) mn = fmaxf(mn, s[pp][g]);
+            const float ms = mn == -INFINITY ? 0.f : mn;  // no rows yet: every p = 0
+            const float w = __expf(m[g] - ms);            // rescale the earlier block-chunks (0 if none)
+            l[g] *= w;
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+            for (int i = 0; i < 8; ++i) acc[g][i] *= w;
+            m[g] = mn;
 #pragma unroll
             for (int pp = 0; pp < NP; ++pp) {
                 if (row_of(pp) - r >= len) continue;
@@ -302,59 +315,63 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
 #pragma unroll
                 for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
             }
-            // merge the rows of the warp (lanes of the same columns)
-#pragma unroll
-            for (int o = TPR; o < kWarp; o <<= 1) {
-                const float m2 = __shfl_xor_sync(0xffffffffu, m[g], o);
-                const float l2 = __shfl_xor_sync(0xffffffffu, l[g], o);
-                const float M = fmaxf(m[g], m2), Ms = M == -INFINITY ? 0.f : M;
-                const float w1 = __expf(m[g] - Ms), w2 = __expf(m2 - Ms);
-                l[g] = l[g] * w1 + l2 * w2;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * w1 + __shfl_xor_sync(0xffffffffu, acc[g][i], o) * w2;
-                m[g] = M;
-            }
-            if (g < G && lane < TPR) {
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc_w[warp][g][d0 + i] = acc[g][i];
-                if (lane == 0) { m_w[warp][g] = m[g]; l_w[warp][g] = l[g]; }
-            }
-        }
-        if (iters == 0) ktrace_mark(a.trace, 4);  // this block's thread 0: its rows done
-        __syncthreads();
-        if (iters == 0) ktrace_mark(a.trace, 5);  // every warp's partial in shared memory
-
-        // ---- 4. merge the warps in a fixed order (a warp without rows has m = -inf, l = 0, acc = 0),
-        // then ctx or the block-chunk's partial
-        for (int i = tid; i < G * D; i += blockDim.x) {
-            const int g = i / D, d = i % D;
-            float mw[NW], M = -INFINITY;
-#pragma unroll
-            for (int w = 0; w < NW; ++w) {
-                mw[w] = m_w[w][g];
-                M = fmaxf(M, mw[w]);
-            }
-            float L = 0.f, o = 0.f;
-#pragma unroll
-            for (int w = 0; w < NW; ++w) {
-                const float e = __expf(mw[w] - M);
-                L = fmaf(l_w[w][g], e, L);
-                o = fmaf(acc_w[w][g][d], e, o);
-            }
-            const int h = h0 + g;
-            if (nblk == 1) {
-                ctx[(size_t)h * D + d] = from_f<T>(o / L);
-            } else {
-                a.part_acc[((size_t)h * a.max_splits + bc) * D + d] = o;
-                if (d == 0) {
-                    a.part_ml[((size_t)h * a.max_splits + bc) * 2 + 0] = M;
-                    a.part_ml[((size_t)h * a.max_splits + bc) * 2 + 1] = L;
-                }
-            }
         }
     }  // block-chunks
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        // merge the rows of the warp (lanes of the same columns)
+#pragma unroll
+        for (int o = TPR; o < kWarp; o <<= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[g], o);
+            const float l2 = __shfl_xor_sync(0xffffffffu, l[g], o);
+            const float M = fmaxf(m[g], m2), Ms = M == -INFINITY ? 0.f : M;
+            const float w1 = __expf(m[g] - Ms), w2 = __expf(m2 - Ms);
+            l[g] = l[g] * w1 + l2 * w2;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * w1 + __shfl_xor_sync(0xffffffffu, acc[g][i], o) * w2;
+            m[g] = M;
+        }
+        if (g < G && lane < TPR) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc_w[warp][g][d0 + i] = acc[g][i];
+            if (lane == 0) { m_w[warp][g] = m[g]; l_w[warp][g] = l[g]; }
+        }
+    }
+    ktrace_mark(a.trace, 4);  // this block's thread 0: its rows done
+    __syncthreads();
+    ktrace_mark(a.trace, 5);  // every warp's partial in shared memory
+
+    // ---- 4. merge the warps in a fixed order (a warp without rows has m = -inf, l = 0, acc = 0),
+    // then ctx or the block's partial
+    T *ctx = reinterpret_cast<T *>(a.ctx);
+    for (int i = tid; i < G * D; i += blockDim.x) {
+        const int g = i / D, d = i % D;
+        float mw[NW], M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            mw[w] = m_w[w][g];
+            M = fmaxf(M, mw[w]);
+        }
+        float L = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float e = __expf(mw[w] - M);
+            L = fmaf(l_w[w][g], e, L);
+            o = fmaf(acc_w[w][g][d], e, o);
+        }
+        const int h = h0 + g;
+        if (nblk == 1) {
+            ctx[(size_t)h * D + d] = from_f<T>(o / L);
+        } else {
+            a.part_acc[((size_t)h * a.max_splits + blockIdx.y) * D + d] = o;
+            if (d == 0) {
+                a.part_ml[((size_t)h * a.max_splits + blockIdx.y) * 2 + 0] = M;
+                a.part_ml[((size_t)h * a.max_splits + blockIdx.y) * 2 + 1] = L;
+            }
+        }
+    }
     ktrace_mark(a.trace, 7);  // ctx (one block-chunk) or partials written
-    if (nblk > 1) merge_block_partials<T, D>(a, qb, h0, G, nblk, iters);
+    if (nblk > 1) merge_block_partials<T, D>(a, qb, h0, G, nblk);
     ktrace_end(a.trace);
 }
 
@@ -366,7 +383,8 @@ static void launch_dg(const AttnArgs &a0, cudaStream_t st) {
     AttnArgs a = a0;
     a.trace = ktrace_slot("attention");
     constexpr int ng = attn_groups(D, GM);
-    const int nblk = (a.grid_splits + ng - 1) / ng;
+    a.solo_len = ng * kSplitLen * (tuning() & kTuneAttnSplitEach ? 1 : kAttnChunksPerBlock);
+    const int nblk = (a.grid_splits + ng - 1) / ng;  // block-chunks of the longest sequence
     const int heads = a.Hq / a.heads_per_block;  // blocks along x: query-head groups
     const int per_head = std::max(1, a.sm_count / heads);
     const dim3 grid(heads, std::min(nblk, per_head));

@@ -34,6 +34,8 @@ enum TuneBit : int {
     kTuneNoLmArgmax = 64,      // greedy: argmax over the V logits in finish (default: lm_head's per-block partials)
     kTunePreAll = 512,         // gemv: every block preloads its first chunk (default: half of them after a
                                // long weight stream; step.cu, GemvArgs::pre_eighths)
+    kTuneAttnSplitEach = 1024, // attention: a block per block-chunk from 2 block-chunks on (default: one block
+                               // loops over up to kAttnChunksPerBlock of them; attention.cu)
 };
 void set_tuning(int bits);
 int tuning();
@@ -63,6 +65,8 @@ struct GemvArgs {
     int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
     int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
     int pre_eighths = 8;         // with prefetch 2: only the first pre_eighths / 8 of the blocks preload
+    int l2_rest = 0;             // before the wait, the rest of each warp's first row (all of it without a
+                                 // register preload) is requested towards L2 (bulk prefetch)
     int evict_first = 1;         // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
     int norm_pre = 1;            // set by the launcher: norm weights cp.async'd to shared memory before the wait
     int resid_pre = 1;           // set by the launcher: residual of the first row read right after the wait
@@ -100,6 +104,7 @@ struct AttnArgs {
     void *ctx = nullptr;         // out [Hq * D] dtype
     int sm_count = 0;            // SMs of the device: at most max(1, sm_count / Hkv) blocks per KV head
     int heads_per_block = 0;     // set by the launcher: query heads per block (attn_heads_per_block)
+    int solo_len = 0;            // set by the launcher: up to this many positions one block takes them all
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);

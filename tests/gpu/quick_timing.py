@@ -199,7 +199,7 @@ PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "rows", 5: "barrier", 7: "ctx"}
 # slots 8 / 9: the last block's start / pass of the wait (spread of a kernel's blocks)
 
 
-def kernel_timeline(ext, model, steps=8, mode="dynamic"):
+def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
     """Per-kernel timeline of `steps` decode steps (one dynamic graph, or `steps` exact graphs
     captured in the background): for each kernel, from the global timer, min start / min past
     griddepcontrol.wait / max end over its blocks, and attention's phase ends (max over blocks)."""
@@ -209,7 +209,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic"):
     ext.set_kernel_trace(buf.data_ptr(), n)
     be = CudaBackend(model, sessions=1, graph_mode=mode, gemm="custom", steps_per_graph=steps)
     try:
-        ids = list(range(1, 33))
+        ids = list(range(1, prompt + 1))
         tok = int(be.prefill(0, ids).argmax())
         lo = ext.kernel_trace_next()
         if mode == "dynamic":
@@ -265,7 +265,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic"):
             if all(ph + "_us" in x for x in rs):
                 summary[kind][ph + "_us_p50"] = m(ph + "_us")
     span = (run[-1][2][2] - t0) / 1e3
-    return {"shape": model.name, "mode": mode, "tuning": ext.tuning(), "steps": steps, "span_us": round(span, 1),
+    return {"shape": model.name, "mode": mode, "prompt": prompt, "tuning": ext.tuning(), "steps": steps, "span_us": round(span, 1),
             "us_per_step": round(span / steps, 1), "summary": summary, "kernels": rows}
 
 
@@ -282,6 +282,8 @@ def main():
     ap.add_argument("--ttft", action="store_true", help="first-request TTFT in fresh processes (7B)")
     ap.add_argument("--timeline", default="", help="shapes for a per-kernel timeline (kernel_timeline)")
     ap.add_argument("--timeline-modes", default="dynamic", help="graph modes of the timeline: dynamic,exact")
+    ap.add_argument("--max-seq", type=int, default=2048, help="context the backend plans for (bench: 4096)")
+    ap.add_argument("--timeline-prompts", default="32", help="prompt lengths of the timeline (T of its steps)")
     ap.add_argument("--tune", default="0", help="ext.set_tuning values to run the timeline with (A/B)")
     a = ap.parse_args()
     ext = load_extension()
@@ -289,24 +291,24 @@ def main():
         Path(a.out).mkdir(parents=True, exist_ok=True)
         out = []
         for shape in a.timeline.split(","):
-            cfg = with_max_seq(SYNTHETIC_SHAPES[shape], 2048)
+            cfg = with_max_seq(SYNTHETIC_SHAPES[shape], a.max_seq)
             w = synthetic_weights(cfg, "float16", "cuda", 0)
             model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
-            for mode in a.timeline_modes.split(","):
-                for tune in (int(x) for x in a.tune.split(",")):
-                    ext.set_tuning(tune)
-                    tl = kernel_timeline(ext, model, mode=mode)
-                    ext.set_tuning(0)
-                    out.append(tl)
-                    print(f"== timeline {shape} {mode} tuning {tune}: {tl['us_per_step']} us/step")
-                    print(f"{'kind':14s} {'n':>4s} {'early':>7s} {'release':>8s} {'work':>8s} {'end2end':>8s} "
-                          f"{'sum':>8s} {'lstart':>7s} {'lwait':>6s}  (us, p50)  phases")
-                    for k, v in tl["summary"].items():
-                        ph = " ".join(f"{p}={v[p + '_us_p50']}" for p in PHASES.values() if p + "_us_p50" in v)
-                        print(f"{k:14s} {v['count']:4d} {v['early_us_p50']:7.2f} {v['release_us_p50']:8.2f} "
-                              f"{v['work_us_p50']:8.2f} {v['end_to_end_us_p50']:8.2f} {v['sum_us']:8.1f} "
-                              f"{v['last_start_us_p50']:7.2f} {v['last_wait_us_p50']:6.2f}  {ph}",
-                              flush=True)
+            for mode, prompt, tune in ((m, int(p), int(t)) for m in a.timeline_modes.split(",")
+                                       for p in a.timeline_prompts.split(",") for t in a.tune.split(",")):
+                ext.set_tuning(tune)
+                tl = kernel_timeline(ext, model, mode=mode, prompt=prompt)
+                ext.set_tuning(0)
+                out.append(tl)
+                print(f"== timeline {shape} {mode} prompt {prompt} tuning {tune}: {tl['us_per_step']} us/step")
+                print(f"{'kind':14s} {'n':>4s} {'early':>7s} {'release':>8s} {'work':>8s} {'end2end':>8s} "
+                      f"{'sum':>8s} {'lstart':>7s} {'lwait':>6s}  (us, p50)  phases")
+                for k, v in tl["summary"].items():
+                    ph = " ".join(f"{p}={v[p + '_us_p50']}" for p in PHASES.values() if p + "_us_p50" in v)
+                    print(f"{k:14s} {v['count']:4d} {v['early_us_p50']:7.2f} {v['release_us_p50']:8.2f} "
+                          f"{v['work_us_p50']:8.2f} {v['end_to_end_us_p50']:8.2f} {v['sum_us']:8.1f} "
+                          f"{v['last_start_us_p50']:7.2f} {v['last_wait_us_p50']:6.2f}  {ph}",
+                          flush=True)
             del model, w
             torch.cuda.empty_cache()
         Path(a.out, "timeline.json").write_text(json.dumps(out, indent=1))
@@ -325,7 +327,7 @@ def main():
         print(r, flush=True)
     report["decode"] = []
     for shape in a.shapes.split(","):
-        cfg = with_max_seq(SYNTHETIC_SHAPES[shape], 2048)
+        cfg = with_max_seq(SYNTHETIC_SHAPES[shape], a.max_seq)
         w = synthetic_weights(cfg, "float16", "cuda", 0)
         model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
         floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3

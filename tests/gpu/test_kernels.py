@@ -83,7 +83,8 @@ ATT_SHAPES = [(9, 3, 64, 64), (32, 32, 128, 128), (32, 8, 128, 128), (4, 2, 32, 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("Hq,Hkv,D,R", ATT_SHAPES)
 @pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("tuning", [0, 32])  # block row per query head (default); per KV head
+# tuning: block row per query head, one block up to 2 block-chunks (default); per KV head; a block per block-chunk
+@pytest.mark.parametrize("tuning", [0, 32, 1024])
 def test_attention(Hq, Hkv, D, R, dtype, dynamic, tuning):
     ext = load_extension()
     ext.set_tuning(tuning)
@@ -105,7 +106,7 @@ def _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic):
     part_ml = torch.empty(Hq * max_splits * 2, device="cuda")
     counters = torch.zeros(Hq, dtype=torch.int32, device="cuda")
     G = Hq // Hkv
-    for pos in (0, 5, 63, 64, 200, 1000):
+    for pos in (0, 5, 63, 64, 200, 300, 1000):
         g = torch.Generator(device="cuda").manual_seed(pos + 13 * D)
         qkv = torch.randn((Hq + 2 * Hkv) * D, device="cuda", generator=g).to(dt)
         kc = torch.randn(Hkv, max_seq, D, device="cuda", generator=g).to(dt)
