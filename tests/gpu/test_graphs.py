@@ -1,6 +1,5 @@
 """Graph modes: token identity with eager, background-capture stress, overlap in the trace."""
 import random
-import threading
 
 import pytest
 import torch
