@@ -65,8 +65,6 @@ struct GemvArgs {
     int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
     int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
     int pre_eighths = 8;         // with prefetch 2: only the first pre_eighths / 8 of the blocks preload
-    int l2_rest = 0;             // before the wait, the rest of each warp's first row (all of it without a
-                                 // register preload) is requested towards L2 (bulk prefetch)
     int evict_first = 1;         // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
     int norm_pre = 1;            // set by the launcher: norm weights cp.async'd to shared memory before the wait
     int resid_pre = 1;           // set by the launcher: residual of the first row read right after the wait
