@@ -29,7 +29,7 @@ def ids_for(V, n=8, seed=0):
     return [r.randrange(V) for _ in range(n)]
 
 
-# exact mode's allowed misses over the n device-sampled steps: none for 7B (a capture is ~25x faster than a
+# exact mode's allowed misses over the n device-sampled steps: none for 7B (a capture is ~20x faster than a
 # replay: the window never drains, issue 6); SmolLM2 replays a step in ~0.37 ms against ~0.25 ms to capture and
 # instantiate one graph, so a stall of the capture thread (p99 ~1.5 ms) can leave one step to the eager
 # fallback (DESIGN 3.2: a miss runs the same kernels eagerly; the tokens and logits below stay identical)
