@@ -66,7 +66,6 @@ def test_gemv_modes(N, K, dtype):
             assert e < GEMV_TOL[dtype], f"mode {mode} norm {norm}: rel err {e:.2e}"
 
 
-
 def rope64(x, pos, cos, sin, R):
     """x [heads, D] float64, HF half rotation of the first R dims."""
     c, s = cos[pos].double(), sin[pos].double()
