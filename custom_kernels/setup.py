@@ -6,6 +6,7 @@ produces custom_kernels/_case4_cuda*.so. Targets sm_90a (Hopper) and sm_80; over
 CASE4_CUDA_ARCHS="90a;80". CUDA is found through $CUDA_HOME or the nvcc on PATH; cuBLAS
 headers come from the toolkit or the `nvidia-cublas` pip package.
 """
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -73,13 +74,19 @@ class NvccBuild(build_ext):
         tmp.mkdir(parents=True, exist_ok=True)
         flags = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-lineinfo",
                  *gencode_flags(), *[f"-I{d}" for d in includes]]
-        objs = []
+        objs, cmds = [], []
         for src in ext.sources:
             obj = tmp / (Path(src).name + ".o")
-            cmd = [nvcc, *flags, "-c", str(CSRC / src), "-o", str(obj)]
-            print(" ".join(cmd), flush=True)
-            subprocess.check_call(cmd)
+            cmds.append([nvcc, *flags, "-c", str(CSRC / src), "-o", str(obj)])
             objs.append(str(obj))
+        # the sources compile independently: in parallel (the build is as long as its longest file;
+        # CASE4_BUILD_JOBS caps the number of nvcc processes, default: one per core)
+        jobs = max(1, min(len(cmds), int(os.environ.get("CASE4_BUILD_JOBS", 0)) or os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            for cmd in cmds:
+                print(" ".join(cmd), flush=True)
+            for f in [pool.submit(subprocess.check_call, cmd) for cmd in cmds]:
+                f.result()
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         link = [nvcc, "-shared", *gencode_flags(), *objs, "-o", str(out),
