@@ -4,7 +4,8 @@
 // Work split: one warp per output row (per row pair for SwiGLU), each lane streams
 // 16-byte vectors of the row with kUnroll independent loads in flight; the grid loops over
 // rows (persistent-ish grid; row mapping in gemv_kernel).
-// The input vector sits in shared memory (as T), staged once per block. Fused prologue:
+// The input vector sits in shared memory, staged once per block (as T, or as fp32 for the small
+// normed kernels: F32X in gemv_kernel). Fused prologue:
 // optional embedding-row gather and RMSNorm (each block recomputes the sum of squares:
 // K elements from L2, negligible next to the weights). Fused epilogues: store, residual
 // add in place, SwiGLU over the gate|up halves, fp32 logits.
@@ -24,11 +25,22 @@ constexpr int kUnrollSmall = 4;  // 16-byte loads in flight per lane per row (K 
 constexpr int kUnrollLarge = 8;  // K > 1024: fewer dependent round trips per row
 constexpr int kGemvMaxSmem = 96 * 1024;
 
-template <typename T>
-__device__ __forceinline__ float dot8(const uint4 &w, const uint4 &x) {
+// 8 products of one 16-byte weight vector with the input's vector i, summed in a fixed order. The
+// staged input `xs` is T (uint4 vectors), or with F32X fp32 holding exactly the same values: vector i
+// is then xs[i] (values 0-3) and xs[nvec + i] (values 4-7) as float4, so a warp's reads of
+// consecutive vectors stay contiguous (no bank conflicts), and a row converts only its weights.
+template <typename T, bool F32X>
+__device__ __forceinline__ float dot8(const uint4 &w, const uint4 *xs, int nvec, int i) {
     float wf[8], xf[8];
     unpack8<T>(w, wf);
-    unpack8<T>(x, xf);
+    if constexpr (F32X) {
+        const float4 *x4 = reinterpret_cast<const float4 *>(xs);
+        const float4 lo = x4[i], hi = x4[nvec + i];
+        xf[0] = lo.x; xf[1] = lo.y; xf[2] = lo.z; xf[3] = lo.w;
+        xf[4] = hi.x; xf[5] = hi.y; xf[6] = hi.z; xf[7] = hi.w;
+    } else {
+        unpack8<T>(xs[i], xf);
+    }
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) s = fmaf(wf[i], xf[i], s);
@@ -48,7 +60,7 @@ __device__ __forceinline__ void load_chunk(const uint4 *__restrict__ wrow, int b
 
 // Dot product of one weight row with the staged input (whole warp; result in every lane).
 // `w` may hold the row's first chunk already (loaded before griddepcontrol.wait).
-template <typename T, int kUnroll>
+template <typename T, bool F32X, int kUnroll>
 __device__ __forceinline__ float row_dot(const uint4 *__restrict__ wrow, const uint4 *xs, int nvec, int lane,
                                          uint4 (&w)[kUnroll], bool first_loaded, uint64_t pol) {
     float acc = 0.f;
@@ -57,14 +69,14 @@ __device__ __forceinline__ float row_dot(const uint4 *__restrict__ wrow, const u
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int i = base + u * kWarp + lane;
-            if (i < nvec) acc += dot8<T>(w[u], xs[i]);
+            if (i < nvec) acc += dot8<T, F32X>(w[u], xs, nvec, i);
         }
     }
     return warp_sum(acc);
 }
 
 // two rows at once (gate and up of SwiGLU): twice the loads in flight
-template <typename T, int kUnroll>
+template <typename T, bool F32X, int kUnroll>
 __device__ __forceinline__ float2 row_dot2(const uint4 *__restrict__ wa, const uint4 *__restrict__ wb,
                                            const uint4 *xs, int nvec, int lane, uint4 (&va)[kUnroll],
                                            uint4 (&vb)[kUnroll], bool first_loaded, uint64_t pol) {
@@ -78,8 +90,8 @@ __device__ __forceinline__ float2 row_dot2(const uint4 *__restrict__ wa, const u
         for (int u = 0; u < kUnroll; ++u) {
             const int i = base + u * kWarp + lane;
             if (i < nvec) {
-                a += dot8<T>(va[u], xs[i]);
-                b += dot8<T>(vb[u], xs[i]);
+                a += dot8<T, F32X>(va[u], xs, nvec, i);
+                b += dot8<T, F32X>(vb[u], xs, nvec, i);
             }
         }
     }
@@ -90,9 +102,16 @@ constexpr int kStageVecs = 4;  // input vectors per thread per staging round (lo
 
 template <typename T, int MODE, bool NORM, int U>
 __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
-    extern __shared__ uint4 xs[];  // K/8 vectors of the (normed) input; with NORM, then K/8 of the norm weights
+    // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
+    // then K/8 vectors of the norm weights
+    extern __shared__ uint4 xs[];
     __shared__ float red[kWarp];
     constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
+    // fp32 input for the small normed kernels (K <= 1024: QKV, gate|up, lm_head of SmolLM2-sized models):
+    // their staging unpacks the input for the norm anyway, and each warp's rows then skip converting it
+    // (measured: SmolLM2 -1.5 %; with K > 1024 the doubled shared-memory reads cost 7B +1.5 %, and the
+    // kernels without a norm gain nothing, each warp has one row)
+    constexpr bool F32X = NORM && U == kUnrollSmall;
     const int nvec = a.K / 8;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const uint4 *W = reinterpret_cast<const uint4 *>(a.W);
@@ -122,7 +141,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
             if (MODE == kGemvSwiglu) prefetch_l2(W + (size_t)(row0 + a.N) * nvec + i);
         }
     }
-    uint4 *nws = xs + nvec;  // norm weights (NORM only): a read-only weight, copied before the wait
+    uint4 *nws = xs + nvec * (F32X ? 2 : 1);  // norm weights (NORM only): a read-only weight, copied before the wait
     if (NORM && a.norm_pre)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
     pdl_trigger();
@@ -144,7 +163,32 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     if (a.tok) xin += (size_t)(*a.tok) * nvec;
     const bool write_resid = a.tok && a.x_out && blockIdx.x == 0;
     float ss = 0.f;
-    for (int i0 = threadIdx.x; i0 < nvec; i0 += blockDim.x * kStageVecs) {
+    if constexpr (F32X) {
+        // K <= 1024: at most one input vector per thread (nvec <= 128 <= blockDim); it stays in
+        // registers through the norm's reduction, then goes to shared memory normed, as fp32:
+        // round(w * round(x * inv)), exactly the T value the other path stores
+        const int i = threadIdx.x;
+        const uint4 v = i < nvec ? xin[i] : make_uint4(0, 0, 0, 0);
+        float f[8];
+        unpack8<T>(v, f);
+        if (i < nvec) {
+            if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
+        }
+        const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
+        if (i < nvec) {
+            if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i)
+            float w[8];
+            unpack8<T>(a.norm_pre ? nws[i] : reinterpret_cast<const uint4 *>(a.norm_w)[i], w);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) f[k] = round_t<T>(w[k] * round_t<T>(f[k] * inv));
+            float4 *x4 = reinterpret_cast<float4 *>(xs);
+            x4[i] = make_float4(f[0], f[1], f[2], f[3]);
+            x4[nvec + i] = make_float4(f[4], f[5], f[6], f[7]);
+        }
+    }
+    for (int i0 = threadIdx.x; !F32X && i0 < nvec; i0 += blockDim.x * kStageVecs) {
         uint4 v[kStageVecs];
 #pragma unroll
         for (int j = 0; j < kStageVecs; ++j) {
@@ -166,7 +210,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
             }
         }
     }
-    if (NORM) {
+    if (NORM && !F32X) {
         const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
         const uint4 *nw = a.norm_pre ? nws : reinterpret_cast<const uint4 *>(a.norm_w);
         if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i as below)
@@ -187,7 +231,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     for (int row = row0; row < a.N; row += stride) {
         const bool first = first_loaded && row == row0;
         if (MODE == kGemvSwiglu) {
-            const float2 gu = row_dot2<T, UR>(W + (size_t)row * nvec, W + (size_t)(row + a.N) * nvec, xs, nvec,
+            const float2 gu = row_dot2<T, F32X, UR>(W + (size_t)row * nvec, W + (size_t)(row + a.N) * nvec, xs, nvec,
                                               lane, wa, wb, first, pol);
             if (lane == 0) {
                 const float g = round_t<T>(gu.x), u = round_t<T>(gu.y);
@@ -195,7 +239,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
                 reinterpret_cast<T *>(a.out)[row] = from_f<T>(act * u);
             }
         } else {
-            const float acc = row_dot<T, UR>(W + (size_t)row * nvec, xs, nvec, lane, wa, first, pol);
+            const float acc = row_dot<T, F32X, UR>(W + (size_t)row * nvec, xs, nvec, lane, wa, first, pol);
             if (lane == 0) {
                 if (MODE == kGemvStore) {
                     reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
@@ -259,16 +303,17 @@ template <typename T, int MODE>
 static int launch_mode(const GemvArgs &a, cudaStream_t st) {
     const int groups = (a.N + kGemvWarps - 1) / kGemvWarps;
     const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
-    const size_t smem = (size_t)a.K * sizeof(T) * (a.norm_w ? 2 : 1);  // input (+ norm weights)
+    // 8 loads per lane once a row has more than 4 vectors per lane: the whole row of K <= 2048
+    // (e.g. SmolLM2's down, K = 1536) is then in registers before the wait, none after it
+    const bool large = a.K > kWarp * kUnrollSmall * 8;
+    // input (fp32 in the small normed kernels: gemv_kernel's F32X) + norm weights
+    const size_t smem = (size_t)a.K * (a.norm_w ? (large ? sizeof(T) : 4) + sizeof(T) : sizeof(T));
     GemvArgs b = a;
     b.prefetch = g_gemv_prefetch;
     b.evict_first = g_evict_first;
     b.norm_pre = !(tuning() & kTuneNoNormPreload);
     b.resid_pre = !(tuning() & kTuneNoResidPreload);
     b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
-    // 8 loads per lane once a row has more than 4 vectors per lane: the whole row of K <= 2048
-    // (e.g. SmolLM2's down, K = 1536) is then in registers before the wait, none after it
-    const bool large = a.K > kWarp * kUnrollSmall * 8;
     if (a.norm_w) {
         if (large) launch_pdl(gemv_kernel<T, MODE, true, kUnrollLarge>, grid, kGemvThreads, smem, st, b);
         else launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall>, grid, kGemvThreads, smem, st, b);
