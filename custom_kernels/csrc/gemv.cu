@@ -107,10 +107,10 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     extern __shared__ uint4 xs[];
     __shared__ float red[kWarp];
     constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
-    // fp32 input for the small normed kernels (K <= 1024: QKV, gate|up, lm_head of SmolLM2-sized models):
-    // their staging unpacks the input for the norm anyway, and each warp's rows then skip converting it
-    // (measured: SmolLM2 -1.5 %; with K > 1024 the doubled shared-memory reads cost 7B +1.5 %, and the
-    // kernels without a norm gain nothing, each warp has one row)
+    // fp32 input for the small normed kernels (K <= 1024: QKV, gate|up, lm_head of SmolLM2-sized models): one
+    // pass over shared memory (the normed vector stored once) and no input converts per row (SmolLM2 -4.3 %,
+    // performance.md log entry 24); with K > 1024 the doubled shared-memory reads cost 7B +1.5 %, and the
+    // kernels without a norm (one row per warp) were slower; the launcher sizes shared memory to match
     constexpr bool F32X = NORM && U == kUnrollSmall;
     const int nvec = a.K / 8;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
