@@ -81,7 +81,12 @@ class NvccBuild(build_ext):
             objs.append(str(obj))
         # the sources compile independently: in parallel (the build is as long as its longest file;
         # CASE4_BUILD_JOBS caps the number of nvcc processes, default: one per core)
-        jobs = max(1, min(len(cmds), int(os.environ.get("CASE4_BUILD_JOBS", 0)) or os.cpu_count() or 1))
+        raw = os.environ.get("CASE4_BUILD_JOBS", "0")
+        if not raw.strip().isdigit():
+            print(f"CASE4_BUILD_JOBS must be a whole number of nvcc processes (0: one per core), got '{raw}'",
+                  file=sys.stderr)
+            sys.exit(2)
+        jobs = max(1, min(len(cmds), int(raw) or os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
             for cmd in cmds:
                 print(" ".join(cmd), flush=True)

@@ -59,3 +59,17 @@ def test_compiles(src, tmp_path):
            f"-I{CSRC}", *[f"-I{d}" for d in inc], *flags, "-c", str(CSRC / src), "-o", str(tmp_path / "x.o")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_build_jobs_knob_rejects_non_numbers():
+    """`CASE4_BUILD_JOBS` (setup.py's cap on parallel nvcc processes) that is not a whole number stops
+    the build with a one-line error and exit code 2, before anything compiles."""
+    import os
+    env = dict(os.environ, CASE4_BUILD_JOBS="four")
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=CSRC.parent, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "CASE4_BUILD_JOBS must be a whole number of nvcc processes (0: one per core), got 'four'")
+    assert "Traceback" not in r.stderr
