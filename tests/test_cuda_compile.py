@@ -1,6 +1,7 @@
 """CPU check: every CUDA source compiles with nvcc for sm_90a (skipped without nvcc), so a
 kernel that does not compile cannot land. cuBLAS headers come from the toolkit or the
 `nvidia-cublas` pip package; without them the files that include cuBLAS are skipped."""
+import os
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,6 @@ def test_compiles(src, tmp_path):
 def test_build_jobs_knob_rejects_non_numbers():
     """`CASE4_BUILD_JOBS` (setup.py's cap on parallel nvcc processes) that is not a whole number stops
     the build with a one-line error and exit code 2, before anything compiles."""
-    import os
     env = dict(os.environ, CASE4_BUILD_JOBS="four")
     r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=CSRC.parent, env=env,
                        capture_output=True, text=True, timeout=120)
