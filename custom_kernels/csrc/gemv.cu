@@ -100,6 +100,13 @@ __device__ __forceinline__ float2 row_dot2(const uint4 *__restrict__ wa, const u
 
 constexpr int kStageVecs = 4;  // input vectors per thread per staging round (loads issued together)
 
+// fp32 input for the small normed kernels (K <= 1024, i.e. kUnrollSmall: QKV, gate|up, lm_head of SmolLM2-sized
+// models): one pass over shared memory (the normed vector stored once) and no input converts per row (SmolLM2
+// -4.3 %, performance.md log entry 24); with K > 1024 the doubled shared-memory reads cost 7B +1.5 %, and the
+// kernels without a norm (one row per warp) were slower. One rule for the kernel (F32X) and the launcher's
+// shared-memory size.
+__host__ __device__ constexpr bool f32_input(bool norm, int unroll) { return norm && unroll == kUnrollSmall; }
+
 template <typename T, int MODE, bool NORM, int U>
 __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
@@ -107,11 +114,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     extern __shared__ uint4 xs[];
     __shared__ float red[kWarp];
     constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
-    // fp32 input for the small normed kernels (K <= 1024: QKV, gate|up, lm_head of SmolLM2-sized models): one
-    // pass over shared memory (the normed vector stored once) and no input converts per row (SmolLM2 -4.3 %,
-    // performance.md log entry 24); with K > 1024 the doubled shared-memory reads cost 7B +1.5 %, and the
-    // kernels without a norm (one row per warp) were slower; the launcher sizes shared memory to match
-    constexpr bool F32X = NORM && U == kUnrollSmall;
+    constexpr bool F32X = f32_input(NORM, U);  // the input staged as fp32 (f32_input)
     const int nvec = a.K / 8;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const uint4 *W = reinterpret_cast<const uint4 *>(a.W);
@@ -306,8 +309,10 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st) {
     // 8 loads per lane once a row has more than 4 vectors per lane: the whole row of K <= 2048
     // (e.g. SmolLM2's down, K = 1536) is then in registers before the wait, none after it
     const bool large = a.K > kWarp * kUnrollSmall * 8;
-    // input (fp32 in the small normed kernels: gemv_kernel's F32X) + norm weights
-    const size_t smem = (size_t)a.K * (a.norm_w ? (large ? sizeof(T) : 4) + sizeof(T) : sizeof(T));
+    // the input (fp32 or T: f32_input) + the norm weights
+    const bool norm = a.norm_w != nullptr;
+    const size_t smem = (size_t)a.K * ((f32_input(norm, large ? kUnrollLarge : kUnrollSmall) ? 4 : sizeof(T)) +
+                                       (norm ? sizeof(T) : 0));
     GemvArgs b = a;
     b.prefetch = g_gemv_prefetch;
     b.evict_first = g_evict_first;
