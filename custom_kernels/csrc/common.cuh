@@ -129,6 +129,35 @@ __device__ __forceinline__ float block_reduce(float v, float *red, float id, Op 
     return warp_reduce(v, op);
 }
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp{}); }
+
+// Lane 0's result of warp_reduce(SumOp) over the 32 values r[0..NW) followed by zeros, as a tree over
+// r[] (V_o(l) = V_2o(l) + V_2o(l ^ o), the shuffle butterfly's order); the terms of lanes >= NW are
+// left out instead of added as +0, which gives the same sum unless a partial is -0.
+template <int NW, int O, int L>
+__device__ __forceinline__ float butterfly_sum(const float *r) {
+    if constexpr (O == kWarp) {
+        return r[L];
+    } else {
+        constexpr int P = L ^ O;
+        if constexpr ((P & (2 * O - 1)) >= NW) return butterfly_sum<NW, 2 * O, L>(r);  // P's subtree: zeros
+        else return butterfly_sum<NW, 2 * O, L>(r) + butterfly_sum<NW, 2 * O, P>(r);
+    }
+}
+// Sum over a block of NW warps, for a kernel that reduces once (no earlier reader of `red` to wait
+// for): one barrier, and the NW warp partials added from shared memory (every thread, the same tree)
+// instead of block_reduce's second barrier and shuffle round. The same additions in the same order
+// as block_sum, so the same result for non-negative values (a sum of squares). `red`: >= NW floats,
+// 16-byte aligned.
+template <int NW>
+__device__ __forceinline__ float block_sum_once(float v, float *red) {
+    v = warp_sum(v);
+    if (threadIdx.x % kWarp == 0) red[threadIdx.x / kWarp] = v;
+    __syncthreads();
+    float r[NW];
+#pragma unroll
+    for (int i = 0; i < NW; ++i) r[i] = red[i];
+    return butterfly_sum<NW, 1, 0>(r);
+}
 __device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp{}); }
 __device__ __forceinline__ float block_sum(float v, float *red) { return block_reduce(v, red, 0.f, SumOp{}); }
 __device__ __forceinline__ float block_max(float v, float *red) { return block_reduce(v, red, -INFINITY, MaxOp{}); }

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
     // then K/8 vectors of the norm weights
     extern __shared__ uint4 xs[];
-    __shared__ float red[kWarp];
+    __shared__ __align__(16) float red[kWarp];
     constexpr int UR = MODE == kGemvSwiglu ? kUnrollSmall : U;  // loads per lane per row and chunk
     constexpr bool F32X = f32_input(NORM, U);  // the input staged as fp32 (f32_input)
     const int nvec = a.K / 8;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
 #pragma unroll
             for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
         }
-        const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
+        const float inv = rsqrtf(block_sum_once<kGemvWarps>(ss, red) / (float)a.K + a.eps);
         if (i < nvec) {
             if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i)
             float w[8];
@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
         }
     }
     if (NORM && !F32X) {
-        const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
+        const float inv = rsqrtf(block_sum_once<kGemvWarps>(ss, red) / (float)a.K + a.eps);
         const uint4 *nw = a.norm_pre ? nws : reinterpret_cast<const uint4 *>(a.norm_w);
         if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i as below)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
