@@ -3,7 +3,8 @@
 // Layout: W is [N, K] row-major (nn.Linear weight), K % 8 == 0 (16-byte rows).
 // Work split: one warp per output row (per row pair for SwiGLU), each lane streams
 // 16-byte vectors of the row with kUnroll independent loads in flight; the grid loops over
-// rows (persistent-ish grid; row mapping in gemv_kernel).
+// rows (persistent-ish grid; row mapping in gemv_kernel). Blocks of 8 warps, or of 16 when no warp
+// has more than one row (kGemvWarpsOneRow).
 // The input vector sits in shared memory, staged once per block (as T, or as fp32 for the small
 // normed kernels: F32X in gemv_kernel). Fused prologue:
 // optional embedding-row gather and RMSNorm (each block recomputes the sum of squares:
@@ -19,8 +20,13 @@
 
 namespace case4 {
 
+// Warps per block. A kernel whose rows give each warp at most one (N <= max_blocks * 8: SmolLM2's
+// QKV, O, gate|up, down; Llama-2-7B's O and down) runs blocks of 16 warps instead of 8 -- half the
+// blocks, on half the SMs, each warp's work unchanged. Measured (H100, docs/performance.md log entry 28):
+// SmolLM2 -1.5 to -3 %, 7B -1.1 % per token; 12, 24 or 32 warps, or 16 for only some of the kernels,
+// were slower. Kernels with several rows per warp (lm_head, 7B's QKV and gate|up) keep 8.
 constexpr int kGemvWarps = 8;
-constexpr int kGemvThreads = kGemvWarps * kWarp;
+constexpr int kGemvWarpsOneRow = 16;
 constexpr int kUnrollSmall = 4;  // 16-byte loads in flight per lane per row (K <= 1024, and SwiGLU)
 constexpr int kUnrollLarge = 8;  // K > 1024: fewer dependent round trips per row
 constexpr int kGemvMaxSmem = 96 * 1024;
@@ -107,8 +113,8 @@ constexpr int kStageVecs = 4;  // input vectors per thread per staging round (lo
 // shared-memory size.
 __host__ __device__ constexpr bool f32_input(bool norm, int unroll) { return norm && unroll == kUnrollSmall; }
 
-template <typename T, int MODE, bool NORM, int U>
-__global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
+template <typename T, int MODE, bool NORM, int U, int WARPS>
+__global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS) gemv_kernel(GemvArgs a) {  // <= 64 registers
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
     // then K/8 vectors of the norm weights
     extern __shared__ uint4 xs[];
@@ -118,14 +124,14 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     const int nvec = a.K / 8;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     const uint4 *W = reinterpret_cast<const uint4 *>(a.W);
-    // Row mapping. One row per warp (N <= grid * 8, e.g. O and down, N = 4096 over 512 blocks):
-    // a block's warps take consecutive rows (row = block * 8 + warp: neighbouring DRAM pages).
+    // Row mapping. One row per warp (N <= grid * WARPS, e.g. O and down, N = 4096 over 256 blocks):
+    // a block's warps take consecutive rows (row = block * WARPS + warp: neighbouring DRAM pages).
     // Several rows per warp (QKV, gate|up, lm_head): rows go round-robin over the blocks first
     // (row = warp * grid + block) so every SM gets the same number of rows (+-1) even when N is
     // not a multiple of the grid's warps.
-    const bool one_row = (long long)gridDim.x * kGemvWarps >= a.N;
-    const int row0 = one_row ? blockIdx.x * kGemvWarps + warp : warp * gridDim.x + blockIdx.x;
-    const int stride = gridDim.x * kGemvWarps;
+    const bool one_row = (long long)gridDim.x * WARPS >= a.N;
+    const int row0 = one_row ? blockIdx.x * WARPS + warp : warp * gridDim.x + blockIdx.x;
+    const int stride = gridDim.x * WARPS;
 
     // ---- the first chunk of each warp's first row goes into registers before the input is
     // staged, so the weight stream is in flight during the prologue; with a.prefetch == 2 it is
@@ -179,7 +185,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
 #pragma unroll
             for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
         }
-        const float inv = rsqrtf(block_sum_once<kGemvWarps>(ss, red) / (float)a.K + a.eps);
+        const float inv = rsqrtf(block_sum_once<WARPS>(ss, red) / (float)a.K + a.eps);
         if (i < nvec) {
             if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i)
             float w[8];
@@ -214,7 +220,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
         }
     }
     if (NORM && !F32X) {
-        const float inv = rsqrtf(block_sum_once<kGemvWarps>(ss, red) / (float)a.K + a.eps);
+        const float inv = rsqrtf(block_sum_once<WARPS>(ss, red) / (float)a.K + a.eps);
         const uint4 *nw = a.norm_pre ? nws : reinterpret_cast<const uint4 *>(a.norm_w);
         if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i as below)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -266,12 +272,17 @@ __global__ void __launch_bounds__(kGemvThreads, 4) gemv_kernel(GemvArgs a) {
     ktrace_end(a.trace);
 }
 
+template <typename T, int MODE, bool NORM, int W>
+static void set_attr_w() {
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollSmall, W>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollLarge, W>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+}
 template <typename T, int MODE, bool NORM>
 static void set_attr() {
-    CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollSmall>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
-    CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollLarge>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+    set_attr_w<T, MODE, NORM, kGemvWarps>();
+    set_attr_w<T, MODE, NORM, kGemvWarpsOneRow>();
 }
 
 template <typename T>
@@ -302,9 +313,24 @@ void gemv_init(int dtype) {
     if (dtype == kF16) init_t<half>(); else init_t<__nv_bfloat16>();
 }
 
+template <typename T, int MODE, int W>
+static void launch_w(bool norm, bool large, int grid, size_t smem, cudaStream_t st, const GemvArgs &b) {
+    if (norm) {
+        if (large) launch_pdl(gemv_kernel<T, MODE, true, kUnrollLarge, W>, grid, W * kWarp, smem, st, b);
+        else launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall, W>, grid, W * kWarp, smem, st, b);
+    } else {
+        if (large) launch_pdl(gemv_kernel<T, MODE, false, kUnrollLarge, W>, grid, W * kWarp, smem, st, b);
+        else launch_pdl(gemv_kernel<T, MODE, false, kUnrollSmall, W>, grid, W * kWarp, smem, st, b);
+    }
+}
+
 template <typename T, int MODE>
 static int launch_mode(const GemvArgs &a, cudaStream_t st) {
-    const int groups = (a.N + kGemvWarps - 1) / kGemvWarps;
+    // at most one row per warp with 8-warp blocks: 16-warp blocks (kGemvWarpsOneRow)
+    const int groups8 = (a.N + kGemvWarps - 1) / kGemvWarps;
+    const bool one_row = a.max_blocks <= 0 || groups8 <= a.max_blocks;
+    const int W = one_row ? kGemvWarpsOneRow : kGemvWarps;
+    const int groups = (a.N + W - 1) / W;
     const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
     // 8 loads per lane once a row has more than 4 vectors per lane: the whole row of K <= 2048
     // (e.g. SmolLM2's down, K = 1536) is then in registers before the wait, none after it
@@ -319,13 +345,8 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st) {
     b.norm_pre = !(tuning() & kTuneNoNormPreload);
     b.resid_pre = !(tuning() & kTuneNoResidPreload);
     b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
-    if (a.norm_w) {
-        if (large) launch_pdl(gemv_kernel<T, MODE, true, kUnrollLarge>, grid, kGemvThreads, smem, st, b);
-        else launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall>, grid, kGemvThreads, smem, st, b);
-    } else {
-        if (large) launch_pdl(gemv_kernel<T, MODE, false, kUnrollLarge>, grid, kGemvThreads, smem, st, b);
-        else launch_pdl(gemv_kernel<T, MODE, false, kUnrollSmall>, grid, kGemvThreads, smem, st, b);
-    }
+    if (one_row) launch_w<T, MODE, kGemvWarpsOneRow>(norm, large, grid, smem, st, b);
+    else launch_w<T, MODE, kGemvWarps>(norm, large, grid, smem, st, b);
     return grid;
 }
 
