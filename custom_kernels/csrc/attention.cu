@@ -11,7 +11,8 @@
 //      rows < T of its first block-chunk into registers (see the kernel for why that is safe);
 //   2. one L2 round trip: each thread's 8 columns of q (and their RoPE partners) and the RoPE table
 //      entries; the thread of row T also K_T and V_T. Rotate; the block of the KV head's first query
-//      head writes K_T and V_T into the arena;
+//      head writes K_T and V_T into the arena. When the QKV gemv has rotated q and k already
+//      (AttnArgs::prerotated, gemv_rope_fits), only q, K_T and V_T are loaded;
 //   3. registers only: the scores of a thread's rows (shuffles over the D/8 threads of a row), their
 //      max, sum and sum_j p_j V_j, carried over the block's block-chunks (online softmax; the rows of
 //      a later block-chunk are loaded after the earlier one's are used), then merged over the rows of
@@ -94,7 +95,9 @@ __device__ void merge_block_partials(const AttnArgs &a, int qb, int h0, int G, i
     }
 }
 
-template <typename T, int D, int GM>
+// PRE: q and k in qkv are already rotated (AttnArgs::prerotated: the QKV gemv's fused RoPE), so step 2 only
+// loads them
+template <typename T, int D, int GM, bool PRE>
 __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kernel(AttnArgs a) {
     constexpr int NG = attn_groups(D, GM);
     constexpr int TPR = D / 8;                 // threads per K/V row
@@ -164,7 +167,8 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     // RoPE table entries of this thread's 8 columns at row T (hot in L2: every layer reads this row)
     const int R = a.rotary_dim, half_r = R / 2;
     float cs[8], sn[8];
-    if (d0 < R && half_r % 8 == 0) {  // 8 consecutive entries: two 16-byte loads per table
+    if (PRE) {
+    } else if (d0 < R && half_r % 8 == 0) {  // 8 consecutive entries: two 16-byte loads per table
         const size_t j = (size_t)pos * half_r + (d0 < half_r ? d0 : d0 - half_r);
         const float4 c0 = *reinterpret_cast<const float4 *>(a.rope_cos + j), c1 = *reinterpret_cast<const float4 *>(a.rope_cos + j + 4);
         const float4 s0 = *reinterpret_cast<const float4 *>(a.rope_sin + j), s1 = *reinterpret_cast<const float4 *>(a.rope_sin + j + 4);
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     // of a thread's 8 columns are one 16-byte vector, otherwise 8 scalars
     auto load_partner = [&](const T *src) {
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (d0 >= R) return v;
+        if (PRE || d0 >= R) return v;
         if (half_r % 8 == 0) return *reinterpret_cast<const uint4 *>(src + (d0 < half_r ? d0 + half_r : d0 - half_r));
         T *e = reinterpret_cast<T *>(&v);
 #pragma unroll
@@ -211,13 +215,14 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     }
     // rotate (fp32 tables, rounded once to T, as the reference); q scaled by 1/sqrt(D)
     auto rotate = [&](const uint4 &x, const uint4 &pv, float (&f)[8]) {
-        float p[8];
         unpack8<T>(x, f);
+        if (PRE) return;
+        float p[8];
         unpack8<T>(pv, p);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int d = d0 + i;
-            if (d < R) f[i] = round_t<T>(d < half_r ? f[i] * cs[i] - p[i] * sn[i] : f[i] * cs[i] + p[i] * sn[i]);
+            if (d < R) f[i] = rope_rotate<T>(f[i], p[i], cs[i], sn[i], d < half_r);
         }
     };
     const float scale = rsqrtf((float)D);
@@ -236,9 +241,11 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     }
     uint4 kt = kr;
     if (holds_t) {
-        float f[8];
-        rotate(kr, kp, f);
-        kt = pack8<T>(f);  // exact: f is already rounded to T
+        if (!PRE) {
+            float f[8];
+            rotate(kr, kp, f);
+            kt = pack8<T>(f);  // exact: f is already rounded to T
+        }
         if (writes_t) {
             *reinterpret_cast<uint4 *>(kc + (size_t)pos * D + d0) = kt;
             *reinterpret_cast<uint4 *>(vc + (size_t)pos * D + d0) = vr;
@@ -388,7 +395,8 @@ static void launch_dg(const AttnArgs &a0, cudaStream_t st) {
     const int heads = a.Hq / a.heads_per_block;  // blocks along x: query-head groups
     const int per_head = std::max(1, a.sm_count / heads);
     const dim3 grid(heads, std::min(nblk, per_head));
-    launch_pdl(attn_kernel<T, D, GM>, grid, ng * kAttnGroup, 0, st, a);
+    if (a.prerotated) launch_pdl(attn_kernel<T, D, GM, true>, grid, ng * kAttnGroup, 0, st, a);
+    else launch_pdl(attn_kernel<T, D, GM, false>, grid, ng * kAttnGroup, 0, st, a);
 }
 
 template <typename T, int D>

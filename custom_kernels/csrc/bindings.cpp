@@ -131,6 +131,7 @@ PYBIND11_MODULE(_case4_cuda, m) {
     m.def("set_gemv_l2", &set_gemv_l2);
     m.def("set_step_skip", &set_step_skip);
     m.def("set_tuning", &set_tuning);
+    m.def("gemv_rope_fits", &gemv_rope_fits);
     m.def("tuning", &tuning);
     m.def("set_kernel_trace", &set_kernel_trace);
     m.def("kernel_trace_names", [](int lo, int hi) {

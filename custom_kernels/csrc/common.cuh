@@ -31,6 +31,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // round a float through T and back (the "result rounded to the model dtype" points)
 template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
 
+// RoPE of one dimension (HF rotate_half): x at dim d, p at its partner d +- R/2, c / s the fp32 table
+// entries at (T, d mod R/2); first: d < R/2. Rounded once to T, as the reference. Shared by the
+// attention kernel and the QKV gemv's fused RoPE, so that both compile the same expression.
+template <typename T>
+__device__ __forceinline__ float rope_rotate(float x, float p, float c, float s, bool first) {
+    return round_t<T>(first ? x * c - p * s : x * c + p * s);
+}
+
 // 8 packed T values (one 16-byte vector) -> 8 floats
 template <typename T> __device__ __forceinline__ void unpack8(const uint4 &v, float (&f)[8]);
 template <> __device__ __forceinline__ void unpack8<half>(const uint4 &v, float (&f)[8]) {

@@ -15,6 +15,8 @@
 // is issued before the wait: each warp's first weight chunk (registers) and the norm weights
 // (cp.async into shared memory); the residual of a warp's first row is read right after the
 // wait, with the input.
+#include <type_traits>
+
 #include "common.cuh"
 #include "ops.h"
 
@@ -113,8 +115,20 @@ constexpr int kStageVecs = 4;  // input vectors per thread per staging round (lo
 // shared-memory size.
 __host__ __device__ constexpr bool f32_input(bool norm, int unroll) { return norm && unroll == kUnrollSmall; }
 
-template <typename T, int MODE, bool NORM, int U, int WARPS>
-__global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS) gemv_kernel(GemvArgs a) {  // <= 64 registers
+// Fused RoPE (GemvRopeArgs): the row of warp `warp` in block b. Below rope_rows (q and k heads of D
+// dims; 16 | D, so a block lies in one head) block k of a head takes dims [8k, 8k + 8) in warps 0-7 and
+// their partners d + D/2 in warps 8-15; the v rows keep their order.
+__device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
+    const int r = b * 16 + warp;
+    if (r >= rope_rows) return r;
+    const int base = r - r % D, k = r % D / 16;
+    return base + 8 * k + (warp & 7) + (warp >= 8 ? D / 2 : 0);
+}
+
+template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false>
+__global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 64 registers
+    gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, GemvArgs> a) {
+    static_assert(!ROPE || (MODE == kGemvStore && WARPS == 16), "fused RoPE: QKV in 16-warp blocks");
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
     // then K/8 vectors of the norm weights
     extern __shared__ uint4 xs[];
@@ -130,7 +144,8 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS) gemv_ke
     // (row = warp * grid + block) so every SM gets the same number of rows (+-1) even when N is
     // not a multiple of the grid's warps.
     const bool one_row = (long long)gridDim.x * WARPS >= a.N;
-    const int row0 = one_row ? blockIdx.x * WARPS + warp : warp * gridDim.x + blockIdx.x;
+    int row0 = one_row ? blockIdx.x * WARPS + warp : warp * gridDim.x + blockIdx.x;
+    if constexpr (ROPE) row0 = rope_row(blockIdx.x, warp, a.rope_d, a.rope_rows);  // one row per warp (launcher)
     const int stride = gridDim.x * WARPS;
 
     // ---- the first chunk of each warp's first row goes into registers before the input is
@@ -153,6 +168,19 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS) gemv_ke
     uint4 *nws = xs + nvec * (F32X ? 2 : 1);  // norm weights (NORM only): a read-only weight, copied before the wait
     if (NORM && a.norm_pre)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
+    // fused RoPE: this row's table entries at T, read before the wait like attention's T (sampling.cu's
+    // finish writes seq_len before it lets the step's kernels launch, so T is final here)
+    float rc = 1.f, rs = 0.f;
+    bool rot = false;  // block-uniform
+    if constexpr (ROPE) {
+        rot = (int)blockIdx.x * WARPS < a.rope_rows;
+        if (rot && lane == 0) {
+            const int pos = read_pos(a.pos, a.pos_dev), half = a.rope_d / 2, d = row0 % a.rope_d;
+            const size_t j = (size_t)pos * half + (d < half ? d : d - half);
+            rc = a.rope_cos[j];
+            rs = a.rope_sin[j];
+        }
+    }
     pdl_trigger();
     pdl_wait();
     ktrace(a.trace, 1);
@@ -237,6 +265,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS) gemv_ke
     // ---- rows
     float best = -INFINITY;  // kGemvF32 with amax_part: lane 0's largest stored logit and its row
     int best_row = kNoIndex;
+    float yq = 0.f;  // fused RoPE: lane 0's rounded result, rotated after the loop
     for (int row = row0; row < a.N; row += stride) {
         const bool first = first_loaded && row == row0;
         if (MODE == kGemvSwiglu) {
@@ -251,7 +280,8 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS) gemv_ke
             const float acc = row_dot<T, F32X, UR>(W + (size_t)row * nvec, xs, nvec, lane, wa, first, pol);
             if (lane == 0) {
                 if (MODE == kGemvStore) {
-                    reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
+                    if (ROPE) yq = round_t<T>(acc);
+                    else reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
                 } else if (MODE == kGemvResid) {
                     T *o = reinterpret_cast<T *>(a.out);
                     const float r = first && a.resid_pre ? res0 : to_f(o[row]);
@@ -263,6 +293,15 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS) gemv_ke
                 }
             }
         }
+    }
+    if constexpr (ROPE) {  // partners through shared memory (warp w ^ 8), then rotate and store
+        __shared__ float yr[WARPS];
+        if (rot) {
+            if (lane == 0) yr[warp] = yq;
+            __syncthreads();
+            if (lane == 0) yq = rope_rotate<T>(yq, yr[warp ^ 8], rc, rs, warp < 8);
+        }
+        if (lane == 0 && first_loaded) reinterpret_cast<T *>(a.out)[row0] = from_f<T>(yq);
     }
     if (MODE == kGemvF32 && a.amax_part) {  // the block's argmax, for the sampling kernel
         if (lane != 0) best = -INFINITY, best_row = kNoIndex;  // only lane 0 of a warp tracked its rows
@@ -283,6 +322,14 @@ template <typename T, int MODE, bool NORM>
 static void set_attr() {
     set_attr_w<T, MODE, NORM, kGemvWarps>();
     set_attr_w<T, MODE, NORM, kGemvWarpsOneRow>();
+    if (MODE == kGemvStore && NORM)
+        CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, kGemvStore, true, kUnrollSmall, kGemvWarpsOneRow, true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+}
+
+bool gemv_rope_fits(int N, int D, int R, int max_blocks) {
+    const bool one_row = max_blocks <= 0 || (N + kGemvWarps - 1) / kGemvWarps <= max_blocks;
+    return one_row && kGemvWarpsOneRow == 16 && R == D && D % 16 == 0;  // D / 2 % 8 == 0 follows
 }
 
 template <typename T>
@@ -325,7 +372,7 @@ static void launch_w(bool norm, bool large, int grid, size_t smem, cudaStream_t 
 }
 
 template <typename T, int MODE>
-static int launch_mode(const GemvArgs &a, cudaStream_t st) {
+static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope) {
     // at most one row per warp with 8-warp blocks: 16-warp blocks (kGemvWarpsOneRow)
     const int groups8 = (a.N + kGemvWarps - 1) / kGemvWarps;
     const bool one_row = a.max_blocks <= 0 || groups8 <= a.max_blocks;
@@ -345,28 +392,46 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st) {
     b.norm_pre = !(tuning() & kTuneNoNormPreload);
     b.resid_pre = !(tuning() & kTuneNoResidPreload);
     b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
-    if (one_row) launch_w<T, MODE, kGemvWarpsOneRow>(norm, large, grid, smem, st, b);
-    else launch_w<T, MODE, kGemvWarps>(norm, large, grid, smem, st, b);
+    if (rope) {
+        if constexpr (MODE == kGemvStore) {
+            if (!norm || large || !one_row || rope->rope_d <= 0 || rope->rope_d % 16 != 0 ||
+                rope->rope_rows % rope->rope_d != 0 || rope->rope_rows > a.N || !rope->rope_cos || !rope->rope_sin)
+                throw std::runtime_error("gemv: fused RoPE needs a normed QKV with one row per warp (gemv_rope_fits)");
+            GemvRopeArgs r = *rope;
+            static_cast<GemvArgs &>(r) = b;
+            launch_pdl(gemv_kernel<T, kGemvStore, true, kUnrollSmall, kGemvWarpsOneRow, true>, grid,
+                       kGemvWarpsOneRow * kWarp, smem, st, r);
+        } else {
+            throw std::runtime_error("gemv: fused RoPE is for the store mode (QKV)");
+        }
+    } else if (one_row) {
+        launch_w<T, MODE, kGemvWarpsOneRow>(norm, large, grid, smem, st, b);
+    } else {
+        launch_w<T, MODE, kGemvWarps>(norm, large, grid, smem, st, b);
+    }
     return grid;
 }
 
 template <typename T>
-static int launch_t(const GemvArgs &a, cudaStream_t st) {
+static int launch_t(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope) {
     switch (a.mode) {
-        case kGemvStore: return launch_mode<T, kGemvStore>(a, st);
-        case kGemvResid: return launch_mode<T, kGemvResid>(a, st);
-        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st);
-        case kGemvF32: return launch_mode<T, kGemvF32>(a, st);
+        case kGemvStore: return launch_mode<T, kGemvStore>(a, st, rope);
+        case kGemvResid: return launch_mode<T, kGemvResid>(a, st, rope);
+        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st, rope);
+        case kGemvF32: return launch_mode<T, kGemvF32>(a, st, rope);
         default: throw std::runtime_error("gemv: bad mode");
     }
 }
 
-int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) {
+static int launch_any(const GemvArgs &a, int dtype, cudaStream_t st, const GemvRopeArgs *rope) {
     if (a.K % 8 != 0) throw std::runtime_error("gemv: K must be a multiple of 8");
     if ((size_t)a.K * 2 * (a.norm_w ? 2 : 1) > (size_t)kGemvMaxSmem)
         throw std::runtime_error("gemv: K too large for shared memory");
     if (a.amax_part && a.mode != kGemvF32) throw std::runtime_error("gemv: amax_part needs the fp32 logits mode");
-    return dtype == kF16 ? launch_t<half>(a, st) : launch_t<__nv_bfloat16>(a, st);
+    return dtype == kF16 ? launch_t<half>(a, st, rope) : launch_t<__nv_bfloat16>(a, st, rope);
 }
+
+int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, nullptr); }
+int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, &a); }
 
 }  // namespace case4

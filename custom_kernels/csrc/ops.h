@@ -36,6 +36,7 @@ enum TuneBit : int {
                                // long weight stream; step.cu, GemvArgs::pre_eighths)
     kTuneAttnSplitEach = 1024, // attention: a block per block-chunk from 2 block-chunks on (default: one block
                                // loops over up to kAttnChunksPerBlock of them; attention.cu)
+    kTuneNoQkvRope = 4096,     // RoPE in the attention kernel (default: in the QKV gemv where gemv_rope_fits)
 };
 void set_tuning(int bits);
 int tuning();
@@ -70,10 +71,25 @@ struct GemvArgs {
     int resid_pre = 1;           // set by the launcher: residual of the first row read right after the wait
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
+// kGemvStore with a fused RoPE (QKV of a model whose rows give each warp one, in 16-warp blocks): rows
+// [0, rope_rows) are q and k heads of rope_d dims, stored rotated at position pos (or *pos_dev) over all
+// rope_d dims. Warps w and w ^ 8 of a block take the partner dims d and d + rope_d / 2. (A struct of its
+// own: the other gemvs' kernel parameter stays GemvArgs, and so does their code.)
+struct GemvRopeArgs : GemvArgs {
+    int rope_rows = 0;
+    int rope_d = 0;
+    const float *rope_cos = nullptr, *rope_sin = nullptr;  // [max_seq, rope_d / 2]
+    int pos = 0;
+    const int *pos_dev = nullptr;
+};
+// The QKV gemv can apply RoPE itself (GemvArgs::rope_rows) for these shapes: every rotated dim (R = D),
+// partners 8-aligned, a head a whole number of 16-row blocks, and one row per warp (N <= 8 * max_blocks)
+bool gemv_rope_fits(int N, int D, int R, int max_blocks);
 void gemv_init(int dtype);
 void set_pdl(int mode);  // 0 plain, 1 programmatic dependent launch, 2 + L2 weight prefetch, 3 + register preload
 void set_gemv_l2(int evict_first);  // weight loads with the L2 evict_first policy (default 1)
 int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);  // returns the grid size
+int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st);  // QKV + RoPE (gemv_rope_fits)
 
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
 // out = round(w * round(x * rsqrt(mean(x^2) + eps))); with tok: x = embed row tok[0] and x_out = x
@@ -103,6 +119,7 @@ struct AttnArgs {
     int sm_count = 0;            // SMs of the device: at most max(1, sm_count / Hkv) blocks per KV head
     int heads_per_block = 0;     // set by the launcher: query heads per block (attn_heads_per_block)
     int solo_len = 0;            // set by the launcher: up to this many positions one block takes them all
+    int prerotated = 0;          // 1: q and k in qkv are already rotated (the QKV gemv's fused RoPE)
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);

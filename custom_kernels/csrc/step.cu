@@ -145,6 +145,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     auto pre_eighths = [](size_t prev_bytes) {
         return tuning() & kTunePreAll || prev_bytes < kPreLongStreamBytes ? 8 : 4;
     };
+    const bool rope_in_qkv = !(tuning() & kTuneNoQkvRope) && gemv_rope_fits(p.qkv_rows(), p.D, p.R, max_blocks);
     for (int l = 0; l < p.L; ++l) {
         const LayerPtrs &w = p.layers[l];
         GemvArgs g;
@@ -158,8 +159,25 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         g.x_out = l == 0 ? p.x : nullptr;
         g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
         g.pre_eighths = pre_eighths(l == 0 ? 0 : b_down);  // layer 0: after the sampling kernel
-        if (run_kernel(1, st)) launch_gemv(g, p.dtype, st);
-        if (run_kernel(2, st)) launch_attention(attn_args(p, s, l, T), p.dtype, st);
+        // RoPE in the QKV gemv where its shape allows (performance.md log entry 29), else in attention
+        if (run_kernel(1, st)) {
+            if (rope_in_qkv) {
+                GemvRopeArgs r;
+                static_cast<GemvArgs &>(r) = g;
+                r.rope_rows = (p.Hq + p.Hkv) * p.D;
+                r.rope_d = p.D;
+                r.rope_cos = p.rope_cos;
+                r.rope_sin = p.rope_sin;
+                r.pos = T < 0 ? 0 : T;
+                r.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
+                launch_gemv_rope(r, p.dtype, st);
+            } else {
+                launch_gemv(g, p.dtype, st);
+            }
+        }
+        AttnArgs at = attn_args(p, s, l, T);
+        at.prerotated = rope_in_qkv ? 1 : 0;
+        if (run_kernel(2, st)) launch_attention(at, p.dtype, st);
         // O + residual (in place on x)
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_o; g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;

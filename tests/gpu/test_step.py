@@ -225,3 +225,41 @@ def test_prefill_graphs_match_eager(shape):
         assert st["prefill_graphs"] - st0["prefill_graphs"] == 2, (st0, st)  # session 1: buckets 16, 64
     finally:
         be.close()
+
+
+@pytest.mark.parametrize("shape,dtype,T", [("smollm2-135m", "float16", 40), ("smollm2-135m", "bfloat16", 300),
+                                           ("tiny", "float16", 9)])
+def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
+    """RoPE fused into the QKV gemv (gemv_rope_fits: SmolLM2, tiny) == RoPE in the attention kernel
+    (tuning bit kTuneNoQkvRope = 4096): the same math in the same order, so the logits and the K/V rows
+    written are bitwise equal, eager and through a dynamic graph."""
+    from custom_kernels.ext import load_extension
+    ext = load_extension()
+    cfg = synthetic_model(shape, dtype, 1024).cfg
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    assert ext.gemv_rope_fits(rows, cfg.head_dim, cfg.rotary_dim, 4 * sms), "the fused path must apply to this shape"
+    out = {}
+    for tune in (0, 4096):
+        ext.set_tuning(tune)
+        try:
+            for mode in ("none", "dynamic"):
+                be = make(shape, dtype, mode=mode)
+                try:
+                    ids = prompt(T, be.cfg.vocab_size, 7)
+                    tok = int(be.prefill(0, ids).argmax())
+                    logits = []
+                    for _ in range(3):
+                        lg = be.step(0, tok) if mode == "none" else be.replay(0, be.seq_len(0), tok)
+                        logits.append(lg.detach().float().cpu().clone())
+                        tok = int(lg.argmax())
+                    out[tune, mode] = (torch.stack(logits), be.kv.kv[0].detach().clone())
+                finally:
+                    be.close()
+        finally:
+            ext.set_tuning(0)
+    for mode in ("none", "dynamic"):
+        (l0, kv0), (l1, kv1) = out[0, mode], out[4096, mode]
+        assert torch.isfinite(l0).all()
+        assert torch.equal(l0, l1), f"{mode}: logits differ, max {float((l0 - l1).abs().max()):.3e}"
+        assert torch.equal(kv0, kv1), f"{mode}: KV rows differ"
