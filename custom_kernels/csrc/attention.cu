@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     // ---- 2. q (G heads), K_T and V_T: every load issued before any is used (one L2 round trip)
     // RoPE table entries of this thread's 8 columns at row T (hot in L2: every layer reads this row)
     const int R = a.rotary_dim, half_r = R / 2;
-    float cs[8], sn[8];
-    if (PRE) {
+    float cs[8], sn[8];  // unused with PRE
+    if (PRE) {  // nothing to load
     } else if (d0 < R && half_r % 8 == 0) {  // 8 consecutive entries: two 16-byte loads per table
         const size_t j = (size_t)pos * half_r + (d0 < half_r ? d0 : d0 - half_r);
         const float4 c0 = *reinterpret_cast<const float4 *>(a.rope_cos + j), c1 = *reinterpret_cast<const float4 *>(a.rope_cos + j + 4);

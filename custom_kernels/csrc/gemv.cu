@@ -33,6 +33,14 @@ constexpr int kUnrollSmall = 4;  // 16-byte loads in flight per lane per row (K 
 constexpr int kUnrollLarge = 8;  // K > 1024: fewer dependent round trips per row
 constexpr int kGemvMaxSmem = 96 * 1024;
 
+// 8 loads per lane once a row has more than 4 vectors per lane: the whole row of K <= 2048 (e.g. SmolLM2's
+// down, K = 1536) is then in registers before the wait, none after it
+static bool unroll_large(int K) { return K > kWarp * kUnrollSmall * 8; }
+// With 8-warp blocks no warp would have more than one row: such kernels run kGemvWarpsOneRow-warp blocks
+static bool one_row_per_warp(int N, int max_blocks) {
+    return max_blocks <= 0 || (N + kGemvWarps - 1) / kGemvWarps <= max_blocks;
+}
+
 // 8 products of one 16-byte weight vector with the input's vector i, summed in a fixed order. The
 // staged input `xs` is T (uint4 vectors), or with F32X fp32 holding exactly the same values: vector i
 // is then xs[i] (values 0-3) and xs[nvec + i] (values 4-7) as float4, so a warp's reads of
@@ -118,8 +126,9 @@ __host__ __device__ constexpr bool f32_input(bool norm, int unroll) { return nor
 // Fused RoPE (GemvRopeArgs): the row of warp `warp` in block b. Below rope_rows (q and k heads of D
 // dims; 16 | D, so a block lies in one head) block k of a head takes dims [8k, 8k + 8) in warps 0-7 and
 // their partners d + D/2 in warps 8-15; the v rows keep their order.
+static_assert(kGemvWarpsOneRow == 16, "fused RoPE pairs warps w and w ^ 8");
 __device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
-    const int r = b * 16 + warp;
+    const int r = b * kGemvWarpsOneRow + warp;
     if (r >= rope_rows) return r;
     const int base = r - r % D, k = r % D / 16;
     return base + 8 * k + (warp & 7) + (warp >= 8 ? D / 2 : 0);
@@ -128,7 +137,7 @@ __device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
 template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false>
 __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 64 registers
     gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, GemvArgs> a) {
-    static_assert(!ROPE || (MODE == kGemvStore && WARPS == 16), "fused RoPE: QKV in 16-warp blocks");
+    static_assert(!ROPE || (MODE == kGemvStore && WARPS == kGemvWarpsOneRow), "fused RoPE: QKV in 16-warp blocks");
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
     // then K/8 vectors of the norm weights
     extern __shared__ uint4 xs[];
@@ -327,9 +336,9 @@ static void set_attr() {
                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
 }
 
-bool gemv_rope_fits(int N, int D, int R, int max_blocks) {
-    const bool one_row = max_blocks <= 0 || (N + kGemvWarps - 1) / kGemvWarps <= max_blocks;
-    return one_row && kGemvWarpsOneRow == 16 && R == D && D % 16 == 0;  // D / 2 % 8 == 0 follows
+// the fused RoPE kernel is the normed store kernel with 4 loads per lane (K <= 1024) in 16-warp blocks
+bool gemv_rope_fits(int N, int K, int D, int R, int max_blocks) {
+    return one_row_per_warp(N, max_blocks) && !unroll_large(K) && R == D && D % 16 == 0;  // D / 2 % 8 == 0 follows
 }
 
 template <typename T>
@@ -373,15 +382,11 @@ static void launch_w(bool norm, bool large, int grid, size_t smem, cudaStream_t 
 
 template <typename T, int MODE>
 static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope) {
-    // at most one row per warp with 8-warp blocks: 16-warp blocks (kGemvWarpsOneRow)
-    const int groups8 = (a.N + kGemvWarps - 1) / kGemvWarps;
-    const bool one_row = a.max_blocks <= 0 || groups8 <= a.max_blocks;
+    const bool one_row = one_row_per_warp(a.N, a.max_blocks);
     const int W = one_row ? kGemvWarpsOneRow : kGemvWarps;
     const int groups = (a.N + W - 1) / W;
     const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
-    // 8 loads per lane once a row has more than 4 vectors per lane: the whole row of K <= 2048
-    // (e.g. SmolLM2's down, K = 1536) is then in registers before the wait, none after it
-    const bool large = a.K > kWarp * kUnrollSmall * 8;
+    const bool large = unroll_large(a.K);
     // the input (fp32 or T: f32_input) + the norm weights
     const bool norm = a.norm_w != nullptr;
     const size_t smem = (size_t)a.K * ((f32_input(norm, large ? kUnrollLarge : kUnrollSmall) ? 4 : sizeof(T)) +
@@ -394,7 +399,7 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
     b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
     if (rope) {
         if constexpr (MODE == kGemvStore) {
-            if (!norm || large || !one_row || rope->rope_d <= 0 || rope->rope_d % 16 != 0 ||
+            if (!norm || !gemv_rope_fits(a.N, a.K, rope->rope_d, rope->rope_d, a.max_blocks) || rope->rope_d <= 0 ||
                 rope->rope_rows % rope->rope_d != 0 || rope->rope_rows > a.N || !rope->rope_cos || !rope->rope_sin)
                 throw std::runtime_error("gemv: fused RoPE needs a normed QKV with one row per warp (gemv_rope_fits)");
             GemvRopeArgs r = *rope;

@@ -82,9 +82,9 @@ struct GemvRopeArgs : GemvArgs {
     int pos = 0;
     const int *pos_dev = nullptr;
 };
-// The QKV gemv can apply RoPE itself (GemvArgs::rope_rows) for these shapes: every rotated dim (R = D),
-// partners 8-aligned, a head a whole number of 16-row blocks, and one row per warp (N <= 8 * max_blocks)
-bool gemv_rope_fits(int N, int D, int R, int max_blocks);
+// The QKV gemv ([N, K]) can apply RoPE itself (launch_gemv_rope) for these shapes: every dim rotated (R = D),
+// partners 8-aligned, a head a whole number of 16-row blocks, one row per warp (N <= 8 * max_blocks), K <= 1024
+bool gemv_rope_fits(int N, int K, int D, int R, int max_blocks);
 void gemv_init(int dtype);
 void set_pdl(int mode);  // 0 plain, 1 programmatic dependent launch, 2 + L2 weight prefetch, 3 + register preload
 void set_gemv_l2(int evict_first);  // weight loads with the L2 evict_first policy (default 1)

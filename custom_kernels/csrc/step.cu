@@ -145,7 +145,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     auto pre_eighths = [](size_t prev_bytes) {
         return tuning() & kTunePreAll || prev_bytes < kPreLongStreamBytes ? 8 : 4;
     };
-    const bool rope_in_qkv = !(tuning() & kTuneNoQkvRope) && gemv_rope_fits(p.qkv_rows(), p.D, p.R, max_blocks);
+    const bool rope_in_qkv = !(tuning() & kTuneNoQkvRope) && gemv_rope_fits(p.qkv_rows(), p.H, p.D, p.R, max_blocks);
     for (int l = 0; l < p.L; ++l) {
         const LayerPtrs &w = p.layers[l];
         GemvArgs g;

@@ -238,7 +238,10 @@ def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
     cfg = synthetic_model(shape, dtype, 1024).cfg
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    assert ext.gemv_rope_fits(rows, cfg.head_dim, cfg.rotary_dim, 4 * sms), "the fused path must apply to this shape"
+    assert ext.gemv_rope_fits(rows, cfg.hidden_size, cfg.head_dim, cfg.rotary_dim, 4 * sms), \
+        "the fused path must apply to this shape"
+    # a TinyLlama-like QKV (one row per warp, but K = 2048 needs the 8-load kernel): RoPE stays in attention
+    assert not ext.gemv_rope_fits((32 + 2 * 4) * 64, 2048, 64, 64, 4 * sms)
     out = {}
     for tune in (0, 4096):
         ext.set_tuning(tune)
