@@ -62,6 +62,9 @@ class CudaBackend(Backend):
                                    if os.environ.get("CASE4_PREFILL_GRAPHS", "1") != "0" else None)
             H, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
             self.max_splits = -(-cfg.max_seq_len // self.ext.SPLIT_LEN)
+            # O fused into attention (small models): attention's block rows are the query heads x o_parts
+            o_parts = self.ext.attn_o_parts(H, cfg.num_heads, cfg.num_kv_heads, D)
+            rows = cfg.num_heads * max(1, o_parts)
 
             def buf(n, dtype=dt):
                 return torch.zeros(n, dtype=dtype, device=dev)
@@ -69,9 +72,10 @@ class CudaBackend(Backend):
             self.scratch = {
                 "x": buf(H), "xn": buf(H), "qkv": buf(cfg.qkv_rows), "ctx": buf(cfg.q_dim), "mlp": buf(I),
                 "tmp": buf(max(2 * I, cfg.qkv_rows, H, V)), "logits": buf(V, torch.float32),
-                "part_acc": buf(cfg.num_heads * self.max_splits * D, torch.float32),
-                "part_ml": buf(cfg.num_heads * self.max_splits * 2, torch.float32),
-                "counters": buf(cfg.num_heads, torch.int32),
+                "part_acc": buf(rows * self.max_splits * D, torch.float32),
+                "part_ml": buf(rows * self.max_splits * 2, torch.float32),
+                "counters": buf(rows, torch.int32),
+                **({"o_part": buf(cfg.num_heads * H, torch.float32)} if o_parts else {}),
                 "token_dev": buf(sessions, torch.int32), "seq_len_dev": buf(sessions, torch.int32),
                 "params_dev": buf(sessions * self.ext.SAMPLE_PARAMS_BYTES, torch.uint8),
                 "ring": buf(sessions * ring_len, torch.int32),

@@ -49,24 +49,84 @@ static int attn_heads_per_block(int Hq, int Hkv) {
     return tuning() & kTuneAttnPerKvHead || G > 4 ? G : 1;
 }
 
-// ---- 4b. the last block of a block row to finish merges the nblk per-block partials of its G query
-// heads into ctx
+// The kernel's parameter: the fields of AttnArgs it reads, in 128 bytes. nvcc reads the fields of a kernel
+// parameter of at most 128 bytes at fixed constant offsets; AttnArgs itself (176 bytes) made the kernel address
+// its parameter through a register (performance.md log entry 31).
+struct AttnKArgs {
+    const void *qkv;
+    void *k_cache, *v_cache;
+    const float *rope_cos, *rope_sin;
+    const int *pos_dev;
+    float *part_acc, *part_ml;
+    int *counters;
+    void *ctx;
+    unsigned long long *trace;
+    const void *w_o;
+    float *o_part;
+    int max_seq, pos;
+    short rotary_dim, Hq, Hkv, heads_per_block, solo_len, max_splits, H, o_parts;
+};
+static_assert(sizeof(AttnKArgs) <= 128, "attention's kernel parameter: at most 128 bytes");
+
+// ---- fused O (AttnArgs::o_parts): W_o (row, 8-column vector) pairs per lane, held in registers from before the
+// wait; a part's rows are split evenly over the warps, and the D/8 lanes of a row slice are aligned in the warp
+constexpr int kOU = 4;
+
+// this warp's pair u: the W_o row (or -1: none) and the 8-column vector of the head's D columns
+template <int D>
+__device__ __forceinline__ int o_pair_row(const AttnKArgs &a, int part, int warp, int nw, int lane, int u, int &vec) {
+    constexpr int TPRO = D / 8;
+    const int rb = (a.H + a.o_parts - 1) / a.o_parts, lo = part * rb, hi = min(a.H, lo + rb);
+    const int rpw = (rb + nw - 1) / nw;
+    const int f = lane + u * kWarp, rl = f / TPRO;
+    vec = f % TPRO;
+    const int row = lo + warp * rpw + rl;
+    return rl < rpw && row < hi ? row : -1;
+}
+
+// o_part[h, row] = sum over the head's D columns of W_o[row, h * D + c] * ctx[c] (ctx: the head's rounded
+// attention output, in shared memory; whole block, after a barrier)
 template <typename T, int D>
-__device__ void merge_block_partials(const AttnArgs &a, int qb, int h0, int G, int nblk) {
+__device__ void o_tail(const AttnKArgs &a, int h, int part, const float *ctx_s, const uint4 (&wo)[kOU]) {
+    constexpr int TPRO = D / 8;
+    static_assert(kWarp % TPRO == 0, "a row's lanes lie in one warp");
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+#pragma unroll
+    for (int u = 0; u < kOU; ++u) {
+        int vec;
+        const int row = o_pair_row<D>(a, part, warp, nw, lane, u, vec);
+        float wf[8];
+        unpack8<T>(wo[u], wf);  // zero where row < 0
+        const float4 c0 = reinterpret_cast<const float4 *>(ctx_s)[2 * vec];
+        const float4 c1 = reinterpret_cast<const float4 *>(ctx_s)[2 * vec + 1];
+        float s = wf[0] * c0.x;
+        s = fmaf(wf[1], c0.y, s); s = fmaf(wf[2], c0.z, s); s = fmaf(wf[3], c0.w, s);
+        s = fmaf(wf[4], c1.x, s); s = fmaf(wf[5], c1.y, s); s = fmaf(wf[6], c1.z, s); s = fmaf(wf[7], c1.w, s);
+#pragma unroll
+        for (int o = TPRO / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (row >= 0 && vec == 0) a.o_part[(size_t)h * a.H + row] = s;
+    }
+}
+
+// ---- 4b. the last block of a block row to finish merges the nblk per-block partials of its G query
+// heads into ctx (with O fused: the head's ctx into ctx_s, rounded; the caller runs o_tail). Partial slots of
+// block row sr (= the query head, or the block row with O fused). Returns whether this block merged.
+template <typename T, int D>
+__device__ bool merge_block_partials(const AttnKArgs &a, int qb, int h0, int G, int nblk, int sr, float *ctx_s) {
     __shared__ int last_s;
     const int tid = threadIdx.x;
     __threadfence();
     __syncthreads();
     if (tid == 0) last_s = atomicAdd(&a.counters[qb], 1) == nblk - 1;
     __syncthreads();
-    if (!last_s) return;
+    if (!last_s) return false;
     if (tid == 0) a.counters[qb] = 0;  // ready for the next launch
     __threadfence();
     T *ctx = reinterpret_cast<T *>(a.ctx);
     for (int i = tid; i < G * D; i += blockDim.x) {
-        const int g = i / D, d = i % D, h = h0 + g;
-        const float *ml = a.part_ml + (size_t)h * a.max_splits * 2;
-        const float *pa = a.part_acc + (size_t)h * a.max_splits * D + d;
+        const int g = i / D, d = i % D, h = h0 + g, hs = ctx_s ? sr : h;
+        const float *ml = a.part_ml + (size_t)hs * a.max_splits * 2;
+        const float *pa = a.part_acc + (size_t)hs * a.max_splits * D + d;
         // 4 partials per iteration: independent L2 loads in flight instead of a serial chain
         float M = -INFINITY;
         for (int s0 = 0; s0 < nblk; s0 += 4) {
@@ -91,14 +151,18 @@ __device__ void merge_block_partials(const AttnArgs &a, int qb, int h0, int G, i
                 o = fmaf(a4[u], w, o);
             }
         }
-        ctx[(size_t)h * D + d] = from_f<T>(o / L);
+        if (ctx_s) ctx_s[d] = round_t<T>(o / L);
+        else ctx[(size_t)h * D + d] = from_f<T>(o / L);
     }
+    return true;
 }
 
 // PRE: q and k in qkv are already rotated (AttnArgs::prerotated: the QKV gemv's fused RoPE), so step 2 only
-// loads them
-template <typename T, int D, int GM, bool PRE>
-__global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kernel(AttnArgs a) {
+// loads them. OF: O fused (AttnArgs::o_parts; GM = 1): the head's ctx stays in shared memory and the block
+// multiplies its part of W_o's rows by it (o_tail)
+template <typename T, int D, int GM, bool PRE, bool OF = false>
+__global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kernel(AttnKArgs a) {
+    static_assert(!OF || GM == 1, "fused O: one query head per block");
     constexpr int NG = attn_groups(D, GM);
     constexpr int TPR = D / 8;                 // threads per K/V row
     constexpr int RPP = kAttnGroup / TPR;      // rows per pass of a group
@@ -108,12 +172,16 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     __shared__ float acc_w[NW][GM][D];         // per-warp (max, sum, acc) of its rows
     __shared__ float m_w[NW][GM], l_w[NW][GM];
     __shared__ volatile unsigned sink_s[NG * kAttnGroup];  // kv_in's stores (timeline)
+    __shared__ __align__(16) float ctx_s[OF ? D : 1];      // OF: the head's ctx (rounded to T)
 
     const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
     const int grp = tid / kAttnGroup, gt = tid % kAttnGroup;
     const int r = gt / TPR, c = gt % TPR, d0 = c * 8;
     const int G = a.heads_per_block;  // query heads of this block: a KV head's whole group, or one
-    const int qb = blockIdx.x, h0 = qb * G, kvh = h0 / (a.Hq / a.Hkv);  // first query head, its KV head
+    // block row qb: query-head group, and with O fused the part of W_o's rows (qb = part * Hq / G + group)
+    const int qb = blockIdx.x, part = OF ? qb / (a.Hq / G) : 0;
+    const int h0 = (OF ? qb % (a.Hq / G) : qb) * G, kvh = h0 / (a.Hq / a.Hkv);  // first query head, its KV head
+    const int sr = OF ? qb : h0;  // partial slots (split-KV) of this block row (OF: G = 1)
     T *kc = reinterpret_cast<T *>(a.k_cache) + (size_t)kvh * a.max_seq * D;
     T *vc = reinterpret_cast<T *>(a.v_cache) + (size_t)kvh * a.max_seq * D;
 
@@ -158,7 +226,20 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     const int bc_t = pos / BCL, off_t = pos % BCL;
     const int pp_t = off_t / (NG * RPP), grp_t = off_t % (NG * RPP) / RPP, r_t = off_t % RPP;
     const bool holds_t = bc_t % nblk == (int)blockIdx.y && grp == grp_t && r == r_t;
-    const bool writes_t = holds_t && h0 % (a.Hq / a.Hkv) == 0;
+    const bool writes_t = holds_t && h0 % (a.Hq / a.Hkv) == 0 && part == 0;
+    // OF: this warp's W_o pairs (weights: read-only, so before the wait)
+    uint4 wo[OF ? kOU : 1];
+    if constexpr (OF) {
+        const uint64_t pol = l2_policy(true);
+        const uint4 *W = reinterpret_cast<const uint4 *>(a.w_o);
+        const size_t row_vecs = (size_t)a.Hq * D / 8;
+#pragma unroll
+        for (int u = 0; u < kOU; ++u) {
+            int vec;
+            const int row = o_pair_row<D>(a, part, warp, NW, lane, u, vec);
+            wo[u] = row >= 0 ? ld_stream(W + row * row_vecs + (size_t)h0 * D / 8 + vec, pol) : make_uint4(0, 0, 0, 0);
+        }
+    }
     pdl_trigger();
     pdl_wait();
     ktrace(a.trace, 1);
@@ -366,19 +447,27 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
             L = fmaf(l_w[w][g], e, L);
             o = fmaf(acc_w[w][g][d], e, o);
         }
-        const int h = h0 + g;
+        const int h = h0 + g, hs = OF ? sr : h;
         if (nblk == 1) {
-            ctx[(size_t)h * D + d] = from_f<T>(o / L);
+            if (OF) ctx_s[d] = round_t<T>(o / L);
+            else ctx[(size_t)h * D + d] = from_f<T>(o / L);
         } else {
-            a.part_acc[((size_t)h * a.max_splits + blockIdx.y) * D + d] = o;
+            a.part_acc[((size_t)hs * a.max_splits + blockIdx.y) * D + d] = o;
             if (d == 0) {
-                a.part_ml[((size_t)h * a.max_splits + blockIdx.y) * 2 + 0] = M;
-                a.part_ml[((size_t)h * a.max_splits + blockIdx.y) * 2 + 1] = L;
+                a.part_ml[((size_t)hs * a.max_splits + blockIdx.y) * 2 + 0] = M;
+                a.part_ml[((size_t)hs * a.max_splits + blockIdx.y) * 2 + 1] = L;
             }
         }
     }
     ktrace_mark(a.trace, 7);  // ctx (one block-chunk) or partials written
-    if (nblk > 1) merge_block_partials<T, D>(a, qb, h0, G, nblk);
+    bool has_ctx = nblk == 1;
+    if (nblk > 1) has_ctx = merge_block_partials<T, D>(a, qb, h0, G, nblk, sr, OF ? ctx_s : nullptr);
+    if constexpr (OF) {
+        if (has_ctx) {  // block-uniform
+            __syncthreads();
+            o_tail<T, D>(a, h0, part, ctx_s, wo);
+        }
+    }
     ktrace_end(a.trace);
 }
 
@@ -386,17 +475,37 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
 // at most max(1, SMs / (Hq / G)) block rows (one wave; a block loops over its block-chunks), so a
 // dynamic graph's grid (sized for max_seq) has no long tail of idle blocks.
 template <typename T, int D, int GM>
-static void launch_dg(const AttnArgs &a0, cudaStream_t st) {
-    AttnArgs a = a0;
-    a.trace = ktrace_slot("attention");
+static void launch_dg(const AttnArgs &a, cudaStream_t st) {
     constexpr int ng = attn_groups(D, GM);
-    a.solo_len = ng * kSplitLen * (tuning() & kTuneAttnSplitEach ? 1 : kAttnChunksPerBlock);
+    auto s16 = [](int v) {
+        if (v < 0 || v > 32767) throw std::runtime_error("attention: a size beyond the kernel's 16-bit fields");
+        return (short)v;
+    };
+    AttnKArgs k;
+    k.qkv = a.qkv; k.k_cache = a.k_cache; k.v_cache = a.v_cache; k.rope_cos = a.rope_cos; k.rope_sin = a.rope_sin;
+    k.pos_dev = a.pos_dev; k.part_acc = a.part_acc; k.part_ml = a.part_ml; k.counters = a.counters; k.ctx = a.ctx;
+    k.trace = ktrace_slot("attention");
+    k.w_o = a.w_o; k.o_part = a.o_part;
+    k.max_seq = a.max_seq; k.pos = a.pos;
+    k.rotary_dim = s16(a.rotary_dim); k.Hq = s16(a.Hq); k.Hkv = s16(a.Hkv); k.heads_per_block = s16(a.heads_per_block);
+    k.solo_len = s16(ng * kSplitLen * (tuning() & kTuneAttnSplitEach ? 1 : kAttnChunksPerBlock));
+    k.max_splits = s16(a.max_splits); k.H = s16(a.H); k.o_parts = s16(a.o_parts);
     const int nblk = (a.grid_splits + ng - 1) / ng;  // block-chunks of the longest sequence
-    const int heads = a.Hq / a.heads_per_block;  // blocks along x: query-head groups
-    const int per_head = std::max(1, a.sm_count / heads);
-    const dim3 grid(heads, std::min(nblk, per_head));
-    if (a.prerotated) launch_pdl(attn_kernel<T, D, GM, true>, grid, ng * kAttnGroup, 0, st, a);
-    else launch_pdl(attn_kernel<T, D, GM, false>, grid, ng * kAttnGroup, 0, st, a);
+    const int rows = a.Hq / a.heads_per_block * std::max(1, a.o_parts);  // blocks along x: head groups (x parts)
+    const int per_head = std::max(1, a.sm_count / rows);
+    const dim3 grid(rows, std::min(nblk, per_head));
+    if (a.o_parts > 0) {
+        if constexpr (GM == 1) {
+            if (a.prerotated) launch_pdl(attn_kernel<T, D, 1, true, true>, grid, ng * kAttnGroup, 0, st, k);
+            else launch_pdl(attn_kernel<T, D, 1, false, true>, grid, ng * kAttnGroup, 0, st, k);
+        } else {
+            throw std::runtime_error("attention: fused O needs one query head per block");
+        }
+    } else if (a.prerotated) {
+        launch_pdl(attn_kernel<T, D, GM, true>, grid, ng * kAttnGroup, 0, st, k);
+    } else {
+        launch_pdl(attn_kernel<T, D, GM, false>, grid, ng * kAttnGroup, 0, st, k);
+    }
 }
 
 template <typename T, int D>
@@ -425,7 +534,25 @@ void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st) {
     if (a.sm_count <= 0) throw std::runtime_error("attention: sm_count must be set");
     AttnArgs b = a;
     b.heads_per_block = attn_heads_per_block(a.Hq, a.Hkv);
+    if (a.o_parts > 0 && (a.o_parts != attn_o_parts(a.H, a.Hq, a.Hkv, a.D) || b.heads_per_block != 1 || !a.w_o ||
+                          !a.o_part))
+        throw std::runtime_error("attention: fused O needs attn_o_parts' parts, one query head per block, w_o and o_part");
     if (dtype == kF16) launch_t<half>(b, st); else launch_t<__nv_bfloat16>(b, st);
+}
+
+int attn_o_parts(int H, int Hq, int Hkv, int D) {
+    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > 4 || H <= 0 || H % 8 != 0 || H > 1024) return 0;
+    if (D != 32 && D != 64 && D != 128 && D != 256) return 0;
+    if ((size_t)H * Hq * D * 2 > ((size_t)4 << 20)) return 0;
+    const int nw = attn_groups(D, 1) * kAttnGroup / kWarp;
+    int P = 1;
+    for (; P <= kMaxOParts; ++P) {
+        const int rb = (H + P - 1) / P, rpw = (rb + nw - 1) / nw;
+        if (rpw * (D / 8) <= kWarp * kOU) break;
+    }
+    if (P > kMaxOParts) return 0;
+    while (Hq * P < 32 && P < kMaxOParts) ++P;  // enough blocks that each one's share of W_o is small
+    return P;
 }
 
 }  // namespace case4

@@ -134,10 +134,15 @@ __device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
     return base + 8 * k + (warp & 7) + (warp >= 8 ? D / 2 : 0);
 }
 
-template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false>
+// FO: the kernels after a fused attention + O (AttnArgs::o_parts): gate|up's input is x + O from the partials
+// (GemvArgs::o_part), down's residual is read from GemvArgs::resid. A template flag, so that the other kernels'
+// code is unchanged.
+template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false, bool FO = false>
 __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 64 registers
-    gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, GemvArgs> a) {
+    gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, std::conditional_t<FO, GemvFoArgs, GemvArgs>> a) {
     static_assert(!ROPE || (MODE == kGemvStore && WARPS == kGemvWarpsOneRow), "fused RoPE: QKV in 16-warp blocks");
+    static_assert(!FO || (MODE == kGemvSwiglu && NORM && U == kUnrollSmall) || (MODE == kGemvResid && !NORM),
+                  "O partials: gate|up (normed, K <= 1024); separate residual: down");
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
     // then K/8 vectors of the norm weights
     extern __shared__ uint4 xs[];
@@ -200,7 +205,9 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     // residual of the warp's first row: read now, in the shadow of the input staging, instead of
     // after the dot product (one dependent L2 round trip less at the end)
     float res0 = 0.f;
-    if (MODE == kGemvResid && a.resid_pre && first_loaded && lane == 0) res0 = to_f(reinterpret_cast<const T *>(a.out)[row0]);
+    const T *resid = reinterpret_cast<const T *>(a.out);  // kGemvResid: the residual (FO: GemvFoArgs::resid)
+    if constexpr (FO) resid = reinterpret_cast<const T *>(a.resid);
+    if (MODE == kGemvResid && a.resid_pre && first_loaded && lane == 0) res0 = to_f(resid[row0]);
 
     // ---- prologue: stage the input (optionally the embedding row, optionally RMSNorm'd);
     // kStageVecs loads per thread are issued before any is used (one L2 round trip per round
@@ -215,8 +222,35 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
         // round(w * round(x * inv)), exactly the T value the other path stores
         const int i = threadIdx.x;
         const uint4 v = i < nvec ? xin[i] : make_uint4(0, 0, 0, 0);
+        // with o_part: the fused attention's O partials [o_heads, K] into shared memory (cp.async, issued
+        // with the input's load: one L2 round trip), summed per element in head order below
+        float4 *ops = reinterpret_cast<float4 *>(nws + nvec);
+        if constexpr (FO)
+            for (int j = threadIdx.x; j < a.o_heads * nvec * 2; j += blockDim.x)
+                cp_async16(ops + j, reinterpret_cast<const float4 *>(a.o_part) + j);
         float f[8];
         unpack8<T>(v, f);
+        if constexpr (FO) {  // x := round(round(O) + x), the residual stream after O
+            cp_async_wait_all();
+            __syncthreads();
+            // O's element e (every thread, few registers): its o_heads partials added in head order
+            const float *pf = reinterpret_cast<const float *>(ops);
+            float *os = reinterpret_cast<float *>(ops + (size_t)a.o_heads * nvec * 2);  // [K] O, rounded
+            for (int e = threadIdx.x; e < a.K; e += blockDim.x) {
+                float o = 0.f;
+                for (int h = 0; h < a.o_heads; ++h) o += pf[(size_t)h * a.K + e];
+                os[e] = round_t<T>(o);
+            }
+            __syncthreads();
+            if (i < nvec) {
+                const float4 lo = reinterpret_cast<const float4 *>(os)[2 * i], hi = reinterpret_cast<const float4 *>(os)[2 * i + 1];
+                f[0] = round_t<T>(lo.x + f[0]); f[1] = round_t<T>(lo.y + f[1]);
+                f[2] = round_t<T>(lo.z + f[2]); f[3] = round_t<T>(lo.w + f[3]);
+                f[4] = round_t<T>(hi.x + f[4]); f[5] = round_t<T>(hi.y + f[5]);
+                f[6] = round_t<T>(hi.z + f[6]); f[7] = round_t<T>(hi.w + f[7]);
+                if (blockIdx.x == 0) reinterpret_cast<uint4 *>(a.x_out)[i] = pack8<T>(f);  // for down's residual
+            }
+        }
         if (i < nvec) {
             if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
 #pragma unroll
@@ -293,7 +327,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
                     else reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
                 } else if (MODE == kGemvResid) {
                     T *o = reinterpret_cast<T *>(a.out);
-                    const float r = first && a.resid_pre ? res0 : to_f(o[row]);
+                    const float r = first && a.resid_pre ? res0 : to_f(resid[row]);
                     o[row] = from_f<T>(round_t<T>(acc) + r);
                 } else {  // kGemvF32
                     const float v = a.round_logits ? round_t<T>(acc) : acc;
@@ -322,6 +356,9 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
 
 template <typename T, int MODE, bool NORM, int W>
 static void set_attr_w() {
+    if constexpr (MODE == kGemvSwiglu && NORM)
+        CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, true, kUnrollSmall, W, false, true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollSmall, W>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollLarge, W>,
@@ -370,6 +407,16 @@ void gemv_init(int dtype) {
 }
 
 template <typename T, int MODE, int W>
+static void launch_fo(bool large, int grid, size_t smem, cudaStream_t st, const GemvFoArgs &f) {
+    if constexpr (MODE == kGemvSwiglu) {
+        launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall, W, false, true>, grid, W * kWarp, smem, st, f);
+    } else if constexpr (MODE == kGemvResid) {
+        if (large) launch_pdl(gemv_kernel<T, MODE, false, kUnrollLarge, W, false, true>, grid, W * kWarp, smem, st, f);
+        else launch_pdl(gemv_kernel<T, MODE, false, kUnrollSmall, W, false, true>, grid, W * kWarp, smem, st, f);
+    }
+}
+
+template <typename T, int MODE, int W>
 static void launch_w(bool norm, bool large, int grid, size_t smem, cudaStream_t st, const GemvArgs &b) {
     if (norm) {
         if (large) launch_pdl(gemv_kernel<T, MODE, true, kUnrollLarge, W>, grid, W * kWarp, smem, st, b);
@@ -380,8 +427,10 @@ static void launch_w(bool norm, bool large, int grid, size_t smem, cudaStream_t 
     }
 }
 
+// rope / fo: the derived arguments of the fused-RoPE QKV or of a kernel after a fused O (at most one; a is then
+// their GemvArgs part)
 template <typename T, int MODE>
-static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope) {
+static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo) {
     const bool one_row = one_row_per_warp(a.N, a.max_blocks);
     const int W = one_row ? kGemvWarpsOneRow : kGemvWarps;
     const int groups = (a.N + W - 1) / W;
@@ -389,8 +438,17 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
     const bool large = unroll_large(a.K);
     // the input (fp32 or T: f32_input) + the norm weights
     const bool norm = a.norm_w != nullptr;
-    const size_t smem = (size_t)a.K * ((f32_input(norm, large ? kUnrollLarge : kUnrollSmall) ? 4 : sizeof(T)) +
-                                       (norm ? sizeof(T) : 0));
+    const bool f32x = f32_input(norm, large ? kUnrollLarge : kUnrollSmall);
+    const bool o_in = fo && MODE == kGemvSwiglu;  // gate|up after a fused O: + the O partials and O (fp32)
+    const size_t smem = (size_t)a.K * ((f32x ? 4 : sizeof(T)) + (norm ? sizeof(T) : 0)) +
+                        (o_in ? (size_t)(fo->o_heads + 1) * a.K * 4 : 0);  // the input, the norm weights (+ O)
+    if (fo && MODE == kGemvSwiglu &&
+        (!f32x || !fo->o_part || !a.x_out || fo->o_heads <= 0 || a.tok || smem > (size_t)kGemvMaxSmem))
+        throw std::runtime_error("gemv: O partials need a normed K <= 1024 gate|up with x_out and shared memory");
+    if (fo && MODE == kGemvResid && (norm || !fo->resid))
+        throw std::runtime_error("gemv: a separate residual is for the down projection");
+    if (fo && MODE != kGemvSwiglu && MODE != kGemvResid)
+        throw std::runtime_error("gemv: after a fused O only gate|up and down");
     GemvArgs b = a;
     b.prefetch = g_gemv_prefetch;
     b.evict_first = g_evict_first;
@@ -409,6 +467,11 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
         } else {
             throw std::runtime_error("gemv: fused RoPE is for the store mode (QKV)");
         }
+    } else if (fo) {
+        GemvFoArgs f = *fo;
+        static_cast<GemvArgs &>(f) = b;
+        if (one_row) launch_fo<T, MODE, kGemvWarpsOneRow>(large, grid, smem, st, f);
+        else launch_fo<T, MODE, kGemvWarps>(large, grid, smem, st, f);
     } else if (one_row) {
         launch_w<T, MODE, kGemvWarpsOneRow>(norm, large, grid, smem, st, b);
     } else {
@@ -418,25 +481,27 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
 }
 
 template <typename T>
-static int launch_t(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope) {
+static int launch_t(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo) {
     switch (a.mode) {
-        case kGemvStore: return launch_mode<T, kGemvStore>(a, st, rope);
-        case kGemvResid: return launch_mode<T, kGemvResid>(a, st, rope);
-        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st, rope);
-        case kGemvF32: return launch_mode<T, kGemvF32>(a, st, rope);
+        case kGemvStore: return launch_mode<T, kGemvStore>(a, st, rope, fo);
+        case kGemvResid: return launch_mode<T, kGemvResid>(a, st, rope, fo);
+        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st, rope, fo);
+        case kGemvF32: return launch_mode<T, kGemvF32>(a, st, rope, fo);
         default: throw std::runtime_error("gemv: bad mode");
     }
 }
 
-static int launch_any(const GemvArgs &a, int dtype, cudaStream_t st, const GemvRopeArgs *rope) {
+static int launch_any(const GemvArgs &a, int dtype, cudaStream_t st, const GemvRopeArgs *rope,
+                      const GemvFoArgs *fo = nullptr) {
     if (a.K % 8 != 0) throw std::runtime_error("gemv: K must be a multiple of 8");
     if ((size_t)a.K * 2 * (a.norm_w ? 2 : 1) > (size_t)kGemvMaxSmem)
         throw std::runtime_error("gemv: K too large for shared memory");
     if (a.amax_part && a.mode != kGemvF32) throw std::runtime_error("gemv: amax_part needs the fp32 logits mode");
-    return dtype == kF16 ? launch_t<half>(a, st, rope) : launch_t<__nv_bfloat16>(a, st, rope);
+    return dtype == kF16 ? launch_t<half>(a, st, rope, fo) : launch_t<__nv_bfloat16>(a, st, rope, fo);
 }
 
 int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, nullptr); }
 int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, &a); }
+int launch_gemv_fo(const GemvFoArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, nullptr, &a); }
 
 }  // namespace case4

@@ -37,6 +37,7 @@ enum TuneBit : int {
     kTuneAttnSplitEach = 1024, // attention: a block per block-chunk from 2 block-chunks on (default: one block
                                // loops over up to kAttnChunksPerBlock of them; attention.cu)
     kTuneNoQkvRope = 4096,     // RoPE in the attention kernel (default: in the QKV gemv where gemv_rope_fits)
+    kTuneNoAttnO = 8192,       // O as its own gemv (default: fused into attention where attn_o_parts > 0)
 };
 void set_tuning(int bits);
 int tuning();
@@ -49,27 +50,40 @@ enum GemvMode : int {
     kGemvF32 = 3,     // out[n] = float(W x) (optionally rounded through the dtype)  (lm_head)
 };
 
+// Kernel parameter: at most 128 bytes, so that nvcc reads every field at a fixed constant offset; a larger
+// struct (e.g. 136 bytes) made every gemv address its parameter through a register (measured: SmolLM2 +3.5 %
+// ms/token, performance.md log entry 31). So the per-launch switches are bytes, and what only some kernels
+// need lives in the derived structs below (GemvRopeArgs: 128 bytes, GemvFoArgs: 112).
 struct GemvArgs {
     const void *W = nullptr;     // [N (x2 for swiglu), K] row-major, dtype
-    int N = 0, K = 0;
     const void *x = nullptr;     // input [K] dtype; with `tok`, the embedding table base [V, K]
     const int *tok = nullptr;    // optional: x := embedding row tok[0]; block 0 copies it to x_out
-    void *x_out = nullptr;       // residual buffer filled by the embedding gather
+    void *x_out = nullptr;       // residual buffer filled by the embedding gather (or by GemvFoArgs::o_part)
     const void *norm_w = nullptr;  // optional: RMSNorm the input with this weight first (fused)
-    float eps = 1e-5f;
     void *out = nullptr;
-    int mode = kGemvStore;
-    int round_logits = 1;        // kGemvF32: round through the dtype first (as HF's fp16 lm_head)
     int2 *amax_part = nullptr;   // kGemvF32, optional: per block {float bits, row} of its largest stored
                                  // logit (lowest row on ties; NaN never wins; none: {-inf, kNoIndex}); greedy
                                  // sampling then reduces grid values instead of V (FinishArgs)
-    int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
-    int prefetch = 0;            // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
-    int pre_eighths = 8;         // with prefetch 2: only the first pre_eighths / 8 of the blocks preload
-    int evict_first = 1;         // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
-    int norm_pre = 1;            // set by the launcher: norm weights cp.async'd to shared memory before the wait
-    int resid_pre = 1;           // set by the launcher: residual of the first row read right after the wait
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
+    int N = 0, K = 0;
+    int max_blocks = 0;          // persistent grid cap (SMs * blocks per SM); 0 = one row-group per block
+    float eps = 1e-5f;
+    signed char mode = kGemvStore;
+    signed char round_logits = 1;  // kGemvF32: round through the dtype first (as HF's fp16 lm_head)
+    signed char prefetch = 0;    // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
+    signed char pre_eighths = 8;  // with prefetch 2: only the first pre_eighths / 8 of the blocks preload
+    signed char evict_first = 1;  // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
+    signed char norm_pre = 1;    // set by the launcher: norm weights cp.async'd to shared memory before the wait
+    signed char resid_pre = 1;   // set by the launcher: residual of the first row read right after the wait
+};
+// The kernels after a fused attention + O (AttnArgs::o_parts; launch_gemv_fo). gate|up (normed, K <= 1024):
+// its input is x + O, O the sum of the fused attention's o_heads fp32 partials [o_heads, K] in head order,
+// rounded, and x + O rounded (the residual stream after O), which block 0 writes to x_out. down: the residual
+// is read from `resid` (that x_out) instead of out.
+struct GemvFoArgs : GemvArgs {
+    const float *o_part = nullptr;
+    const void *resid = nullptr;
+    int o_heads = 0;
 };
 // kGemvStore with a fused RoPE (QKV of a model whose rows give each warp one, in 16-warp blocks): rows
 // [0, rope_rows) are q and k heads of rope_d dims, stored rotated at position pos (or *pos_dev) over all
@@ -90,6 +104,7 @@ void set_pdl(int mode);  // 0 plain, 1 programmatic dependent launch, 2 + L2 wei
 void set_gemv_l2(int evict_first);  // weight loads with the L2 evict_first policy (default 1)
 int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);  // returns the grid size
 int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st);  // QKV + RoPE (gemv_rope_fits)
+int launch_gemv_fo(const GemvFoArgs &a, int dtype, cudaStream_t st);  // gate|up or down after a fused O
 
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
 // out = round(w * round(x * rsqrt(mean(x^2) + eps))); with tok: x = embed row tok[0] and x_out = x
@@ -120,9 +135,21 @@ struct AttnArgs {
     int heads_per_block = 0;     // set by the launcher: query heads per block (attn_heads_per_block)
     int solo_len = 0;            // set by the launcher: up to this many positions one block takes them all
     int prerotated = 0;          // 1: q and k in qkv are already rotated (the QKV gemv's fused RoPE)
+    // O fused (o_parts > 0, one query head per block, attn_o_parts): block row x = part * Hq + head; after its
+    // head's ctx (kept in shared memory, not written) it multiplies W_o's rows [part * ceil(H / o_parts), ...)
+    // in that head's D columns by it: o_part[head, row] fp32. The consumer sums the Hq partials (GemvArgs::o_part).
+    const void *w_o = nullptr;   // [H, Hq * D] dtype
+    int H = 0;
+    int o_parts = 0;
+    float *o_part = nullptr;     // [Hq, H] fp32
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
+// Parts of O's rows per query head when O is fused into attention (0: not fused): small W_o (<= 4 MiB),
+// one query head per block, H <= 1024 (the consumer gemv's one-vector-per-thread staging) and a part's rows
+// for each warp in registers; at least 32 blocks in all, at most kMaxOParts parts
+constexpr int kMaxOParts = 16;
+int attn_o_parts(int H, int Hq, int Hkv, int D);
 
 // ------------------------------------------------------------------ sampling.cu
 struct SampleParams {            // per session, on the device (so graphs need no recapture)

@@ -146,6 +146,10 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         return tuning() & kTunePreAll || prev_bytes < kPreLongStreamBytes ? 8 : 4;
     };
     const bool rope_in_qkv = !(tuning() & kTuneNoQkvRope) && gemv_rope_fits(p.qkv_rows(), p.H, p.D, p.R, max_blocks);
+    // O fused into attention where the shape allows (attn_o_parts); gate|up then adds O's partials to x
+    // (into xn, for down's residual)
+    const int o_parts = p.o_part && p.xn && !(tuning() & (kTuneNoAttnO | kTuneAttnPerKvHead))
+                            ? attn_o_parts(p.H, p.Hq, p.Hkv, p.D) : 0;
     for (int l = 0; l < p.L; ++l) {
         const LayerPtrs &w = p.layers[l];
         GemvArgs g;
@@ -177,22 +181,42 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         }
         AttnArgs at = attn_args(p, s, l, T);
         at.prerotated = rope_in_qkv ? 1 : 0;
+        if (o_parts > 0) {
+            at.w_o = w.w_o; at.H = p.H; at.o_parts = o_parts; at.o_part = p.o_part;
+        }
         if (run_kernel(2, st)) launch_attention(at, p.dtype, st);
-        // O + residual (in place on x)
+        // O + residual (in place on x), unless fused
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_o; g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
         g.pre_eighths = pre_eighths(0);  // after attention
-        if (run_kernel(4, st)) launch_gemv(g, p.dtype, st);
-        // norm + gate|up + SwiGLU
+        if (o_parts == 0 && run_kernel(4, st)) launch_gemv(g, p.dtype, st);
+        // norm + gate|up + SwiGLU (with O fused: its input is x + O, which block 0 stores in xn)
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_gu; g.N = p.I; g.K = p.H; g.x = p.x; g.norm_w = w.mlp_norm; g.out = p.mlp; g.mode = kGemvSwiglu;
-        g.pre_eighths = pre_eighths(b_o);
-        if (run_kernel(8, st)) launch_gemv(g, p.dtype, st);
-        // down + residual
+        g.pre_eighths = pre_eighths(o_parts > 0 ? 0 : b_o);
+        GemvFoArgs fo;
+        if (o_parts > 0) {
+            g.x_out = p.xn;
+            static_cast<GemvArgs &>(fo) = g;
+            fo.o_part = p.o_part; fo.o_heads = p.Hq;
+        }
+        if (run_kernel(8, st)) {
+            if (o_parts > 0) launch_gemv_fo(fo, p.dtype, st);
+            else launch_gemv(g, p.dtype, st);
+        }
+        // down + residual (x := down + x, or + xn with O fused)
         g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
         g.W = w.w_down; g.N = p.H; g.K = p.I; g.x = p.mlp; g.out = p.x; g.mode = kGemvResid;
         g.pre_eighths = pre_eighths(b_gu);
-        if (run_kernel(16, st)) launch_gemv(g, p.dtype, st);
+        fo = GemvFoArgs{};
+        if (o_parts > 0) {
+            static_cast<GemvArgs &>(fo) = g;
+            fo.resid = p.xn;
+        }
+        if (run_kernel(16, st)) {
+            if (o_parts > 0) launch_gemv_fo(fo, p.dtype, st);
+            else launch_gemv(g, p.dtype, st);
+        }
     }
     GemvArgs g;
     g.max_blocks = max_blocks; g.eps = p.eps;

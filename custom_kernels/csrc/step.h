@@ -36,9 +36,11 @@ struct Plan {
     void *tmp = nullptr;    // [max(2I, qkv_rows, H, V)] GEMM output (cuBLAS path); custom path: lm_head's
                             // per-block argmax {value bits, row} (int2 per block), read by finish
     float *logits = nullptr;   // [V] fp32
-    float *part_acc = nullptr; // [Hq, max_splits, D]
-    float *part_ml = nullptr;  // [Hq, max_splits, 2]
-    int *counters = nullptr;   // [Hq], zero
+    // attention's block rows: Hq, or Hq * P with O fused (P = attn_o_parts(H, Hq, Hkv, D) > 0)
+    float *part_acc = nullptr; // [rows, max_splits, D]
+    float *part_ml = nullptr;  // [rows, max_splits, 2]
+    int *counters = nullptr;   // [rows], zero
+    float *o_part = nullptr;   // [Hq, H] fp32: the fused attention's O partials (only used when P > 0)
     int max_splits = 0;
     // per-session device state
     int *token_dev = nullptr;          // [S] the next input token

@@ -266,3 +266,48 @@ def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
         assert torch.isfinite(l0).all()
         assert torch.equal(l0, l1), f"{mode}: logits differ, max {float((l0 - l1).abs().max()):.3e}"
         assert torch.equal(kv0, kv1), f"{mode}: KV rows differ"
+
+
+@pytest.mark.parametrize("shape,dtype,T", [("smollm2-135m", "float16", 40), ("smollm2-135m", "bfloat16", 600),
+                                           ("tiny", "float16", 9), ("tiny-partial", "float16", 300)])
+def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
+    """O fused into the attention kernel (attn_o_parts > 0: SmolLM2, tiny), its per-head partials summed by the
+    gate|up gemv, against O as its own gemv (tuning bit kTuneNoAttnO = 8192). The fp32 sums run in another
+    order, so the logits are close, not equal; the K/V rows written are equal (the same QKV and attention).
+    T = 600 takes the split-KV merge (nblk > 1) of a dynamic graph's block rows."""
+    from custom_kernels.ext import load_extension
+    ext = load_extension()
+    cfg = synthetic_model(shape, dtype, 1024).cfg
+    assert ext.attn_o_parts(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) > 0, \
+        "the fused path must apply to this shape"
+    assert ext.attn_o_parts(4096, 32, 32, 128) == 0  # Llama-2-7B: O stays a bandwidth-bound gemv
+    out = {}
+    for tune in (0, 8192):
+        ext.set_tuning(tune)
+        try:
+            for mode in ("none", "dynamic"):
+                be = make(shape, dtype, mode=mode)
+                try:
+                    ids = prompt(T, be.cfg.vocab_size, 5)
+                    tok = int(be.prefill(0, ids).argmax())
+                    logits = []
+                    for _ in range(3):
+                        lg = be.step(0, tok) if mode == "none" else be.replay(0, be.seq_len(0), tok)
+                        logits.append(lg.detach().float().cpu().clone())
+                        tok = prompt(1, be.cfg.vocab_size, len(logits))[0]  # the same inputs in both runs
+                    out[tune, mode] = (torch.stack(logits), be.kv.kv[0].detach().clone())
+                finally:
+                    be.close()
+        finally:
+            ext.set_tuning(0)
+    for mode in ("none", "dynamic"):
+        (l0, kv0), (l1, kv1) = out[0, mode], out[8192, mode]
+        for s in range(3):
+            e = rel(l0[s], l1[s])
+            print(f"{shape} {dtype} T={T} {mode} step {s}: fused vs O gemv rel {e:.2e}")
+            assert e < TOL[dtype] / 4
+        # the prompt's rows and layer 0's row of the first step come before any O: equal
+        assert torch.equal(kv0[:, :, :, :T], kv1[:, :, :, :T]), f"{mode}: prompt KV rows differ"
+        assert torch.equal(kv0[0, :, :, T], kv1[0, :, :, T]), f"{mode}: layer 0's KV row of the first step differs"
+    # graphs replay what eager runs: bitwise
+    assert torch.equal(out[0, "none"][0], out[0, "dynamic"][0])
