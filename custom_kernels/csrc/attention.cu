@@ -49,9 +49,9 @@ static int attn_heads_per_block(int Hq, int Hkv) {
     return tuning() & kTuneAttnPerKvHead || G > 4 ? G : 1;
 }
 
-// The kernel's parameter: the fields of AttnArgs it reads, in 128 bytes. nvcc reads the fields of a kernel
-// parameter of at most 128 bytes at fixed constant offsets; AttnArgs itself (176 bytes) made the kernel address
-// its parameter through a register (performance.md log entry 31).
+// The kernel's parameter: the fields of AttnArgs it reads, in 128 bytes (sizes as 16-bit fields). nvcc reads
+// the fields of a kernel parameter of at most 128 bytes at fixed constant offsets; AttnArgs itself (176 bytes)
+// is addressed through a register in the PTX (see GemvArgs in ops.h; performance.md log entry 31).
 struct AttnKArgs {
     const void *qkv;
     void *k_cache, *v_cache;

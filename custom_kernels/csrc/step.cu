@@ -3,6 +3,8 @@
 // Custom path, per layer (5 launches):
 //   gemv[norm+QKV]  ->  attention[RoPE + K/V write + split-KV + merge]  ->  gemv[O + residual]
 //   -> gemv[norm + gate|up + SwiGLU]  ->  gemv[down + residual]
+// or, where attn_o_parts > 0 (small models), 4: O fused into attention (per-head fp32 partials), gate|up
+// adding them to x (into xn), down adding xn.
 // plus gemv[final norm + lm_head -> fp32 logits] and finish[sampling, seq_len += 1].
 // The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x).
 // cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues.
