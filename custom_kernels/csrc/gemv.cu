@@ -134,9 +134,9 @@ __device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
     return base + 8 * k + (warp & 7) + (warp >= 8 ? D / 2 : 0);
 }
 
-// FO: the kernels after a fused attention + O (AttnArgs::o_parts): gate|up's input is x + O from the partials
-// (GemvArgs::o_part), down's residual is read from GemvArgs::resid. A template flag, so that the other kernels'
-// code is unchanged.
+// FO: the kernels after a fused attention + O (AttnArgs::o_parts; parameter GemvFoArgs): gate|up's input is
+// x + O from the partials (GemvFoArgs::o_part), down's residual is read from GemvFoArgs::resid. A template flag,
+// so that the other kernels' code is unchanged.
 template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false, bool FO = false>
 __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 64 registers
     gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, std::conditional_t<FO, GemvFoArgs, GemvArgs>> a) {

@@ -138,7 +138,7 @@ struct AttnArgs {
     int prerotated = 0;          // 1: q and k in qkv are already rotated (the QKV gemv's fused RoPE)
     // O fused (o_parts > 0, one query head per block, attn_o_parts): block row x = part * Hq + head; after its
     // head's ctx (kept in shared memory, not written) it multiplies W_o's rows [part * ceil(H / o_parts), ...)
-    // in that head's D columns by it: o_part[head, row] fp32. The consumer sums the Hq partials (GemvArgs::o_part).
+    // in that head's D columns by it: o_part[head, row] fp32. gate|up sums the Hq partials (GemvFoArgs::o_part).
     const void *w_o = nullptr;   // [H, Hq * D] dtype
     int H = 0;
     int o_parts = 0;
