@@ -227,6 +227,32 @@ def test_prefill_graphs_match_eager(shape):
         be.close()
 
 
+def steps_per_tuning(ext, shape, dtype, T, tunes, seed, next_tok, steps=3):
+    """For each tuning value (ext.set_tuning) and for eager and dynamic-graph replay: a T-token prompt, then
+    `steps` decode steps, the first fed the prompt's argmax, step i + 1 fed next_tok(logits_i, i, V).
+    Returns {(tune, mode): (logits [steps, V] fp32 on the CPU, session 0's KV arena)}."""
+    out = {}
+    for tune in tunes:
+        ext.set_tuning(tune)
+        try:
+            for mode in ("none", "dynamic"):
+                be = make(shape, dtype, mode=mode)
+                try:
+                    V = be.cfg.vocab_size
+                    tok = int(be.prefill(0, prompt(T, V, seed)).argmax())
+                    logits = []
+                    for i in range(steps):
+                        lg = be.step(0, tok) if mode == "none" else be.replay(0, be.seq_len(0), tok)
+                        logits.append(lg.detach().float().cpu().clone())
+                        tok = next_tok(lg, i, V)
+                    out[tune, mode] = (torch.stack(logits), be.kv.kv[0].detach().clone())
+                finally:
+                    be.close()
+        finally:
+            ext.set_tuning(0)
+    return out
+
+
 @pytest.mark.parametrize("shape,dtype,T", [("smollm2-135m", "float16", 40), ("smollm2-135m", "bfloat16", 300),
                                            ("tiny", "float16", 9)])
 def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
@@ -242,25 +268,7 @@ def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
         "the fused path must apply to this shape"
     # a TinyLlama-like QKV (one row per warp, but K = 2048 needs the 8-load kernel): RoPE stays in attention
     assert not ext.gemv_rope_fits((32 + 2 * 4) * 64, 2048, 64, 64, 4 * sms)
-    out = {}
-    for tune in (0, 4096):
-        ext.set_tuning(tune)
-        try:
-            for mode in ("none", "dynamic"):
-                be = make(shape, dtype, mode=mode)
-                try:
-                    ids = prompt(T, be.cfg.vocab_size, 7)
-                    tok = int(be.prefill(0, ids).argmax())
-                    logits = []
-                    for _ in range(3):
-                        lg = be.step(0, tok) if mode == "none" else be.replay(0, be.seq_len(0), tok)
-                        logits.append(lg.detach().float().cpu().clone())
-                        tok = int(lg.argmax())
-                    out[tune, mode] = (torch.stack(logits), be.kv.kv[0].detach().clone())
-                finally:
-                    be.close()
-        finally:
-            ext.set_tuning(0)
+    out = steps_per_tuning(ext, shape, dtype, T, (0, 4096), 7, lambda lg, i, V: int(lg.argmax()))
     for mode in ("none", "dynamic"):
         (l0, kv0), (l1, kv1) = out[0, mode], out[4096, mode]
         assert torch.isfinite(l0).all()
@@ -281,25 +289,8 @@ def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
     assert ext.attn_o_parts(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) > 0, \
         "the fused path must apply to this shape"
     assert ext.attn_o_parts(4096, 32, 32, 128) == 0  # Llama-2-7B: O stays a bandwidth-bound gemv
-    out = {}
-    for tune in (0, 8192):
-        ext.set_tuning(tune)
-        try:
-            for mode in ("none", "dynamic"):
-                be = make(shape, dtype, mode=mode)
-                try:
-                    ids = prompt(T, be.cfg.vocab_size, 5)
-                    tok = int(be.prefill(0, ids).argmax())
-                    logits = []
-                    for _ in range(3):
-                        lg = be.step(0, tok) if mode == "none" else be.replay(0, be.seq_len(0), tok)
-                        logits.append(lg.detach().float().cpu().clone())
-                        tok = prompt(1, be.cfg.vocab_size, len(logits))[0]  # the same inputs in both runs
-                    out[tune, mode] = (torch.stack(logits), be.kv.kv[0].detach().clone())
-                finally:
-                    be.close()
-        finally:
-            ext.set_tuning(0)
+    # the same inputs in both runs: the prompt's argmax, then fixed tokens
+    out = steps_per_tuning(ext, shape, dtype, T, (0, 8192), 5, lambda lg, i, V: prompt(1, V, i + 1)[0])
     for mode in ("none", "dynamic"):
         (l0, kv0), (l1, kv1) = out[0, mode], out[8192, mode]
         for s in range(3):
