@@ -75,7 +75,7 @@ class CudaBackend(Backend):
                 "part_acc": buf(rows * self.max_splits * D, torch.float32),
                 "part_ml": buf(rows * self.max_splits * 2, torch.float32),
                 "counters": buf(rows, torch.int32),
-                **({"o_part": buf(cfg.num_heads * H, torch.float32)} if o_parts else {}),
+                **({"o_sum": buf(H, torch.int64)} if o_parts else {}),  # zero at rest (the fused O's sums)
                 "token_dev": buf(sessions, torch.int32), "seq_len_dev": buf(sessions, torch.int32),
                 "params_dev": buf(sessions * self.ext.SAMPLE_PARAMS_BYTES, torch.uint8),
                 "ring": buf(sessions * ring_len, torch.int32),

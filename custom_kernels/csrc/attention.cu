@@ -62,7 +62,7 @@ struct AttnKArgs {
     void *ctx;
     unsigned long long *trace;
     const void *w_o;
-    float *o_part;
+    unsigned long long *o_sum;
     int max_seq, pos;
     short rotary_dim, Hq, Hkv, heads_per_block, solo_len, max_splits, H, o_parts;
 };
@@ -84,8 +84,9 @@ __device__ __forceinline__ int o_pair_row(const AttnKArgs &a, int part, int warp
     return rl < rpw && row < hi ? row : -1;
 }
 
-// o_part[h, row] = sum over the head's D columns of W_o[row, h * D + c] * ctx[c] (ctx: the head's rounded
-// attention output, in shared memory; whole block, after a barrier)
+// o_sum[row] += sum over the head's D columns of W_o[row, h * D + c] * ctx[c] (ctx: the head's rounded
+// attention output, in shared memory; whole block, after a barrier), in fixed point (o_fix: integer adds, so
+// the sum over the heads does not depend on their order)
 template <typename T, int D>
 __device__ void o_tail(const AttnKArgs &a, int h, int part, const float *ctx_s, const uint4 (&wo)[kOU]) {
     constexpr int TPRO = D / 8;
@@ -104,7 +105,7 @@ __device__ void o_tail(const AttnKArgs &a, int h, int part, const float *ctx_s, 
         s = fmaf(wf[4], c1.x, s); s = fmaf(wf[5], c1.y, s); s = fmaf(wf[6], c1.z, s); s = fmaf(wf[7], c1.w, s);
 #pragma unroll
         for (int o = TPRO / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (row >= 0 && vec == 0) a.o_part[(size_t)h * a.H + row] = s;
+        if (row >= 0 && vec == 0) atomicAdd(a.o_sum + row, o_fix(s));  // red.add.u64
     }
 }
 
@@ -485,7 +486,7 @@ static void launch_dg(const AttnArgs &a, cudaStream_t st) {
     k.qkv = a.qkv; k.k_cache = a.k_cache; k.v_cache = a.v_cache; k.rope_cos = a.rope_cos; k.rope_sin = a.rope_sin;
     k.pos_dev = a.pos_dev; k.part_acc = a.part_acc; k.part_ml = a.part_ml; k.counters = a.counters; k.ctx = a.ctx;
     k.trace = ktrace_slot("attention");
-    k.w_o = a.w_o; k.o_part = a.o_part;
+    k.w_o = a.w_o; k.o_sum = a.o_sum;
     k.max_seq = a.max_seq; k.pos = a.pos;
     k.rotary_dim = s16(a.rotary_dim); k.Hq = s16(a.Hq); k.Hkv = s16(a.Hkv); k.heads_per_block = s16(a.heads_per_block);
     k.solo_len = s16(ng * kSplitLen * (tuning() & kTuneAttnSplitEach ? 1 : kAttnChunksPerBlock));
@@ -535,8 +536,8 @@ void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st) {
     AttnArgs b = a;
     b.heads_per_block = attn_heads_per_block(a.Hq, a.Hkv);
     if (a.o_parts > 0 && (a.o_parts != attn_o_parts(a.H, a.Hq, a.Hkv, a.D) || b.heads_per_block != 1 || !a.w_o ||
-                          !a.o_part))
-        throw std::runtime_error("attention: fused O needs attn_o_parts' parts, one query head per block, w_o and o_part");
+                          !a.o_sum))
+        throw std::runtime_error("attention: fused O needs attn_o_parts' parts, one query head per block, w_o and o_sum");
     if (dtype == kF16) launch_t<half>(b, st); else launch_t<__nv_bfloat16>(b, st);
 }
 

@@ -49,7 +49,7 @@ static Plan plan_from_dict(const py::dict &d) {
     p.logits = ptr<float *>(d, "logits");
     p.part_acc = ptr<float *>(d, "part_acc"); p.part_ml = ptr<float *>(d, "part_ml");
     p.counters = ptr<int *>(d, "counters"); p.max_splits = d["max_splits"].cast<int>();
-    p.o_part = d.contains("o_part") ? ptr<float *>(d, "o_part") : nullptr;
+    p.o_sum = d.contains("o_sum") ? ptr<unsigned long long *>(d, "o_sum") : nullptr;
     p.token_dev = ptr<int *>(d, "token_dev"); p.seq_len_dev = ptr<int *>(d, "seq_len_dev");
     p.params_dev = ptr<SampleParams *>(d, "params_dev");
     p.ring = ptr<int *>(d, "ring"); p.ring_len = d["ring_len"].cast<int>();

@@ -135,8 +135,8 @@ __device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
 }
 
 // FO: the kernels after a fused attention + O (AttnArgs::o_parts; parameter GemvFoArgs): gate|up's input is
-// x + O from the partials (GemvFoArgs::o_part), down's residual is read from GemvFoArgs::resid. A template flag,
-// so that the other kernels' code is unchanged.
+// x + O from the fixed-point sums (GemvFoArgs::o_sum), down's residual is read from GemvFoArgs::resid and down
+// zeroes the sums. A template flag, so that the other kernels' code is unchanged.
 template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false, bool FO = false>
 __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 64 registers
     gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, std::conditional_t<FO, GemvFoArgs, GemvArgs>> a) {
@@ -208,6 +208,9 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     const T *resid = reinterpret_cast<const T *>(a.out);  // kGemvResid: the residual (FO: GemvFoArgs::resid)
     if constexpr (FO) resid = reinterpret_cast<const T *>(a.resid);
     if (MODE == kGemvResid && a.resid_pre && first_loaded && lane == 0) res0 = to_f(resid[row0]);
+    if constexpr (FO && MODE == kGemvResid)  // down: O's sums back to 0 (gate|up, their reader, has completed)
+        if (blockIdx.x == 0)
+            for (int i = threadIdx.x; i < a.N; i += blockDim.x) a.o_sum[i] = 0ull;
 
     // ---- prologue: stage the input (optionally the embedding row, optionally RMSNorm'd);
     // kStageVecs loads per thread are issued before any is used (one L2 round trip per round
@@ -222,34 +225,24 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
         // round(w * round(x * inv)), exactly the T value the other path stores
         const int i = threadIdx.x;
         const uint4 v = i < nvec ? xin[i] : make_uint4(0, 0, 0, 0);
-        // with o_part: the fused attention's O partials [o_heads, K] into shared memory (cp.async, issued
-        // with the input's load: one L2 round trip), summed per element in head order below
-        float4 *ops = reinterpret_cast<float4 *>(nws + nvec);
+        // FO: O's 8 fixed-point sums of vector i (64 bytes) cp.async'd with the input's load (one L2 round trip)
+        // into this thread's own slots of shared memory (no registers held across it), read back by it
+        uint4 *osum = nws + nvec;
         if constexpr (FO)
-            for (int j = threadIdx.x; j < a.o_heads * nvec * 2; j += blockDim.x)
-                cp_async16(ops + j, reinterpret_cast<const float4 *>(a.o_part) + j);
+            if (i < nvec)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) cp_async16(osum + 4 * i + j, reinterpret_cast<const uint4 *>(a.o_sum) + 4 * i + j);
         float f[8];
         unpack8<T>(v, f);
-        if constexpr (FO) {  // x := round(round(O) + x), the residual stream after O
+        if (FO && i < nvec) {  // x := round(round(O) + x), the residual stream after O
             cp_async_wait_all();
-            __syncthreads();
-            // O's element e (every thread, few registers): its o_heads partials added in head order
-            const float *pf = reinterpret_cast<const float *>(ops);
-            float *os = reinterpret_cast<float *>(ops + (size_t)a.o_heads * nvec * 2);  // [K] O, rounded
-            for (int e = threadIdx.x; e < a.K; e += blockDim.x) {
-                float o = 0.f;
-                for (int h = 0; h < a.o_heads; ++h) o += pf[(size_t)h * a.K + e];
-                os[e] = round_t<T>(o);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint4 q = osum[4 * i + j];
+                f[2 * j] = round_t<T>(round_t<T>(o_unfix(((unsigned long long)q.y << 32) | q.x)) + f[2 * j]);
+                f[2 * j + 1] = round_t<T>(round_t<T>(o_unfix(((unsigned long long)q.w << 32) | q.z)) + f[2 * j + 1]);
             }
-            __syncthreads();
-            if (i < nvec) {
-                const float4 lo = reinterpret_cast<const float4 *>(os)[2 * i], hi = reinterpret_cast<const float4 *>(os)[2 * i + 1];
-                f[0] = round_t<T>(lo.x + f[0]); f[1] = round_t<T>(lo.y + f[1]);
-                f[2] = round_t<T>(lo.z + f[2]); f[3] = round_t<T>(lo.w + f[3]);
-                f[4] = round_t<T>(hi.x + f[4]); f[5] = round_t<T>(hi.y + f[5]);
-                f[6] = round_t<T>(hi.z + f[6]); f[7] = round_t<T>(hi.w + f[7]);
-                if (blockIdx.x == 0) reinterpret_cast<uint4 *>(a.x_out)[i] = pack8<T>(f);  // for down's residual
-            }
+            if (blockIdx.x == 0) reinterpret_cast<uint4 *>(a.x_out)[i] = pack8<T>(f);  // for down's residual
         }
         if (i < nvec) {
             if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
@@ -439,13 +432,12 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
     // the input (fp32 or T: f32_input) + the norm weights
     const bool norm = a.norm_w != nullptr;
     const bool f32x = f32_input(norm, large ? kUnrollLarge : kUnrollSmall);
-    const bool o_in = fo && MODE == kGemvSwiglu;  // gate|up after a fused O: + the O partials and O (fp32)
-    const size_t smem = (size_t)a.K * ((f32x ? 4 : sizeof(T)) + (norm ? sizeof(T) : 0)) +
-                        (o_in ? (size_t)(fo->o_heads + 1) * a.K * 4 : 0);  // the input, the norm weights (+ O)
+    const bool o_in = fo && MODE == kGemvSwiglu;  // gate|up after a fused O: + O's int64 sums
+    const size_t smem = (size_t)a.K * ((f32x ? 4 : sizeof(T)) + (norm ? sizeof(T) : 0) + (o_in ? 8 : 0));
     if (fo && MODE == kGemvSwiglu &&
-        (!f32x || !fo->o_part || !a.x_out || fo->o_heads <= 0 || a.tok || smem > (size_t)kGemvMaxSmem))
-        throw std::runtime_error("gemv: O partials need a normed K <= 1024 gate|up with x_out and shared memory");
-    if (fo && MODE == kGemvResid && (norm || !fo->resid))
+        (!f32x || !fo->o_sum || !a.x_out || a.tok || smem > (size_t)kGemvMaxSmem))
+        throw std::runtime_error("gemv: O's sums need a normed K <= 1024 gate|up with x_out and shared memory");
+    if (fo && MODE == kGemvResid && (norm || !fo->resid || !fo->o_sum))
         throw std::runtime_error("gemv: a separate residual is for the down projection");
     if (fo && MODE != kGemvSwiglu && MODE != kGemvResid)
         throw std::runtime_error("gemv: after a fused O only gate|up and down");

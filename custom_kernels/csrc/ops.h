@@ -59,7 +59,7 @@ struct GemvArgs {
     const void *W = nullptr;     // [N (x2 for swiglu), K] row-major, dtype
     const void *x = nullptr;     // input [K] dtype; with `tok`, the embedding table base [V, K]
     const int *tok = nullptr;    // optional: x := embedding row tok[0]; block 0 copies it to x_out
-    void *x_out = nullptr;       // residual buffer filled by the embedding gather (or by GemvFoArgs::o_part)
+    void *x_out = nullptr;       // residual buffer filled by the embedding gather (or by GemvFoArgs::o_sum)
     const void *norm_w = nullptr;  // optional: RMSNorm the input with this weight first (fused)
     void *out = nullptr;
     int2 *amax_part = nullptr;   // kGemvF32, optional: per block {float bits, row} of its largest stored
@@ -78,13 +78,13 @@ struct GemvArgs {
     signed char resid_pre = 1;   // set by the launcher: residual of the first row read right after the wait
 };
 // The kernels after a fused attention + O (AttnArgs::o_parts; launch_gemv_fo). gate|up (normed, K <= 1024):
-// its input is x + O, O the sum of the fused attention's o_heads fp32 partials [o_heads, K] in head order,
-// rounded, and x + O rounded (the residual stream after O), which block 0 writes to x_out. down: the residual
-// is read from `resid` (that x_out) instead of out.
+// its input is x + O, O = round(o_sum[K] * 2^-kOFixShift) (the attention blocks' fixed-point sums), and
+// x + O rounded (the residual stream after O), which block 0 writes to x_out. down: the residual is read from
+// `resid` (that x_out) instead of out, and block 0 sets o_sum back to 0 for the next layer's attention (gate|up,
+// its only reader, has completed when down passes its wait).
 struct GemvFoArgs : GemvArgs {
-    const float *o_part = nullptr;
+    unsigned long long *o_sum = nullptr;
     const void *resid = nullptr;
-    int o_heads = 0;
 };
 // kGemvStore with a fused RoPE (QKV of a model whose rows give each warp one, in 16-warp blocks): rows
 // [0, rope_rows) are q and k heads of rope_d dims, stored rotated at position pos (or *pos_dev) over all
@@ -138,11 +138,12 @@ struct AttnArgs {
     int prerotated = 0;          // 1: q and k in qkv are already rotated (the QKV gemv's fused RoPE)
     // O fused (o_parts > 0, one query head per block, attn_o_parts): block row x = part * Hq + head; after its
     // head's ctx (kept in shared memory, not written) it multiplies W_o's rows [part * ceil(H / o_parts), ...)
-    // in that head's D columns by it: o_part[head, row] fp32. gate|up sums the Hq partials (GemvFoArgs::o_part).
+    // in that head's D columns by it and adds the results into o_sum[row] in fixed point (o_fix); gate|up reads
+    // the sums (GemvFoArgs::o_sum), down zeroes them.
     const void *w_o = nullptr;   // [H, Hq * D] dtype
     int H = 0;
     int o_parts = 0;
-    float *o_part = nullptr;     // [Hq, H] fp32
+    unsigned long long *o_sum = nullptr;  // [H] int64, 2^-kOFixShift units; zero before the kernel
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
@@ -151,6 +152,20 @@ void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
 // for each warp in registers; at least 32 blocks in all, at most kMaxOParts parts
 constexpr int kMaxOParts = 16;
 int attn_o_parts(int H, int Hq, int Hkv, int D);
+// O's sum over the heads in fixed point: round(v * 2^kOFixShift) as int64 (two's complement; red.add.u64 adds
+// exactly, so the sum is the same in any order and every replay is bitwise equal). |O| < 2^27 per head and in
+// the sum (fp16's range with room to spare), resolution 2^-32 (2.3e-10; fp16's smallest subnormal is 6e-8).
+// Out-of-range values saturate, NaN gives 0 (cvt.rni.s64.f32). Measured against fp32 partials per head
+// summed in order by gate|up: performance.md log entry 32.
+constexpr int kOFixShift = 32;
+#ifdef __CUDACC__
+__device__ __forceinline__ unsigned long long o_fix(float v) {
+    return (unsigned long long)__float2ll_rn(v * 4294967296.f);  // 2^kOFixShift
+}
+__device__ __forceinline__ float o_unfix(unsigned long long q) {
+    return __ll2float_rn((long long)q) * 2.3283064365386963e-10f;  // 2^-kOFixShift
+}
+#endif
 
 // ------------------------------------------------------------------ sampling.cu
 struct SampleParams {            // per session, on the device (so graphs need no recapture)

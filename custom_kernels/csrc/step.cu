@@ -3,8 +3,8 @@
 // Custom path, per layer (5 launches):
 //   gemv[norm+QKV]  ->  attention[RoPE + K/V write + split-KV + merge]  ->  gemv[O + residual]
 //   -> gemv[norm + gate|up + SwiGLU]  ->  gemv[down + residual]
-// or, where attn_o_parts > 0 (small models), 4: O fused into attention (per-head fp32 partials), gate|up
-// adding them to x (into xn), down adding xn.
+// or, where attn_o_parts > 0 (small models), 4: O fused into attention (its rows summed over the heads in fixed
+// point), gate|up adding O to x (into xn), down adding xn (and zeroing the sums).
 // plus gemv[final norm + lm_head -> fp32 logits] and finish[sampling, seq_len += 1].
 // The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x).
 // cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues.
@@ -148,9 +148,9 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         return tuning() & kTunePreAll || prev_bytes < kPreLongStreamBytes ? 8 : 4;
     };
     const bool rope_in_qkv = !(tuning() & kTuneNoQkvRope) && gemv_rope_fits(p.qkv_rows(), p.H, p.D, p.R, max_blocks);
-    // O fused into attention where the shape allows (attn_o_parts); gate|up then adds O's partials to x
+    // O fused into attention where the shape allows (attn_o_parts); gate|up then adds O to x
     // (into xn, for down's residual)
-    const int o_parts = p.o_part && p.xn && !(tuning() & (kTuneNoAttnO | kTuneAttnPerKvHead))
+    const int o_parts = p.o_sum && p.xn && !(tuning() & (kTuneNoAttnO | kTuneAttnPerKvHead))
                             ? attn_o_parts(p.H, p.Hq, p.Hkv, p.D) : 0;
     for (int l = 0; l < p.L; ++l) {
         const LayerPtrs &w = p.layers[l];
@@ -184,7 +184,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         AttnArgs at = attn_args(p, s, l, T);
         at.prerotated = rope_in_qkv ? 1 : 0;
         if (o_parts > 0) {
-            at.w_o = w.w_o; at.H = p.H; at.o_parts = o_parts; at.o_part = p.o_part;
+            at.w_o = w.w_o; at.H = p.H; at.o_parts = o_parts; at.o_sum = p.o_sum;
         }
         if (run_kernel(2, st)) launch_attention(at, p.dtype, st);
         // O + residual (in place on x), unless fused
@@ -200,7 +200,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         if (o_parts > 0) {
             g.x_out = p.xn;
             static_cast<GemvArgs &>(fo) = g;
-            fo.o_part = p.o_part; fo.o_heads = p.Hq;
+            fo.o_sum = p.o_sum;
         }
         if (run_kernel(8, st)) {
             if (o_parts > 0) launch_gemv_fo(fo, p.dtype, st);
@@ -214,6 +214,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
         if (o_parts > 0) {
             static_cast<GemvArgs &>(fo) = g;
             fo.resid = p.xn;
+            fo.o_sum = p.o_sum;  // zeroed by block 0 for the next layer
         }
         if (run_kernel(16, st)) {
             if (o_parts > 0) launch_gemv_fo(fo, p.dtype, st);

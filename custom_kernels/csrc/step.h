@@ -40,7 +40,8 @@ struct Plan {
     float *part_acc = nullptr; // [rows, max_splits, D]
     float *part_ml = nullptr;  // [rows, max_splits, 2]
     int *counters = nullptr;   // [rows], zero
-    float *o_part = nullptr;   // [Hq, H] fp32: the fused attention's O partials (only used when P > 0)
+    unsigned long long *o_sum = nullptr;  // [H] int64: the fused attention's O in fixed point (used when P > 0;
+                                          // zero at rest: each layer's down kernel zeroes it after gate|up)
     int max_splits = 0;
     // per-session device state
     int *token_dev = nullptr;          // [S] the next input token

@@ -279,10 +279,11 @@ def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
 @pytest.mark.parametrize("shape,dtype,T", [("smollm2-135m", "float16", 40), ("smollm2-135m", "bfloat16", 600),
                                            ("tiny", "float16", 9), ("tiny-partial", "float16", 300)])
 def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
-    """O fused into the attention kernel (attn_o_parts > 0: SmolLM2, tiny), its per-head partials summed by the
-    gate|up gemv, against O as its own gemv (tuning bit kTuneNoAttnO = 8192). The fp32 sums run in another
-    order, so the logits are close, not equal; the K/V rows written are equal (the same QKV and attention).
-    T = 600 takes the split-KV merge (nblk > 1) of a dynamic graph's block rows."""
+    """O fused into the attention kernel (attn_o_parts > 0: SmolLM2, tiny), its rows summed over the heads in
+    fixed point (red.add of int64) and added to x by the gate|up gemv, against O as its own gemv (tuning bit
+    kTuneNoAttnO = 8192). The sums are formed differently, so the logits are close, not equal; the K/V rows
+    written are equal (the same QKV and attention). T = 600 takes the split-KV merge (nblk > 1) of a dynamic
+    graph's block rows."""
     from custom_kernels.ext import load_extension
     ext = load_extension()
     cfg = synthetic_model(shape, dtype, 1024).cfg
@@ -302,3 +303,4 @@ def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
         assert torch.equal(kv0[0, :, :, T], kv1[0, :, :, T]), f"{mode}: layer 0's KV row of the first step differs"
     # graphs replay what eager runs: bitwise
     assert torch.equal(out[0, "none"][0], out[0, "dynamic"][0])
+
