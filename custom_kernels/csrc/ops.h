@@ -53,7 +53,7 @@ enum GemvMode : int {
 // Kernel parameter: at most 128 bytes, so that nvcc reads every field at a fixed constant offset (in the PTX,
 // a larger parameter struct, e.g. 136 or 152 bytes, is addressed through a register). So the per-launch
 // switches are bytes, and what only some kernels need lives in the derived structs below (GemvRopeArgs: 128
-// bytes, GemvFoArgs: 112). Measured (performance.md log entry 31): the step with O fused into attention
+// bytes, GemvFoArgs: 104). Measured (performance.md log entry 31): the step with O fused into attention
 // 0.345-0.346 ms/token packed, 0.353-0.354 with int fields (GemvRopeArgs 152, GemvFoArgs 136 bytes).
 struct GemvArgs {
     const void *W = nullptr;     // [N (x2 for swiglu), K] row-major, dtype
