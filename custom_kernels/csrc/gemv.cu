@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, std::conditional_t<FO, GemvFoArgs, GemvArgs>> a) {
     static_assert(!ROPE || (MODE == kGemvStore && WARPS == kGemvWarpsOneRow), "fused RoPE: QKV in 16-warp blocks");
     static_assert(!FO || (MODE == kGemvSwiglu && NORM && U == kUnrollSmall) || (MODE == kGemvResid && !NORM),
-                  "O partials: gate|up (normed, K <= 1024); separate residual: down");
+                  "O's sums: gate|up (normed, K <= 1024); separate residual: down");
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
     // then K/8 vectors of the norm weights
     extern __shared__ uint4 xs[];

@@ -158,13 +158,10 @@ int attn_o_parts(int H, int Hq, int Hkv, int D);
 // Out-of-range values saturate, NaN gives 0 (cvt.rni.s64.f32). Measured against fp32 partials per head
 // summed in order by gate|up: performance.md log entry 32.
 constexpr int kOFixShift = 32;
+constexpr float kOFixScale = (float)(1ull << kOFixShift);  // exact: a power of two, and so is its inverse
 #ifdef __CUDACC__
-__device__ __forceinline__ unsigned long long o_fix(float v) {
-    return (unsigned long long)__float2ll_rn(v * 4294967296.f);  // 2^kOFixShift
-}
-__device__ __forceinline__ float o_unfix(unsigned long long q) {
-    return __ll2float_rn((long long)q) * 2.3283064365386963e-10f;  // 2^-kOFixShift
-}
+__device__ __forceinline__ unsigned long long o_fix(float v) { return (unsigned long long)__float2ll_rn(v * kOFixScale); }
+__device__ __forceinline__ float o_unfix(unsigned long long q) { return __ll2float_rn((long long)q) * (1.f / kOFixScale); }
 #endif
 
 // ------------------------------------------------------------------ sampling.cu
