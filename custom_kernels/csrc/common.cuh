@@ -77,38 +77,35 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p, uint64_t pol) {
 }
 
 // ---------------------------------------------------------------- kernel timeline (opt-in)
-// With a trace slot (kKtraceSlot uint64; set_kernel_trace, tests/gpu/quick_timing.py --timeline)
-// thread 0 of every block records, in ns of the global timer: [0] min over blocks of the start,
-// [1] min of the time past griddepcontrol.wait, [2] max of the end, [3..7] max of the end of a
-// kernel-specific phase (ktrace_mark; attention), [8] / [9] max of the start / of the time past
-// the wait (the last block), [10..11] attention's K / V rows in. Without one (the default)
-// nothing is written.
+// With a trace slot (set_kernel_trace, tests/gpu/quick_timing.py --timeline) every block (the first
+// kKtraceBlocks of a grid, row-major over (y, x)) writes its own record of kKtraceRec uint64, in ns of the
+// global timer, with plain stores (no atomics, no barriers: the timed kernel runs as it does untraced):
+// [0] start and [1] past griddepcontrol.wait (thread 0), [2..11] the end of a kernel-specific phase
+// (ktrace_mark, thread 0; attention), [12 + w] the end of warp w. The host takes the min / max over the
+// blocks (kernel_timeline). Without a slot (the default) nothing is written.
 __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
+__device__ __forceinline__ unsigned long long *ktrace_rec(unsigned long long *t) {
+    const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
+    return b < (unsigned)kKtraceBlocks ? t + (size_t)b * kKtraceRec : nullptr;
+}
+// what: 0 start, 1 past the wait (thread 0)
 __device__ __forceinline__ void ktrace(unsigned long long *t, int what) {
-    if (t && threadIdx.x == 0) {
-        const unsigned long long now = global_ns();
-        if (what < 2) {
-            atomicMin(t + what, now);
-            atomicMax(t + 8 + what, now);  // the last block's start / pass of the wait
-        } else {
-            atomicMax(t + 2, now);
-        }
-    }
+    if (t && threadIdx.x == 0)
+        if (unsigned long long *r = ktrace_rec(t)) r[what] = global_ns();
 }
-// end of phase k (3..kKtraceSlot-1) in this block (thread 0 only records)
+// end of phase k (2..11) in this block (thread 0 only records)
 __device__ __forceinline__ void ktrace_mark(unsigned long long *t, int k) {
-    if (t && threadIdx.x == 0) atomicMax(t + k, global_ns());
+    if (t && threadIdx.x == 0)
+        if (unsigned long long *r = ktrace_rec(t)) r[k] = global_ns();
 }
-// end of a block: every thread must call it (block-uniform path)
+// end of a warp's work: every warp calls it (lane 0 records)
 __device__ __forceinline__ void ktrace_end(unsigned long long *t) {
-    if (t) {
-        __syncthreads();
-        ktrace(t, 2);
-    }
+    if (t && threadIdx.x % 32 == 0)
+        if (unsigned long long *r = ktrace_rec(t)) r[12 + threadIdx.x / 32] = global_ns();
 }
 
 // ---------------------------------------------------------------- reductions

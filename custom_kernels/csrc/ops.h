@@ -12,12 +12,13 @@ constexpr int kMaxGroup = 8;   // max query heads per KV head (attention.cu)
 enum DType : int { kF16 = 0, kBF16 = 1 };
 
 // ------------------------------------------------------------------ kernel timeline (step.cu)
-// Opt-in per-launch timing: `buf` holds n slots of kKtraceSlot uint64 (see ktrace in
-// common.cuh); each launch enqueued (or captured) afterwards takes the next slot and its name is
-// recorded. buf = 0 turns it off. Timing tool only (tests/gpu/quick_timing.py --timeline).
-// slot: 0 first block's start, 1 first block past the wait, 2 last block's end, 3-7 phase ends
-// (attention), 8 last block's start, 9 last block past the wait, 10-11 attention's K / V rows in
-constexpr int kKtraceSlot = 12;
+// Opt-in per-launch timing: `buf` holds n slots of kKtraceSlot uint64, one per launch, each a record of
+// kKtraceRec words per block (see ktrace in common.cuh); each launch enqueued (or captured) afterwards takes the
+// next slot and its name is recorded. buf = 0 turns it off. Timing tool only (tests/gpu/quick_timing.py
+// --timeline). Record: 0 start, 1 past the wait, 2-11 phase ends (attention), 12 + w warp w's end.
+constexpr int kKtraceBlocks = 544;  // blocks recorded per launch (lm_head's grid: 4 per SM, 132 SMs)
+constexpr int kKtraceRec = 48;      // 12 + up to 32 warps (finish: 1024 threads), padded
+constexpr size_t kKtraceSlot = (size_t)kKtraceBlocks * kKtraceRec;
 void set_kernel_trace(uintptr_t buf, int n);
 unsigned long long *ktrace_slot(const char *fmt, int a = 0, int b = 0, int c = 0);
 int kernel_trace_next();

@@ -191,26 +191,44 @@ def first_request(warm):
 KINDS = {"m0": "norm+QKV", "m2": "norm+gate|up", "m3": "norm+lm_head", "attention": "attention", "finish": "finish"}
 
 
-SLOT = 12  # uint64 per trace slot (kKtraceSlot in ops.h)
+# per-launch trace slot (ops.h): kKtraceBlocks records of kKtraceRec uint64 per launch; record: 0 start,
+# 1 past the wait, 2-11 phase ends, 12 + w warp w's end (global timer ns; 0 = not written)
+TRACE_BLOCKS, TRACE_REC = 544, 48
 # attention's ktrace_mark points (attention.cu): 3 q / K_T / V_T rotated, 10 / 11 the K / V rows < T in
 # registers, 4 the block's rows done (scores, softmax, sum p V), 5 past the barrier (every warp's partial in
 # shared memory), 7 ctx (or partials) written
 PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "rows", 5: "barrier", 7: "ctx"}
-# slots 8 / 9: the last block's start / pass of the wait (spread of a kernel's blocks)
+
+
+def trace_summary(rec):
+    """One launch's block records [blocks, TRACE_REC] (int64 tensor, CPU) -> first start, first past the
+    wait, last end, last start, last past the wait, phase ends (max over blocks); 0 where nothing was written."""
+    def lo(x):
+        x = x[x > 0]
+        return int(x.min()) if x.numel() else 0
+
+    def hi(x):
+        return int(x.max()) if x.numel() else 0
+    out = {"start": lo(rec[:, 0]), "wait": lo(rec[:, 1]), "end": hi(rec[:, 12:]), "last_start": hi(rec[:, 0]),
+           "last_wait": hi(rec[:, 1])}
+    for k in PHASES:
+        out[k] = hi(rec[:, k])
+    return out
 
 
 def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
     """Per-kernel timeline of `steps` decode steps (one dynamic graph, or `steps` exact graphs
     captured in the background): for each kernel, from the global timer, min start / min past
-    griddepcontrol.wait / max end over its blocks, and attention's phase ends (max over blocks)."""
+    griddepcontrol.wait / max end over its blocks (each block records its own times with plain stores:
+    no atomics or barriers in the timed kernels), and attention's phase ends (max over blocks)."""
     cfg = model.cfg
-    n = 8192
-    buf = torch.empty(n * SLOT, dtype=torch.int64, device="cuda")
-    ext.set_kernel_trace(buf.data_ptr(), n)
+    n = 4 * steps * (cfg.num_layers * 5 + 4) + 64  # slots: the captured launches, with room
+    buf = torch.zeros(n * TRACE_BLOCKS * TRACE_REC, dtype=torch.int64, device="cuda")
     be = CudaBackend(model, sessions=1, graph_mode=mode, gemm="custom", steps_per_graph=steps)
     try:
         ids = list(range(1, prompt + 1))
         tok = int(be.prefill(0, ids).argmax())
+        ext.set_kernel_trace(buf.data_ptr(), n)  # slots from here on: the captured graphs' launches first
         lo = ext.kernel_trace_next()
         if mode == "dynamic":
             be.engine.prepare_dynamic(0, steps)  # captured now: its launches take the slots below
@@ -220,35 +238,37 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
             be.bg_capture_stop(0)
         hi = ext.kernel_trace_next()
         names = ext.kernel_trace_names(lo, hi)
-        v = buf.view(n, SLOT)
+        v = buf.view(n, TRACE_BLOCKS, TRACE_REC)
         if mode == "dynamic":
             be.generate(0, tok, steps, SamplingParams())  # warm
             be.prefill(0, ids)
-        v[:, :2].fill_(-1)
-        v[:, 2:].fill_(0)
+        torch.cuda.synchronize()
+        v.zero_()
         torch.cuda.synchronize()
         be.generate(0, tok, steps if mode == "dynamic" else 2 * steps, SamplingParams())
         torch.cuda.synchronize()
-        t = v[lo:hi].cpu().tolist()
+        recs = v[lo:hi].cpu()
+        t = [trace_summary(recs[i]) for i in range(hi - lo)]
     finally:
         ext.set_kernel_trace(0, 0)
         be.close()
-    per_step = (hi - lo) // (steps if mode == "dynamic" else 2 * steps)  # 5 per layer + 2
-    run = [(i, name, tt) for i, (name, tt) in enumerate(zip(names, t)) if tt[2] > 0]  # replayed slots
-    run.sort(key=lambda x: x[2][2])  # execution order (a serial chain: ends are monotonic)
+    per_step = (hi - lo) // (steps if mode == "dynamic" else 2 * steps)
+    run = [(i, name, tt) for i, (name, tt) in enumerate(zip(names, t)) if tt["end"] > 0]  # replayed slots
+    run.sort(key=lambda x: x[2]["end"])  # execution order (a serial chain: ends are monotonic)
     run = run[len(run) - steps * per_step:]  # exact: the second half (the first is the warm-up)
-    t0 = run[0][2][0]
+    t0 = run[0][2]["start"]
     rows, by_kind = [], {}
     for j, (i, name, tt) in enumerate(run):
-        s, w, e = tt[:3]
+        s, w, e = tt["start"], tt["wait"], tt["end"]
         key = name.split()[1] if name.startswith("gemv") else name
         kind = KINDS.get(key, name)
         if key == "m1":
             kind = "down+resid" if int(name.split()[-1]) == cfg.intermediate_size else "O+resid"  # by K
-        prev_end = run[j - 1][2][2] if j else s
+        prev_end = run[j - 1][2]["end"] if j else s
         r = {"i": i, "kind": kind, "start_us": (s - t0) / 1e3, "wait_done_us": (w - t0) / 1e3, "end_us": (e - t0) / 1e3,
              "release_us": (w - prev_end) / 1e3, "work_us": (e - w) / 1e3, "total_us": (e - prev_end) / 1e3,
-             "early_us": (w - s) / 1e3, "last_start_us": (tt[8] - w) / 1e3, "last_wait_us": (tt[9] - w) / 1e3}
+             "early_us": (w - s) / 1e3, "last_start_us": (tt["last_start"] - w) / 1e3,
+             "last_wait_us": (tt["last_wait"] - w) / 1e3}
         for k, ph in PHASES.items():
             if tt[k] > 0:
                 r[ph + "_us"] = (tt[k] - w) / 1e3  # phase end, from the first block past the wait
@@ -264,7 +284,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
         for ph in PHASES.values():
             if all(ph + "_us" in x for x in rs):
                 summary[kind][ph + "_us_p50"] = m(ph + "_us")
-    span = (run[-1][2][2] - t0) / 1e3
+    span = (run[-1][2]["end"] - t0) / 1e3
     return {"shape": model.name, "mode": mode, "prompt": prompt, "tuning": ext.tuning(), "steps": steps, "span_us": round(span, 1),
             "us_per_step": round(span / steps, 1), "summary": summary, "kernels": rows}
 
