@@ -70,7 +70,9 @@ static_assert(sizeof(AttnKArgs) <= 128, "attention's kernel parameter: at most 1
 
 // ---- fused O (AttnArgs::o_parts): W_o (row, 8-column vector) pairs per lane, held in registers from before the
 // wait; a part's rows are split evenly over the warps, and the D/8 lanes of a row slice are aligned in the warp
-constexpr int kOU = 4;
+// (3: SmolLM2's 9 rows per warp at P = 4 take 3 passes of 4 rows; with 4, every warp ran a 4th pass of FMAs and
+// shuffles for no row. 3 took the tail after ctx from 0.71 to 0.64 us: performance.md log entry 33)
+constexpr int kOU = 3;
 
 // this warp's pair u: the W_o row (or -1: none) and the 8-column vector of the head's D columns
 template <int D>
@@ -87,11 +89,12 @@ __device__ __forceinline__ int o_pair_row(const AttnKArgs &a, int part, int warp
 // o_sum[row] += sum over the head's D columns of W_o[row, h * D + c] * ctx[c] (ctx: the head's rounded
 // attention output, in shared memory; whole block, after a barrier), in fixed point (o_fix: integer adds, so
 // the sum over the heads does not depend on their order)
-template <typename T, int D>
+template <typename T, int D, int NW>
 __device__ void o_tail(const AttnKArgs &a, int h, int part, const float *ctx_s, const uint4 (&wo)[kOU]) {
     constexpr int TPRO = D / 8;
     static_assert(kWarp % TPRO == 0, "a row's lanes lie in one warp");
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    constexpr int nw = NW;  // warps per block: a constant divisor (no integer division in the tail)
 #pragma unroll
     for (int u = 0; u < kOU; ++u) {
         int vec;
@@ -466,7 +469,7 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     if constexpr (OF) {
         if (has_ctx) {  // block-uniform
             __syncthreads();
-            o_tail<T, D>(a, h0, part, ctx_s, wo);
+            o_tail<T, D, NW>(a, h0, part, ctx_s, wo);
         }
     }
     ktrace_end(a.trace);

@@ -60,7 +60,9 @@ struct GemvArgs {
     const void *W = nullptr;     // [N (x2 for swiglu), K] row-major, dtype
     const void *x = nullptr;     // input [K] dtype; with `tok`, the embedding table base [V, K]
     const int *tok = nullptr;    // optional: x := embedding row tok[0]; block 0 copies it to x_out
-    void *x_out = nullptr;       // residual buffer filled by the embedding gather (or by GemvFoArgs::o_sum)
+    void *x_out = nullptr;       // residual buffer filled by the embedding gather (or by GemvFoArgs::o_sum); kGemvF32
+                                 // with amax_part: the embedding table, whose row of each block's argmax is
+                                 // prefetched into L2 for the next step's gather (optional)
     const void *norm_w = nullptr;  // optional: RMSNorm the input with this weight first (fused)
     void *out = nullptr;
     int2 *amax_part = nullptr;   // kGemvF32, optional: per block {float bits, row} of its largest stored

@@ -229,6 +229,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
     const bool part = p.tmp && p.tmp_bytes() >= (size_t)max_blocks * sizeof(int2) && !(tuning() & kTuneNoLmArgmax);
     g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
+    g.x_out = part ? const_cast<void *>(p.embed) : nullptr;  // the winner's embedding row towards L2
     if (!run_kernel(32, st)) return 0;
     const int grid = launch_gemv(g, p.dtype, st);
     return part ? grid : 0;
