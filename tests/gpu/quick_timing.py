@@ -222,6 +222,10 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
     griddepcontrol.wait / max end over its blocks (each block records its own times with plain stores:
     no atomics or barriers in the timed kernels), and attention's phase ends (max over blocks)."""
     cfg = model.cfg
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if 4 * sms > TRACE_BLOCKS:  # lm_head's persistent grid (4 blocks per SM) must fit the per-launch records
+        raise SystemExit(f"timeline: {sms} SMs need {4 * sms} block records per launch, ops.h kKtraceBlocks is "
+                         f"{TRACE_BLOCKS}")
     n = 4 * steps * (cfg.num_layers * 5 + 4) + 64  # slots: the captured launches, with room
     buf = torch.zeros(n * TRACE_BLOCKS * TRACE_REC, dtype=torch.int64, device="cuda")
     be = CudaBackend(model, sessions=1, graph_mode=mode, gemm="custom", steps_per_graph=steps)
