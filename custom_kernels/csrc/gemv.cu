@@ -134,6 +134,72 @@ __device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
     return base + 8 * k + (warp & 7) + (warp >= 8 ? D / 2 : 0);
 }
 
+// F32X staging (K <= 1024, normed): thread i < nvec loads input vector i (with FO: adds O's fixed-point sums, and
+// block 0 writes x + O to x_out), the block sums the squares, and the normed vector goes to shared memory as fp32
+// ([2][nvec] float4, dot8). `nws`: the norm weights (cp.async'd before the wait with norm_pre), `red`: NW floats.
+// Used by gemv_kernel and lm_small_kernel; the caller's __syncthreads makes xs visible.
+template <typename T, int WARPS, bool FO, typename A>
+__device__ __forceinline__ void stage_f32_normed(const A &a, const uint4 *xin, uint4 *xs, uint4 *nws, int nvec,
+                                                 bool write_resid, float *red) {
+    float ss = 0.f;
+    // K <= 1024: at most one input vector per thread (nvec <= 128 <= blockDim); it stays in
+    // registers through the norm's reduction, then goes to shared memory normed, as fp32:
+    // round(w * round(x * inv)), exactly the T value the other path stores
+    const int i = threadIdx.x;
+    const uint4 v = i < nvec ? xin[i] : make_uint4(0, 0, 0, 0);
+    // FO: O's 8 fixed-point sums of vector i (64 bytes) cp.async'd with the input's load (one L2 round trip)
+    // into this thread's own slots of shared memory (no registers held across it), read back by it
+    uint4 *osum = nws + nvec;
+    if constexpr (FO)
+        if (i < nvec)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) cp_async16(osum + 4 * i + j, reinterpret_cast<const uint4 *>(a.o_sum) + 4 * i + j);
+    float f[8];
+    unpack8<T>(v, f);
+    if (FO && i < nvec) {  // x := round(round(O) + x), the residual stream after O
+        cp_async_wait_all();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint4 q = osum[4 * i + j];
+            f[2 * j] = round_t<T>(round_t<T>(o_unfix(((unsigned long long)q.y << 32) | q.x)) + f[2 * j]);
+            f[2 * j + 1] = round_t<T>(round_t<T>(o_unfix(((unsigned long long)q.w << 32) | q.z)) + f[2 * j + 1]);
+        }
+        if (blockIdx.x == 0) reinterpret_cast<uint4 *>(a.x_out)[i] = pack8<T>(f);  // for down's residual
+    }
+    if (i < nvec) {
+        if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
+    }
+    const float inv = rsqrtf(block_sum_once<WARPS>(ss, red) / (float)a.K + a.eps);
+    if (i < nvec) {
+        if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i)
+        float w[8];
+        unpack8<T>(a.norm_pre ? nws[i] : reinterpret_cast<const uint4 *>(a.norm_w)[i], w);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = round_t<T>(w[k] * round_t<T>(f[k] * inv));
+        float4 *x4 = reinterpret_cast<float4 *>(xs);
+        x4[i] = make_float4(f[0], f[1], f[2], f[3]);
+        x4[nvec + i] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+}
+
+// kGemvF32 with amax_part: the block's argmax of the logits its threads stored (each thread's best, -inf /
+// kNoIndex for none) into amax_part[block], for the sampling kernel (whole block)
+template <typename T>
+__device__ __forceinline__ void amax_tail(const GemvArgs &a, float best, int best_row) {
+    block_argmax_pick(best, best_row);
+    if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
+    // x_out (kGemvF32: the embedding table, [N, K]): the row of this block's argmax towards L2, so that the
+    // next step's gather of the winning row hits L2 (lm_head streamed it with evict_first)
+    if (a.x_out && best_row != kNoIndex) {
+        const size_t bytes = (size_t)a.K * sizeof(T);
+        const char *r = reinterpret_cast<const char *>(a.x_out) + (size_t)best_row * bytes;
+        const char *l0 = reinterpret_cast<const char *>(reinterpret_cast<uintptr_t>(r) & ~(uintptr_t)127);
+        if ((size_t)threadIdx.x * 128 < (size_t)(r - l0) + bytes) prefetch_l2(l0 + (size_t)threadIdx.x * 128);
+    }
+}
+
 // FO: the kernels after a fused attention + O (AttnArgs::o_parts; parameter GemvFoArgs): gate|up's input is
 // x + O from the fixed-point sums (GemvFoArgs::o_sum), down's residual is read from GemvFoArgs::resid and down
 // zeroes the sums. A template flag, so that the other kernels' code is unchanged.
@@ -223,48 +289,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     if (a.tok) xin += (size_t)(*a.tok) * nvec;
     const bool write_resid = a.tok && a.x_out && blockIdx.x == 0;
     float ss = 0.f;
-    if constexpr (F32X) {
-        // K <= 1024: at most one input vector per thread (nvec <= 128 <= blockDim); it stays in
-        // registers through the norm's reduction, then goes to shared memory normed, as fp32:
-        // round(w * round(x * inv)), exactly the T value the other path stores
-        const int i = threadIdx.x;
-        const uint4 v = i < nvec ? xin[i] : make_uint4(0, 0, 0, 0);
-        // FO: O's 8 fixed-point sums of vector i (64 bytes) cp.async'd with the input's load (one L2 round trip)
-        // into this thread's own slots of shared memory (no registers held across it), read back by it
-        uint4 *osum = nws + nvec;
-        if constexpr (FO)
-            if (i < nvec)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) cp_async16(osum + 4 * i + j, reinterpret_cast<const uint4 *>(a.o_sum) + 4 * i + j);
-        float f[8];
-        unpack8<T>(v, f);
-        if (FO && i < nvec) {  // x := round(round(O) + x), the residual stream after O
-            cp_async_wait_all();
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const uint4 q = osum[4 * i + j];
-                f[2 * j] = round_t<T>(round_t<T>(o_unfix(((unsigned long long)q.y << 32) | q.x)) + f[2 * j]);
-                f[2 * j + 1] = round_t<T>(round_t<T>(o_unfix(((unsigned long long)q.w << 32) | q.z)) + f[2 * j + 1]);
-            }
-            if (blockIdx.x == 0) reinterpret_cast<uint4 *>(a.x_out)[i] = pack8<T>(f);  // for down's residual
-        }
-        if (i < nvec) {
-            if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
-        }
-        const float inv = rsqrtf(block_sum_once<WARPS>(ss, red) / (float)a.K + a.eps);
-        if (i < nvec) {
-            if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i)
-            float w[8];
-            unpack8<T>(a.norm_pre ? nws[i] : reinterpret_cast<const uint4 *>(a.norm_w)[i], w);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) f[k] = round_t<T>(w[k] * round_t<T>(f[k] * inv));
-            float4 *x4 = reinterpret_cast<float4 *>(xs);
-            x4[i] = make_float4(f[0], f[1], f[2], f[3]);
-            x4[nvec + i] = make_float4(f[4], f[5], f[6], f[7]);
-        }
-    }
+    if constexpr (F32X) stage_f32_normed<T, WARPS, FO>(a, xin, xs, nws, nvec, write_resid, red);
     for (int i0 = threadIdx.x; !F32X && i0 < nvec; i0 += blockDim.x * kStageVecs) {
         uint4 v[kStageVecs];
 #pragma unroll
@@ -345,17 +370,77 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     }
     if (MODE == kGemvF32 && a.amax_part) {  // the block's argmax, for the sampling kernel
         if (lane != 0) best = -INFINITY, best_row = kNoIndex;  // only lane 0 of a warp tracked its rows
-        block_argmax_pick(best, best_row);
-        if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
-        // x_out (kGemvF32: the embedding table, [N, K]): the row of this block's argmax towards L2, so that the
-        // next step's gather of the winning row hits L2 (lm_head streamed it with evict_first)
-        if (a.x_out && best_row != kNoIndex) {
-            const size_t bytes = (size_t)a.K * sizeof(T);
-            const char *r = reinterpret_cast<const char *>(a.x_out) + (size_t)best_row * bytes;
-            const char *l0 = reinterpret_cast<const char *>(reinterpret_cast<uintptr_t>(r) & ~(uintptr_t)127);
-            if ((size_t)threadIdx.x * 128 < (size_t)(r - l0) + bytes) prefetch_l2(l0 + (size_t)threadIdx.x * 128);
+        amax_tail<T>(a, best, best_row);
+    }
+    ktrace_end(a.trace);
+}
+
+// ---- lm_head of a small model (kGemvF32, normed, K <= kLmSmallK: SmolLM2's 49152 x 576): 8 lanes per row, a
+// warp on 4 consecutive rows at a time, 9 vectors of 16 bytes per lane. So each warp has 4.6 KB of weights in
+// flight instead of one 1.15 KB row (gemv_kernel's layout: a row per warp, 2.25 vectors per lane), a third of the
+// passes, and 3 shuffle levels per row instead of 5. The rows' groups of 4 go round-robin over the blocks; the
+// first group of every warp is loaded before the wait. Staging, argmax partials and the winner's prefetch are
+// gemv_kernel's (stage_f32_normed, amax_tail).
+constexpr int kLmLanes = 8;                    // lanes per row
+constexpr int kLmVpl = 9;                      // 16-byte vectors per lane
+constexpr int kLmRows = kWarp / kLmLanes;      // rows per warp and pass
+constexpr int kLmSmallK = kLmLanes * kLmVpl * 8;  // 576
+bool lm_small_fits(int K) { return K <= kLmSmallK; }
+
+template <typename T>
+__global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvArgs a) {
+    extern __shared__ uint4 xs[];  // the normed input as fp32 ([2][K/8] float4), then the norm weights
+    __shared__ __align__(16) float red[kWarp];
+    const int nvec = a.K / 8;
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const int sub = lane / kLmLanes, j = lane % kLmLanes;  // this lane's row in the group, its first vector
+    const uint4 *W = reinterpret_cast<const uint4 *>(a.W);
+    const int groups = (a.N + kLmRows - 1) / kLmRows;
+    const int g0 = warp * gridDim.x + blockIdx.x, gstride = gridDim.x * kGemvWarps;
+    const uint64_t pol = l2_policy(a.evict_first);
+    uint4 w[kLmVpl];
+    auto load = [&](int g) {
+        const int row = g * kLmRows + sub;
+        const uint4 *wr = W + (size_t)row * nvec;
+#pragma unroll
+        for (int u = 0; u < kLmVpl; ++u) {
+            const int i = j + u * kLmLanes;
+            w[u] = row < a.N && i < nvec ? ld_stream(wr + i, pol) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    ktrace(a.trace, 0);
+    const bool pre = a.prefetch == 2 && (int)blockIdx.x * 8 < (int)gridDim.x * a.pre_eighths;
+    if (pre && g0 < groups) load(g0);
+    uint4 *nws = xs + 2 * nvec;
+    if (a.norm_pre)
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
+    pdl_trigger();
+    pdl_wait();
+    ktrace(a.trace, 1);
+    if (!pre && g0 < groups) load(g0);
+    stage_f32_normed<T, kGemvWarps, false>(a, reinterpret_cast<const uint4 *>(a.x), xs, nws, nvec, false, red);
+    __syncthreads();
+
+    float best = -INFINITY;  // lanes j == 0: the largest stored logit of their rows and its row
+    int best_row = kNoIndex;
+    for (int g = g0; g < groups; g += gstride) {
+        if (g != g0) load(g);
+        float acc = 0.f;
+#pragma unroll
+        for (int u = 0; u < kLmVpl; ++u) {
+            const int i = j + u * kLmLanes;
+            if (i < nvec) acc += dot8<T, true>(w[u], xs, nvec, i);
+        }
+#pragma unroll
+        for (int o = kLmLanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        const int row = g * kLmRows + sub;
+        if (j == 0 && row < a.N) {
+            const float v = a.round_logits ? round_t<T>(acc) : acc;
+            reinterpret_cast<float *>(a.out)[row] = v;
+            if (v > best) { best = v; best_row = row; }  // rows ascend: the lowest row of a tie stays
         }
     }
+    if (a.amax_part) amax_tail<T>(a, best, best_row);
     ktrace_end(a.trace);
 }
 
@@ -389,6 +474,7 @@ static void init_t() {
     set_attr<T, kGemvResid, false>(); set_attr<T, kGemvResid, true>();
     set_attr<T, kGemvSwiglu, false>(); set_attr<T, kGemvSwiglu, true>();
     set_attr<T, kGemvF32, false>(); set_attr<T, kGemvF32, true>();
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(lm_small_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
 }
 
 bool g_use_pdl = true;
@@ -459,6 +545,12 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
     b.norm_pre = !(tuning() & kTuneNoNormPreload);
     b.resid_pre = !(tuning() & kTuneNoResidPreload);
     b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
+    if (MODE == kGemvF32 && norm && !rope && !fo && lm_small_fits(a.K) && !(tuning() & kTuneNoLmSmall)) {
+        const int lgroups = (a.N + kLmRows * kGemvWarps - 1) / (kLmRows * kGemvWarps);  // blocks of 8 row groups
+        const int lgrid = a.max_blocks > 0 && lgroups > a.max_blocks ? a.max_blocks : lgroups;
+        launch_pdl(lm_small_kernel<T>, lgrid, kGemvWarps * kWarp, (size_t)a.K * (4 + sizeof(T)), st, b);
+        return lgrid;
+    }
     if (rope) {
         if constexpr (MODE == kGemvStore) {
             if (!norm || !gemv_rope_fits(a.N, a.K, rope->rope_d, rope->rope_d, a.max_blocks) || rope->rope_d <= 0 ||

@@ -39,6 +39,7 @@ enum TuneBit : int {
                                // loops over up to kAttnChunksPerBlock of them; attention.cu)
     kTuneNoQkvRope = 4096,     // RoPE in the attention kernel (default: in the QKV gemv where gemv_rope_fits)
     kTuneNoAttnO = 8192,       // O as its own gemv (default: fused into attention where attn_o_parts > 0)
+    kTuneNoLmSmall = 16384,    // lm_head of K <= 576 in gemv_kernel's layout (default: lm_small_kernel, gemv.cu)
 };
 void set_tuning(int bits);
 int tuning();
