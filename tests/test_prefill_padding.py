@@ -44,7 +44,11 @@ def test_padded_prompt_matches(shape, n):
     rel = lambda a, r: float((a.double() - r.double()).norm() / r.double().norm())  # noqa: E731
     assert rel(got, want) < 3e-2, rel(got, want)        # bf16 path vs the fp32 oracle
     assert rel(got, plain) < 1e-2, rel(got, plain)       # padding changes nothing but GEMM shapes
-    assert int(got.argmax()) == int(plain.argmax()) or rel(got, plain) < 1e-3
+    # the padded run's top token is a top token of the unpadded run: bf16 logits tie or differ by an ulp or two at
+    # the top (480 seeded runs: 2 different argmaxes, both exact ties in `plain`), so within 2 ulps of its maximum
+    top = float(plain.float().max())
+    assert float(plain.float()[int(got.argmax())]) >= top - 2 * torch.finfo(dtype).eps * abs(top), \
+        (seed, int(got.argmax()), int(plain.argmax()), top)
     for l in range(cfg.num_layers):
         for a, r in ((padded_dec.kv.k(0, l), plain_dec.kv.k(0, l)), (padded_dec.kv.v(0, l), plain_dec.kv.v(0, l))):
             assert rel(a[:, :n], r[:, :n]) < 1e-2
