@@ -303,4 +303,3 @@ def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
         assert torch.equal(kv0[0, :, :, T], kv1[0, :, :, T]), f"{mode}: layer 0's KV row of the first step differs"
     # graphs replay what eager runs: bitwise
     assert torch.equal(out[0, "none"][0], out[0, "dynamic"][0])
-
