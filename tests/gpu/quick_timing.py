@@ -366,7 +366,10 @@ def main():
             ext.set_gemv_l2(ef)
             ext.set_step_skip(skip)
             ext.set_tuning(tn)
-            r = time_backend(model, mode, gemm, a.steps)
+            try:
+                r = time_backend(model, mode, gemm, a.steps)
+            except Exception as e:  # a failed row is reported, the other rows still run
+                r = {"mode": mode, "gemm": gemm, "error": f"{type(e).__name__}: {e}", "tokens": None}
             ext.set_gemv_l2(1)
             ext.set_step_skip(0)
             ext.set_tuning(0)
@@ -375,7 +378,7 @@ def main():
             toks = r.pop("tokens")
             if first_tokens is None:
                 first_tokens = toks
-            r["tokens_equal_first_row"] = toks == first_tokens if not skip else None
+            r["tokens_equal_first_row"] = toks == first_tokens if not skip and toks is not None else None
             r.update({"shape": shape, "weight_bytes": cfg.decode_weight_bytes(2), "floor_ms": round(floor_ms, 3)})
             print(r, flush=True)
             report["decode"].append(r)
