@@ -213,10 +213,11 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
     };
     ktrace(a.trace, 0);
     // ---- 1. T and the K/V rows < T are read before the wait. They were written by the previous
-    // steps: the step's sampling kernel (finish) sets seq_len only after its own wait -- so after
-    // every earlier kernel has completed -- and lets the next kernels launch only after that write
-    // (sampling.cu). So when any kernel of this step is running, all kernels of earlier steps have
-    // completed, and seq_len_dev (dynamic graph) and the rows < T are final.
+    // steps: a step sets seq_len only after every earlier kernel of it has completed (lm_head after
+    // its wait, or finish after its wait) and the finish kernel lets the next kernels launch only
+    // after its wait, so after that write (sampling.cu). So when any kernel of this step is running,
+    // all kernels of earlier steps have completed, and seq_len_dev (dynamic graph) and the rows < T
+    // are final.
     const int pos = read_pos(a.pos, a.pos_dev);
     const int n = pos + 1;
     const int nchunk = (n + BCL - 1) / BCL;  // block-chunks

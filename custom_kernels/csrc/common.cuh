@@ -211,6 +211,10 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void prefetch_l2(const void *p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
+// [p, p + bytes) requested towards L2 through the TMA unit (sm_90; p and bytes multiples of 16); no data returns
+__device__ __forceinline__ void prefetch_l2_bulk(const void *p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
 // 16-byte global -> shared copy that does not pass through registers (cp.async, sm_80);
 // cp_async_wait_all() waits for the calling thread's copies
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {

@@ -252,8 +252,8 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     uint4 *nws = xs + nvec * (F32X ? 2 : 1);  // norm weights (NORM only): a read-only weight, copied before the wait
     if (NORM && a.norm_pre)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
-    // fused RoPE: this row's table entries at T, read before the wait like attention's T (sampling.cu's
-    // finish writes seq_len before it lets the step's kernels launch, so T is final here)
+    // fused RoPE: this row's table entries at T, read before the wait like attention's T (the previous step
+    // wrote seq_len before its finish let this step's kernels launch, so T is final here)
     float rc = 1.f, rs = 0.f;
     bool rot = false;  // block-uniform
     if constexpr (ROPE) {
@@ -379,8 +379,11 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
 // warp on 4 consecutive rows at a time, 9 vectors of 16 bytes per lane. So each warp has 4.6 KB of weights in
 // flight instead of one 1.15 KB row (gemv_kernel's layout: a row per warp, 2.25 vectors per lane), a third of the
 // passes, and 3 shuffle levels per row instead of 5. The rows' groups of 4 go round-robin over the blocks; the
-// first group of every warp is loaded before the wait. Staging, argmax partials and the winner's prefetch are
-// gemv_kernel's (stage_f32_normed, amax_tail).
+// first group of every warp is loaded before the wait, and each warp's next group is requested towards L2 (one
+// bulk prefetch) before it multiplies the current one (l2_ahead: the registers hold one group, so without it the
+// DRAM idled during the staging and between the passes; performance.md log entry 35). Block 0 may also advance
+// seq_len (GemvLmArgs). Staging, argmax partials and the winner's prefetch are gemv_kernel's (stage_f32_normed,
+// amax_tail).
 constexpr int kLmLanes = 8;                    // lanes per row
 constexpr int kLmVpl = 9;                      // 16-byte vectors per lane
 constexpr int kLmRows = kWarp / kLmLanes;      // rows per warp and pass
@@ -388,7 +391,7 @@ constexpr int kLmSmallK = kLmLanes * kLmVpl * 8;  // 576
 bool lm_small_fits(int K) { return K <= kLmSmallK; }
 
 template <typename T>
-__global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvLmArgs a) {
     extern __shared__ uint4 xs[];  // the normed input as fp32 ([2][K/8] float4), then the norm weights
     __shared__ __align__(16) float red[kWarp];
     const int nvec = a.K / 8;
@@ -408,15 +411,27 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvArg
             w[u] = row < a.N && i < nvec ? ld_stream(wr + i, pol) : make_uint4(0, 0, 0, 0);
         }
     };
+    // l2_ahead: group g's rows (contiguous) requested towards L2 by lane 0, one bulk prefetch
+    auto ahead = [&](int g) {
+        if (a.l2_ahead && lane == 0 && g < groups)
+            prefetch_l2_bulk(W + (size_t)g * kLmRows * nvec, (unsigned)(min(kLmRows, a.N - g * kLmRows) * nvec * 16));
+    };
     ktrace(a.trace, 0);
     const bool pre = a.prefetch == 2 && (int)blockIdx.x * 8 < (int)gridDim.x * a.pre_eighths;
     if (pre && g0 < groups) load(g0);
     uint4 *nws = xs + 2 * nvec;
     if (a.norm_pre)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
+    // seq_len_dev: this step's T, read before the wait like attention's (the previous step wrote it before this
+    // step's kernels could launch); written after the wait, when every earlier kernel of the step has completed
+    // (a plain load: read_pos's volatile one costs this kernel a stack frame)
+    const bool seq = a.seq_len_dev && blockIdx.x == 0 && threadIdx.x == 0;
+    const int next_len = seq ? (a.pos_dev ? *a.pos_dev : a.pos) + 1 : 0;
     pdl_trigger();
     pdl_wait();
     ktrace(a.trace, 1);
+    if (seq) *a.seq_len_dev = next_len;
+    ahead(g0 + gstride);  // the DRAM streams the second pass during the staging and the first pass's products
     if (!pre && g0 < groups) load(g0);
     stage_f32_normed<T, kGemvWarps, false>(a, reinterpret_cast<const uint4 *>(a.x), xs, nws, nvec, false, red);
     __syncthreads();
@@ -424,7 +439,10 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvArg
     float best = -INFINITY;  // lanes j == 0: the largest stored logit of their rows and its row
     int best_row = kNoIndex;
     for (int g = g0; g < groups; g += gstride) {
-        if (g != g0) load(g);
+        if (g != g0) {
+            load(g);
+            ahead(g + gstride);
+        }
         float acc = 0.f;
 #pragma unroll
         for (int u = 0; u < kLmVpl; ++u) {
@@ -443,6 +461,8 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvArg
     if (a.amax_part) amax_tail<T>(a, best, best_row);
     ktrace_end(a.trace);
 }
+
+static_assert(sizeof(GemvLmArgs) <= 128, "lm_head's kernel parameter: at most 128 bytes");
 
 template <typename T, int MODE, bool NORM, int W>
 static void set_attr_w() {
@@ -521,7 +541,8 @@ static void launch_w(bool norm, bool large, int grid, size_t smem, cudaStream_t 
 // rope / fo: the derived arguments of the fused-RoPE QKV or of a kernel after a fused O (at most one; a is then
 // their GemvArgs part)
 template <typename T, int MODE>
-static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo) {
+static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo,
+                       const GemvLmArgs *lm) {
     const bool one_row = one_row_per_warp(a.N, a.max_blocks);
     const int W = one_row ? kGemvWarpsOneRow : kGemvWarps;
     const int groups = (a.N + W - 1) / W;
@@ -545,10 +566,18 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
     b.norm_pre = !(tuning() & kTuneNoNormPreload);
     b.resid_pre = !(tuning() & kTuneNoResidPreload);
     b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
-    if (MODE == kGemvF32 && norm && !rope && !fo && lm_small_fits(a.K) && !(tuning() & kTuneNoLmSmall)) {
+    const bool lm_small = MODE == kGemvF32 && norm && !a.tok && !rope && !fo && lm_small_fits(a.K) &&
+                          !(tuning() & kTuneNoLmSmall);
+    if (lm && lm->seq_len_dev && !lm_small)
+        throw std::runtime_error("gemv: advancing seq_len is lm_small_kernel's (normed fp32 logits, K <= 576)");
+    if (lm_small) {
         const int lgroups = (a.N + kLmRows * kGemvWarps - 1) / (kLmRows * kGemvWarps);  // blocks of 8 row groups
         const int lgrid = a.max_blocks > 0 && lgroups > a.max_blocks ? a.max_blocks : lgroups;
-        launch_pdl(lm_small_kernel<T>, lgrid, kGemvWarps * kWarp, (size_t)a.K * (4 + sizeof(T)), st, b);
+        GemvLmArgs l;
+        if (lm) l = *lm;
+        static_cast<GemvArgs &>(l) = b;
+        l.l2_ahead = !(tuning() & kTuneNoLmAhead);
+        launch_pdl(lm_small_kernel<T>, lgrid, kGemvWarps * kWarp, (size_t)a.K * (4 + sizeof(T)), st, l);
         return lgrid;
     }
     if (rope) {
@@ -577,27 +606,31 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
 }
 
 template <typename T>
-static int launch_t(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo) {
+static int launch_t(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo,
+                    const GemvLmArgs *lm) {
     switch (a.mode) {
-        case kGemvStore: return launch_mode<T, kGemvStore>(a, st, rope, fo);
-        case kGemvResid: return launch_mode<T, kGemvResid>(a, st, rope, fo);
-        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st, rope, fo);
-        case kGemvF32: return launch_mode<T, kGemvF32>(a, st, rope, fo);
+        case kGemvStore: return launch_mode<T, kGemvStore>(a, st, rope, fo, lm);
+        case kGemvResid: return launch_mode<T, kGemvResid>(a, st, rope, fo, lm);
+        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st, rope, fo, lm);
+        case kGemvF32: return launch_mode<T, kGemvF32>(a, st, rope, fo, lm);
         default: throw std::runtime_error("gemv: bad mode");
     }
 }
 
 static int launch_any(const GemvArgs &a, int dtype, cudaStream_t st, const GemvRopeArgs *rope,
-                      const GemvFoArgs *fo = nullptr) {
+                      const GemvFoArgs *fo = nullptr, const GemvLmArgs *lm = nullptr) {
     if (a.K % 8 != 0) throw std::runtime_error("gemv: K must be a multiple of 8");
     if ((size_t)a.K * 2 * (a.norm_w ? 2 : 1) > (size_t)kGemvMaxSmem)
         throw std::runtime_error("gemv: K too large for shared memory");
     if (a.amax_part && a.mode != kGemvF32) throw std::runtime_error("gemv: amax_part needs the fp32 logits mode");
-    return dtype == kF16 ? launch_t<half>(a, st, rope, fo) : launch_t<__nv_bfloat16>(a, st, rope, fo);
+    return dtype == kF16 ? launch_t<half>(a, st, rope, fo, lm) : launch_t<__nv_bfloat16>(a, st, rope, fo, lm);
 }
 
 int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, nullptr); }
 int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, &a); }
 int launch_gemv_fo(const GemvFoArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, nullptr, &a); }
+int launch_gemv_lm(const GemvLmArgs &a, int dtype, cudaStream_t st) {
+    return launch_any(a, dtype, st, nullptr, nullptr, &a);
+}
 
 }  // namespace case4

@@ -40,6 +40,9 @@ enum TuneBit : int {
     kTuneNoQkvRope = 4096,     // RoPE in the attention kernel (default: in the QKV gemv where gemv_rope_fits)
     kTuneNoAttnO = 8192,       // O as its own gemv (default: fused into attention where attn_o_parts > 0)
     kTuneNoLmSmall = 16384,    // lm_head of K <= 576 in gemv_kernel's layout (default: lm_small_kernel, gemv.cu)
+    kTuneNoLmSeq = 32768,      // finish writes seq_len and lets the next step launch after that (default: lm_head writes
+                               // it, finish lets the next step launch right after its wait; GemvLmArgs::seq_len_dev)
+    kTuneNoLmAhead = 65536,    // lm_small_kernel without the L2 look-ahead (default: GemvLmArgs::l2_ahead)
 };
 void set_tuning(int bits);
 int tuning();
@@ -110,6 +113,20 @@ void set_gemv_l2(int evict_first);  // weight loads with the L2 evict_first poli
 int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);  // returns the grid size
 int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st);  // QKV + RoPE (gemv_rope_fits)
 int launch_gemv_fo(const GemvFoArgs &a, int dtype, cudaStream_t st);  // gate|up or down after a fused O
+// lm_head (kGemvF32). seq_len_dev (lm_small_kernel only): block 0 writes seq_len_dev := T + 1 after its wait, when
+// every earlier kernel of the step has completed (T = pos or *pos_dev, read before the wait like attention's), so
+// that finish can let the next step launch as soon as it passes its own wait (FinishArgs::seq_advanced).
+// l2_ahead (lm_small_kernel; the launcher sets it, tuning kTuneNoLmAhead clears it): each warp requests its next
+// row group towards L2 (one bulk prefetch of 4 rows) before it multiplies the current one, so the DRAM streams
+// the next pass while the warp's registers still hold this one (performance.md log entry 35).
+struct GemvLmArgs : GemvArgs {
+    int *seq_len_dev = nullptr;
+    const int *pos_dev = nullptr;
+    int pos = 0;
+    signed char l2_ahead = 1;
+};
+int launch_gemv_lm(const GemvLmArgs &a, int dtype, cudaStream_t st);
+bool lm_small_fits(int K);  // the normed fp32-logits gemv of this K runs lm_small_kernel (gemv.cu)
 
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
 // out = round(w * round(x * rsqrt(mean(x^2) + eps))); with tok: x = embed row tok[0] and x_out = x
@@ -189,6 +206,7 @@ struct FinishArgs {
     int *ring = nullptr;         // [ring_len] sampled tokens, index (T + 1) % ring_len
     int ring_len = 0;
     int force_sample = 0;        // 1: sample even if params->enabled == 0 (kernel tests)
+    int seq_advanced = 0;        // 1: lm_head has written seq_len_dev := T + 1 (GemvLmArgs::seq_len_dev)
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
 void launch_finish(const FinishArgs &a, cudaStream_t st);

@@ -1,4 +1,5 @@
-// sampling.cu -- the end of a decode step: device sampling and seq_len_dev[s] := T + 1.
+// sampling.cu -- the end of a decode step: device sampling and seq_len_dev[s] := T + 1 (unless lm_head
+// advanced it: FinishArgs::seq_advanced).
 //
 // One block of 1024 threads over the fp32 logits [V]. Greedy: argmax (lowest id on ties).
 // Otherwise the function of client/sampler.py, without a sort: every kept set is a prefix
@@ -157,20 +158,28 @@ __device__ int block_sample(const float *logits, int V, const SampleParams &p, l
 
 // The next step's kernels may launch (griddepcontrol.launch_dependents) only once seq_len is
 // written: past this kernel's wait every earlier kernel has completed, so from then on the next
-// step may read T and the KV rows < T before its own waits (attention.cu). Sampling itself still
-// overlaps the next step's weight preloads.
+// step may read T and the KV rows < T before its own waits (attention.cu). With seq_advanced, lm_head
+// (which has completed once this kernel passes its wait) wrote it, so the trigger comes right after the
+// wait; otherwise this kernel writes it first. Sampling itself still overlaps the next step's weight
+// preloads.
 __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, int rng_offset) {
     ktrace(a.trace, 0);
     pdl_wait();
     ktrace(a.trace, 1);
-    const int pos = read_pos(a.pos, a.pos_dev);
-    __syncthreads();  // every thread has read pos before seq_len_dev changes
-    if (threadIdx.x == 0 && a.seq_len_dev) {
-        *a.seq_len_dev = pos + 1;
-        __threadfence();
+    int pos;
+    if (a.seq_advanced) {  // seq_len_dev already holds T + 1
+        pdl_trigger();
+        pos = a.pos_dev ? read_pos(0, a.pos_dev) - 1 : a.pos;
+    } else {
+        pos = read_pos(a.pos, a.pos_dev);
+        __syncthreads();  // every thread has read pos before seq_len_dev changes
+        if (threadIdx.x == 0 && a.seq_len_dev) {
+            *a.seq_len_dev = pos + 1;
+            __threadfence();
+        }
+        __syncthreads();
+        pdl_trigger();
     }
-    __syncthreads();
-    pdl_trigger();
     SampleParams p{};
     if (a.params) p = *a.params;
     if (a.force_sample || (a.params && p.enabled)) {

@@ -5,7 +5,8 @@
 //   -> gemv[norm + gate|up + SwiGLU]  ->  gemv[down + residual]
 // or, where attn_o_parts > 0 (small models), 4: O fused into attention (its rows summed over the heads in fixed
 // point), gate|up adding O to x (into xn), down adding xn (and zeroing the sums).
-// plus gemv[final norm + lm_head -> fp32 logits] and finish[sampling, seq_len += 1].
+// plus gemv[final norm + lm_head -> fp32 logits] and finish[sampling, seq_len += 1] (seq_len advanced by lm_head
+// instead where it is lm_small_kernel: GemvLmArgs).
 // The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x).
 // cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues.
 #include <cstdio>
@@ -70,8 +71,9 @@ static AttnArgs attn_args(const Plan &p, int s, int l, int T) {
     return a;
 }
 
-static void finish(const Plan &p, int s, int T, cudaStream_t st, int amax_n) {
+static void finish(const Plan &p, int s, int T, cudaStream_t st, int amax_n, bool seq_advanced) {
     FinishArgs f;
+    f.seq_advanced = seq_advanced ? 1 : 0;
     f.logits = p.logits;
     f.V = p.V;
     if (amax_n > 0) {  // custom lm_head: its per-block argmax in tmp (step_custom)
@@ -135,7 +137,7 @@ static bool run_kernel(int bit, cudaStream_t st) {
 constexpr size_t kPreLongStreamBytes = 16u << 20;  // "a long weight stream": >= 16 MiB (~5.6 us at 3 TB/s)
 
 // returns the number of lm_head blocks whose argmax partials are in p.tmp (0: none)
-static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
+static int step_custom(const Plan &p, int s, int T, cudaStream_t st, bool lm_seq) {
     const int max_blocks = p.sm_count * 4;
     // Weight preload before the wait (GemvArgs::pre_eighths): every block when the previous kernel
     // moves few bytes (attention, sampling, a small model's gemvs), half of them after a long weight
@@ -221,9 +223,14 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
             else launch_gemv(g, p.dtype, st);
         }
     }
-    GemvArgs g;
+    GemvLmArgs g;
     g.max_blocks = max_blocks; g.eps = p.eps;
     g.pre_eighths = pre_eighths(b_down);
+    if (lm_seq) {
+        g.seq_len_dev = p.seq_len_dev + s;
+        g.pos = T < 0 ? 0 : T;
+        g.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
+    }
     g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
     g.mode = kGemvF32; g.round_logits = p.round_logits;
     // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
@@ -231,7 +238,7 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st) {
     g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
     g.x_out = part ? const_cast<void *>(p.embed) : nullptr;  // the winner's embedding row towards L2
     if (!run_kernel(32, st)) return 0;
-    const int grid = launch_gemv(g, p.dtype, st);
+    const int grid = launch_gemv_lm(g, p.dtype, st);
     return part ? grid : 0;
 }
 
@@ -260,9 +267,12 @@ void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t b
     if (s < 0 || s >= p.sessions) throw std::runtime_error("step: session out of range");
     if (T >= p.max_seq) throw std::runtime_error("step: position beyond max_seq");
     int amax_n = 0;
+    // lm_head advances seq_len where it is lm_small_kernel (K <= 576; GemvLmArgs) and the timing ablation keeps it
+    const bool lm_seq = !p.use_cublas && !(tuning() & (kTuneNoLmSeq | kTuneNoLmSmall)) && lm_small_fits(p.H) &&
+                        !(g_step_skip & 32);
     if (p.use_cublas) step_cublas(p, s, T, st, blas);
-    else amax_n = step_custom(p, s, T, st);
-    finish(p, s, T, st, amax_n);
+    else amax_n = step_custom(p, s, T, st, lm_seq);
+    finish(p, s, T, st, amax_n, lm_seq);
 }
 
 }  // namespace case4

@@ -303,3 +303,53 @@ def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
         assert torch.equal(kv0[0, :, :, T], kv1[0, :, :, T]), f"{mode}: layer 0's KV row of the first step differs"
     # graphs replay what eager runs: bitwise
     assert torch.equal(out[0, "none"][0], out[0, "dynamic"][0])
+
+
+@pytest.mark.parametrize("shape,dtype,T", [("smollm2-135m", "float16", 40), ("tiny", "bfloat16", 9)])
+def test_lm_head_advances_seq_len(shape, dtype, T):
+    """lm_small_kernel (K <= 576) writes seq_len_dev := T + 1 and finish lets the next step launch right after its
+    wait, while each lm_head warp requests its next row group towards L2 (the defaults), against finish writing
+    seq_len and no look-ahead (tuning kTuneNoLmSeq | kTuneNoLmAhead = 32768 | 65536): the same products in the same
+    order, so in eager, exact and dynamic mode the device-sampled tokens and the client-path logits are equal, and
+    the device's seq_len counts every step."""
+    from custom_kernels.ext import load_extension
+    ext = load_extension()
+    n = 24
+    toks, logits = {}, {}
+    for tune in (0, 32768 | 65536):
+        ext.set_tuning(tune)
+        try:
+            for mode in ("none", "exact", "dynamic"):
+                be = make(shape, dtype, mode=mode)
+                try:
+                    ids = prompt(T, be.cfg.vocab_size, 3)
+                    tok = int(be.prefill(0, ids).argmax())
+                    if mode == "exact":
+                        be.bg_capture_start(0, 2 * n)
+                        be.wait_precapture(0, n, 120.0)
+                    toks[tune, mode] = be.generate(0, tok, n, _greedy())
+                    # the replay stream only: a device-wide sync is refused while exact mode's thread captures
+                    be.engine.sync()
+                    dev_len = int(be.scratch["seq_len_dev"][0])
+                    assert dev_len == T + n == be.seq_len(0), (tune, mode, dev_len, be.seq_len(0))
+                    be.prefill(0, ids)
+                    if mode == "exact":
+                        be.wait_precapture(0, 4, 120.0)
+                    seq, t = [], tok
+                    for _ in range(4):
+                        lg = be.replay(0, be.seq_len(0), t)
+                        seq.append(lg.detach().float().cpu().clone())
+                        t = int(lg.argmax())
+                    logits[tune, mode] = torch.stack(seq)
+                    be.engine.sync()
+                    assert int(be.scratch["seq_len_dev"][0]) == T + 4
+                finally:
+                    be.close()
+        finally:
+            ext.set_tuning(0)
+    want = toks[32768 | 65536, "none"]
+    for key, got in toks.items():
+        assert got == want, key
+    for key, got in logits.items():
+        assert torch.isfinite(got).all()
+        assert torch.equal(got, logits[32768 | 65536, "none"]), key
