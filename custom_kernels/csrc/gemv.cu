@@ -388,7 +388,9 @@ constexpr int kLmLanes = 8;                    // lanes per row
 constexpr int kLmVpl = 9;                      // 16-byte vectors per lane
 constexpr int kLmRows = kWarp / kLmLanes;      // rows per warp and pass
 constexpr int kLmSmallK = kLmLanes * kLmVpl * 8;  // 576
-bool lm_small_fits(int K) { return K <= kLmSmallK; }
+bool lm_small_runs(const GemvArgs &a) {
+    return a.mode == kGemvF32 && a.norm_w && !a.tok && a.K <= kLmSmallK && !(tuning() & kTuneNoLmSmall);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvLmArgs a) {
@@ -566,8 +568,7 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
     b.norm_pre = !(tuning() & kTuneNoNormPreload);
     b.resid_pre = !(tuning() & kTuneNoResidPreload);
     b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
-    const bool lm_small = MODE == kGemvF32 && norm && !a.tok && !rope && !fo && lm_small_fits(a.K) &&
-                          !(tuning() & kTuneNoLmSmall);
+    const bool lm_small = !rope && !fo && lm_small_runs(a);
     if (lm && lm->seq_len_dev && !lm_small)
         throw std::runtime_error("gemv: advancing seq_len is lm_small_kernel's (normed fp32 logits, K <= 576)");
     if (lm_small) {

@@ -126,7 +126,9 @@ struct GemvLmArgs : GemvArgs {
     signed char l2_ahead = 1;
 };
 int launch_gemv_lm(const GemvLmArgs &a, int dtype, cudaStream_t st);
-bool lm_small_fits(int K);  // the normed fp32-logits gemv of this K runs lm_small_kernel (gemv.cu)
+// launch_gemv / launch_gemv_lm run this gemv (its GemvArgs part) as lm_small_kernel: normed fp32 logits, K <= 576,
+// no embedding gather, tuning kTuneNoLmSmall clear
+bool lm_small_runs(const GemvArgs &a);
 
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
 // out = round(w * round(x * rsqrt(mean(x^2) + eps))); with tok: x = embed row tok[0] and x_out = x

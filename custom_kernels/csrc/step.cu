@@ -136,8 +136,9 @@ static bool run_kernel(int bit, cudaStream_t st) {
 
 constexpr size_t kPreLongStreamBytes = 16u << 20;  // "a long weight stream": >= 16 MiB (~5.6 us at 3 TB/s)
 
-// returns the number of lm_head blocks whose argmax partials are in p.tmp (0: none)
-static int step_custom(const Plan &p, int s, int T, cudaStream_t st, bool lm_seq) {
+// returns the number of lm_head blocks whose argmax partials are in p.tmp (0: none); *seq_advanced: lm_head
+// writes seq_len (GemvLmArgs::seq_len_dev), so finish need not
+static int step_custom(const Plan &p, int s, int T, cudaStream_t st, bool *seq_advanced) {
     const int max_blocks = p.sm_count * 4;
     // Weight preload before the wait (GemvArgs::pre_eighths): every block when the previous kernel
     // moves few bytes (attention, sampling, a small model's gemvs), half of them after a long weight
@@ -226,11 +227,6 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st, bool lm_seq
     GemvLmArgs g;
     g.max_blocks = max_blocks; g.eps = p.eps;
     g.pre_eighths = pre_eighths(b_down);
-    if (lm_seq) {
-        g.seq_len_dev = p.seq_len_dev + s;
-        g.pos = T < 0 ? 0 : T;
-        g.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
-    }
     g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
     g.mode = kGemvF32; g.round_logits = p.round_logits;
     // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
@@ -238,6 +234,13 @@ static int step_custom(const Plan &p, int s, int T, cudaStream_t st, bool lm_seq
     g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
     g.x_out = part ? const_cast<void *>(p.embed) : nullptr;  // the winner's embedding row towards L2
     if (!run_kernel(32, st)) return 0;
+    // lm_head advances seq_len where it is lm_small_kernel (the launcher's rule, lm_small_runs)
+    *seq_advanced = !(tuning() & kTuneNoLmSeq) && lm_small_runs(g);
+    if (*seq_advanced) {
+        g.seq_len_dev = p.seq_len_dev + s;
+        g.pos = T < 0 ? 0 : T;
+        g.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
+    }
     const int grid = launch_gemv_lm(g, p.dtype, st);
     return part ? grid : 0;
 }
@@ -267,12 +270,10 @@ void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t b
     if (s < 0 || s >= p.sessions) throw std::runtime_error("step: session out of range");
     if (T >= p.max_seq) throw std::runtime_error("step: position beyond max_seq");
     int amax_n = 0;
-    // lm_head advances seq_len where it is lm_small_kernel (K <= 576; GemvLmArgs) and the timing ablation keeps it
-    const bool lm_seq = !p.use_cublas && !(tuning() & (kTuneNoLmSeq | kTuneNoLmSmall)) && lm_small_fits(p.H) &&
-                        !(g_step_skip & 32);
+    bool seq_advanced = false;
     if (p.use_cublas) step_cublas(p, s, T, st, blas);
-    else amax_n = step_custom(p, s, T, st, lm_seq);
-    finish(p, s, T, st, amax_n, lm_seq);
+    else amax_n = step_custom(p, s, T, st, &seq_advanced);
+    finish(p, s, T, st, amax_n, seq_advanced);
 }
 
 }  // namespace case4
