@@ -2,12 +2,15 @@
 its environment defaults, the argument checks, and the exit codes (docs/ipc.md for what a
 run does). Text goes to stdout; progress and the summary to stderr. Exit codes: 0 ok,
 2 bad input (one line on stderr), 1 internal failure (names the process), 130 interrupted
-(partial outputs are written).
+(Ctrl-C) or 143 terminated (SIGTERM), 141 stdout closed (e.g. `| head`): partial outputs are
+written in these three cases.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +19,10 @@ from client.sampler import SamplingParams
 from ipc.messages import RemoteError
 from ipc.peers import PeerDied, PeerTimeout
 
+from conductor.outputs import prepare_output_dir
 from conductor.run import DEMO_PROMPT, ProcessOptions, Request, Run
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 ENV_HELP = """environment defaults (a flag on the command line wins):
   CASE4_USE_CUSTOM=1       --backend cuda
@@ -26,7 +32,8 @@ ENV_HELP = """environment defaults (a flag on the command line wins):
   CASE4_SKIP_PRECAPTURE=1  --precapture 0
   CASE4_HOME               model cache (default ~/.cache/case4)
 
-exit codes: 0 ok, 2 bad input, 1 internal failure, 130 interrupted (partial output kept)
+exit codes: 0 ok, 2 bad input, 1 internal failure, 130 interrupted / 143 terminated (partial output kept),
+  141 stdout closed (e.g. piped into head; outputs kept)
 """
 
 
@@ -87,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> SamplingParams:
+    if args.prompt is not None and args.prompt_len is not None:
+        raise BadInput("--prompt and --prompt-len exclude each other: give one of them")
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as surrogate escapes
+            raise BadInput("--prompt is not valid UTF-8 (check the bytes given or the shell's locale)") from None
+    if not DEVICE_RE.fullmatch(args.device):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise BadInput(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     if args.max_tokens < 1:
         raise BadInput(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prompt_len is not None and args.prompt_len < 1:
@@ -121,6 +139,7 @@ def request(args, params: SamplingParams) -> Request:
 def make_run(args) -> Run:
     """Parsed args -> the CLI's one-shot Run (BadInput on a bad argument)."""
     params = check_args(args)
+    prepare_output_dir(Path(args.output_dir), args.run_name)  # before the model loads, not after the run
     return Run(process_options(args), request(args, params), Path(args.output_dir), args.run_name,
                quiet=args.quiet)
 

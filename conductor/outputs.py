@@ -5,11 +5,43 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from case4_errors import BadInput
+
 from conductor.trace import write_trace
+
+
+def prepare_output_dir(out_dir: Path, run_name: str | None) -> None:
+    """Check before the model loads that the output files can be written: --output-dir is a
+    folder (made if missing), and so is the folder a --run-name with a slash names; a file
+    can be created there. BadInput (one line) otherwise: a generation is never thrown away
+    at the end for want of a place to save it."""
+    folder = (out_dir / run_name).parent if run_name else out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInput(f"--output-dir {out_dir} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        why = "a file of that name is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) \
+            else (e.strerror or str(e))
+        what = f"--output-dir {out_dir}" if folder == out_dir else f"--run-name {run_name!r} in --output-dir {out_dir}"
+        raise BadInput(f"cannot write the outputs: {what}: {why}") from None
+
+
+def silence_stdout() -> None:
+    """After a BrokenPipeError (stdout's reader went away): what is still buffered, and any
+    later print, goes to /dev/null, so no second BrokenPipeError when the interpreter
+    flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _pct(xs, q):
@@ -90,5 +122,8 @@ def summary(m: dict, out: Path, written: list[str], quiet: bool) -> None:
                      f"p50 {f(m['capture_ms_p50'], '.2f')} p99 {f(m['capture_ms_p99'], '.2f')}")
     lines.append(f"outputs in {out}/: {', '.join(written)}")
     if not quiet:
-        print(flush=True)
+        try:
+            print(flush=True)
+        except BrokenPipeError:
+            silence_stdout()
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from ipc.link import Link
 from ipc.messages import RemoteError
 from ipc.peers import Peer, context, watch_link
 
-from conductor.outputs import write_outputs
+from conductor.outputs import silence_stdout, write_outputs
 
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 DEVICE_CHUNK = 16  # tokens per kv_generate call in --sampling device (streaming granularity)
@@ -302,9 +303,31 @@ class Generation:
             P.call(P.server, "bg_capture_stop", {})
 
 
+# C0 controls but newline and tab, DEL and C1 controls -> \xNN, for text shown on a terminal:
+# random weights produce NUL, ESC and the like, which a terminal would act on
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0, 32), *range(127, 160)) if chr(c) not in "\n\t"}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it ends the run as Ctrl-C does."""
+
+
+class StdoutClosed(Exception):
+    """stdout's reader went away (`| head`): the run stops as after Ctrl-C, quietly."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 class Run:
     """The CLI's one-shot use: start the pair, run one generation, write the outputs, stop.
-    Exit codes of go(): 0 ok, 130 interrupted (partial outputs written); errors propagate
+    Exit codes of go(): 0 ok; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout
+    closed: partial outputs and the summary are written in all three. Errors propagate
     (conductor/cli.py maps them)."""
 
     def __init__(self, opts: ProcessOptions, req: Request, out_dir: Path, run_name: str | None,
@@ -312,28 +335,49 @@ class Run:
         self.opts, self.req, self.out_dir, self.run_name, self.quiet = opts, req, out_dir, run_name, quiet
         self.procs: Processes | None = None
         self.gen: Generation | None = None
+        self.tty = not quiet and sys.stdout.isatty()  # the text files keep the raw text either way
 
     def write_text(self, text: str) -> None:
-        if not self.quiet:
-            sys.stdout.write(text)
+        if self.quiet:
+            return
+        try:
+            sys.stdout.write(escape_controls(text) if self.tty else text)
             sys.stdout.flush()
+        except BrokenPipeError:
+            silence_stdout()
+            raise StdoutClosed() from None
 
     def go(self) -> int:
         self.procs = Processes(self.opts)
         self.t_start = time.perf_counter()
+        main_thread = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
         try:
             self.procs.start()
             self.gen = Generation(self.procs, self.req, self.write_text)
             self.gen.run()
             return 0
-        except KeyboardInterrupt:
-            if self.gen is not None:
-                self.gen.stop_reason = "interrupted"
-            log("interrupted")
-            return 130
+        except KeyboardInterrupt as e:
+            term = isinstance(e, Terminated)
+            self._stopped("terminated" if term else "interrupted")
+            return 143 if term else 130
+        except StdoutClosed:
+            self._stopped("stdout closed")
+            return 141
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
-            self.finish()
+            if main_thread:  # a second Ctrl-C or SIGTERM must not skip the clean-up
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                self.finish()
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGTERM, old_term)
+
+    def _stopped(self, why: str) -> None:
+        if self.gen is not None:
+            self.gen.stop_reason = why
+        log(why)
 
     def finish(self) -> None:
         """Status, outputs, then the children and the shared memory, whatever happened."""
