@@ -17,7 +17,7 @@ What one decode step must read (model dtype, `e` bytes per element):
 
 The embedding table is *not* read whole: only the row of the input token. (When the
 embedding is tied to the lm_head, the lm_head read covers the table anyway.) The
-DESIGN's 13.48 GB for Llama-2-7B counts every parameter including the full embedding
+design's 13.48 GB for Llama-2-7B (docs/performance.md, section 1) counts every parameter including the full embedding
 table; `all_params_bytes` gives that figure too, for comparison.
 
 Run `python bench/floors.py` to print the floors table that docs/performance.md holds.
@@ -31,7 +31,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from custom_kernels.config import SYNTHETIC_SHAPES  # noqa: E402
 
-# The DESIGN's measured reference copy rate on one H100 80GB HBM3 (read + write).
+# The design's measured reference copy rate on one H100 80GB HBM3 (read + write; docs/performance.md, section 2).
 REFERENCE_COPY_GBPS = 3007.0
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}

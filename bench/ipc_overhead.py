@@ -59,24 +59,24 @@ WARM = 200  # tokens before the timed ones
 
 
 def measure(tokens: int, vocab: int, ipc: str = "loop") -> float:
-    """us per token of a real orchestrator run (orchestrator.Run, --sampling client, the
+    """us per token of a real orchestrator run (conductor.run.Run, --sampling client, the
     given --ipc path) against the no-op server: the steady-state gap between tokens, from
     the times the client sampled them (as the run's own p50/p99 metrics), after WARM."""
     import contextlib
     import io
     import signal
     import tempfile
-    import orchestrator
+    from conductor.cli import build_parser, make_run
     env = {"CASE4_SERVER_FACTORY": "bench.ipc_overhead:make_noop", "CASE4_NOOP_VOCAB": str(vocab)}
     saved_env, saved_sigint = {k: os.environ.get(k) for k in env}, signal.getsignal(signal.SIGINT)
     os.environ.update(env)
     err = io.StringIO()
     try:
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(err):
-            args = orchestrator.build_parser().parse_args([
+            args = build_parser().parse_args([
                 "--model", "noop", "--prompt-len", "3", "--max-tokens", str(tokens + WARM + 1), "--ignore-eos",
                 "--sampling", "client", "--ipc", ipc, "--quiet", "--output-dir", out, "--run-name", "ipc"])
-            run = orchestrator.Run(args, orchestrator.check_args(args))
+            run = make_run(args)
             rc = run.go()
     finally:
         signal.signal(signal.SIGINT, saved_sigint)  # Run.finish ignores Ctrl-C while it cleans up
@@ -85,7 +85,7 @@ def measure(tokens: int, vocab: int, ipc: str = "loop") -> float:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    t = run.t_tok
+    t = run.gen.t_tok if run.gen is not None else []
     if rc != 0 or len(t) != tokens + WARM + 1:
         raise RuntimeError(f"the orchestrator run failed (exit {rc}, {len(t)} tokens):\n{err.getvalue()}")
     return (t[-1] - t[WARM]) / (len(t) - 1 - WARM) * 1e6

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from server.parity import main  # noqa: E402
+from parity import main  # noqa: E402  (scripts/parity.py, beside this file)
 
 if __name__ == "__main__":
     sys.exit(main(8))

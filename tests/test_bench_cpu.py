@@ -86,10 +86,10 @@ def test_hf_config_has_the_same_parameters(shape):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers import LlamaForCausalLM
-    import decode
+    from rows_hf import hf_config_from
     cfg = floors.shape_config(shape)
     with torch.device("meta"):
-        m = LlamaForCausalLM(decode.hf_config_from(cfg))
+        m = LlamaForCausalLM(hf_config_from(cfg))
     n = sum(p.numel() for p in m.parameters())
     assert n * 2 == floors.all_params_bytes(cfg, "float16")
     hc = m.config
@@ -99,16 +99,18 @@ def test_hf_config_has_the_same_parameters(shape):
 
 def test_plan_filters_and_order():
     import decode
+    from common import gpu_slug
+    from plan import build_plan
     a = decode.parse_args(["--device", "cuda", "--systems", "case4/*/device,hf/eager", "--shapes", "smollm2-135m"])
-    plan = decode.build_plan(a)
+    plan = build_plan(a)
     assert [p["system"] for p in plan] == ["case4/exact/device", "case4/dynamic/device", "case4/none/device",
                                            "hf/eager"]
     a = decode.parse_args(["--device", "cuda"])
-    shapes = [s for s in dict.fromkeys((p["shape"], p["dtype"]) for p in decode.build_plan(a))]
+    shapes = [s for s in dict.fromkeys((p["shape"], p["dtype"]) for p in build_plan(a))]
     assert shapes == [("llama2-7b", "float16"), ("smollm2-135m", "float16"), ("llama2-7b", "bfloat16")]
     q = decode.parse_args(["--device", "cuda", "--quick"])
     assert q.steps == 64 and q.repeats == 1 and q.ttft_prompt_list == [512]
-    assert decode.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,6 +1,8 @@
 """The reference decoder against HF transformers: real SmolLM2 weights (fp32) and synthetic
 shapes built from the same random weights (MHA/GQA, tied/untied, partial rotary, fp32/bf16)."""
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +11,10 @@ from custom_kernels.config import SYNTHETIC_SHAPES
 from custom_kernels.weight_loader import synthetic_weights
 from server.kv import KVArena
 from server.models import LoadedModel
-from server.parity import BOUNDS, TIE_REL, compare, hf_model_for, hf_stages, run_parity
 from server.reference import ReferenceDecoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from parity import BOUNDS, TIE_REL, compare, hf_model_for, hf_stages, run_parity  # noqa: E402  (a debugging tool)
 
 
 @pytest.mark.parametrize("steps", [1, 8])

@@ -1,4 +1,4 @@
-"""CPU checks of the kernel-timeline tool's host side (tests/gpu/quick_timing.py): its record layout
+"""CPU checks of the kernel-timeline tool's host side (bench/quick_timing.py): its record layout
 matches the device's (custom_kernels/csrc/ops.h, common.cuh), and its per-launch summary of the
 per-block records equals a plain Python min / max over the written entries."""
 import random
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+sys.path.insert(0, str(ROOT / "bench"))
 import quick_timing as qt  # noqa: E402
 
 

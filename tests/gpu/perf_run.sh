@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for kernel work: build this tree (and optionally a baseline tree, in
-# parallel), time both with tests/gpu/quick_timing.py (per-kernel GEMV GB/s per PDL mode, ms/token
+# parallel), time both with bench/quick_timing.py (per-kernel GEMV GB/s per PDL mode, ms/token
 # per decode row, first-request TTFT), then the GPU test suite. Logs go into one tarball in $OUT.
 # usage (GPU machine): OUT=dir [BASELINE=tree.tar] [ROWS=mode:gemm:pdl,...] [TESTS=0] bash tests/gpu/perf_run.sh
 set -o pipefail
@@ -13,19 +13,19 @@ t0=$(date +%s)
 (cd custom_kernels && python setup.py build_ext --inplace) > $L/build.log 2>&1 &
 if [ -n "${BASELINE:-}" ]; then
     rm -rf /tmp/base && mkdir -p /tmp/base && tar xf "$BASELINE" -C /tmp/base
-    cp tests/gpu/quick_timing.py /tmp/base/tests/gpu/quick_timing.py
+    mkdir -p /tmp/base/bench && cp bench/quick_timing.py /tmp/base/bench/quick_timing.py
     (cd /tmp/base/custom_kernels && python setup.py build_ext --inplace) > $L/build_base.log 2>&1 &
 fi
 wait
 echo "builds done in $(( $(date +%s) - t0 )) s"; tail -2 $L/build.log
 if [ -n "${BASELINE:-}" ]; then
     echo "== baseline"
-    (cd /tmp/base && python tests/gpu/quick_timing.py --out $L/base --steps 256 --rows "$ROWS") > $L/timing_base.log 2>&1
+    (cd /tmp/base && python bench/quick_timing.py --out $L/base --steps 256 --rows "$ROWS") > $L/timing_base.log 2>&1
     grep -E "^\{'kernel'" $L/timing_base.log | grep -E "o 7B|down 7B|qkv|gate.up 7B|lm_head 7B" | cut -c1-150
     sed -n '/^shape/,$p' $L/timing_base.log
 fi
 echo "== this tree"
-python tests/gpu/quick_timing.py --out $L/new --steps 256 --rows "$ROWS" ${TTFT:+--ttft} > $L/timing_new.log 2>&1
+python bench/quick_timing.py --out $L/new --steps 256 --rows "$ROWS" ${TTFT:+--ttft} > $L/timing_new.log 2>&1
 grep -E "^\{'kernel'" $L/timing_new.log | grep -E "o 7B|down 7B|qkv|gate.up 7B|lm_head 7B" | cut -c1-150
 grep -E "^\{'warmup'" $L/timing_new.log
 sed -n '/^shape/,$p' $L/timing_new.log

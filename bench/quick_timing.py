@@ -1,7 +1,7 @@
 """Quick decode timing of the cuda backend (not a test): ms/token per graph mode and gemm,
 per-kernel GEMV bandwidth for the 7B shapes against a measured device-to-device copy.
 
-    python tests/gpu/quick_timing.py --out OUTDIR [--shapes smollm2-135m,llama2-7b]
+    python bench/quick_timing.py --out OUTDIR [--shapes smollm2-135m,llama2-7b]
 """
 import argparse
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.sampler import SamplingParams  # noqa: E402
 from custom_kernels.config import SYNTHETIC_SHAPES, with_max_seq  # noqa: E402
@@ -179,7 +179,7 @@ print("TTFT", json.dumps(out))
 
 def first_request(warm):
     import subprocess
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     r = subprocess.run([sys.executable, "-c", _TTFT_CHILD, root, "1" if warm else "0"], capture_output=True,
                        text=True, timeout=300)
     for line in r.stdout.splitlines():

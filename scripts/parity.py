@@ -1,5 +1,8 @@
-"""Per-stage parity of a Case4 backend against HF transformers (the seed's
-`debug_parity_one_step` / `debug_parity_seq8` tools, and the CPU tests).
+"""Per-stage parity of a Case4 backend against HF transformers: the one implementation
+behind the seed's debugging tools `scripts/debug_parity_one_step.py` (step 1) and
+`scripts/debug_parity_seq8.py` (step 8), also used by tests/test_reference_hf.py. A
+debugging tool, not part of the server: it lives beside its scripts, which put the
+repository root on sys.path before importing it.
 
 HF runs the whole sequence without a cache; its per-stage tensors at the last position are
 taken with forward hooks. The reference backend records the same stages for every layer;

@@ -1,0 +1,168 @@
+"""The command line (`python orchestrator.py`, `case4`, `bash run_ipc.sh`): the parser with
+its environment defaults, the argument checks, and the exit codes (docs/ipc.md for what a
+run does). Text goes to stdout; progress and the summary to stderr. Exit codes: 0 ok,
+2 bad input (one line on stderr), 1 internal failure (names the process), 130 interrupted
+(Ctrl-C) or 143 terminated (SIGTERM), 141 stdout closed (e.g. `| head`): partial outputs are
+written in these three cases.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from case4_errors import BadInput
+from client.sampler import SamplingParams
+from ipc.messages import RemoteError
+from ipc.peers import PeerDied, PeerTimeout
+
+from conductor.outputs import prepare_output_dir
+from conductor.run import DEMO_PROMPT, ProcessOptions, Request, Run
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+ENV_HELP = """environment defaults (a flag on the command line wins):
+  CASE4_USE_CUSTOM=1       --backend cuda
+  CASE4_DISABLE_EXT=1      --backend reference
+  CASE4_KV_ONLY=1          --graph-mode none
+  CASE4_BG_CAPTURE=0|1     --no-bg-capture / --bg-capture
+  CASE4_SKIP_PRECAPTURE=1  --precapture 0
+  CASE4_HOME               model cache (default ~/.cache/case4)
+
+exit codes: 0 ok, 2 bad input, 1 internal failure, 130 interrupted / 143 terminated (partial output kept),
+  141 stdout closed (e.g. piped into head; outputs kept)
+"""
+
+
+def _env(name: str) -> str | None:
+    v = os.environ.get(name)
+    return v if v not in (None, "") else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    backend = "auto"
+    if _env("CASE4_USE_CUSTOM") == "1":
+        backend = "cuda"
+    if _env("CASE4_DISABLE_EXT") == "1":
+        backend = "reference"
+    p = argparse.ArgumentParser(prog="case4", description="Case4: LLaMA-family inference, "
+                                "server + client processes over multiprocessing queues.",
+                                epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", default="smollm2", help="HF folder, hub id in the local cache, 'smollm2' "
+      "(built-in, default) or synthetic:<shape>")
+    a("--prompt", default=None, help=f"prompt text (default: a demo question in chat mode: {DEMO_PROMPT!r})")
+    a("--prompt-len", type=int, default=None, metavar="N",
+      help="instead of --prompt: a seeded random prompt of N tokens (benchmarks)")
+    a("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    a("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    a("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    a("--top-k", type=int, default=0, help="0 = off")
+    a("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
+    a("--seed", type=int, default=0, help="sampling seed (and synthetic weights / random prompt)")
+    a("--greedy", action="store_true", help="force greedy decoding (temperature 0)")
+    a("--sampling", choices=("client", "device"), default="client",
+      help="client: logits through shared memory to the client's sampler (default); "
+           "device: the server samples (kv_generate)")
+    a("--ipc", choices=("loop", "calls"), default="loop",
+      help="--sampling client: loop: server and client exchange steps and tokens directly, "
+           "the client streams the tokens here (default); calls: a replay_seq + sample request "
+           "pair per token through this process (the protocol's per-token ops; slower)")
+    a("--graph-mode", choices=("exact", "dynamic", "none"),
+      default="none" if _env("CASE4_KV_ONLY") == "1" else "exact")
+    a("--backend", choices=("auto", "cuda", "reference"), default=backend)
+    a("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+      help="auto: float16 on a GPU, float32 on the CPU")
+    a("--device", default="auto", help="auto | cpu | cuda[:N]")
+    a("--gemm", choices=("custom", "cublas"), default="custom")
+    a("--window", type=int, default=8, help="graphs captured ahead of the replay position")
+    a("--precapture", type=int, default=0 if _env("CASE4_SKIP_PRECAPTURE") == "1" else 4,
+      help="graphs to wait for before decoding starts")
+    a("--bg-capture", action=argparse.BooleanOptionalAction,
+      default=_env("CASE4_BG_CAPTURE") != "0", help="background graph capture (default on)")
+    a("--max-seq", type=int, default=None, help="context to plan for (KV cache size)")
+    a("--output-dir", default="output", help="where the outputs go (default ./output)")
+    a("--run-name", default=None, help="prefix of the output files (default <model>-<time>)")
+    a("--trace", action="store_true", help="also write a Chrome trace JSON and a PNG timeline")
+    a("--timeout", type=float, default=300.0, help="seconds any one request may take")
+    a("--quiet", action="store_true", help="no streamed text on stdout")
+    a("--ignore-eos", action="store_true", help="generate exactly --max-tokens (benchmarks; as llama.cpp/vLLM)")
+    return p
+
+
+def check_args(args) -> SamplingParams:
+    if args.prompt is not None and args.prompt_len is not None:
+        raise BadInput("--prompt and --prompt-len exclude each other: give one of them")
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as surrogate escapes
+            raise BadInput("--prompt is not valid UTF-8 (check the bytes given or the shell's locale)") from None
+    if not DEVICE_RE.fullmatch(args.device):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise BadInput(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.max_tokens < 1:
+        raise BadInput(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.prompt_len is not None and args.prompt_len < 1:
+        raise BadInput(f"--prompt-len must be >= 1, got {args.prompt_len}")
+    if args.window < 1 or args.precapture < 0:
+        raise BadInput("--window must be >= 1 and --precapture >= 0")
+    if args.precapture > args.window:  # asking for N graphs ahead implies a window of at least N
+        args.window = args.precapture
+    if args.max_seq is not None and args.max_seq < 2:
+        raise BadInput(f"--max-seq must be >= 2, got {args.max_seq}")
+    try:
+        return SamplingParams(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed)
+    except BadInput as e:
+        raise BadInput("--" + str(e).replace("_", "-")) from None
+
+
+def process_options(args) -> ProcessOptions:
+    """What the server + client pair is started with (checked args)."""
+    return ProcessOptions(model=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                          graph_mode=args.graph_mode, gemm=args.gemm, seed=args.seed, max_seq=args.max_seq,
+                          window=args.window, precapture=args.precapture, bg_capture=args.bg_capture,
+                          timeout=args.timeout, trace=args.trace)
+
+
+def request(args, params: SamplingParams) -> Request:
+    """The one generation the command line asks for (checked args)."""
+    return Request(params=params, prompt=args.prompt, prompt_len=args.prompt_len, chat=args.chat,
+                   max_tokens=args.max_tokens, sampling=args.sampling, ipc=args.ipc,
+                   ignore_eos=args.ignore_eos)
+
+
+def make_run(args) -> Run:
+    """Parsed args -> the CLI's one-shot Run (BadInput on a bad argument)."""
+    params = check_args(args)
+    prepare_output_dir(Path(args.output_dir), args.run_name)  # before the model loads, not after the run
+    return Run(process_options(args), request(args, params), Path(args.output_dir), args.run_name,
+               quiet=args.quiet)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return make_run(args).go()
+    except BadInput as e:
+        print(f"case4: error: {e}", file=sys.stderr)
+        return 2
+    except RemoteError as e:
+        if e.bad_input:
+            print(f"case4: error: {e.message}", file=sys.stderr)
+            return 2
+        print(f"case4: internal failure in the {e.peer} process: {e.op}: {e.type}: {e.message}",
+              file=sys.stderr)
+        return 1
+    except (PeerDied, PeerTimeout) as e:
+        print(f"case4: internal failure: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        print(f"case4: internal failure in the orchestrator process: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
