@@ -233,7 +233,7 @@ def parse_shapes(spec: str | None, device: str, quick: bool) -> list[tuple[str, 
             spec = "llama2-7b:float16,smollm2-135m:float16"
         else:
             spec = "llama2-7b:float16,smollm2-135m:float16,llama2-7b:bfloat16"
-    from custom_kernels.config import SYNTHETIC_SHAPES
+    from server.model.config import SYNTHETIC_SHAPES
     out = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, dt = part.partition(":")
@@ -302,7 +302,7 @@ class Bench:
         if self._model_key == key and self._model is not None:
             return self._model
         self.drop_model()
-        from server.models import resolve_model
+        from server.model.resolve import resolve_model
         t0 = now_s()
         self._model = call_filtered(resolve_model, f"synthetic:{shape}", dtype=dtype, device=self.device,
                                     seed=self.args.seed, max_seq=self.args.max_seq)

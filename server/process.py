@@ -35,7 +35,7 @@ def load(opts: dict):
         mod, fn = opts["factory"].split(":")
         return getattr(importlib.import_module(mod), fn)(opts)
     from server.backends import make_backend
-    from server.models import resolve_model
+    from server.model.resolve import resolve_model
     device = _resolve_device(opts.get("device", "auto"))
     dtype = opts.get("dtype", "auto")
     if dtype == "auto":

@@ -12,13 +12,13 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from server.models import prepare_smollm2
+    from server.model.resolve import prepare_smollm2
     return prepare_smollm2()
 
 
 @pytest.fixture(scope="session")
 def smollm2_fp32(smollm2_dir):
-    from server.models import resolve_model
+    from server.model.resolve import resolve_model
     return resolve_model("smollm2", dtype="float32", device="cpu", max_seq=512)
 
 

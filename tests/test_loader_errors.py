@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.config import SYNTHETIC_SHAPES, ConfigError, config_from_hf, hf_config_dict
-from custom_kernels.weight_loader import (WeightLoadError, load_hf_folder, save_hf_folder, synthetic_weights)
-from server.models import ModelError, load_config, resolve_model
+from server.model.config import SYNTHETIC_SHAPES, ConfigError, config_from_hf, hf_config_dict
+from server.model.weights import (WeightLoadError, load_hf_folder, save_hf_folder, synthetic_weights)
+from server.model.resolve import ModelError, load_config, resolve_model
 
 TINY = SYNTHETIC_SHAPES["tiny"]
 
@@ -162,7 +162,7 @@ def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch, smollm2_dir):
     """An entry without its .complete marker is never used: it is rebuilt."""
     import shutil
 
-    import server.models as sm
+    import server.model.resolve as sm
     home = tmp_path / "home"
     target = home / "models" / "smollm2"
     shutil.copytree(smollm2_dir, target)

