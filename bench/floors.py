@@ -29,7 +29,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from custom_kernels.config import SYNTHETIC_SHAPES  # noqa: E402
+from server.model.config import SYNTHETIC_SHAPES  # noqa: E402
 
 # The design's measured reference copy rate on one H100 80GB HBM3 (read + write; docs/performance.md, section 2).
 REFERENCE_COPY_GBPS = 3007.0
@@ -37,7 +37,7 @@ REFERENCE_COPY_GBPS = 3007.0
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 
 def shape_config(name: str):
-    """The ModelConfig of synthetic shape `name` (the one table: custom_kernels.config)."""
+    """The ModelConfig of synthetic shape `name` (the one table: server.model.config)."""
     if name not in SYNTHETIC_SHAPES:
         raise KeyError(f"unknown synthetic shape {name!r}")
     return SYNTHETIC_SHAPES[name]

@@ -22,7 +22,7 @@ def parse_shapes(spec: str | None, device: str, quick: bool) -> list[tuple[str, 
             spec = "llama2-7b:float16,smollm2-135m:float16"
         else:
             spec = "llama2-7b:float16,smollm2-135m:float16,llama2-7b:bfloat16"
-    from custom_kernels.config import SYNTHETIC_SHAPES
+    from server.model.config import SYNTHETIC_SHAPES
     out = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, dt = part.partition(":")

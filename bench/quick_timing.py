@@ -16,11 +16,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.sampler import SamplingParams  # noqa: E402
-from custom_kernels.config import SYNTHETIC_SHAPES, with_max_seq  # noqa: E402
+from server.model.config import SYNTHETIC_SHAPES, with_max_seq  # noqa: E402
 from custom_kernels.ext import load_extension  # noqa: E402
-from custom_kernels.weight_loader import synthetic_weights  # noqa: E402
+from server.model.weights import synthetic_weights  # noqa: E402
 from server.cuda_backend import CudaBackend  # noqa: E402
-from server.models import LoadedModel  # noqa: E402
+from server.model.resolve import LoadedModel  # noqa: E402
 
 
 def copy_bandwidth():
@@ -148,10 +148,10 @@ def time_backend(model, mode, gemm, steps, window=64):
 _TTFT_CHILD = r"""
 import sys, time, json, torch
 sys.path.insert(0, sys.argv[1])
-from custom_kernels.config import SYNTHETIC_SHAPES, with_max_seq
-from custom_kernels.weight_loader import synthetic_weights
+from server.model.config import SYNTHETIC_SHAPES, with_max_seq
+from server.model.weights import synthetic_weights
 from server.cuda_backend import CudaBackend
-from server.models import LoadedModel
+from server.model.resolve import LoadedModel
 warm = sys.argv[2] == "1"
 cfg = with_max_seq(SYNTHETIC_SHAPES["llama2-7b"], 2048)
 w = synthetic_weights(cfg, "float16", "cuda", 0)

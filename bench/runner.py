@@ -48,7 +48,7 @@ class Bench(CeilingRows, Case4Rows, HFRows):
         if self._model_key == key and self._model is not None:
             return self._model
         self.drop_model()
-        from server.models import resolve_model
+        from server.model.resolve import resolve_model
         t0 = now_s()
         self._model = call_filtered(resolve_model, f"synthetic:{shape}", dtype=dtype, device=self.device,
                                     seed=self.args.seed, max_seq=self.args.max_seq)

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from custom_kernels.config import SYNTHETIC_SHAPES, with_max_seq  # noqa: E402
-from custom_kernels.weight_loader import synthetic_weights  # noqa: E402
+from server.model.config import SYNTHETIC_SHAPES, with_max_seq  # noqa: E402
+from server.model.weights import synthetic_weights  # noqa: E402
 from server.cuda_backend import CudaBackend  # noqa: E402
-from server.models import LoadedModel  # noqa: E402
+from server.model.resolve import LoadedModel  # noqa: E402
 
 
 def main():

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.weight_loader import hf_state_dict
+from server.model.weights import hf_state_dict
 
 # stage -> relative-L2 bound per compute dtype (stage error over the stage's own norm)
 BOUNDS = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 8e-2}
@@ -33,7 +33,7 @@ def hf_model_for(model, dtype: torch.dtype, device):
     hf_logging.set_verbosity_error()
     if model.folder is not None:
         return AutoModelForCausalLM.from_pretrained(str(model.folder), dtype=dtype).to(device).eval()
-    from custom_kernels.config import hf_config_dict
+    from server.model.config import hf_config_dict
     cfg = LlamaConfig(**hf_config_dict(model.cfg))
     hf = LlamaForCausalLM(cfg).to(dtype=dtype)
     sd = {k: v.to(dtype).cpu() for k, v in hf_state_dict(model.weights).items()}
@@ -109,7 +109,7 @@ def run_parity(model_spec: str, steps: int, backend: str = "reference", device: 
                dtype: str = "float32", prompt: str = "The capital of France is") -> tuple[list, bool]:
     """Prefill a prompt of (steps-1) tokens... then compare step `steps` (T = steps-1)."""
     from server.backends import make_backend
-    from server.models import resolve_model
+    from server.model.resolve import resolve_model
 
     model = resolve_model(model_spec, dtype=dtype, device=device, max_seq=256)
     ids = _prompt_ids(model, prompt, steps)

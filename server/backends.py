@@ -13,7 +13,7 @@ import torch
 
 from case4_errors import BadInput, GraphsUnavailable
 from server.kv import KVArena
-from server.models import LoadedModel
+from server.model.resolve import LoadedModel
 from server.reference import ReferenceDecoder
 
 BACKENDS = ("auto", "cuda", "reference")

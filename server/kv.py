@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.config import ModelConfig
+from server.model.config import ModelConfig
 
 
 class KVArena:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from case4_errors import BadInput
-from custom_kernels.weight_loader import ModelWeights
+from server.model.weights import ModelWeights
 from server.kv import KVArena
 
 

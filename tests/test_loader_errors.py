@@ -5,18 +5,16 @@ import pytest
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.config import SYNTHETIC_SHAPES, ConfigError, config_from_hf, hf_config_dict
-from custom_kernels.weight_loader import (WeightLoadError, load_hf_folder, save_hf_folder, synthetic_weights)
-from server.models import ModelError, load_config, resolve_model
+from server.model.config import SYNTHETIC_SHAPES, ConfigError, config_from_hf, hf_config_dict
+from server.model.weights import WeightLoadError, load_hf_folder, synthetic_weights
+from server.model.resolve import ModelError, load_config, resolve_model
 
 TINY = SYNTHETIC_SHAPES["tiny"]
 
 
 @pytest.fixture
-def tiny_folder(tmp_path):
-    w = synthetic_weights(TINY, "float32", "cpu", seed=1)
-    save_hf_folder(w, tmp_path / "m")
-    return tmp_path / "m", w
+def tiny_folder(tiny_hf_folder):
+    return tiny_hf_folder
 
 
 def test_roundtrip_and_layout(tiny_folder):
@@ -62,7 +60,8 @@ def test_sharded_folder(tiny_folder, tmp_path):
     wm = {k: ("model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors")
           for i, k in enumerate(names)}
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
-    (out / "config.json").write_text((folder / "config.json").read_text())
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (out / f).write_text((folder / f).read_text())
     m = resolve_model(str(out))
     assert torch.equal(m.weights.arena, load_hf_folder(folder, m.cfg).arena)
 
@@ -162,7 +161,7 @@ def test_half_written_cache_is_rebuilt(tmp_path, monkeypatch, smollm2_dir):
     """An entry without its .complete marker is never used: it is rebuilt."""
     import shutil
 
-    import server.models as sm
+    import server.model.resolve as sm
     home = tmp_path / "home"
     target = home / "models" / "smollm2"
     shutil.copytree(smollm2_dir, target)

@@ -5,8 +5,8 @@ that row's logits and KV rows 0..n-1 as the unpadded prompt does -- against the 
 import pytest
 import torch
 
-from custom_kernels.config import SYNTHETIC_SHAPES
-from custom_kernels.weight_loader import synthetic_weights
+from server.model.config import SYNTHETIC_SHAPES
+from server.model.weights import synthetic_weights
 from server.kv import KVArena
 from server.prefill_graphs import MIN_BUCKET, PrefillGraphs
 from server.reference import ReferenceDecoder

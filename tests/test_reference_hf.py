@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_kernels.config import SYNTHETIC_SHAPES
-from custom_kernels.weight_loader import synthetic_weights
+from server.model.config import SYNTHETIC_SHAPES
+from server.model.weights import synthetic_weights
 from server.kv import KVArena
-from server.models import LoadedModel
+from server.model.resolve import LoadedModel
 from server.reference import ReferenceDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))

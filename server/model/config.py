@@ -1,16 +1,17 @@
-"""Model configuration: one frozen dataclass, HF config parsing and validation, and the
-named synthetic shapes (gpt-fast style table).
+"""Model configuration: one frozen dataclass, the table of supported architectures, HF
+config parsing and validation, and the named synthetic shapes (gpt-fast style table).
 
 Everything downstream (weight arena, KV arena, kernels, reference) is sized from a
-`ModelConfig`; nothing reads the HF config dict again after `config_from_hf`.
+`ModelConfig`; nothing reads the HF config dict again after `config_from_hf`. A new
+architecture is one `ARCHITECTURES` entry (plus the parsing of any field it handles that
+the others refuse); docs/architecture.md, "The model", says where the rest of the path lives.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from case4_errors import BadInput
-
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 class ConfigError(BadInput):
@@ -18,8 +19,44 @@ class ConfigError(BadInput):
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A config.json field the kernels do not implement: refused, by name, when `applies`."""
+    field: str
+    applies: Callable[[dict], bool]  # (the HF config dict) -> the field asks for what we lack
+    why: str                         # the message after "config field '<field>': "
+
+
+# Every field that some HF Llama-family class reads and our kernels do not implement.
+REFUSALS: dict[str, Refusal] = {r.field: r for r in (
+    Refusal("attention_bias", lambda hf: bool(hf.get("attention_bias")), "attention biases are not supported"),
+    Refusal("mlp_bias", lambda hf: bool(hf.get("mlp_bias")), "MLP biases are not supported"),
+    Refusal("sliding_window",
+            lambda hf: hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True),
+            "sliding-window attention ({sliding_window}) is not supported"),
+    Refusal("hidden_act", lambda hf: hf.get("hidden_act", "silu") != "silu",
+            "'{hidden_act}' is not supported (only silu)"),
+)}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One supported HF architecture: how config.json names it, and what of it is refused."""
+    name: str                        # config.json "architectures"[0]
+    model_type: str                  # config.json "model_type" (names the class when "architectures" is absent)
+    refuses: tuple[str, ...] = tuple(REFUSALS)  # keys of REFUSALS checked for it; the rest it handles
+    # RoPE types other than the default are refused for every architecture (_rope_theta).
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("LlamaForCausalLM", "llama"),
+    Architecture("MistralForCausalLM", "mistral"),
+)}
+SUPPORTED_ARCHS = tuple(ARCHITECTURES)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    arch: str                    # "LlamaForCausalLM" | "MistralForCausalLM"
+    arch: str                    # a key of ARCHITECTURES ("LlamaForCausalLM", ...)
     vocab_size: int              # V
     hidden_size: int             # H
     intermediate_size: int       # I
@@ -100,21 +137,15 @@ def _rope_theta(hf: dict) -> float:
 def config_from_hf(hf: dict) -> ModelConfig:
     """Parse an HF `config.json` dict; refuse what the kernels do not implement."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-        hf.get("model_type", ""), hf.get("model_type", "<none>"))
-    if arch not in SUPPORTED_ARCHS:
+    by_type = {a.model_type: a.name for a in ARCHITECTURES.values()}
+    arch = archs[0] if archs else by_type.get(hf.get("model_type", ""), hf.get("model_type", "<none>"))
+    if arch not in ARCHITECTURES:
         raise ConfigError(f"config field 'architectures': unsupported architecture '{arch}' "
                           f"(supported: {', '.join(SUPPORTED_ARCHS)})")
-    if hf.get("attention_bias"):
-        raise ConfigError("config field 'attention_bias': attention biases are not supported")
-    if hf.get("mlp_bias"):
-        raise ConfigError("config field 'mlp_bias': MLP biases are not supported")
-    if hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True):
-        raise ConfigError(f"config field 'sliding_window': sliding-window attention "
-                          f"({hf['sliding_window']}) is not supported")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"config field 'hidden_act': '{act}' is not supported (only silu)")
+    for field in ARCHITECTURES[arch].refuses:
+        r = REFUSALS[field]
+        if r.applies(hf):
+            raise ConfigError(f"config field '{field}': " + r.why.format(**{field: hf.get(field)}))
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
         if key not in hf:
             raise ConfigError(f"config field '{key}': missing")
@@ -146,7 +177,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def hf_config_dict(cfg: ModelConfig) -> dict:
     """The HF `config.json` dict of a ModelConfig (to build HF models from our shapes)."""
     d = {
-        "architectures": [cfg.arch], "model_type": "llama" if cfg.arch.startswith("Llama") else "mistral",
+        "architectures": [cfg.arch], "model_type": ARCHITECTURES[cfg.arch].model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from case4_errors import BadInput
-from custom_kernels.config import ModelConfig
+from server.model.config import ModelConfig, hf_config_dict
 
 ALIGN_BYTES = 256
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -104,6 +104,12 @@ def _plan(cfg: ModelConfig, elem: int) -> tuple[dict[str, tuple[int, tuple]], in
     return plan, off
 
 
+def arena_bytes(cfg: ModelConfig, dtype: str | torch.dtype) -> int:
+    """Bytes of the weight arena of `cfg` in `dtype` (alignment padding included)."""
+    elem = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    return _plan(cfg, elem)[1] * elem
+
+
 def _assemble(cfg: ModelConfig, dtype: torch.dtype, device, fill, source: str) -> ModelWeights:
     """Allocate the arena once and let `fill(name, view)` write each tensor."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -181,6 +187,7 @@ def load_hf_folder(folder: str | Path, cfg: ModelConfig, dtype="float32", device
     where = safetensors_files(folder)
     # tied models: the embedding serves as lm_head; a stored lm_head.weight copy is ignored
     handles: dict[Path, object] = {}
+    finite: list[tuple[str, torch.Tensor]] = []  # (HF name, 0-d bool on the device), read once at the end
 
     def read(tname: str) -> torch.Tensor:
         if tname not in where:
@@ -203,13 +210,34 @@ def load_hf_folder(folder: str | Path, cfg: ModelConfig, dtype="float32", device
             if tuple(t.shape) != expect:
                 raise WeightLoadError(f"{where[tname]}: tensor '{tname}' has shape {tuple(t.shape)}, "
                                       f"expected {expect}")
-            view[row:row + t.shape[0]].copy_(t.to(dtype))
+            dst = view[row:row + t.shape[0]]
+            dst.copy_(t.to(dtype))
+            finite.append((tname, torch.isfinite(dst).all()))  # no sync: one pass over what was written
             row += t.shape[0]
 
     try:
-        return _assemble(cfg, dtype, device, fill, str(folder))
+        w = _assemble(cfg, dtype, device, fill, str(folder))
+        _check_finite(finite, read, where, dtype)
+        return w
     finally:
         handles.clear()
+
+
+def _check_finite(finite: list[tuple[str, torch.Tensor]], read, where: dict[str, Path], dtype: torch.dtype) -> None:
+    """WeightLoadError naming the first tensor with a NaN or Inf in the arena (one host sync
+    for all of them): one the file holds, or one made by converting to a narrower dtype."""
+    ok = torch.stack([f for _, f in finite])
+    if bool(ok.all()):
+        return
+    tname = finite[int((~ok).nonzero()[0])][0]
+    src = read(tname)
+    bad = int((~torch.isfinite(src)).sum())
+    if bad:
+        raise WeightLoadError(f"{where[tname]}: tensor '{tname}' holds {bad} NaN or Inf value(s) of "
+                              f"{src.numel()} (a corrupt or badly converted checkpoint)")
+    dt = str(dtype).replace("torch.", "")
+    raise WeightLoadError(f"{where[tname]}: tensor '{tname}' has values beyond the range of {dt} "
+                          f"(max |w| = {src.abs().max().item():.3g}): use --dtype bfloat16 or float32")
 
 
 def _expected_shape(cfg: ModelConfig, tname: str) -> tuple:
@@ -275,8 +303,6 @@ def synthetic_weights(cfg: ModelConfig, dtype="float16", device="cpu", seed: int
 def save_hf_folder(w: ModelWeights, folder: str | Path) -> None:
     """Write our weights as an HF folder (config.json + model.safetensors): for tests."""
     from safetensors.torch import save_file
-
-    from custom_kernels.config import hf_config_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
