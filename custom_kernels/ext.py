@@ -69,6 +69,8 @@ def build_blocker(setup=None) -> str | None:
     if os.environ.get("CASE4_BUILD_EXT", "1") == "0":
         return "CASE4_BUILD_EXT=0 turns the build on first use off"
     setup = setup or _setup_module()
+    if importlib.util.find_spec("pybind11") is None:
+        return "pybind11 is not installed (pip install pybind11)"
     if setup.find_nvcc() is None:
         return f"nvcc not found under {setup.cuda_home()} (install the CUDA toolkit or set CUDA_HOME)"
     if not setup.visible_capabilities():

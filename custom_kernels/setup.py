@@ -22,9 +22,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
-
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
 SOURCES = ["gemv.cu", "norm.cu", "attention.cu", "sampling.cu", "step.cu", "graphs.cpp", "bindings.cpp"]
@@ -200,27 +197,34 @@ def build(out: Path, tmp: Path, archs: list[str], on_command=None, on_done=None)
     os.replace(part, out)
 
 
-class NvccBuild(build_ext):
-    def build_extension(self, ext):
-        try:
-            archs = cuda_archs()
-            build_jobs()  # a bad knob stops the build before anything compiles
-            out = Path(self.get_ext_fullpath(ext.name))
-            with build_lock(out.parent):
-                build(out, Path(self.build_temp), archs,
-                      on_command=lambda cmd: print(" ".join(cmd), flush=True),
-                      on_done=lambda src, output: print(output, end="", file=sys.stderr, flush=True))
-        except BuildError as e:
-            print(e, file=sys.stderr)
-            sys.exit(2)
-        except CompileFailed as e:
-            print(f"building the CUDA extension failed: {e}", file=sys.stderr)
-            sys.exit(1)
+def main() -> None:
+    # setuptools only here: custom_kernels/ext.py and the CI compile check import this file without it
+    from setuptools import Extension, setup
+    from setuptools.command.build_ext import build_ext
 
+    class NvccBuild(build_ext):
+        def build_extension(self, ext):
+            try:
+                archs = cuda_archs()
+                build_jobs()  # a bad knob stops the build before anything compiles
+                out = Path(self.get_ext_fullpath(ext.name))
+                with build_lock(out.parent / "build"):
+                    build(out, Path(self.build_temp), archs,
+                          on_command=lambda cmd: print(" ".join(cmd), flush=True),
+                          on_done=lambda src, output: print(output, end="", file=sys.stderr, flush=True))
+            except BuildError as e:
+                print(e, file=sys.stderr)
+                sys.exit(2)
+            except CompileFailed as e:
+                print(f"building the CUDA extension failed: {e}", file=sys.stderr)
+                sys.exit(1)
 
-if __name__ == "__main__":
     setup(
         name="case4_cuda",
         ext_modules=[Extension("_case4_cuda", sources=SOURCES)],
         cmdclass={"build_ext": NvccBuild},
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -110,6 +110,14 @@ def test_nvcc_without_a_gpu_does_not_build(fake, monkeypatch, setup_mod):
     assert fake["builds"] == 0
 
 
+def test_no_pybind11_says_so(fake, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pybind11" else real(n, *a))
+    assert "pybind11 is not installed (pip install pybind11)" in _one_line_error()
+    assert fake["builds"] == 0
+
+
 def test_build_turned_off(fake, monkeypatch):
     monkeypatch.setenv("CASE4_BUILD_EXT", "0")
     assert "CASE4_BUILD_EXT=0" in _one_line_error()
