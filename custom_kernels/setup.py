@@ -208,7 +208,7 @@ def main() -> None:
                 archs = cuda_archs()
                 build_jobs()  # a bad knob stops the build before anything compiles
                 out = Path(self.get_ext_fullpath(ext.name))
-                with build_lock(out.parent / "build"):
+                with build_lock(HERE / "build"):  # the lock custom_kernels/ext.py takes
                     build(out, Path(self.build_temp), archs,
                           on_command=lambda cmd: print(" ".join(cmd), flush=True),
                           on_done=lambda src, output: print(output, end="", file=sys.stderr, flush=True))
