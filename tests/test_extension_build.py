@@ -1,8 +1,12 @@
 """CPU tests of the CUDA extension's build decisions (custom_kernels/setup.py cuda_archs, custom_kernels/ext.py
 load_extension), with fakes for nvcc, the GPU and the compiler: which architectures a default build
 compiles, and the one line a user sees when the first run cannot build it, or the build fails."""
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +191,17 @@ def test_progress_goes_to_stderr_by_default(capsys):
     ext._stderr("building the CUDA extension ...")
     out = capsys.readouterr()
     assert out.err == "[case4] building the CUDA extension ...\n" and out.out == ""  # stdout: the text only
+
+
+def test_gpu_suite_fails_not_skips_without_the_extension(tmp_path):
+    """On a machine with a CUDA device (faked here) and no loadable extension, `pytest -m gpu` fails."""
+    root = Path(__file__).resolve().parent.parent
+    if any((root / "custom_kernels").glob("_case4_cuda*.so")):
+        pytest.skip("the extension is built in this checkout")
+    (tmp_path / "fakegpu.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{root}", "CASE4_BUILD_EXT": "0"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "fakegpu", "-m", "gpu", "-q", "-x", "tests/gpu/test_graphs.py"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:]
+    assert "a CUDA device is present but the extension is unavailable" in r.stdout
+    assert "CASE4_BUILD_EXT=0" in r.stdout
