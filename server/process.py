@@ -147,6 +147,8 @@ def server_main(req, rep, opts: dict) -> None:
     t0 = now_us()
     try:
         progress(rep, f"loading {opts.get('model')} ...")
+        from custom_kernels import ext  # a first-use build reports through the start-up wait
+        ext.set_progress(lambda text: progress(rep, text))
         model, backend = load(opts)
         channel = LogitsChannel(opts["shm"], opts.get("slots", 4), backend.cfg.vocab_size, create=True)
     except Exception as e:

@@ -211,9 +211,15 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void prefetch_l2(const void *p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
-// [p, p + bytes) requested towards L2 through the TMA unit (sm_90; p and bytes multiples of 16); no data returns
+// [p, p + bytes) requested towards L2 through the TMA unit (sm_90; p and bytes multiples of 16); no data returns.
+// Before sm_90 there is no bulk prefetch: a hint only, so it is dropped (same results, docs/decisions.md).
 __device__ __forceinline__ void prefetch_l2_bulk(const void *p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+    (void)p;
+    (void)bytes;
+#endif
 }
 // 16-byte global -> shared copy that does not pass through registers (cp.async, sm_80);
 // cp_async_wait_all() waits for the calling thread's copies

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <nvtx3/nvtx3.hpp>  // NVTX ranges for Nsight Systems (header-only; ~free without a tool attached)
+
 #include "check.h"
 
 namespace case4 {
@@ -113,6 +115,7 @@ void Engine::eager(int s, int T, int token) {
 }
 
 void Engine::replay(int s, int T, int token) {
+    nvtx3::scoped_range nvtx_range{"case4 replay"};
     if (s < 0 || s >= plan_.sessions) throw std::runtime_error("session out of range");
     if (mode_ == "none") { eager(s, T, token); return; }
     if (mode_ == "dynamic") {
@@ -168,6 +171,7 @@ void Engine::generate(int s, int T0, int steps, int k) {
 }
 
 void Engine::run_dynamic(int s, int k) {
+    nvtx3::scoped_range nvtx_range{"case4 replay_dynamic"};
     cudaGraphExec_t exec = nullptr;
     {
         std::lock_guard<std::mutex> lk(mu_);
@@ -226,6 +230,7 @@ void Engine::retire(std::vector<cudaGraphExec_t> &dead) {
 
 // ------------------------------------------------------------------ capture
 bool Engine::capture(int s, int T, int k, cudaGraphExec_t *out, std::string *err) {
+    nvtx3::scoped_range nvtx_range{"case4 capture"};  // capture + instantiate (or update)
     const double t0 = now_us();
     cudaGraph_t g = nullptr;
     cudaError_t e = cudaStreamBeginCapture(capture_, cudaStreamCaptureModeThreadLocal);
