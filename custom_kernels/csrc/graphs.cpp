@@ -218,6 +218,7 @@ void Engine::fetch_logits(uintptr_t host_dst) {
 }
 
 void Engine::fetch_ring(int s, uintptr_t host_dst) {
+    check_session(s, plan_.sessions, "fetch_ring");
     CASE4_CUDA_CHECK(cudaMemcpyAsync((void *)host_dst, plan_.ring + (size_t)s * plan_.ring_len,
                                      sizeof(int) * plan_.ring_len, cudaMemcpyDeviceToHost, replay_));
     sync();

@@ -207,10 +207,12 @@ def near_mass_boundary(logits, params, position) -> tuple[bool, int]:
     """The draw of client/sampler.py's function for fp32 `logits` [V], computed in float64: (near, token). near:
     a cut the draw depends on lies within fp32 rounding of where float64 puts it, so two correct fp32 samplers
     (the host's sequential cumsum, the device's radix-select histograms) may pick different tokens: the target
-    u * kept_mass is within err(j) of the cumulative mass at the chosen token's edges, or top_p within err of
-    the cumulative mass at the top-p cut, or the top-k cut falls on p's within 4 fp32 ulps. err(j) bounds the
-    fp32 error of a cumulative sum of j + 1 terms: (j + 9) * 2^-24 * cum (summation, and the softmax's own
-    rounding of each p)."""
+    u * kept_mass is within err of the cumulative mass at the chosen token's edges, or a top-p cut within err
+    of the float64 one picks another token, or the top-k cut falls on p's within 4 fp32 ulps. err(j), the fp32
+    error allowed a cumulative sum of j + 1 terms, is (8 sqrt(j + 1) + 16) * 2^-24 * cum: eight standard
+    deviations of the rounding errors of j + 1 additions in any order (the host adds in sequence, the device by
+    histogram bins), plus the softmax's own rounding of each p. (The worst case, (j + 1) * 2^-24 * cum, would
+    excuse a quarter of the draws of a flat distribution.)"""
     from client.sampler import uniform
     x = np.asarray(logits.detach().float().cpu().numpy(), dtype=np.float64).reshape(-1)
     V = len(x)
@@ -224,17 +226,30 @@ def near_mass_boundary(logits, params, position) -> tuple[bool, int]:
     eps = 2.0 ** -24
 
     def err(j):
-        return (j + 9) * eps * cum[j]
+        return (8 * np.sqrt(j + 1) + 16) * eps * cum[j]
 
     k = params.top_k if 0 < params.top_k < V else V
     near = k < V and ps[k - 1] - ps[k] <= 4 * eps * ps[k - 1]
+    # the top-p cut: every prefix length m whose cumulative mass is within err of top_p is a cut an fp32
+    # sampler may take (none within reach of top_p: no cut, n = k)
     n = k
-    if params.top_p < 1.0 and cum[k - 1] >= params.top_p - err(k - 1):
-        n = int(np.argmax(cum[:k] >= params.top_p)) + 1 if cum[k - 1] >= params.top_p else k
-        near |= abs(cum[n - 1] - params.top_p) <= err(n - 1) or (n > 1 and abs(cum[n - 2] - params.top_p) <= err(n - 2))
-    target = float(np.float32(uniform(params.seed, position))) * cum[n - 1]
-    j = min(int(np.searchsorted(cum[:n], target, side="right")), n - 1)
-    near |= abs(cum[j] - target) <= err(j) + err(n - 1) or (j > 0 and abs(cum[j - 1] - target) <= err(j - 1) + err(n - 1))
+    if params.top_p < 1.0 and cum[k - 1] >= params.top_p:
+        n = int(np.argmax(cum[:k] >= params.top_p)) + 1
+    cuts = {n}
+    if params.top_p < 1.0:  # m is a possible cut: its mass may reach top_p and its predecessor's may not
+        cuts |= {m for m in range(max(1, n - 64), min(k, n + 64) + 1)
+                 if cum[m - 1] >= params.top_p - err(m - 1) and (m == 1 or cum[m - 2] < params.top_p + err(m - 2))}
+    u = float(np.float32(uniform(params.seed, position)))
+    picks = set()
+    for m in cuts:  # the token each cut gives, and whether its target is within err of a mass boundary
+        target = u * cum[m - 1]
+        jm = min(int(np.searchsorted(cum[:m], target, side="right")), m - 1)
+        picks.add(jm)
+        near |= abs(cum[jm] - target) <= err(jm) + err(m - 1) or (
+            jm > 0 and abs(cum[jm - 1] - target) <= err(jm - 1) + err(m - 1))
+        if m == n:
+            j = jm
+    near |= len(picks) > 1
     return bool(near), int(order[j])
 
 
