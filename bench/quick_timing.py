@@ -2,6 +2,10 @@
 per-kernel GEMV bandwidth for the 7B shapes against a measured device-to-device copy.
 
     python bench/quick_timing.py --out OUTDIR [--shapes smollm2-135m,llama2-7b]
+
+A/B switches are the Engine's options by name (ext.EngineOptions, custom_kernels/csrc/step.h), written
+`name=value+name=value` (e.g. `rope_in_qkv=0+step_skip=4`): --rows mode:gemm:pdl[:options],... and
+--options for the timeline.
 """
 import argparse
 import json
@@ -40,8 +44,20 @@ def copy_bandwidth():
     return 2 * n / (ts[len(ts) // 2] / 1e3) / 1e9
 
 
+def parse_options(ext, spec, pdl=None):
+    """'name=value+...' (EngineOptions fields; '' or 'default': the defaults), plus pdl if given ->
+    ext.EngineOptions"""
+    kw = {} if pdl is None else {"pdl": int(pdl)}
+    defaults = ext.EngineOptions()
+    for item in filter(None, "" if spec == "default" else spec.split("+")):
+        name, _, value = item.partition("=")
+        if not hasattr(defaults, name):
+            raise SystemExit(f"unknown engine option '{name}' (EngineOptions: {defaults})")
+        kw[name] = bool(int(value)) if isinstance(getattr(defaults, name), bool) else int(value)
+    return ext.EngineOptions(**kw)
+
+
 def gemv_bw(ext, pdl=1):
-    ext.set_pdl(pdl)
     rows = []
     st = torch.cuda.current_stream().cuda_stream
     for name, N, K, mode in [("qkv 7B", 12288, 4096, 0), ("o 7B", 4096, 4096, 1), ("gate|up 7B", 11008, 4096, 2),
@@ -54,7 +70,8 @@ def gemv_bw(ext, pdl=1):
         out = torch.zeros(N, device="cuda", dtype=torch.float32 if mode == 3 else torch.float16)
         nw = torch.ones(K, device="cuda").half()
         def run(W):
-            ext.gemv(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4)
+            ext.gemv(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4,
+                     pdl=pdl)
         for W in Ws:
             run(W)
         torch.cuda.synchronize()
@@ -72,7 +89,7 @@ def gemv_bw(ext, pdl=1):
     return rows
 
 
-def attn_bw(ext):
+def attn_bw(ext, pdl=1):
     rows = []
     st = torch.cuda.current_stream().cuda_stream
     for name, Hq, Hkv, D in [("smollm2", 9, 3, 64), ("7B", 32, 32, 128), ("gqa-32-8", 32, 8, 128)]:
@@ -89,7 +106,8 @@ def attn_bw(ext):
             def run(i):
                 kc, vc = caches[i % 4]
                 ext.attention(qkv.data_ptr(), kc.data_ptr(), vc.data_ptr(), cos.data_ptr(), sin.data_ptr(), D, Hq, Hkv,
-                              D, max_seq, T, pa.data_ptr(), pm.data_ptr(), ms, cnt.data_ptr(), ctx.data_ptr(), 0, st, 0)
+                              D, max_seq, T, pa.data_ptr(), pm.data_ptr(), ms, cnt.data_ptr(), ctx.data_ptr(), 0, st, 0,
+                              pdl=pdl)
             for i in range(4):
                 run(i)
             torch.cuda.synchronize()
@@ -105,8 +123,8 @@ def attn_bw(ext):
     return rows
 
 
-def time_backend(model, mode, gemm, steps, window=64):
-    be = CudaBackend(model, sessions=1, graph_mode=mode, gemm=gemm, steps_per_graph=8)
+def time_backend(model, mode, gemm, steps, options, window=64):
+    be = CudaBackend(model, sessions=1, graph_mode=mode, gemm=gemm, steps_per_graph=8, options=options)
     res = {"mode": mode, "gemm": gemm}
     try:
         ids = list(range(1, 33))
@@ -216,11 +234,12 @@ def trace_summary(rec):
     return out
 
 
-def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
+def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32, options="default"):
     """Per-kernel timeline of `steps` decode steps (one dynamic graph, or `steps` exact graphs
     captured in the background): for each kernel, from the global timer, min start / min past
     griddepcontrol.wait / max end over its blocks (each block records its own times with plain stores:
-    no atomics or barriers in the timed kernels), and attention's phase ends (max over blocks)."""
+    no atomics or barriers in the timed kernels), and attention's phase ends (max over blocks). options: the
+    engine's (parse_options)."""
     cfg = model.cfg
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if 4 * sms > TRACE_BLOCKS:  # lm_head's persistent grid (4 blocks per SM) must fit the per-launch records
@@ -228,20 +247,22 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
                          f"{TRACE_BLOCKS}")
     n = 4 * steps * (cfg.num_layers * 5 + 4) + 64  # slots: the captured launches, with room
     buf = torch.zeros(n * TRACE_BLOCKS * TRACE_REC, dtype=torch.int64, device="cuda")
-    be = CudaBackend(model, sessions=1, graph_mode=mode, gemm="custom", steps_per_graph=steps)
+    be = CudaBackend(model, sessions=1, graph_mode=mode, gemm="custom", steps_per_graph=steps,
+                     options=parse_options(ext, options, os.environ.get("CASE4_PDL", "3")))
+    eng = be.engine
     try:
         ids = list(range(1, prompt + 1))
         tok = int(be.prefill(0, ids).argmax())
-        ext.set_kernel_trace(buf.data_ptr(), n)  # slots from here on: the captured graphs' launches first
-        lo = ext.kernel_trace_next()
+        eng.set_kernel_trace(buf.data_ptr(), n)  # slots from here on: the captured graphs' launches first
+        lo = eng.kernel_trace_next()
         if mode == "dynamic":
             be.engine.prepare_dynamic(0, steps)  # captured now: its launches take the slots below
         else:  # 2 x steps graphs; a replayed exact graph is evicted, so the first half is the warm-up
             be.bg_capture_start(0, 2 * steps)
             be.wait_precapture(0, 2 * steps, 300.0)
             be.bg_capture_stop(0)
-        hi = ext.kernel_trace_next()
-        names = ext.kernel_trace_names(lo, hi)
+        hi = eng.kernel_trace_next()
+        names = eng.kernel_trace_names(lo, hi)
         v = buf.view(n, TRACE_BLOCKS, TRACE_REC)
         if mode == "dynamic":
             be.generate(0, tok, steps, SamplingParams())  # warm
@@ -254,7 +275,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
         recs = v[lo:hi].cpu()
         t = [trace_summary(recs[i]) for i in range(hi - lo)]
     finally:
-        ext.set_kernel_trace(0, 0)
+        eng.set_kernel_trace(0, 0)
         be.close()
     per_step = (hi - lo) // (steps if mode == "dynamic" else 2 * steps)
     run = [(i, name, tt) for i, (name, tt) in enumerate(zip(names, t)) if tt["end"] > 0]  # replayed slots
@@ -289,7 +310,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32):
             if all(ph + "_us" in x for x in rs):
                 summary[kind][ph + "_us_p50"] = m(ph + "_us")
     span = (run[-1][2]["end"] - t0) / 1e3
-    return {"shape": model.name, "mode": mode, "prompt": prompt, "tuning": ext.tuning(), "steps": steps, "span_us": round(span, 1),
+    return {"shape": model.name, "mode": mode, "prompt": prompt, "options": str(eng.options), "steps": steps, "span_us": round(span, 1),
             "us_per_step": round(span / steps, 1), "summary": summary, "kernels": rows}
 
 
@@ -300,15 +321,15 @@ def main():
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--kernel-pdl", default="1,3", help="PDL modes for the per-kernel GEMV rows")
     ap.add_argument("--rows", default="",
-                    help="decode rows mode:gemm:pdl[:evict_first:skip:tuning],... (default: all); evict_first "
-                         "(default 1): ext.set_gemv_l2, skip: ext.set_step_skip (timing ablation), "
-                         "tuning: ext.set_tuning bits (ops.h TuneBit)")
+                    help="decode rows mode:gemm:pdl[:options],... (default: all); options: EngineOptions fields "
+                         "name=value+name=value, e.g. step_skip=4 (timing ablation) or o_in_attention=0")
     ap.add_argument("--ttft", action="store_true", help="first-request TTFT in fresh processes (7B)")
     ap.add_argument("--timeline", default="", help="shapes for a per-kernel timeline (kernel_timeline)")
     ap.add_argument("--timeline-modes", default="dynamic", help="graph modes of the timeline: dynamic,exact")
     ap.add_argument("--max-seq", type=int, default=2048, help="context the backend plans for (bench: 4096)")
     ap.add_argument("--timeline-prompts", default="32", help="prompt lengths of the timeline (T of its steps)")
-    ap.add_argument("--tune", default="0", help="ext.set_tuning values to run the timeline with (A/B)")
+    ap.add_argument("--options", default="default",
+                    help="EngineOptions sets (name=value+...) to run the timeline with, comma-separated (A/B)")
     a = ap.parse_args()
     ext = load_extension()
     if a.timeline:
@@ -318,13 +339,11 @@ def main():
             cfg = with_max_seq(SYNTHETIC_SHAPES[shape], a.max_seq)
             w = synthetic_weights(cfg, "float16", "cuda", 0)
             model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
-            for mode, prompt, tune in ((m, int(p), int(t)) for m in a.timeline_modes.split(",")
-                                       for p in a.timeline_prompts.split(",") for t in a.tune.split(",")):
-                ext.set_tuning(tune)
-                tl = kernel_timeline(ext, model, mode=mode, prompt=prompt)
-                ext.set_tuning(0)
+            for mode, prompt, opts in ((m, int(p), o) for m in a.timeline_modes.split(",")
+                                       for p in a.timeline_prompts.split(",") for o in a.options.split(",")):
+                tl = kernel_timeline(ext, model, mode=mode, prompt=prompt, options=opts)
                 out.append(tl)
-                print(f"== timeline {shape} {mode} prompt {prompt} tuning {tune}: {tl['us_per_step']} us/step")
+                print(f"== timeline {shape} {mode} prompt {prompt} options {opts}: {tl['us_per_step']} us/step")
                 print(f"{'kind':14s} {'n':>4s} {'early':>7s} {'release':>8s} {'work':>8s} {'end2end':>8s} "
                       f"{'sum':>8s} {'lstart':>7s} {'lwait':>6s}  (us, p50)  phases")
                 for k, v in tl["summary"].items():
@@ -337,16 +356,14 @@ def main():
             torch.cuda.empty_cache()
         Path(a.out, "timeline.json").write_text(json.dumps(out, indent=1))
         return
-    ext.set_pdl(int(os.environ.get("CASE4_PDL", "1")))
     report = {"device": torch.cuda.get_device_name(0)}
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     print("copy GB/s (read+write):", report["copy_GBps"], flush=True)
     report["gemv"] = []
     for m in filter(None, a.kernel_pdl.split(",")):
         report["gemv"] += gemv_bw(ext, int(m))
-    ext.set_pdl(int(os.environ.get("CASE4_PDL", "1")))
     if a.kernel_pdl:
-        report["gemv"] += attn_bw(ext)
+        report["gemv"] += attn_bw(ext, int(os.environ.get("CASE4_PDL", "1")))
     for r in report["gemv"]:
         print(r, flush=True)
     report["decode"] = []
@@ -357,24 +374,19 @@ def main():
         floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3
         first_tokens = None
         rows = [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows else None
-        for mode, gemm, pdl, *tune in rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
+        for mode, gemm, pdl, *spec in rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
                                 ("dynamic", "custom", "0"), ("exact", "custom", "0"), ("dynamic", "custom", "2"),
                                 ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
                                 ("dynamic", "cublas", "1")]:
-            os.environ["CASE4_PDL"] = pdl
-            ef, skip, tn = (int(v) for v in (tune + ["1", "0", "0"][len(tune):])[:3])
-            ext.set_gemv_l2(ef)
-            ext.set_step_skip(skip)
-            ext.set_tuning(tn)
+            spec = spec[0] if spec else "default"
+            options = parse_options(ext, spec, pdl)
+            skip = options.step_skip
             try:
-                r = time_backend(model, mode, gemm, a.steps)
+                r = time_backend(model, mode, gemm, a.steps, options)
             except Exception as e:  # a failed row is reported, the other rows still run
                 r = {"mode": mode, "gemm": gemm, "error": f"{type(e).__name__}: {e}", "tokens": None}
-            ext.set_gemv_l2(1)
-            ext.set_step_skip(0)
-            ext.set_tuning(0)
             r["pdl"] = int(pdl)
-            r.update({"evict_first": ef, "skip": skip, "tuning": tn})
+            r["options"] = spec
             toks = r.pop("tokens")
             if first_tokens is None:
                 first_tokens = toks
@@ -390,13 +402,11 @@ def main():
             print(r, flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     Path(a.out, "quick_timing.json").write_text(json.dumps(report, indent=2))
-    print("\nshape          mode     gemm   pdl ef skip tune ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 "
-          "same-tokens")
+    print("\nshape          mode     gemm   pdl ms/tok  tok/s  client-ms  floor-ms  capture-ms-p50 same-tokens options")
     for r in report["decode"]:
-        print(f"{r['shape']:14s} {r['mode']:8s} {r['gemm']:7s} {r['pdl']} {r.get('evict_first', 0)}  "
-              f"{r.get('skip', 0):3d} {r.get('tuning', 0):3d} {r.get('ms_per_token', 0):7.3f} "
+        print(f"{r['shape']:14s} {r['mode']:8s} {r['gemm']:7s} {r['pdl']}  {r.get('ms_per_token', 0):7.3f} "
               f"{r.get('tok_per_s', 0):7.1f} {r.get('client_ms_per_token', 0):8.3f} {r['floor_ms']:8.3f} "
-              f"{r.get('capture_ms_p50', 0):8.2f} {r.get('tokens_equal_first_row')}")
+              f"{r.get('capture_ms_p50', 0):8.2f} {r.get('tokens_equal_first_row')} {r['options']}")
 
 
 if __name__ == "__main__":

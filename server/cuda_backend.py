@@ -1,4 +1,4 @@
-"""The `cuda` backend: custom CUDA kernels + CUDA graphs (DESIGN §3.1, §3.2).
+"""The `cuda` backend: custom CUDA kernels + CUDA graphs (docs/kernels.md, docs/architecture.md).
 
 Memory is owned by torch tensors allocated here once (KV arena, scratch, per-session
 device state, pinned host buffers); the extension gets their raw pointers. The C++
@@ -6,7 +6,8 @@ device state, pinned host buffers); the extension gets their raw pointers. The C
 streams, the graph cache and the background capture thread; every call into it releases
 the GIL. Prefill runs the torch path (cuBLAS GEMMs + SDPA) of the ReferenceDecoder in the
 model dtype on the same KV arena, replayed as a CUDA graph per prompt-length bucket
-(server/prefill_graphs.py).
+(server/prefill_graphs.py). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
+GPU tests and the timing tool use) are its own, set at construction (custom_kernels/csrc/step.h).
 """
 from __future__ import annotations
 
@@ -28,7 +29,16 @@ GEMMS = ("custom", "cublas")
 
 
 class PrecaptureTimeout(RuntimeError):
-    """wait_precapture ran out of time."""
+    """wait_precapture ran out of time (the extension's PrecaptureTimeout, re-raised as this backend's)."""
+
+
+def default_options(ext):
+    """The Engine's options: the defaults, with the PDL level from CASE4_PDL (0 plain launches, 1 PDL,
+    2 + L2 prefetch, 3 + register preload; default 3)."""
+    raw = os.environ.get("CASE4_PDL", "3")
+    if raw not in ("0", "1", "2", "3"):
+        raise BadInput(f"CASE4_PDL must be 0, 1, 2 or 3, got '{raw}'")
+    return ext.EngineOptions(pdl=int(raw))
 
 
 class CudaBackend(Backend):
@@ -36,7 +46,9 @@ class CudaBackend(Backend):
     supports_graphs = True
 
     def __init__(self, model: LoadedModel, sessions: int = 1, graph_mode: str = "exact", gemm: str = "custom",
-                 max_seq: int | None = None, steps_per_graph: int = 8, ring_len: int = 4096, warmup: bool = True):
+                 max_seq: int | None = None, steps_per_graph: int = 8, ring_len: int = 4096, warmup: bool = True,
+                 options=None):
+        """options: an ext.EngineOptions (None: default_options, i.e. the defaults and CASE4_PDL)."""
         if graph_mode not in GRAPH_MODES:
             raise BadInput(f"graph_mode must be one of {', '.join(GRAPH_MODES)}, got '{graph_mode}'")
         if gemm not in GEMMS:
@@ -50,6 +62,8 @@ class CudaBackend(Backend):
             raise BadInput(f"the cuda backend runs float16 or bfloat16, not {str(w.dtype).replace('torch.', '')}")
         self.cfg = cfg = with_max_seq(model.cfg, max_seq)
         self.graph_mode, self.gemm = graph_mode, gemm
+        mode = getattr(self.ext.GraphMode, graph_mode)  # the user's string, mapped once
+        self.options = default_options(self.ext) if options is None else options
         self.steps_per_graph = max(1, int(steps_per_graph))
         self.bg_windows: dict[int, int] = {}  # session -> window of the running background capture
         self.ring_len = ring_len
@@ -91,10 +105,12 @@ class CudaBackend(Backend):
                 "round_logits": 1, "embed": p["embed"], "final_norm": p["final_norm"], "lm_head": p["lm_head"],
                 "rope_cos": p["rope_cos"], "rope_sin": p["rope_sin"], "layers": p["layers"],
                 "kv": self.kv.kv.data_ptr(), "max_splits": self.max_splits, "ring_len": ring_len, "gemm": gemm,
-                "pdl": int(os.environ.get("CASE4_PDL", "3")),  # 0 plain, 1 PDL, 2 + L2 prefetch, 3 + register preload
                 **{k: t.data_ptr() for k, t in self.scratch.items()},
             }
-            self.engine = self.ext.Engine(plan, graph_mode)
+            try:
+                self.engine = self.ext.Engine(plan, mode, self.options)
+            except self.ext.BadArgument as e:
+                raise BadInput(str(e)) from None
             if graph_mode == "dynamic":
                 for s in range(sessions):
                     self.engine.prepare_dynamic(s, 1)
@@ -155,7 +171,9 @@ class CudaBackend(Backend):
         if logits is None:  # no graph for this length (or graphs off): the eager torch path
             logits = self.prefill_dec.prefill(session, ids)
         self.kv.seq_len[session] = len(ids)
-        torch.cuda.current_stream(self.kv.kv.device).synchronize()  # the KV rows are written
+        # the logits into the engine's scratch, where step/replay leave theirs, for sample()
+        self.scratch["logits"].copy_(logits.reshape(-1))
+        torch.cuda.current_stream(self.kv.kv.device).synchronize()  # the KV rows and the logits are written
         self.engine.set_seq_len(session, len(ids))
         return logits.float().cpu()
 
@@ -181,6 +199,17 @@ class CudaBackend(Backend):
         self.engine.replay(session, seq_len, self.check_token(token))
         self.kv.seq_len[session] = seq_len + 1
         return self._logits()
+
+    def sample(self, session: int, params, position: int) -> int:
+        """Draw the next token from the latest logits (those the last prefill / step / replay left in the engine's
+        logits scratch, which all sessions share) with the device sampler: the finish kernel's sampling, RNG
+        position `position` (as client/sampler.py), no seq_len change. token_dev[session] becomes the token, so a
+        following generate() continues from it; the token comes back to the host (one 4-byte D2H)."""
+        self.kv.check_session(session)
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise BadInput(f"position must be an integer >= 0, got {position!r}")
+        return int(self.engine.sample(session, position, float(params.temperature), int(params.top_k),
+                                      float(params.top_p), int(params.seed) & ((1 << 64) - 1)))
 
     def generate(self, session: int, start_token: int, steps: int, params, stop_ids=()) -> list[int]:
         """`steps` decode steps with device sampling; tokens come back from the ring in chunks."""
@@ -232,9 +261,9 @@ class CudaBackend(Backend):
         if self.graph_mode == "exact":
             try:
                 self.engine.wait_precapture(session, int(count), float(timeout_s))
-            except RuntimeError as e:
-                if "timed out" in str(e):
-                    raise PrecaptureTimeout(str(e)) from None
+            except self.ext.PrecaptureTimeout as e:
+                raise PrecaptureTimeout(str(e)) from None
+            except self.ext.BadArgument as e:
                 raise BadInput(str(e)) from None
         return self.graph_stats()
 

@@ -41,12 +41,12 @@ __host__ __device__ constexpr int attn_groups(int D, int GM) {
 }
 
 // Query heads per block
-static int attn_heads_per_block(int Hq, int Hkv) {
+static int attn_heads_per_block(int Hq, int Hkv, bool per_kv_head) {
     // one block row per query head (shorter serial work per block; the G block rows of a KV head
     // read its rows at the same time, mostly from L2), except for groups of more than 4 (their K/V
     // would be read G times over at long T)
     const int G = Hq / Hkv;
-    return tuning() & kTuneAttnPerKvHead || G > 4 ? G : 1;
+    return per_kv_head || G > 4 ? G : 1;
 }
 
 // The kernel's parameter: the fields of AttnArgs it reads, in 128 bytes (sizes as 16-bit fields). nvcc reads
@@ -480,7 +480,7 @@ __global__ void __launch_bounds__(attn_groups(D, GM) * kAttnGroup, 1) attn_kerne
 // at most max(1, SMs / (Hq / G)) block rows (one wave; a block loops over its block-chunks), so a
 // dynamic graph's grid (sized for max_seq) has no long tail of idle blocks.
 template <typename T, int D, int GM>
-static void launch_dg(const AttnArgs &a, cudaStream_t st) {
+static void launch_dg(const AttnArgs &a, const Launch &L) {
     constexpr int ng = attn_groups(D, GM);
     auto s16 = [](int v) {
         if (v < 0 || v > 32767) throw std::runtime_error("attention: a size beyond the kernel's 16-bit fields");
@@ -489,11 +489,11 @@ static void launch_dg(const AttnArgs &a, cudaStream_t st) {
     AttnKArgs k;
     k.qkv = a.qkv; k.k_cache = a.k_cache; k.v_cache = a.v_cache; k.rope_cos = a.rope_cos; k.rope_sin = a.rope_sin;
     k.pos_dev = a.pos_dev; k.part_acc = a.part_acc; k.part_ml = a.part_ml; k.counters = a.counters; k.ctx = a.ctx;
-    k.trace = ktrace_slot("attention");
+    k.trace = L.slot("attention");
     k.w_o = a.w_o; k.o_sum = a.o_sum;
     k.max_seq = a.max_seq; k.pos = a.pos;
     k.rotary_dim = s16(a.rotary_dim); k.Hq = s16(a.Hq); k.Hkv = s16(a.Hkv); k.heads_per_block = s16(a.heads_per_block);
-    k.solo_len = s16(ng * kSplitLen * (tuning() & kTuneAttnSplitEach ? 1 : kAttnChunksPerBlock));
+    k.solo_len = s16(ng * kSplitLen * kAttnChunksPerBlock);
     k.max_splits = s16(a.max_splits); k.H = s16(a.H); k.o_parts = s16(a.o_parts);
     const int nblk = (a.grid_splits + ng - 1) / ng;  // block-chunks of the longest sequence
     const int rows = a.Hq / a.heads_per_block * std::max(1, a.o_parts);  // blocks along x: head groups (x parts)
@@ -501,48 +501,48 @@ static void launch_dg(const AttnArgs &a, cudaStream_t st) {
     const dim3 grid(rows, std::min(nblk, per_head));
     if (a.o_parts > 0) {
         if constexpr (GM == 1) {
-            if (a.prerotated) launch_pdl(attn_kernel<T, D, 1, true, true>, grid, ng * kAttnGroup, 0, st, k);
-            else launch_pdl(attn_kernel<T, D, 1, false, true>, grid, ng * kAttnGroup, 0, st, k);
+            if (a.prerotated) launch_pdl(L, attn_kernel<T, D, 1, true, true>, grid, ng * kAttnGroup, 0, k);
+            else launch_pdl(L, attn_kernel<T, D, 1, false, true>, grid, ng * kAttnGroup, 0, k);
         } else {
             throw std::runtime_error("attention: fused O needs one query head per block");
         }
     } else if (a.prerotated) {
-        launch_pdl(attn_kernel<T, D, GM, true>, grid, ng * kAttnGroup, 0, st, k);
+        launch_pdl(L, attn_kernel<T, D, GM, true>, grid, ng * kAttnGroup, 0, k);
     } else {
-        launch_pdl(attn_kernel<T, D, GM, false>, grid, ng * kAttnGroup, 0, st, k);
+        launch_pdl(L, attn_kernel<T, D, GM, false>, grid, ng * kAttnGroup, 0, k);
     }
 }
 
 template <typename T, int D>
-static void launch_d(const AttnArgs &a, cudaStream_t st) {
+static void launch_d(const AttnArgs &a, const Launch &L) {
     const int G = a.heads_per_block;
-    if (G <= 1) launch_dg<T, D, 1>(a, st);
-    else if (G <= 2) launch_dg<T, D, 2>(a, st);
-    else if (G <= 4) launch_dg<T, D, 4>(a, st);
-    else launch_dg<T, D, 8>(a, st);
+    if (G <= 1) launch_dg<T, D, 1>(a, L);
+    else if (G <= 2) launch_dg<T, D, 2>(a, L);
+    else if (G <= 4) launch_dg<T, D, 4>(a, L);
+    else launch_dg<T, D, 8>(a, L);
 }
 
 template <typename T>
-static void launch_t(const AttnArgs &a, cudaStream_t st) {
+static void launch_t(const AttnArgs &a, const Launch &L) {
     switch (a.D) {
-        case 32: launch_d<T, 32>(a, st); break;
-        case 64: launch_d<T, 64>(a, st); break;
-        case 128: launch_d<T, 128>(a, st); break;
-        case 256: launch_d<T, 256>(a, st); break;
+        case 32: launch_d<T, 32>(a, L); break;
+        case 64: launch_d<T, 64>(a, L); break;
+        case 128: launch_d<T, 128>(a, L); break;
+        case 256: launch_d<T, 256>(a, L); break;
         default: throw std::runtime_error("attention: head_dim must be 32, 64, 128 or 256");
     }
 }
 
-void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st) {
+void launch_attention(const AttnArgs &a, int dtype, const Launch &L) {
     if (a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > kMaxGroup)
         throw std::runtime_error("attention: query heads per KV head must be <= 8");
     if (a.sm_count <= 0) throw std::runtime_error("attention: sm_count must be set");
     AttnArgs b = a;
-    b.heads_per_block = attn_heads_per_block(a.Hq, a.Hkv);
+    b.heads_per_block = attn_heads_per_block(a.Hq, a.Hkv, a.per_kv_head != 0);
     if (a.o_parts > 0 && (a.o_parts != attn_o_parts(a.H, a.Hq, a.Hkv, a.D) || b.heads_per_block != 1 || !a.w_o ||
                           !a.o_sum))
         throw std::runtime_error("attention: fused O needs attn_o_parts' parts, one query head per block, w_o and o_sum");
-    if (dtype == kF16) launch_t<half>(b, st); else launch_t<__nv_bfloat16>(b, st);
+    if (dtype == kF16) launch_t<half>(b, L); else launch_t<__nv_bfloat16>(b, L);
 }
 
 int attn_o_parts(int H, int Hq, int Hkv, int D) {

@@ -1,5 +1,6 @@
 // bindings.cpp -- pybind11 module `custom_kernels._case4_cuda`.
-// No libtorch: Python hands raw device pointers (ints). Every call releases the GIL.
+// No libtorch: Python hands raw device pointers (ints). Every call releases the GIL. Errors: PrecaptureTimeout
+// (RuntimeError) and BadArgument (ValueError) by type (check.h), anything else RuntimeError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -54,25 +55,33 @@ static Plan plan_from_dict(const py::dict &d) {
     p.params_dev = ptr<SampleParams *>(d, "params_dev");
     p.ring = ptr<int *>(d, "ring"); p.ring_len = d["ring_len"].cast<int>();
     p.use_cublas = d["gemm"].cast<std::string>() == "cublas";
-    if (d.contains("pdl")) set_pdl(d["pdl"].cast<int>());
     p.sm_count = device_sm_count();
     return p;
 }
 
-// ---- single-kernel entry points for the kernel tests (enqueue on `stream`, no sync)
+// ---- single-kernel entry points for the kernel tests and the timing tool (enqueue on `stream`, no sync); each
+// takes its PDL level (PdlLevel, default 1: PDL without a preload) and uses no timeline
+static Launch test_launch(uintptr_t stream, int pdl) {
+    if (pdl < kPdlOff || pdl > kPdlPreload) throw BadArgument("pdl must be 0, 1, 2 or 3");
+    Launch L;
+    L.st = (cudaStream_t)stream;
+    L.pdl = pdl;
+    return L;
+}
+
 static void k_gemv(uintptr_t W, int N, int K, uintptr_t x, uintptr_t norm_w, float eps, uintptr_t out, int mode,
-                   int dtype, uintptr_t stream, int round_logits, int max_blocks) {
+                   int dtype, uintptr_t stream, int round_logits, int max_blocks, int pdl) {
     GemvArgs a;
     a.W = (const void *)W; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w;
     a.eps = eps; a.out = (void *)out; a.mode = mode; a.round_logits = round_logits; a.max_blocks = max_blocks;
     gemv_init(dtype);
-    launch_gemv(a, dtype, (cudaStream_t)stream);
+    launch_gemv(a, dtype, test_launch(stream, pdl));
 }
 
 static void k_attention(uintptr_t qkv, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cos, uintptr_t sin, int R,
                         int Hq, int Hkv, int D, int max_seq, int pos, uintptr_t part_acc, uintptr_t part_ml,
                         int max_splits, uintptr_t counters, uintptr_t ctx, int dtype, uintptr_t stream,
-                        uintptr_t pos_dev) {
+                        uintptr_t pos_dev, bool per_kv_head, int pdl) {
     AttnArgs a;
     a.qkv = (const void *)qkv; a.k_cache = (void *)k_cache; a.v_cache = (void *)v_cache;
     a.rope_cos = (const float *)cos; a.rope_sin = (const float *)sin; a.rotary_dim = R;
@@ -82,11 +91,12 @@ static void k_attention(uintptr_t qkv, uintptr_t k_cache, uintptr_t v_cache, uin
     a.part_acc = (float *)part_acc; a.part_ml = (float *)part_ml; a.max_splits = max_splits;
     a.counters = (int *)counters; a.ctx = (void *)ctx;
     a.sm_count = device_sm_count();
-    launch_attention(a, dtype, (cudaStream_t)stream);
+    a.per_kv_head = per_kv_head ? 1 : 0;
+    launch_attention(a, dtype, test_launch(stream, pdl));
 }
 
 static void k_sample(uintptr_t logits, int V, int pos, float temperature, int top_k, float top_p,
-                     unsigned long long seed, uintptr_t params_dev, uintptr_t token_dev, uintptr_t stream) {
+                     unsigned long long seed, uintptr_t params_dev, uintptr_t token_dev, uintptr_t stream, int pdl) {
     // params_dev: scratch for one SampleParams (set here), token_dev: the int output
     SampleParams p;
     p.temperature = temperature; p.top_k = top_k; p.top_p = top_p; p.enabled = 1; p.seed = seed;
@@ -94,27 +104,28 @@ static void k_sample(uintptr_t logits, int V, int pos, float temperature, int to
     FinishArgs f;
     f.logits = (const float *)logits; f.V = V; f.pos = pos; f.params = (const SampleParams *)params_dev;
     f.token_dev = (int *)token_dev; f.force_sample = 1;
-    launch_finish(f, (cudaStream_t)stream);
+    launch_finish(f, test_launch(stream, pdl));
 }
 
 // lm_head (fp32 logits) with per-block argmax partials in `part`, then greedy sampling from them
 // (the custom decode path's last two kernels); returns the number of partials
 static int k_greedy_lm(uintptr_t W, int N, int K, uintptr_t x, uintptr_t norm_w, float eps, uintptr_t logits,
                        uintptr_t part, uintptr_t params_dev, uintptr_t token_dev, int dtype, uintptr_t stream,
-                       int max_blocks) {
+                       int max_blocks, int pdl) {
+    const Launch L = test_launch(stream, pdl);
     GemvArgs a;
     a.W = (const void *)W; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w;
     a.eps = eps; a.out = (void *)logits; a.mode = kGemvF32; a.max_blocks = max_blocks;
     a.amax_part = (int2 *)part;
     gemv_init(dtype);
-    const int n = launch_gemv(a, dtype, (cudaStream_t)stream);
+    const int n = launch_gemv(a, dtype, L);
     SampleParams p{};
     p.temperature = 0.f; p.top_k = 0; p.top_p = 1.f; p.enabled = 1; p.seed = 0;
     launch_set_params((SampleParams *)params_dev, p, (cudaStream_t)stream);
     FinishArgs f;
     f.logits = (const float *)logits; f.V = N; f.amax_part = (const int2 *)part; f.amax_n = n;
     f.params = (const SampleParams *)params_dev; f.token_dev = (int *)token_dev; f.force_sample = 1;
-    launch_finish(f, (cudaStream_t)stream);
+    launch_finish(f, L);
     return n;
 }
 
@@ -123,34 +134,73 @@ PYBIND11_MODULE(_case4_cuda, m) {
     m.attr("SPLIT_LEN") = kSplitLen;
     m.attr("SAMPLE_PARAMS_BYTES") = (int)sizeof(SampleParams);
     auto nogil = py::call_guard<py::gil_scoped_release>();
-    m.def("gemv", &k_gemv, nogil);
-    m.def("attention", &k_attention, nogil);
-    m.def("greedy_lm", &k_greedy_lm, nogil);
-    m.def("sample", &k_sample, nogil);
-    m.def("rng_position", &sample_rng_position);
-    m.def("set_pdl", &set_pdl);
-    m.def("set_gemv_l2", &set_gemv_l2);
-    m.def("set_step_skip", &set_step_skip);
-    m.def("set_tuning", &set_tuning);
+    py::register_exception<PrecaptureTimeout>(m, "PrecaptureTimeout", PyExc_RuntimeError);
+    py::register_exception<BadArgument>(m, "BadArgument", PyExc_ValueError);
+
+    using py::arg;
+    m.def("gemv", &k_gemv, nogil, arg("W"), arg("N"), arg("K"), arg("x"), arg("norm_w"), arg("eps"), arg("out"),
+          arg("mode"), arg("dtype"), arg("stream"), arg("round_logits"), arg("max_blocks"), arg("pdl") = 1);
+    m.def("attention", &k_attention, nogil, arg("qkv"), arg("k_cache"), arg("v_cache"), arg("cos"), arg("sin"),
+          arg("R"), arg("Hq"), arg("Hkv"), arg("D"), arg("max_seq"), arg("pos"), arg("part_acc"), arg("part_ml"),
+          arg("max_splits"), arg("counters"), arg("ctx"), arg("dtype"), arg("stream"), arg("pos_dev"),
+          arg("per_kv_head") = false, arg("pdl") = 1);
+    m.def("greedy_lm", &k_greedy_lm, nogil, arg("W"), arg("N"), arg("K"), arg("x"), arg("norm_w"), arg("eps"),
+          arg("logits"), arg("part"), arg("params_dev"), arg("token_dev"), arg("dtype"), arg("stream"),
+          arg("max_blocks"), arg("pdl") = 1);
+    m.def("sample", &k_sample, nogil, arg("logits"), arg("V"), arg("pos"), arg("temperature"), arg("top_k"),
+          arg("top_p"), arg("seed"), arg("params_dev"), arg("token_dev"), arg("stream"), arg("pdl") = 1);
     m.def("gemv_rope_fits", &gemv_rope_fits);
     m.def("attn_o_parts", &attn_o_parts);
-    m.def("tuning", &tuning);
-    m.def("set_kernel_trace", &set_kernel_trace);
-    m.def("kernel_trace_names", [](int lo, int hi) {
-        std::vector<std::string> v;
-        for (int i = lo; i < hi; ++i) v.emplace_back(kernel_trace_name(i));
-        return v;
-    });
-    m.def("kernel_trace_next", &kernel_trace_next);
+
+    py::enum_<GraphMode>(m, "GraphMode")
+        .value("none", GraphMode::none)
+        .value("exact", GraphMode::exact)
+        .value("dynamic", GraphMode::dynamic);
+
+    // the Engine's options by name (step.h EngineOptions: defaults, meanings, performance.md entries)
+    py::class_<EngineOptions>(m, "EngineOptions")
+        .def(py::init([](int pdl, bool rope_in_qkv, bool o_in_attention, bool attn_per_kv_head, bool lm_head_seq_len,
+                         bool lm_head_l2_ahead, int step_skip) {
+                 EngineOptions o;
+                 o.pdl = pdl; o.rope_in_qkv = rope_in_qkv; o.o_in_attention = o_in_attention;
+                 o.attn_per_kv_head = attn_per_kv_head; o.lm_head_seq_len = lm_head_seq_len;
+                 o.lm_head_l2_ahead = lm_head_l2_ahead; o.step_skip = step_skip;
+                 return o;
+             }),
+             py::kw_only(), arg("pdl") = EngineOptions{}.pdl, arg("rope_in_qkv") = EngineOptions{}.rope_in_qkv,
+             arg("o_in_attention") = EngineOptions{}.o_in_attention,
+             arg("attn_per_kv_head") = EngineOptions{}.attn_per_kv_head,
+             arg("lm_head_seq_len") = EngineOptions{}.lm_head_seq_len,
+             arg("lm_head_l2_ahead") = EngineOptions{}.lm_head_l2_ahead, arg("step_skip") = EngineOptions{}.step_skip)
+        .def_readwrite("pdl", &EngineOptions::pdl)
+        .def_readwrite("rope_in_qkv", &EngineOptions::rope_in_qkv)
+        .def_readwrite("o_in_attention", &EngineOptions::o_in_attention)
+        .def_readwrite("attn_per_kv_head", &EngineOptions::attn_per_kv_head)
+        .def_readwrite("lm_head_seq_len", &EngineOptions::lm_head_seq_len)
+        .def_readwrite("lm_head_l2_ahead", &EngineOptions::lm_head_l2_ahead)
+        .def_readwrite("step_skip", &EngineOptions::step_skip)
+        .def("__repr__", [](const EngineOptions &o) {
+            return "EngineOptions(pdl=" + std::to_string(o.pdl) + ", rope_in_qkv=" + (o.rope_in_qkv ? "True" : "False") +
+                   ", o_in_attention=" + (o.o_in_attention ? "True" : "False") +
+                   ", attn_per_kv_head=" + (o.attn_per_kv_head ? "True" : "False") +
+                   ", lm_head_seq_len=" + (o.lm_head_seq_len ? "True" : "False") +
+                   ", lm_head_l2_ahead=" + (o.lm_head_l2_ahead ? "True" : "False") +
+                   ", step_skip=" + std::to_string(o.step_skip) + ")";
+        });
 
     py::class_<Engine>(m, "Engine")
-        .def(py::init([](py::dict plan, const std::string &mode) { return new Engine(plan_from_dict(plan), mode); }))
+        .def(py::init([](py::dict plan, GraphMode mode, const EngineOptions &options) {
+                 return new Engine(plan_from_dict(plan), mode, options);
+             }),
+             arg("plan"), arg("mode"), arg("options") = EngineOptions{})
         .def("set_token", &Engine::set_token, nogil)
         .def("set_seq_len", &Engine::set_seq_len, nogil)
         .def("set_params", &Engine::set_params, nogil)
         .def("eager", &Engine::eager, nogil)
         .def("replay", &Engine::replay, nogil)
         .def("generate", &Engine::generate, nogil)
+        .def("sample", &Engine::sample, nogil, arg("s"), arg("position"), arg("temperature"), arg("top_k"),
+             arg("top_p"), arg("seed"))
         .def("fetch_logits", &Engine::fetch_logits, nogil)
         .def("fetch_ring", &Engine::fetch_ring, nogil)
         .def("sync", &Engine::sync, nogil)
@@ -161,6 +211,9 @@ PYBIND11_MODULE(_case4_cuda, m) {
         .def("stats", &Engine::stats, nogil)
         .def("trace_events", &Engine::trace_events, nogil)
         .def("last_error", &Engine::last_error, nogil)
-        .def("replay_stream", &Engine::replay_stream)
+        .def_property_readonly("options", [](const Engine &e) { return e.options(); })  // a copy
+        .def("set_kernel_trace", &Engine::set_kernel_trace, arg("buf"), arg("n"))
+        .def("kernel_trace_next", &Engine::kernel_trace_next)
+        .def("kernel_trace_names", &Engine::kernel_trace_names, arg("lo"), arg("hi"))
         .def("close", &Engine::close, nogil);
 }

@@ -77,7 +77,7 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p, uint64_t pol) {
 }
 
 // ---------------------------------------------------------------- kernel timeline (opt-in)
-// With a trace slot (set_kernel_trace, tests/gpu/quick_timing.py --timeline) every block (the first
+// With a trace slot (Engine::set_kernel_trace, tests/gpu/quick_timing.py --timeline) every block (the first
 // kKtraceBlocks of a grid, row-major over (y, x)) writes its own record of kKtraceRec uint64, in ns of the
 // global timer, with plain stores (no atomics, no barriers: the timed kernel runs as it does untraced):
 // [0] start and [1] past griddepcontrol.wait (thread 0), [2..11] the end of a kernel-specific phase
@@ -229,20 +229,19 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-// host: launch `k` on `st` with programmatic stream serialization when PDL is on
-extern bool g_use_pdl;
+// host: launch `k` on L.st, with programmatic stream serialization when L.pdl >= kPdlOn
 template <typename... KArgs, typename... Args>
-inline void launch_pdl(void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st, Args... args) {
+inline void launch_pdl(const Launch &L, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
+    cfg.stream = L.st;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = g_use_pdl ? 1 : 0;
+    cfg.numAttrs = L.pdl >= kPdlOn ? 1 : 0;
     CASE4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, args...));
 }
 

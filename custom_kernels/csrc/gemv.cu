@@ -136,7 +136,7 @@ __device__ __forceinline__ int rope_row(int b, int warp, int D, int rope_rows) {
 
 // F32X staging (K <= 1024, normed): thread i < nvec loads input vector i (with FO: adds O's fixed-point sums, and
 // block 0 writes x + O to x_out), the block sums the squares, and the normed vector goes to shared memory as fp32
-// ([2][nvec] float4, dot8). `nws`: the norm weights (cp.async'd before the wait with norm_pre), `red`: NW floats.
+// ([2][nvec] float4, dot8). `nws`: the norm weights (cp.async'd before the wait), `red`: NW floats.
 // Used by gemv_kernel and lm_small_kernel; the caller's __syncthreads makes xs visible.
 template <typename T, int WARPS, bool FO, typename A>
 __device__ __forceinline__ void stage_f32_normed(const A &a, const uint4 *xin, uint4 *xs, uint4 *nws, int nvec,
@@ -173,9 +173,9 @@ __device__ __forceinline__ void stage_f32_normed(const A &a, const uint4 *xin, u
     }
     const float inv = rsqrtf(block_sum_once<WARPS>(ss, red) / (float)a.K + a.eps);
     if (i < nvec) {
-        if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i)
+        cp_async_wait_all();  // this thread's own copies (same i)
         float w[8];
-        unpack8<T>(a.norm_pre ? nws[i] : reinterpret_cast<const uint4 *>(a.norm_w)[i], w);
+        unpack8<T>(nws[i], w);
 #pragma unroll
         for (int k = 0; k < 8; ++k) f[k] = round_t<T>(w[k] * round_t<T>(f[k] * inv));
         float4 *x4 = reinterpret_cast<float4 *>(xs);
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     uint4 wa[UR], wb[UR];
     ktrace(a.trace, 0);
     const bool first_loaded = row0 < a.N;
-    const uint64_t pol = l2_policy(a.evict_first);
+    const uint64_t pol = l2_policy(true);
     const bool pre = a.prefetch == 2 && (int)blockIdx.x * 8 < (int)gridDim.x * a.pre_eighths;
     if (pre && first_loaded) {
         load_chunk<UR>(W + (size_t)row0 * nvec, 0, nvec, lane, wa, pol);
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
         }
     }
     uint4 *nws = xs + nvec * (F32X ? 2 : 1);  // norm weights (NORM only): a read-only weight, copied before the wait
-    if (NORM && a.norm_pre)
+    if (NORM)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
     // fused RoPE: this row's table entries at T, read before the wait like attention's T (the previous step
     // wrote seq_len before its finish let this step's kernels launch, so T is final here)
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     float res0 = 0.f;
     const T *resid = reinterpret_cast<const T *>(a.out);  // kGemvResid: the residual (FO: GemvFoArgs::resid)
     if constexpr (FO) resid = reinterpret_cast<const T *>(a.resid);
-    if (MODE == kGemvResid && a.resid_pre && first_loaded && lane == 0) res0 = to_f(resid[row0]);
+    if (MODE == kGemvResid && first_loaded && lane == 0) res0 = to_f(resid[row0]);
     if constexpr (FO && MODE == kGemvResid)  // down: O's sums back to 0 (gate|up, their reader, has completed)
         if (blockIdx.x == 0)
             for (int i = threadIdx.x; i < a.N; i += blockDim.x) a.o_sum[i] = 0ull;
@@ -314,8 +314,8 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
     }
     if (NORM && !F32X) {
         const float inv = rsqrtf(block_sum_once<WARPS>(ss, red) / (float)a.K + a.eps);
-        const uint4 *nw = a.norm_pre ? nws : reinterpret_cast<const uint4 *>(a.norm_w);
-        if (a.norm_pre) cp_async_wait_all();  // this thread's own copies (same i as below)
+        const uint4 *nw = nws;
+        cp_async_wait_all();  // this thread's own copies (same i as below)
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
             float f[8], w[8];
             unpack8<T>(xs[i], f);
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
                     else reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
                 } else if (MODE == kGemvResid) {
                     T *o = reinterpret_cast<T *>(a.out);
-                    const float r = first && a.resid_pre ? res0 : to_f(resid[row]);
+                    const float r = first ? res0 : to_f(resid[row]);
                     o[row] = from_f<T>(round_t<T>(acc) + r);
                 } else {  // kGemvF32
                     const float v = a.round_logits ? round_t<T>(acc) : acc;
@@ -389,7 +389,7 @@ constexpr int kLmVpl = 9;                      // 16-byte vectors per lane
 constexpr int kLmRows = kWarp / kLmLanes;      // rows per warp and pass
 constexpr int kLmSmallK = kLmLanes * kLmVpl * 8;  // 576
 bool lm_small_runs(const GemvArgs &a) {
-    return a.mode == kGemvF32 && a.norm_w && !a.tok && a.K <= kLmSmallK && !(tuning() & kTuneNoLmSmall);
+    return a.mode == kGemvF32 && a.norm_w && !a.tok && a.K <= kLmSmallK;
 }
 
 template <typename T>
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvLmA
     const uint4 *W = reinterpret_cast<const uint4 *>(a.W);
     const int groups = (a.N + kLmRows - 1) / kLmRows;
     const int g0 = warp * gridDim.x + blockIdx.x, gstride = gridDim.x * kGemvWarps;
-    const uint64_t pol = l2_policy(a.evict_first);
+    const uint64_t pol = l2_policy(true);
     uint4 w[kLmVpl];
     auto load = [&](int g) {
         const int row = g * kLmRows + sub;
@@ -422,8 +422,7 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvLmA
     const bool pre = a.prefetch == 2 && (int)blockIdx.x * 8 < (int)gridDim.x * a.pre_eighths;
     if (pre && g0 < groups) load(g0);
     uint4 *nws = xs + 2 * nvec;
-    if (a.norm_pre)
-        for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) cp_async16(nws + i, reinterpret_cast<const uint4 *>(a.norm_w) + i);
     // seq_len_dev: this step's T, read before the wait like attention's (the previous step wrote it before this
     // step's kernels could launch); written after the wait, when every earlier kernel of the step has completed
     // (a plain load: read_pos's volatile one costs this kernel a stack frame)
@@ -499,51 +498,35 @@ static void init_t() {
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(lm_small_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
 }
 
-bool g_use_pdl = true;
-static int g_gemv_prefetch = 0;
-// 0: plain launches; 1: PDL; 2: PDL + L2 prefetch of each warp's first weight row before
-// griddepcontrol.wait (measured: helps SmolLM2 by ~1 %, costs 7B ~7 %: the prefetched lines
-// are evicted by the running kernel's stream); 3: PDL + the first chunk of each warp's first
-// row loaded into registers before the wait (nothing to evict). Modes 0-2 load that chunk right
-// after the wait, still before the input is staged.
-void set_pdl(int mode) {
-    g_use_pdl = mode >= 1;
-    g_gemv_prefetch = mode == 2 ? 1 : mode == 3 ? 2 : 0;
-}
-// Weight loads carry an L2 evict_first policy (measured on the H100: 7B -0.5 %, SmolLM2 -1 %
-// ms/token; docs/performance.md log entry 5). 0 = plain loads, for A/B timing.
-static int g_evict_first = 1;
-void set_gemv_l2(int evict_first) { g_evict_first = evict_first ? 1 : 0; }
-
 void gemv_init(int dtype) {
     if (dtype == kF16) init_t<half>(); else init_t<__nv_bfloat16>();
 }
 
 template <typename T, int MODE, int W>
-static void launch_fo(bool large, int grid, size_t smem, cudaStream_t st, const GemvFoArgs &f) {
+static void launch_fo(bool large, int grid, size_t smem, const Launch &L, const GemvFoArgs &f) {
     if constexpr (MODE == kGemvSwiglu) {
-        launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall, W, false, true>, grid, W * kWarp, smem, st, f);
+        launch_pdl(L, gemv_kernel<T, MODE, true, kUnrollSmall, W, false, true>, grid, W * kWarp, smem, f);
     } else if constexpr (MODE == kGemvResid) {
-        if (large) launch_pdl(gemv_kernel<T, MODE, false, kUnrollLarge, W, false, true>, grid, W * kWarp, smem, st, f);
-        else launch_pdl(gemv_kernel<T, MODE, false, kUnrollSmall, W, false, true>, grid, W * kWarp, smem, st, f);
+        if (large) launch_pdl(L, gemv_kernel<T, MODE, false, kUnrollLarge, W, false, true>, grid, W * kWarp, smem, f);
+        else launch_pdl(L, gemv_kernel<T, MODE, false, kUnrollSmall, W, false, true>, grid, W * kWarp, smem, f);
     }
 }
 
 template <typename T, int MODE, int W>
-static void launch_w(bool norm, bool large, int grid, size_t smem, cudaStream_t st, const GemvArgs &b) {
+static void launch_w(bool norm, bool large, int grid, size_t smem, const Launch &L, const GemvArgs &b) {
     if (norm) {
-        if (large) launch_pdl(gemv_kernel<T, MODE, true, kUnrollLarge, W>, grid, W * kWarp, smem, st, b);
-        else launch_pdl(gemv_kernel<T, MODE, true, kUnrollSmall, W>, grid, W * kWarp, smem, st, b);
+        if (large) launch_pdl(L, gemv_kernel<T, MODE, true, kUnrollLarge, W>, grid, W * kWarp, smem, b);
+        else launch_pdl(L, gemv_kernel<T, MODE, true, kUnrollSmall, W>, grid, W * kWarp, smem, b);
     } else {
-        if (large) launch_pdl(gemv_kernel<T, MODE, false, kUnrollLarge, W>, grid, W * kWarp, smem, st, b);
-        else launch_pdl(gemv_kernel<T, MODE, false, kUnrollSmall, W>, grid, W * kWarp, smem, st, b);
+        if (large) launch_pdl(L, gemv_kernel<T, MODE, false, kUnrollLarge, W>, grid, W * kWarp, smem, b);
+        else launch_pdl(L, gemv_kernel<T, MODE, false, kUnrollSmall, W>, grid, W * kWarp, smem, b);
     }
 }
 
 // rope / fo: the derived arguments of the fused-RoPE QKV or of a kernel after a fused O (at most one; a is then
 // their GemvArgs part)
 template <typename T, int MODE>
-static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo,
+static int launch_mode(const GemvArgs &a, const Launch &L, const GemvRopeArgs *rope, const GemvFoArgs *fo,
                        const GemvLmArgs *lm) {
     const bool one_row = one_row_per_warp(a.N, a.max_blocks);
     const int W = one_row ? kGemvWarpsOneRow : kGemvWarps;
@@ -563,22 +546,18 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
     if (fo && MODE != kGemvSwiglu && MODE != kGemvResid)
         throw std::runtime_error("gemv: after a fused O only gate|up and down");
     GemvArgs b = a;
-    b.prefetch = g_gemv_prefetch;
-    b.evict_first = g_evict_first;
-    b.norm_pre = !(tuning() & kTuneNoNormPreload);
-    b.resid_pre = !(tuning() & kTuneNoResidPreload);
-    b.trace = ktrace_slot("gemv m%d N %d K %d", MODE, a.N, a.K);
+    b.prefetch = L.pdl == kPdlL2 ? 1 : L.pdl == kPdlPreload ? 2 : 0;
+    b.trace = L.slot("gemv m%d N %d K %d", MODE, a.N, a.K);
     const bool lm_small = !rope && !fo && lm_small_runs(a);
     if (lm && lm->seq_len_dev && !lm_small)
         throw std::runtime_error("gemv: advancing seq_len is lm_small_kernel's (normed fp32 logits, K <= 576)");
     if (lm_small) {
         const int lgroups = (a.N + kLmRows * kGemvWarps - 1) / (kLmRows * kGemvWarps);  // blocks of 8 row groups
         const int lgrid = a.max_blocks > 0 && lgroups > a.max_blocks ? a.max_blocks : lgroups;
-        GemvLmArgs l;
+        GemvLmArgs l;  // without lm (launch_gemv): no seq_len write, the look-ahead on
         if (lm) l = *lm;
         static_cast<GemvArgs &>(l) = b;
-        l.l2_ahead = !(tuning() & kTuneNoLmAhead);
-        launch_pdl(lm_small_kernel<T>, lgrid, kGemvWarps * kWarp, (size_t)a.K * (4 + sizeof(T)), st, l);
+        launch_pdl(L, lm_small_kernel<T>, lgrid, kGemvWarps * kWarp, (size_t)a.K * (4 + sizeof(T)), l);
         return lgrid;
     }
     if (rope) {
@@ -588,50 +567,50 @@ static int launch_mode(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *r
                 throw std::runtime_error("gemv: fused RoPE needs a normed QKV with one row per warp (gemv_rope_fits)");
             GemvRopeArgs r = *rope;
             static_cast<GemvArgs &>(r) = b;
-            launch_pdl(gemv_kernel<T, kGemvStore, true, kUnrollSmall, kGemvWarpsOneRow, true>, grid,
-                       kGemvWarpsOneRow * kWarp, smem, st, r);
+            launch_pdl(L, gemv_kernel<T, kGemvStore, true, kUnrollSmall, kGemvWarpsOneRow, true>, grid,
+                       kGemvWarpsOneRow * kWarp, smem, r);
         } else {
             throw std::runtime_error("gemv: fused RoPE is for the store mode (QKV)");
         }
     } else if (fo) {
         GemvFoArgs f = *fo;
         static_cast<GemvArgs &>(f) = b;
-        if (one_row) launch_fo<T, MODE, kGemvWarpsOneRow>(large, grid, smem, st, f);
-        else launch_fo<T, MODE, kGemvWarps>(large, grid, smem, st, f);
+        if (one_row) launch_fo<T, MODE, kGemvWarpsOneRow>(large, grid, smem, L, f);
+        else launch_fo<T, MODE, kGemvWarps>(large, grid, smem, L, f);
     } else if (one_row) {
-        launch_w<T, MODE, kGemvWarpsOneRow>(norm, large, grid, smem, st, b);
+        launch_w<T, MODE, kGemvWarpsOneRow>(norm, large, grid, smem, L, b);
     } else {
-        launch_w<T, MODE, kGemvWarps>(norm, large, grid, smem, st, b);
+        launch_w<T, MODE, kGemvWarps>(norm, large, grid, smem, L, b);
     }
     return grid;
 }
 
 template <typename T>
-static int launch_t(const GemvArgs &a, cudaStream_t st, const GemvRopeArgs *rope, const GemvFoArgs *fo,
+static int launch_t(const GemvArgs &a, const Launch &L, const GemvRopeArgs *rope, const GemvFoArgs *fo,
                     const GemvLmArgs *lm) {
     switch (a.mode) {
-        case kGemvStore: return launch_mode<T, kGemvStore>(a, st, rope, fo, lm);
-        case kGemvResid: return launch_mode<T, kGemvResid>(a, st, rope, fo, lm);
-        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, st, rope, fo, lm);
-        case kGemvF32: return launch_mode<T, kGemvF32>(a, st, rope, fo, lm);
+        case kGemvStore: return launch_mode<T, kGemvStore>(a, L, rope, fo, lm);
+        case kGemvResid: return launch_mode<T, kGemvResid>(a, L, rope, fo, lm);
+        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, L, rope, fo, lm);
+        case kGemvF32: return launch_mode<T, kGemvF32>(a, L, rope, fo, lm);
         default: throw std::runtime_error("gemv: bad mode");
     }
 }
 
-static int launch_any(const GemvArgs &a, int dtype, cudaStream_t st, const GemvRopeArgs *rope,
+static int launch_any(const GemvArgs &a, int dtype, const Launch &L, const GemvRopeArgs *rope,
                       const GemvFoArgs *fo = nullptr, const GemvLmArgs *lm = nullptr) {
     if (a.K % 8 != 0) throw std::runtime_error("gemv: K must be a multiple of 8");
     if ((size_t)a.K * 2 * (a.norm_w ? 2 : 1) > (size_t)kGemvMaxSmem)
         throw std::runtime_error("gemv: K too large for shared memory");
     if (a.amax_part && a.mode != kGemvF32) throw std::runtime_error("gemv: amax_part needs the fp32 logits mode");
-    return dtype == kF16 ? launch_t<half>(a, st, rope, fo, lm) : launch_t<__nv_bfloat16>(a, st, rope, fo, lm);
+    return dtype == kF16 ? launch_t<half>(a, L, rope, fo, lm) : launch_t<__nv_bfloat16>(a, L, rope, fo, lm);
 }
 
-int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, nullptr); }
-int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, &a); }
-int launch_gemv_fo(const GemvFoArgs &a, int dtype, cudaStream_t st) { return launch_any(a, dtype, st, nullptr, &a); }
-int launch_gemv_lm(const GemvLmArgs &a, int dtype, cudaStream_t st) {
-    return launch_any(a, dtype, st, nullptr, nullptr, &a);
+int launch_gemv(const GemvArgs &a, int dtype, const Launch &L) { return launch_any(a, dtype, L, nullptr); }
+int launch_gemv_rope(const GemvRopeArgs &a, int dtype, const Launch &L) { return launch_any(a, dtype, L, &a); }
+int launch_gemv_fo(const GemvFoArgs &a, int dtype, const Launch &L) { return launch_any(a, dtype, L, nullptr, &a); }
+int launch_gemv_lm(const GemvLmArgs &a, int dtype, const Launch &L) {
+    return launch_any(a, dtype, L, nullptr, nullptr, &a);
 }
 
 }  // namespace case4

@@ -16,14 +16,21 @@ static constexpr size_t kMaxSamples = 100000;
 static constexpr size_t kMaxPool = 8;   // recycled execs kept for cudaGraphExecUpdate
 static constexpr int kGenLag = 4;       // generate(): steps the host may run ahead of the GPU
 
-#define CASE4_CUBLAS_OK(expr)                                                              \
-    do {                                                                                   \
-        if ((expr) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cuBLAS call failed: " #expr); \
-    } while (0)
+const char *graph_mode_name(GraphMode m) {
+    switch (m) {
+        case GraphMode::none: return "none";
+        case GraphMode::exact: return "exact";
+        case GraphMode::dynamic: return "dynamic";
+    }
+    return "?";
+}
 
-Engine::Engine(const Plan &plan, const std::string &mode) : plan_(plan), mode_(mode) {
-    if (mode != "none" && mode != "exact" && mode != "dynamic")
-        throw std::runtime_error("graph mode must be none, exact or dynamic");
+Engine::Engine(const Plan &plan, GraphMode mode, const EngineOptions &options)
+    : plan_(plan), mode_(mode), opts_(options) {
+    if (mode != GraphMode::none && mode != GraphMode::exact && mode != GraphMode::dynamic)
+        throw BadArgument("graph mode must be none, exact or dynamic");
+    if (opts_.pdl < kPdlOff || opts_.pdl > kPdlPreload)
+        throw BadArgument("pdl must be 0 (plain launches), 1 (PDL), 2 (+ L2 prefetch) or 3 (+ register preload)");
     plan_.validate();
     gemv_init(plan_.dtype);
     CASE4_CUDA_CHECK(cudaStreamCreateWithFlags(&replay_, cudaStreamNonBlocking));
@@ -34,12 +41,12 @@ Engine::Engine(const Plan &plan, const std::string &mode) : plan_(plan), mode_(m
     if (plan_.use_cublas) {  // one handle per stream; workspace set after the stream
         CASE4_CUDA_CHECK(cudaMalloc(&ws_replay_, kBlasWorkspace));
         CASE4_CUDA_CHECK(cudaMalloc(&ws_capture_, kBlasWorkspace));
-        CASE4_CUBLAS_OK(cublasCreate(&blas_replay_));
-        CASE4_CUBLAS_OK(cublasSetStream(blas_replay_, replay_));
-        CASE4_CUBLAS_OK(cublasSetWorkspace(blas_replay_, ws_replay_, kBlasWorkspace));
-        CASE4_CUBLAS_OK(cublasCreate(&blas_capture_));
-        CASE4_CUBLAS_OK(cublasSetStream(blas_capture_, capture_));
-        CASE4_CUBLAS_OK(cublasSetWorkspace(blas_capture_, ws_capture_, kBlasWorkspace));
+        CASE4_CUBLAS_CHECK(cublasCreate(&blas_replay_));
+        CASE4_CUBLAS_CHECK(cublasSetStream(blas_replay_, replay_));
+        CASE4_CUBLAS_CHECK(cublasSetWorkspace(blas_replay_, ws_replay_, kBlasWorkspace));
+        CASE4_CUBLAS_CHECK(cublasCreate(&blas_capture_));
+        CASE4_CUBLAS_CHECK(cublasSetStream(blas_capture_, capture_));
+        CASE4_CUBLAS_CHECK(cublasSetWorkspace(blas_capture_, ws_capture_, kBlasWorkspace));
     }
     lag_events_.resize(2 * kGenLag);
     for (auto &e : lag_events_) CASE4_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
@@ -69,12 +76,12 @@ void Engine::trace(const char *name, const char *tid, double t0, double t1) {
 
 // ------------------------------------------------------------------ session state
 void Engine::set_token(int s, int token) {
-    if (s < 0 || s >= plan_.sessions) throw std::runtime_error("session out of range");
+    check_session(s, plan_.sessions, "set_token");
     launch_set_int(plan_.token_dev + s, token, replay_);
 }
 
 void Engine::set_seq_len(int s, int n) {
-    if (s < 0 || s >= plan_.sessions) throw std::runtime_error("session out of range");
+    check_session(s, plan_.sessions, "set_seq_len");
     launch_set_int(plan_.seq_len_dev + s, n, replay_);
     std::vector<cudaGraphExec_t> dead;
     {
@@ -87,7 +94,7 @@ void Engine::set_seq_len(int s, int n) {
 }
 
 void Engine::set_params(int s, float temperature, int top_k, float top_p, unsigned long long seed, int enabled) {
-    if (s < 0 || s >= plan_.sessions) throw std::runtime_error("session out of range");
+    check_session(s, plan_.sessions, "set_params");
     SampleParams p;
     p.temperature = temperature;
     p.top_k = top_k;
@@ -101,7 +108,7 @@ void Engine::set_params(int s, float temperature, int top_k, float top_p, unsign
 void Engine::eager(int s, int T, int token) {
     const double t0 = now_us();
     if (token >= 0) set_token(s, token);
-    enqueue_step(plan_, s, T, replay_, blas_replay_);
+    step(s, T, replay_, blas_replay_);
     const double t1 = now_us();
     std::vector<cudaGraphExec_t> dead;
     {
@@ -116,9 +123,9 @@ void Engine::eager(int s, int T, int token) {
 
 void Engine::replay(int s, int T, int token) {
     nvtx3::scoped_range nvtx_range{"case4 replay"};
-    if (s < 0 || s >= plan_.sessions) throw std::runtime_error("session out of range");
-    if (mode_ == "none") { eager(s, T, token); return; }
-    if (mode_ == "dynamic") {
+    check_session(s, plan_.sessions, "replay");
+    if (mode_ == GraphMode::none) { eager(s, T, token); return; }
+    if (mode_ == GraphMode::dynamic) {
         if (token >= 0) set_token(s, token);
         run_dynamic(s, 1);
         std::lock_guard<std::mutex> lk(mu_);
@@ -149,7 +156,7 @@ void Engine::replay(int s, int T, int token) {
 }
 
 void Engine::generate(int s, int T0, int steps, int k) {
-    if (mode_ == "dynamic" && k > 1) {
+    if (mode_ == GraphMode::dynamic && k > 1) {
         int done = 0;
         while (steps - done >= k) {
             run_dynamic(s, k);
@@ -190,6 +197,24 @@ void Engine::run_dynamic(int s, int k) {
     trace("replay_dynamic", "replay", t0, now_us());
 }
 
+int Engine::sample(int s, int position, float temperature, int top_k, float top_p, unsigned long long seed) {
+    check_session(s, plan_.sessions, "sample");
+    if (position < 0) throw BadArgument("sample: position must be >= 0");
+    set_params(s, temperature, top_k, top_p, seed, 0);  // enabled 0: the session's steps do not sample after it
+    FinishArgs f;
+    f.logits = plan_.logits;
+    f.V = plan_.V;
+    f.pos = position;
+    f.params = plan_.params_dev + s;
+    f.token_dev = plan_.token_dev + s;
+    f.force_sample = 1;  // no amax partials (greedy reads the V logits), no seq_len, no ring
+    launch_finish(f, Launch{replay_, opts_.pdl, &ktrace_});
+    int tok = 0;
+    CASE4_CUDA_CHECK(cudaMemcpyAsync(&tok, plan_.token_dev + s, sizeof(int), cudaMemcpyDeviceToHost, replay_));
+    sync();
+    return tok;
+}
+
 void Engine::fetch_logits(uintptr_t host_dst) {
     CASE4_CUDA_CHECK(cudaMemcpyAsync((void *)host_dst, plan_.logits, sizeof(float) * plan_.V,
                                      cudaMemcpyDeviceToHost, replay_));
@@ -197,6 +222,7 @@ void Engine::fetch_logits(uintptr_t host_dst) {
 }
 
 void Engine::fetch_ring(int s, uintptr_t host_dst) {
+    check_session(s, plan_.sessions, "fetch_ring");
     CASE4_CUDA_CHECK(cudaMemcpyAsync((void *)host_dst, plan_.ring + (size_t)s * plan_.ring_len,
                                      sizeof(int) * plan_.ring_len, cudaMemcpyDeviceToHost, replay_));
     sync();
@@ -236,7 +262,7 @@ bool Engine::capture(int s, int T, int k, cudaGraphExec_t *out, std::string *err
     cudaError_t e = cudaStreamBeginCapture(capture_, cudaStreamCaptureModeThreadLocal);
     if (e != cudaSuccess) { *err = cudaGetErrorString(e); return false; }
     try {
-        for (int i = 0; i < k; ++i) enqueue_step(plan_, s, T, capture_, blas_capture_);
+        for (int i = 0; i < k; ++i) step(s, T, capture_, blas_capture_);
     } catch (const std::exception &ex) {
         *err = ex.what();
         cudaStreamEndCapture(capture_, &g);
@@ -288,7 +314,8 @@ bool Engine::capture(int s, int T, int k, cudaGraphExec_t *out, std::string *err
 }
 
 void Engine::prepare_dynamic(int s, int k) {
-    if (s < 0 || s >= plan_.sessions || k < 1) throw std::runtime_error("prepare_dynamic: bad session or k");
+    check_session(s, plan_.sessions, "prepare_dynamic");
+    if (k < 1) throw BadArgument("prepare_dynamic: k must be >= 1");
     {
         std::lock_guard<std::mutex> lk(mu_);
         if (graphs_.count({s, -k})) return;
@@ -368,9 +395,10 @@ void Engine::bg_loop() {
 }
 
 void Engine::bg_capture_start(int s, int window) {
-    if (mode_ != "exact") throw std::runtime_error("background capture needs graph mode exact (mode is " + mode_ + ")");
-    if (s < 0 || s >= plan_.sessions) throw std::runtime_error("session out of range");
-    if (window < 1) throw std::runtime_error("window must be >= 1");
+    if (mode_ != GraphMode::exact)
+        throw BadArgument(std::string("background capture needs graph mode exact (mode is ") + graph_mode_name(mode_) + ")");
+    check_session(s, plan_.sessions, "bg_capture_start");
+    if (window < 1) throw BadArgument("window must be >= 1");
     {
         std::lock_guard<std::mutex> lk(mu_);
         window_[s] = window;
@@ -383,7 +411,6 @@ void Engine::bg_capture_start(int s, int window) {
 }
 
 void Engine::bg_capture_stop(int s) {
-    std::vector<cudaGraphExec_t> dead;
     bool any = false;
     {
         std::lock_guard<std::mutex> lk(mu_);
@@ -397,18 +424,17 @@ void Engine::bg_capture_stop(int s) {
         cv_.notify_all();
         bg_.join();
     }
-    (void)dead;
 }
 
 void Engine::wait_precapture(int s, int count, double timeout_s) {
-    if (mode_ != "exact") return;  // nothing to wait for
-    if (s < 0 || s >= plan_.sessions) throw std::runtime_error("session out of range");
+    if (mode_ != GraphMode::exact) return;  // nothing to wait for
+    check_session(s, plan_.sessions, "wait_precapture");
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
     std::unique_lock<std::mutex> lk(mu_);
     if (window_[s] <= 0 || !bg_.joinable())
-        throw std::runtime_error("wait_precapture: background capture is not running for session " + std::to_string(s));
+        throw BadArgument("wait_precapture: background capture is not running for session " + std::to_string(s));
     if (count > window_[s])
-        throw std::runtime_error("wait_precapture: count " + std::to_string(count) + " exceeds the window " +
+        throw BadArgument("wait_precapture: count " + std::to_string(count) + " exceeds the window " +
                                  std::to_string(window_[s]));
     for (;;) {
         const int hi = std::min(cur_[s] + count, plan_.max_seq);
@@ -417,7 +443,7 @@ void Engine::wait_precapture(int s, int count, double timeout_s) {
             if (graphs_.count({s, T}) || failed_.count({s, T})) ++ready;
         if (ready >= hi - cur_[s]) return;
         if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
-            throw std::runtime_error("wait_precapture: timed out after " + std::to_string(timeout_s) + " s with " +
+            throw PrecaptureTimeout("wait_precapture: timed out after " + std::to_string(timeout_s) + " s with " +
                                      std::to_string(ready) + " of " + std::to_string(hi - cur_[s]) + " graphs ready");
         }
     }
@@ -462,6 +488,12 @@ std::vector<std::tuple<std::string, std::string, double, double>> Engine::trace_
     out.reserve(trace_.size());
     for (auto &e : trace_) out.emplace_back(e.name, e.tid, e.ts_us, e.dur_us);
     return out;
+}
+
+std::vector<std::string> Engine::kernel_trace_names(int lo, int hi) const {
+    std::vector<std::string> v;
+    for (int i = lo; i < hi; ++i) v.emplace_back(i >= 0 && i < (int)ktrace_.names.size() ? ktrace_.names[i] : "");
+    return v;
 }
 
 std::string Engine::last_error() {

@@ -1,10 +1,11 @@
 // graphs.h -- the Engine: streams, cuBLAS handles, the graph cache and its capture thread.
 //
-// Modes: "none" (eager launches), "exact" (one graph per (session, T), captured ahead by a
+// Modes (GraphMode): none (eager launches), exact (one graph per (session, T), captured ahead by a
 // background thread in thread-local capture mode on the capture stream, replayed on the
-// replay stream; a T not ready runs eagerly and counts a miss) and "dynamic" (one graph per
+// replay stream; a T not ready runs eagerly and counts a miss) and dynamic (one graph per
 // (session, K steps) whose kernels read T from seq_len_dev). Every public method is called
-// from Python with the GIL released.
+// from Python with the GIL released. Each Engine holds its own EngineOptions (step.h) and kernel
+// timeline; nothing it launches reads a process-global setting.
 #pragma once
 
 #include <atomic>
@@ -22,6 +23,9 @@
 
 namespace case4 {
 
+enum class GraphMode : int { none = 0, exact = 1, dynamic = 2 };
+const char *graph_mode_name(GraphMode m);
+
 struct TraceEvent {
     std::string name, tid;
     double ts_us, dur_us;
@@ -29,7 +33,7 @@ struct TraceEvent {
 
 class Engine {
 public:
-    Engine(const Plan &plan, const std::string &mode);
+    Engine(const Plan &plan, GraphMode mode, const EngineOptions &options);
     ~Engine();
 
     // session state (enqueued on the replay stream)
@@ -40,6 +44,9 @@ public:
     void eager(int s, int T, int token);              // one eager step (token < 0: keep token_dev[s])
     void replay(int s, int T, int token);             // the step of the engine's mode
     void generate(int s, int T0, int steps, int k);   // steps on the device, device sampling on
+    // device sampling of the logits in the scratch (the last prefill's, step's or replay's) at RNG position
+    // `position`, whatever the session's params: token_dev[s] := the token (the next step's input), returned
+    int sample(int s, int position, float temperature, int top_k, float top_p, unsigned long long seed);
     void fetch_logits(uintptr_t host_dst);            // D2H of the fp32 logits, then wait
     void fetch_ring(int s, uintptr_t host_dst);       // D2H of session s's token ring, then wait
     void sync();                                      // wait for the replay stream
@@ -56,7 +63,11 @@ public:
     std::string last_error();
     void close();
 
-    uintptr_t replay_stream() const { return (uintptr_t)replay_; }
+    const EngineOptions &options() const { return opts_; }
+    // kernel timeline (timing tool; ops.h KernelTrace): launches enqueued or captured from now on take slots
+    void set_kernel_trace(uintptr_t buf, int n) { ktrace_.reset(buf, n); }
+    int kernel_trace_next() const { return ktrace_.next; }
+    std::vector<std::string> kernel_trace_names(int lo, int hi) const;
 
 private:
     using Key = std::pair<int, int>;
@@ -69,8 +80,14 @@ private:
     void retire(std::vector<cudaGraphExec_t> &dead);  // to the pool, or destroyed when it is full
     void run_dynamic(int s, int k);
 
+    void step(int s, int T, cudaStream_t st, cublasHandle_t blas) {
+        enqueue_step(plan_, opts_, s, T, st, blas, &ktrace_);
+    }
+
     Plan plan_;
-    std::string mode_;
+    GraphMode mode_;
+    EngineOptions opts_;
+    KernelTrace ktrace_;
     cudaStream_t replay_ = nullptr, capture_ = nullptr;
     cublasHandle_t blas_replay_ = nullptr, blas_capture_ = nullptr;
     void *ws_replay_ = nullptr, *ws_capture_ = nullptr;

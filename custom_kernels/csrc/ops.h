@@ -1,9 +1,13 @@
 // ops.h -- host-side launchers of the decode kernels (one .cu per op family).
-// Plain C++ header: included by step.cu, graphs.cpp and bindings.cpp.
+// Plain C++ header: included by every .cu, step.h, graphs.cpp and bindings.cpp; the only interface between
+// the source files (docs/kernels.md).
 #pragma once
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <string>
+#include <vector>
 
 namespace case4 {
 
@@ -11,41 +15,37 @@ constexpr int kSplitLen = 64;  // KV positions per flash-decoding split (attenti
 constexpr int kMaxGroup = 8;   // max query heads per KV head (attention.cu)
 enum DType : int { kF16 = 0, kBF16 = 1 };
 
-// ------------------------------------------------------------------ kernel timeline (step.cu)
-// Opt-in per-launch timing: `buf` holds n slots of kKtraceSlot uint64, one per launch, each a record of
-// kKtraceRec words per block (see ktrace in common.cuh); each launch enqueued (or captured) afterwards takes the
-// next slot and its name is recorded. buf = 0 turns it off. Timing tool only (tests/gpu/quick_timing.py
-// --timeline). Record: 0 start, 1 past the wait, 2-11 phase ends (attention), 12 + w warp w's end.
+// ------------------------------------------------------------------ how a launcher enqueues
+// Opt-in per-launch timing (Engine::set_kernel_trace; timing tool only, tests/gpu/quick_timing.py --timeline):
+// `buf` holds n slots of kKtraceSlot uint64, one per launch, each a record of kKtraceRec words per block (see
+// ktrace in common.cuh); each launch enqueued (or captured) afterwards takes the next slot and its name is
+// recorded. buf = 0 turns it off. Record: 0 start, 1 past the wait, 2-11 phase ends (attention), 12 + w warp w's end.
 constexpr int kKtraceBlocks = 544;  // blocks recorded per launch (lm_head's grid: 4 per SM, 132 SMs)
 constexpr int kKtraceRec = 48;      // 12 + up to 32 warps (finish: 1024 threads), padded
 constexpr size_t kKtraceSlot = (size_t)kKtraceBlocks * kKtraceRec;
-void set_kernel_trace(uintptr_t buf, int n);
-unsigned long long *ktrace_slot(const char *fmt, int a = 0, int b = 0, int c = 0);
-int kernel_trace_next();
-const char *kernel_trace_name(int i);
-
-// ------------------------------------------------------------------ tuning switches (step.cu)
-// A/B switches read by the launchers at enqueue (capture) time, for timing runs
-// (tests/gpu/quick_timing.py); 0 = the defaults, which are the measured best
-// (docs/performance.md, log entry 10).
-enum TuneBit : int {
-    kTuneNoNormPreload = 8,    // gemv: norm weights loaded after the wait (default: cp.async before it)
-    kTuneNoResidPreload = 16,  // gemv: residual read in the epilogue (default: right after the wait)
-    kTuneAttnPerKvHead = 32,   // attention: one block row per KV head's group (default: per query head)
-    kTuneNoLmArgmax = 64,      // greedy: argmax over the V logits in finish (default: lm_head's per-block partials)
-    kTunePreAll = 512,         // gemv: every block preloads its first chunk (default: half of them after a
-                               // long weight stream; step.cu, GemvArgs::pre_eighths)
-    kTuneAttnSplitEach = 1024, // attention: a block per block-chunk from 2 block-chunks on (default: one block
-                               // loops over up to kAttnChunksPerBlock of them; attention.cu)
-    kTuneNoQkvRope = 4096,     // RoPE in the attention kernel (default: in the QKV gemv where gemv_rope_fits)
-    kTuneNoAttnO = 8192,       // O as its own gemv (default: fused into attention where attn_o_parts > 0)
-    kTuneNoLmSmall = 16384,    // lm_head of K <= 576 in gemv_kernel's layout (default: lm_small_kernel, gemv.cu)
-    kTuneNoLmSeq = 32768,      // finish writes seq_len and lets the next step launch after that (default: lm_head writes
-                               // it, finish lets the next step launch right after its wait; GemvLmArgs::seq_len_dev)
-    kTuneNoLmAhead = 65536,    // lm_small_kernel without the L2 look-ahead (default: GemvLmArgs::l2_ahead)
+struct KernelTrace {
+    unsigned long long *buf = nullptr;
+    int n = 0, next = 0;
+    std::vector<std::string> names;
+    void reset(uintptr_t b, int count);
+    unsigned long long *slot(const char *fmt, int a = 0, int b = 0, int c = 0);  // nullptr when off or full
 };
-void set_tuning(int bits);
-int tuning();
+
+// Programmatic dependent launch level (EngineOptions::pdl, CASE4_PDL): 0 plain launches, 1 PDL, 2 PDL + each gemv
+// warp's first weight row requested towards L2 before the wait, 3 PDL + its first chunk loaded into registers
+// before the wait (the default; gemv.cu, GemvArgs::prefetch). Level 2 measured: SmolLM2 ~1 % faster, 7B ~7 % slower
+// (the prefetched lines are evicted by the running kernel's stream); level 3 has nothing to evict.
+enum PdlLevel : int { kPdlOff = 0, kPdlOn = 1, kPdlL2 = 2, kPdlPreload = 3 };
+
+// Every launcher that uses launch_pdl (common.cuh) takes one: the stream, the PDL level and the timeline.
+struct Launch {
+    cudaStream_t st = nullptr;
+    int pdl = kPdlPreload;
+    KernelTrace *trace = nullptr;  // off: nullptr
+    unsigned long long *slot(const char *fmt, int a = 0, int b = 0, int c = 0) const {
+        return trace ? trace->slot(fmt, a, b, c) : nullptr;
+    }
+};
 
 // ------------------------------------------------------------------ gemv.cu
 enum GemvMode : int {
@@ -78,11 +78,9 @@ struct GemvArgs {
     float eps = 1e-5f;
     signed char mode = kGemvStore;
     signed char round_logits = 1;  // kGemvF32: round through the dtype first (as HF's fp16 lm_head)
-    signed char prefetch = 0;    // set by the launcher: 1 L2 prefetch (set_pdl 2), 2 register preload (set_pdl 3)
+    signed char prefetch = 0;    // set by the launcher from Launch::pdl: 1 L2 prefetch (kPdlL2), 2 register preload
+                                 // (kPdlPreload)
     signed char pre_eighths = 8;  // with prefetch 2: only the first pre_eighths / 8 of the blocks preload
-    signed char evict_first = 1;  // set by the launcher (set_gemv_l2): weight loads with L2 evict_first
-    signed char norm_pre = 1;    // set by the launcher: norm weights cp.async'd to shared memory before the wait
-    signed char resid_pre = 1;   // set by the launcher: residual of the first row read right after the wait
 };
 // The kernels after a fused attention + O (AttnArgs::o_parts; launch_gemv_fo). gate|up (normed, K <= 1024):
 // its input is x + O, O = round(o_sum[K] * 2^-kOFixShift) (the attention blocks' fixed-point sums), and
@@ -108,15 +106,16 @@ struct GemvRopeArgs : GemvArgs {
 // partners 8-aligned, a head a whole number of 16-row blocks, one row per warp (N <= 8 * max_blocks), K <= 1024
 bool gemv_rope_fits(int N, int K, int D, int R, int max_blocks);
 void gemv_init(int dtype);
-void set_pdl(int mode);  // 0 plain, 1 programmatic dependent launch, 2 + L2 weight prefetch, 3 + register preload
-void set_gemv_l2(int evict_first);  // weight loads with the L2 evict_first policy (default 1)
-int launch_gemv(const GemvArgs &a, int dtype, cudaStream_t st);  // returns the grid size
-int launch_gemv_rope(const GemvRopeArgs &a, int dtype, cudaStream_t st);  // QKV + RoPE (gemv_rope_fits)
-int launch_gemv_fo(const GemvFoArgs &a, int dtype, cudaStream_t st);  // gate|up or down after a fused O
+// Every gemv kernel loads its weights with the L2 evict_first policy, copies the norm weights to shared memory
+// (cp.async) before its wait and reads the residual of a warp's first row right after it (performance.md log
+// entries 5 and 10).
+int launch_gemv(const GemvArgs &a, int dtype, const Launch &L);  // returns the grid size
+int launch_gemv_rope(const GemvRopeArgs &a, int dtype, const Launch &L);  // QKV + RoPE (gemv_rope_fits)
+int launch_gemv_fo(const GemvFoArgs &a, int dtype, const Launch &L);  // gate|up or down after a fused O
 // lm_head (kGemvF32). seq_len_dev (lm_small_kernel only): block 0 writes seq_len_dev := T + 1 after its wait, when
 // every earlier kernel of the step has completed (T = pos or *pos_dev, read before the wait like attention's), so
 // that finish can let the next step launch as soon as it passes its own wait (FinishArgs::seq_advanced).
-// l2_ahead (lm_small_kernel; the launcher sets it, tuning kTuneNoLmAhead clears it): each warp requests its next
+// l2_ahead (lm_small_kernel; EngineOptions::lm_head_l2_ahead, default on; launch_gemv sets it): each warp requests its next
 // row group towards L2 (one bulk prefetch of 4 rows) before it multiplies the current one, so the DRAM streams
 // the next pass while the warp's registers still hold this one (performance.md log entry 35).
 struct GemvLmArgs : GemvArgs {
@@ -125,9 +124,9 @@ struct GemvLmArgs : GemvArgs {
     int pos = 0;
     signed char l2_ahead = 1;
 };
-int launch_gemv_lm(const GemvLmArgs &a, int dtype, cudaStream_t st);
+int launch_gemv_lm(const GemvLmArgs &a, int dtype, const Launch &L);
 // launch_gemv / launch_gemv_lm run this gemv (its GemvArgs part) as lm_small_kernel: normed fp32 logits, K <= 576,
-// no embedding gather, tuning kTuneNoLmSmall clear
+// no embedding gather
 bool lm_small_runs(const GemvArgs &a);
 
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
@@ -157,6 +156,8 @@ struct AttnArgs {
     void *ctx = nullptr;         // out [Hq * D] dtype
     int sm_count = 0;            // SMs of the device: at most max(1, sm_count / Hkv) blocks per KV head
     int heads_per_block = 0;     // set by the launcher: query heads per block (attn_heads_per_block)
+    int per_kv_head = 0;         // 1: one block row per KV head's group for every group size (EngineOptions::
+                                 // attn_per_kv_head; default: per query head for groups of up to 4)
     int solo_len = 0;            // set by the launcher: up to this many positions one block takes them all
     int prerotated = 0;          // 1: q and k in qkv are already rotated (the QKV gemv's fused RoPE)
     // O fused (o_parts > 0, one query head per block, attn_o_parts): block row x = part * Hq + head; after its
@@ -169,7 +170,7 @@ struct AttnArgs {
     unsigned long long *o_sum = nullptr;  // [H] int64, 2^-kOFixShift units; zero before the kernel
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
-void launch_attention(const AttnArgs &a, int dtype, cudaStream_t st);
+void launch_attention(const AttnArgs &a, int dtype, const Launch &L);
 // Parts of O's rows per query head when O is fused into attention (0: not fused): small W_o (<= 4 MiB),
 // one query head per block, H <= 1024 (the consumer gemv's one-vector-per-thread staging) and a part's rows
 // for each warp in registers; at least 32 blocks in all, at most kMaxOParts parts
@@ -200,21 +201,19 @@ struct FinishArgs {
     int V = 0;
     const int2 *amax_part = nullptr;  // optional: lm_head's per-block argmax (GemvArgs::amax_part) ...
     int amax_n = 0;                   // ... of amax_n blocks: greedy picks from these, not from V logits
-    int pos = 0;                 // T of this step (host) ...
-    const int *pos_dev = nullptr;   // ... or on the device
-    int *seq_len_dev = nullptr;  // seq_len_dev[s] := T + 1
+    int pos = 0;                 // T of this step (host) ... (also the sampled token's RNG position, as in
+    const int *pos_dev = nullptr;   // ... or on the device       client/sampler.py)
+    int *seq_len_dev = nullptr;  // optional: seq_len_dev[s] := T + 1
     const SampleParams *params = nullptr;
     int *token_dev = nullptr;    // next input token (written when sampling)
-    int *ring = nullptr;         // [ring_len] sampled tokens, index (T + 1) % ring_len
+    int *ring = nullptr;         // optional: [ring_len] sampled tokens, index (T + 1) % ring_len
     int ring_len = 0;
-    int force_sample = 0;        // 1: sample even if params->enabled == 0 (kernel tests)
+    int force_sample = 0;        // 1: sample even if params->enabled == 0 (kernel tests, Engine::sample)
     int seq_advanced = 0;        // 1: lm_head has written seq_len_dev := T + 1 (GemvLmArgs::seq_len_dev)
     unsigned long long *trace = nullptr;  // set by the launcher: timeline slot (off: nullptr)
 };
-void launch_finish(const FinishArgs &a, cudaStream_t st);
+void launch_finish(const FinishArgs &a, const Launch &L);
 void launch_set_int(int *dst, int value, cudaStream_t st);
 void launch_set_params(SampleParams *dst, SampleParams value, cudaStream_t st);
-// position used for the RNG of the token sampled at step T (shared with client/sampler.py)
-int sample_rng_position(int T);
 
 }  // namespace case4

@@ -162,7 +162,7 @@ __device__ int block_sample(const float *logits, int V, const SampleParams &p, l
 // (which has completed once this kernel passes its wait) wrote it, so the trigger comes right after the
 // wait; otherwise this kernel writes it first. Sampling itself still overlaps the next step's weight
 // preloads.
-__global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, int rng_offset) {
+__global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a) {
     ktrace(a.trace, 0);
     pdl_wait();
     ktrace(a.trace, 1);
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, in
     SampleParams p{};
     if (a.params) p = *a.params;
     if (a.force_sample || (a.params && p.enabled)) {
-        const int raw = p.temperature > 0.f ? block_sample(a.logits, a.V, p, (long long)pos + rng_offset)
+        const int raw = p.temperature > 0.f ? block_sample(a.logits, a.V, p, (long long)pos)
                         : a.amax_part       ? part_argmax(a.amax_part, a.amax_n)
                                             : block_argmax(a.logits, a.V);
         // all-NaN logits have no maximum: token 0 keeps the next step's embedding gather in bounds
@@ -196,14 +196,12 @@ __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a, in
     ktrace_end(a.trace);
 }
 
-// The RNG position of the token sampled by the step at position T. Backend.generate
-// (server/backends.py) draws it with position = seq_len before the step = T.
-int sample_rng_position(int T) { return T; }
-
-void launch_finish(const FinishArgs &a, cudaStream_t st) {
+// The token sampled by the step at position T draws with RNG position T, as Backend.generate's host sampler
+// does with position = seq_len before the step (client/sampler.py).
+void launch_finish(const FinishArgs &a, const Launch &L) {
     FinishArgs b = a;
-    b.trace = ktrace_slot("finish");
-    launch_pdl(finish_kernel, dim3(1), dim3(kSampleThreads), 0, st, b, sample_rng_position(0));
+    b.trace = L.slot("finish");
+    launch_pdl(L, finish_kernel, dim3(1), dim3(kSampleThreads), 0, b);
 }
 
 __global__ void set_int_kernel(int *dst, int v) { *dst = v; }

@@ -9,6 +9,9 @@
 // instead where it is lm_small_kernel: GemvLmArgs).
 // The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x).
 // cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues.
+// One function per layer's kernels (custom_layer, cublas_layer) and one for the head (custom_head, cublas_head);
+// step_pos chooses every launch's position (T, or seq_len_dev[s] when dynamic). The options (EngineOptions,
+// step.h) come from the Engine.
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -18,14 +21,6 @@
 #include "step.h"
 
 namespace case4 {
-
-#define CASE4_CUBLAS_CHECK(expr)                                                                  \
-    do {                                                                                          \
-        cublasStatus_t st__ = (expr);                                                             \
-        if (st__ != CUBLAS_STATUS_SUCCESS)                                                        \
-            throw std::runtime_error(std::string("cuBLAS error ") + std::to_string((int)st__) +  \
-                                     " at " __FILE__ ":" + std::to_string(__LINE__));             \
-    } while (0)
 
 void Plan::validate() const {
     auto need = [](bool c, const char *what) {
@@ -44,6 +39,236 @@ void Plan::validate() const {
     need(!use_cublas || (xn && tmp), "cuBLAS path needs xn and tmp scratch");
 }
 
+// ---- kernel timeline (ops.h)
+void KernelTrace::reset(uintptr_t b, int count) {
+    buf = reinterpret_cast<unsigned long long *>(b);
+    n = b ? count : 0;
+    next = 0;
+    names.clear();
+}
+unsigned long long *KernelTrace::slot(const char *fmt, int a, int b, int c) {
+    if (!buf || next >= n) return nullptr;
+    char name[96];
+    snprintf(name, sizeof name, fmt, a, b, c);
+    names.emplace_back(name);
+    return buf + kKtraceSlot * (size_t)next++;
+}
+
+// The position of one step's kernels, chosen in one place for every launch (attention, the fused RoPE,
+// lm_head's seq_len write, finish): T >= 0 is a host constant baked into the launch (eager, exact graphs);
+// T < 0 means dynamic: the kernels read T from seq_len_dev[s] and attention's grid is sized for max_seq.
+struct StepPos {
+    int pos;           // T, or 0 (unused) when dynamic
+    const int *dev;    // seq_len_dev + s when dynamic, else nullptr
+    int grid_splits;   // attention's blocks along the split axis
+};
+static StepPos step_pos(const Plan &p, int s, int T) {
+    if (T < 0) return {0, p.seq_len_dev + s, p.max_splits};
+    return {T, nullptr, (T + 1 + kSplitLen - 1) / kSplitLen};
+}
+
+// One step's fixed inputs, shared by the per-layer functions
+struct Step {
+    const Plan &p;
+    const EngineOptions &o;
+    int s;
+    StepPos pos;
+    Launch L;
+};
+
+static AttnArgs attn_args(const Step &c, int l) {
+    const Plan &p = c.p;
+    AttnArgs a;
+    a.qkv = p.qkv;
+    a.k_cache = p.k_cache(c.s, l);
+    a.v_cache = p.v_cache(c.s, l);
+    a.rope_cos = p.rope_cos;
+    a.rope_sin = p.rope_sin;
+    a.rotary_dim = p.R;
+    a.Hq = p.Hq; a.Hkv = p.Hkv; a.D = p.D; a.max_seq = p.max_seq;
+    a.pos = c.pos.pos;
+    a.pos_dev = c.pos.dev;
+    a.grid_splits = c.pos.grid_splits;
+    a.part_acc = p.part_acc; a.part_ml = p.part_ml; a.max_splits = p.max_splits;
+    a.counters = p.counters;
+    a.ctx = p.ctx;
+    a.sm_count = p.sm_count;
+    a.per_kv_head = c.o.attn_per_kv_head ? 1 : 0;
+    return a;
+}
+
+// sampling and seq_len += 1 (unless lm_head advanced it); amax_n > 0: greedy picks from lm_head's per-block
+// argmax partials in tmp (custom_head)
+static void finish(const Step &c, int amax_n, bool seq_advanced) {
+    const Plan &p = c.p;
+    FinishArgs f;
+    f.seq_advanced = seq_advanced ? 1 : 0;
+    f.logits = p.logits;
+    f.V = p.V;
+    if (amax_n > 0) {
+        f.amax_part = reinterpret_cast<const int2 *>(p.tmp);
+        f.amax_n = amax_n;
+    }
+    f.pos = c.pos.pos;
+    f.pos_dev = c.pos.dev;
+    f.seq_len_dev = p.seq_len_dev + c.s;
+    f.params = p.params_dev + c.s;
+    f.token_dev = p.token_dev + c.s;
+    f.ring = p.ring + (size_t)c.s * p.ring_len;
+    f.ring_len = p.ring_len;
+    launch_finish(f, c.L);
+}
+
+// Timing ablation only (EngineOptions::step_skip; tests/gpu/quick_timing.py, docs/performance.md "where the gap
+// goes"): bit i drops kernel i of every layer (1 QKV, 2 attention, 4 O, 8 gate|up, 16 down; 32 lm_head); with
+// bit 64 each dropped kernel is replaced by an empty one-block PDL kernel, so the launch count stays the same.
+// The results are wrong; only the time is of interest. 0 = normal step.
+__global__ void noop_kernel() {
+    pdl_trigger();
+    pdl_wait();
+}
+
+static bool run_kernel(const Step &c, int bit) {
+    if (!(c.o.step_skip & bit)) return true;
+    if (c.o.step_skip & 64) launch_pdl(c.L, noop_kernel, 1, kWarp, 0);
+    return false;
+}
+
+constexpr size_t kPreLongStreamBytes = 16u << 20;  // "a long weight stream": >= 16 MiB (~5.6 us at 3 TB/s)
+
+// The custom path's per-step choices, made once for all layers
+struct Custom {
+    int max_blocks;
+    size_t b_o, b_gu, b_down;  // weight bytes of O, gate|up and down
+    bool rope_in_qkv;          // RoPE in the QKV gemv (performance.md log entry 29), else in attention
+    int o_parts;               // > 0: O fused into attention (attn_o_parts); gate|up then adds O to x (into xn)
+};
+static Custom custom_plan(const Step &c) {
+    const Plan &p = c.p;
+    Custom u;
+    u.max_blocks = p.sm_count * 4;
+    const size_t e = p.elem();
+    u.b_o = (size_t)p.H * p.Hq * p.D * e;
+    u.b_gu = (size_t)2 * p.I * p.H * e;
+    u.b_down = (size_t)p.H * p.I * e;
+    u.rope_in_qkv = c.o.rope_in_qkv && gemv_rope_fits(p.qkv_rows(), p.H, p.D, p.R, u.max_blocks);
+    u.o_parts = p.o_sum && p.xn && c.o.o_in_attention && !c.o.attn_per_kv_head
+                    ? attn_o_parts(p.H, p.Hq, p.Hkv, p.D) : 0;
+    return u;
+}
+
+// Weight preload before the wait (GemvArgs::pre_eighths): every block when the previous kernel moves few bytes
+// (attention, sampling, a small model's gemvs), half of them after a long weight stream: there the DRAM is busy
+// anyway, and a preload still in flight when that stream ends delays this kernel's wait release
+// (docs/performance.md, log entry 15)
+static signed char pre_eighths(size_t prev_bytes) { return prev_bytes < kPreLongStreamBytes ? 8 : 4; }
+
+static GemvArgs gemv_base(const Step &c, const Custom &u) {
+    GemvArgs g;
+    g.max_blocks = u.max_blocks;
+    g.eps = c.p.eps;
+    return g;
+}
+
+// Layer l of the custom path: norm + QKV (+ RoPE), attention (+ O), [O + residual], norm + gate|up + SwiGLU,
+// down + residual
+static void custom_layer(const Step &c, const Custom &u, int l) {
+    const Plan &p = c.p;
+    const LayerPtrs &w = p.layers[l];
+    const bool fo = u.o_parts > 0;
+
+    // norm + QKV (layer 0: gather the embedding row of token_dev[s] into x first)
+    GemvArgs g = gemv_base(c, u);
+    g.W = w.w_qkv; g.N = p.qkv_rows(); g.K = p.H;
+    g.x = l == 0 ? p.embed : p.x;
+    g.tok = l == 0 ? p.token_dev + c.s : nullptr;
+    g.x_out = l == 0 ? p.x : nullptr;
+    g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
+    g.pre_eighths = pre_eighths(l == 0 ? 0 : u.b_down);  // layer 0: after the sampling kernel
+    if (run_kernel(c, 1)) {
+        if (u.rope_in_qkv) {
+            GemvRopeArgs r;
+            static_cast<GemvArgs &>(r) = g;
+            r.rope_rows = (p.Hq + p.Hkv) * p.D;
+            r.rope_d = p.D;
+            r.rope_cos = p.rope_cos;
+            r.rope_sin = p.rope_sin;
+            r.pos = c.pos.pos;
+            r.pos_dev = c.pos.dev;
+            launch_gemv_rope(r, p.dtype, c.L);
+        } else {
+            launch_gemv(g, p.dtype, c.L);
+        }
+    }
+    // attention (RoPE unless the QKV gemv applied it; O's rows too where fused)
+    AttnArgs at = attn_args(c, l);
+    at.prerotated = u.rope_in_qkv ? 1 : 0;
+    if (fo) {
+        at.w_o = w.w_o; at.H = p.H; at.o_parts = u.o_parts; at.o_sum = p.o_sum;
+    }
+    if (run_kernel(c, 2)) launch_attention(at, p.dtype, c.L);
+    // O + residual (in place on x), unless fused
+    g = gemv_base(c, u);
+    g.W = w.w_o; g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
+    g.pre_eighths = pre_eighths(0);  // after attention
+    if (!fo && run_kernel(c, 4)) launch_gemv(g, p.dtype, c.L);
+    // norm + gate|up + SwiGLU (with O fused: its input is x + O, which block 0 stores in xn)
+    g = gemv_base(c, u);
+    g.W = w.w_gu; g.N = p.I; g.K = p.H; g.x = p.x; g.norm_w = w.mlp_norm; g.out = p.mlp; g.mode = kGemvSwiglu;
+    g.pre_eighths = pre_eighths(fo ? 0 : u.b_o);
+    GemvFoArgs f;
+    if (fo) {
+        g.x_out = p.xn;
+        static_cast<GemvArgs &>(f) = g;
+        f.o_sum = p.o_sum;
+    }
+    if (run_kernel(c, 8)) {
+        if (fo) launch_gemv_fo(f, p.dtype, c.L);
+        else launch_gemv(g, p.dtype, c.L);
+    }
+    // down + residual (x := down + x, or + xn with O fused)
+    g = gemv_base(c, u);
+    g.W = w.w_down; g.N = p.H; g.K = p.I; g.x = p.mlp; g.out = p.x; g.mode = kGemvResid;
+    g.pre_eighths = pre_eighths(u.b_gu);
+    f = GemvFoArgs{};
+    if (fo) {
+        static_cast<GemvArgs &>(f) = g;
+        f.resid = p.xn;
+        f.o_sum = p.o_sum;  // zeroed by block 0 for the next layer
+    }
+    if (run_kernel(c, 16)) {
+        if (fo) launch_gemv_fo(f, p.dtype, c.L);
+        else launch_gemv(g, p.dtype, c.L);
+    }
+}
+
+// The custom path's head: final norm + lm_head -> fp32 logits. Returns the number of lm_head blocks whose argmax
+// partials are in p.tmp (0: none); *seq_advanced: lm_head writes seq_len (GemvLmArgs::seq_len_dev), so finish
+// need not
+static int custom_head(const Step &c, const Custom &u, bool *seq_advanced) {
+    const Plan &p = c.p;
+    GemvLmArgs g;
+    static_cast<GemvArgs &>(g) = gemv_base(c, u);
+    g.pre_eighths = pre_eighths(u.b_down);
+    g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
+    g.mode = kGemvF32; g.round_logits = p.round_logits;
+    g.l2_ahead = c.o.lm_head_l2_ahead ? 1 : 0;
+    // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
+    const bool part = p.tmp && p.tmp_bytes() >= (size_t)u.max_blocks * sizeof(int2);
+    g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
+    g.x_out = part ? const_cast<void *>(p.embed) : nullptr;  // the winner's embedding row towards L2
+    if (!run_kernel(c, 32)) return 0;
+    // lm_head advances seq_len where it is lm_small_kernel (the launcher's rule, lm_small_runs)
+    *seq_advanced = c.o.lm_head_seq_len && lm_small_runs(g);
+    if (*seq_advanced) {
+        g.seq_len_dev = p.seq_len_dev + c.s;
+        g.pos = c.pos.pos;
+        g.pos_dev = c.pos.dev;
+    }
+    const int grid = launch_gemv_lm(g, p.dtype, c.L);
+    return part ? grid : 0;
+}
+
 // y[N] = W[N, K] x[K] through cuBLAS (W row-major = column-major [K, N], so op T)
 static void blas_gemv(cublasHandle_t h, int dtype, const void *W, const void *x, void *y, int N, int K) {
     const float one = 1.f, zero = 0.f;
@@ -52,228 +277,48 @@ static void blas_gemv(cublasHandle_t h, int dtype, const void *W, const void *x,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-static AttnArgs attn_args(const Plan &p, int s, int l, int T) {
-    AttnArgs a;
-    a.qkv = p.qkv;
-    a.k_cache = p.k_cache(s, l);
-    a.v_cache = p.v_cache(s, l);
-    a.rope_cos = p.rope_cos;
-    a.rope_sin = p.rope_sin;
-    a.rotary_dim = p.R;
-    a.Hq = p.Hq; a.Hkv = p.Hkv; a.D = p.D; a.max_seq = p.max_seq;
-    a.pos = T < 0 ? 0 : T;
-    a.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
-    a.grid_splits = T < 0 ? p.max_splits : (T + 1 + kSplitLen - 1) / kSplitLen;
-    a.part_acc = p.part_acc; a.part_ml = p.part_ml; a.max_splits = p.max_splits;
-    a.counters = p.counters;
-    a.ctx = p.ctx;
-    a.sm_count = p.sm_count;
-    return a;
+// Layer l of the cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues
+static void cublas_layer(const Step &c, int l, cublasHandle_t h) {
+    const Plan &p = c.p;
+    const LayerPtrs &w = p.layers[l];
+    cudaStream_t st = c.L.st;
+    launch_rmsnorm(l == 0 ? p.embed : p.x, l == 0 ? p.token_dev + c.s : nullptr, l == 0 ? p.x : nullptr,
+                   w.attn_norm, p.xn, p.H, p.eps, p.dtype, st);
+    blas_gemv(h, p.dtype, w.w_qkv, p.xn, p.qkv, p.qkv_rows(), p.H);
+    launch_attention(attn_args(c, l), p.dtype, c.L);
+    blas_gemv(h, p.dtype, w.w_o, p.ctx, p.tmp, p.H, p.Hq * p.D);
+    launch_resid_add(p.tmp, p.x, p.H, p.dtype, st);
+    launch_rmsnorm(p.x, nullptr, nullptr, w.mlp_norm, p.xn, p.H, p.eps, p.dtype, st);
+    blas_gemv(h, p.dtype, w.w_gu, p.xn, p.tmp, 2 * p.I, p.H);
+    launch_swiglu(p.tmp, p.mlp, p.I, p.dtype, st);
+    blas_gemv(h, p.dtype, w.w_down, p.mlp, p.tmp, p.H, p.I);
+    launch_resid_add(p.tmp, p.x, p.H, p.dtype, st);
 }
 
-static void finish(const Plan &p, int s, int T, cudaStream_t st, int amax_n, bool seq_advanced) {
-    FinishArgs f;
-    f.seq_advanced = seq_advanced ? 1 : 0;
-    f.logits = p.logits;
-    f.V = p.V;
-    if (amax_n > 0) {  // custom lm_head: its per-block argmax in tmp (step_custom)
-        f.amax_part = reinterpret_cast<const int2 *>(p.tmp);
-        f.amax_n = amax_n;
-    }
-    f.pos = T < 0 ? 0 : T;
-    f.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
-    f.seq_len_dev = p.seq_len_dev + s;
-    f.params = p.params_dev + s;
-    f.token_dev = p.token_dev + s;
-    f.ring = p.ring + (size_t)s * p.ring_len;
-    f.ring_len = p.ring_len;
-    launch_finish(f, st);
-}
-
-// ---- kernel timeline (ops.h)
-static unsigned long long *g_kt_buf = nullptr;
-static int g_kt_n = 0, g_kt_next = 0;
-static std::vector<std::string> g_kt_names;
-void set_kernel_trace(uintptr_t buf, int n) {
-    g_kt_buf = reinterpret_cast<unsigned long long *>(buf);
-    g_kt_n = buf ? n : 0;
-    g_kt_next = 0;
-    g_kt_names.clear();
-}
-unsigned long long *ktrace_slot(const char *fmt, int a, int b, int c) {
-    if (!g_kt_buf || g_kt_next >= g_kt_n) return nullptr;
-    char name[96];
-    snprintf(name, sizeof name, fmt, a, b, c);
-    g_kt_names.emplace_back(name);
-    return g_kt_buf + kKtraceSlot * (size_t)g_kt_next++;
-}
-int kernel_trace_next() { return g_kt_next; }
-const char *kernel_trace_name(int i) {
-    return i >= 0 && i < (int)g_kt_names.size() ? g_kt_names[i].c_str() : "";
-}
-
-static int g_tuning = 0;
-void set_tuning(int bits) { g_tuning = bits; }
-int tuning() { return g_tuning; }
-
-// Timing ablation only (tests/gpu/quick_timing.py, docs/performance.md "where the gap goes"):
-// bit i drops kernel i of every layer (1 QKV, 2 attention, 4 O, 8 gate|up, 16 down; 32 lm_head);
-// with bit 64 each dropped kernel is replaced by an empty one-block PDL kernel, so the launch
-// count stays the same. The results are wrong; only the time is of interest. 0 = normal step.
-static int g_step_skip = 0;
-void set_step_skip(int mask) { g_step_skip = mask; }
-
-__global__ void noop_kernel() {
-    pdl_trigger();
-    pdl_wait();
-}
-
-static bool run_kernel(int bit, cudaStream_t st) {
-    if (!(g_step_skip & bit)) return true;
-    if (g_step_skip & 64) launch_pdl(noop_kernel, 1, kWarp, 0, st);
-    return false;
-}
-
-constexpr size_t kPreLongStreamBytes = 16u << 20;  // "a long weight stream": >= 16 MiB (~5.6 us at 3 TB/s)
-
-// returns the number of lm_head blocks whose argmax partials are in p.tmp (0: none); *seq_advanced: lm_head
-// writes seq_len (GemvLmArgs::seq_len_dev), so finish need not
-static int step_custom(const Plan &p, int s, int T, cudaStream_t st, bool *seq_advanced) {
-    const int max_blocks = p.sm_count * 4;
-    // Weight preload before the wait (GemvArgs::pre_eighths): every block when the previous kernel
-    // moves few bytes (attention, sampling, a small model's gemvs), half of them after a long weight
-    // stream: there the DRAM is busy anyway, and a preload still in flight when that stream ends
-    // delays this kernel's wait release (docs/performance.md, log entry 15)
-    const size_t e = p.elem();
-    const size_t b_o = (size_t)p.H * p.Hq * p.D * e;
-    const size_t b_gu = (size_t)2 * p.I * p.H * e, b_down = (size_t)p.H * p.I * e;
-    auto pre_eighths = [](size_t prev_bytes) {
-        return tuning() & kTunePreAll || prev_bytes < kPreLongStreamBytes ? 8 : 4;
-    };
-    const bool rope_in_qkv = !(tuning() & kTuneNoQkvRope) && gemv_rope_fits(p.qkv_rows(), p.H, p.D, p.R, max_blocks);
-    // O fused into attention where the shape allows (attn_o_parts); gate|up then adds O to x
-    // (into xn, for down's residual)
-    const int o_parts = p.o_sum && p.xn && !(tuning() & (kTuneNoAttnO | kTuneAttnPerKvHead))
-                            ? attn_o_parts(p.H, p.Hq, p.Hkv, p.D) : 0;
-    for (int l = 0; l < p.L; ++l) {
-        const LayerPtrs &w = p.layers[l];
-        GemvArgs g;
-        g.max_blocks = max_blocks;
-        g.eps = p.eps;
-
-        // norm + QKV (layer 0: gather the embedding row of token_dev[s] into x first)
-        g.W = w.w_qkv; g.N = p.qkv_rows(); g.K = p.H;
-        g.x = l == 0 ? p.embed : p.x;
-        g.tok = l == 0 ? p.token_dev + s : nullptr;
-        g.x_out = l == 0 ? p.x : nullptr;
-        g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
-        g.pre_eighths = pre_eighths(l == 0 ? 0 : b_down);  // layer 0: after the sampling kernel
-        // RoPE in the QKV gemv where its shape allows (performance.md log entry 29), else in attention
-        if (run_kernel(1, st)) {
-            if (rope_in_qkv) {
-                GemvRopeArgs r;
-                static_cast<GemvArgs &>(r) = g;
-                r.rope_rows = (p.Hq + p.Hkv) * p.D;
-                r.rope_d = p.D;
-                r.rope_cos = p.rope_cos;
-                r.rope_sin = p.rope_sin;
-                r.pos = T < 0 ? 0 : T;
-                r.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
-                launch_gemv_rope(r, p.dtype, st);
-            } else {
-                launch_gemv(g, p.dtype, st);
-            }
-        }
-        AttnArgs at = attn_args(p, s, l, T);
-        at.prerotated = rope_in_qkv ? 1 : 0;
-        if (o_parts > 0) {
-            at.w_o = w.w_o; at.H = p.H; at.o_parts = o_parts; at.o_sum = p.o_sum;
-        }
-        if (run_kernel(2, st)) launch_attention(at, p.dtype, st);
-        // O + residual (in place on x), unless fused
-        g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
-        g.W = w.w_o; g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
-        g.pre_eighths = pre_eighths(0);  // after attention
-        if (o_parts == 0 && run_kernel(4, st)) launch_gemv(g, p.dtype, st);
-        // norm + gate|up + SwiGLU (with O fused: its input is x + O, which block 0 stores in xn)
-        g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
-        g.W = w.w_gu; g.N = p.I; g.K = p.H; g.x = p.x; g.norm_w = w.mlp_norm; g.out = p.mlp; g.mode = kGemvSwiglu;
-        g.pre_eighths = pre_eighths(o_parts > 0 ? 0 : b_o);
-        GemvFoArgs fo;
-        if (o_parts > 0) {
-            g.x_out = p.xn;
-            static_cast<GemvArgs &>(fo) = g;
-            fo.o_sum = p.o_sum;
-        }
-        if (run_kernel(8, st)) {
-            if (o_parts > 0) launch_gemv_fo(fo, p.dtype, st);
-            else launch_gemv(g, p.dtype, st);
-        }
-        // down + residual (x := down + x, or + xn with O fused)
-        g = GemvArgs{}; g.max_blocks = max_blocks; g.eps = p.eps;
-        g.W = w.w_down; g.N = p.H; g.K = p.I; g.x = p.mlp; g.out = p.x; g.mode = kGemvResid;
-        g.pre_eighths = pre_eighths(b_gu);
-        fo = GemvFoArgs{};
-        if (o_parts > 0) {
-            static_cast<GemvArgs &>(fo) = g;
-            fo.resid = p.xn;
-            fo.o_sum = p.o_sum;  // zeroed by block 0 for the next layer
-        }
-        if (run_kernel(16, st)) {
-            if (o_parts > 0) launch_gemv_fo(fo, p.dtype, st);
-            else launch_gemv(g, p.dtype, st);
-        }
-    }
-    GemvLmArgs g;
-    g.max_blocks = max_blocks; g.eps = p.eps;
-    g.pre_eighths = pre_eighths(b_down);
-    g.W = p.lm_head; g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
-    g.mode = kGemvF32; g.round_logits = p.round_logits;
-    // per-block argmax into tmp (unused by the custom path otherwise), if it holds a partial per block
-    const bool part = p.tmp && p.tmp_bytes() >= (size_t)max_blocks * sizeof(int2) && !(tuning() & kTuneNoLmArgmax);
-    g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
-    g.x_out = part ? const_cast<void *>(p.embed) : nullptr;  // the winner's embedding row towards L2
-    if (!run_kernel(32, st)) return 0;
-    // lm_head advances seq_len where it is lm_small_kernel (the launcher's rule, lm_small_runs)
-    *seq_advanced = !(tuning() & kTuneNoLmSeq) && lm_small_runs(g);
-    if (*seq_advanced) {
-        g.seq_len_dev = p.seq_len_dev + s;
-        g.pos = T < 0 ? 0 : T;
-        g.pos_dev = T < 0 ? p.seq_len_dev + s : nullptr;
-    }
-    const int grid = launch_gemv_lm(g, p.dtype, st);
-    return part ? grid : 0;
-}
-
-static void step_cublas(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t h) {
-    if (!h) throw std::runtime_error("cuBLAS path without a handle");
-    for (int l = 0; l < p.L; ++l) {
-        const LayerPtrs &w = p.layers[l];
-        launch_rmsnorm(l == 0 ? p.embed : p.x, l == 0 ? p.token_dev + s : nullptr, l == 0 ? p.x : nullptr,
-                       w.attn_norm, p.xn, p.H, p.eps, p.dtype, st);
-        blas_gemv(h, p.dtype, w.w_qkv, p.xn, p.qkv, p.qkv_rows(), p.H);
-        launch_attention(attn_args(p, s, l, T), p.dtype, st);
-        blas_gemv(h, p.dtype, w.w_o, p.ctx, p.tmp, p.H, p.Hq * p.D);
-        launch_resid_add(p.tmp, p.x, p.H, p.dtype, st);
-        launch_rmsnorm(p.x, nullptr, nullptr, w.mlp_norm, p.xn, p.H, p.eps, p.dtype, st);
-        blas_gemv(h, p.dtype, w.w_gu, p.xn, p.tmp, 2 * p.I, p.H);
-        launch_swiglu(p.tmp, p.mlp, p.I, p.dtype, st);
-        blas_gemv(h, p.dtype, w.w_down, p.mlp, p.tmp, p.H, p.I);
-        launch_resid_add(p.tmp, p.x, p.H, p.dtype, st);
-    }
-    launch_rmsnorm(p.x, nullptr, nullptr, p.final_norm, p.xn, p.H, p.eps, p.dtype, st);
+static void cublas_head(const Step &c, cublasHandle_t h) {
+    const Plan &p = c.p;
+    launch_rmsnorm(p.x, nullptr, nullptr, p.final_norm, p.xn, p.H, p.eps, p.dtype, c.L.st);
     blas_gemv(h, p.dtype, p.lm_head, p.xn, p.tmp, p.V, p.H);
-    launch_to_f32(p.tmp, p.logits, p.V, p.dtype, st);
+    launch_to_f32(p.tmp, p.logits, p.V, p.dtype, c.L.st);
 }
 
-void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t blas) {
-    if (s < 0 || s >= p.sessions) throw std::runtime_error("step: session out of range");
-    if (T >= p.max_seq) throw std::runtime_error("step: position beyond max_seq");
+void enqueue_step(const Plan &p, const EngineOptions &o, int s, int T, cudaStream_t st, cublasHandle_t blas,
+                  KernelTrace *trace) {
+    check_session(s, p.sessions, "step");
+    if (T >= p.max_seq) throw BadArgument("step: position beyond max_seq");
+    const Step c{p, o, s, step_pos(p, s, T), Launch{st, o.pdl, trace}};
     int amax_n = 0;
     bool seq_advanced = false;
-    if (p.use_cublas) step_cublas(p, s, T, st, blas);
-    else amax_n = step_custom(p, s, T, st, &seq_advanced);
-    finish(p, s, T, st, amax_n, seq_advanced);
+    if (p.use_cublas) {
+        if (!blas) throw std::runtime_error("cuBLAS path without a handle");
+        for (int l = 0; l < p.L; ++l) cublas_layer(c, l, blas);
+        cublas_head(c, blas);
+    } else {
+        const Custom u = custom_plan(c);
+        for (int l = 0; l < p.L; ++l) custom_layer(c, u, l);
+        amax_n = custom_head(c, u, &seq_advanced);
+    }
+    finish(c, amax_n, seq_advanced);
 }
 
 }  // namespace case4

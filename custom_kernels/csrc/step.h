@@ -65,12 +65,26 @@ struct Plan {
     void validate() const;
 };
 
-// Enqueue one whole decode step of session s on `st`. T >= 0: position baked into every
-// launch (eager, exact graphs); T < 0: kernels read it from seq_len_dev[s] (dynamic graph).
-// Does not synchronize or allocate; safe to call inside stream capture. `blas` must be a
-// handle dedicated to `st` (only used with plan.use_cublas).
-void enqueue_step(const Plan &p, int s, int T, cudaStream_t st, cublasHandle_t blas);
-// timing ablation of the custom path (see step.cu); 0 = the normal step
-void set_step_skip(int mask);
+// The step's options: one per Engine (EngineOptions, bindings.cpp exports them by name). The defaults are the
+// measured best (docs/performance.md); the others are kept for the GPU tests that prove two paths equal
+// (tests/gpu/test_step.py, test_kernels.py) and for A/B timing (tests/gpu/quick_timing.py).
+struct EngineOptions {
+    int pdl = kPdlPreload;          // PdlLevel (ops.h): 0 plain launches, 1 PDL, 2 + L2 prefetch, 3 + register preload
+    bool rope_in_qkv = true;        // RoPE in the QKV gemv where gemv_rope_fits (else in attention; log entry 29)
+    bool o_in_attention = true;     // O fused into attention where attn_o_parts > 0 (else its own gemv; log entry 31)
+    bool attn_per_kv_head = false;  // attention: one block row per KV head's group for every group size (default:
+                                    // per query head for groups of up to 4; log entry 10)
+    bool lm_head_seq_len = true;    // lm_small_kernel writes seq_len, finish lets the next step launch right after
+                                    // its wait (else finish writes it; log entry 35)
+    bool lm_head_l2_ahead = true;   // lm_small_kernel's L2 look-ahead (GemvLmArgs::l2_ahead; log entry 35)
+    int step_skip = 0;              // timing ablation only (wrong results; see step.cu): 0 = the normal step
+};
+
+// Enqueue one whole decode step of session s on `st`. T >= 0: position baked into every launch (eager, exact
+// graphs); T < 0: kernels read it from seq_len_dev[s] (dynamic graph). Does not synchronize or allocate; safe to
+// call inside stream capture. `blas` must be a handle dedicated to `st` (only used with plan.use_cublas);
+// `trace`: the kernel timeline (off: nullptr).
+void enqueue_step(const Plan &p, const EngineOptions &o, int s, int T, cudaStream_t st, cublasHandle_t blas,
+                  KernelTrace *trace);
 
 }  // namespace case4

@@ -207,6 +207,7 @@ def test_lazy_prefill_graph_capture_during_bg_capture():
 
 
 def test_wait_precapture_timeout_and_stop_anytime():
+    from case4_errors import BadInput
     from server.cuda_backend import PrecaptureTimeout
     be = make("llama2-7b", "exact", max_seq=2048)
     try:
@@ -214,6 +215,12 @@ def test_wait_precapture_timeout_and_stop_anytime():
         be.bg_capture_start(0, 512)
         with pytest.raises(PrecaptureTimeout):
             be.wait_precapture(0, 512, 0.001)
+        # the extension's typed errors (check.h): a timeout is a RuntimeError, a bad argument becomes BadInput
+        assert issubclass(be.ext.PrecaptureTimeout, RuntimeError)
+        with pytest.raises(BadInput):
+            be.wait_precapture(0, 513, 1.0)       # count beyond the window
+        with pytest.raises(BadInput):
+            be.wait_precapture(1, 1, 1.0)         # no such session
         be.bg_capture_stop()                      # while capturing
         lg = be.replay(0, 3, 5)                   # not ready or ready: never hangs
         assert torch.isfinite(lg).all()

@@ -84,18 +84,15 @@ ATT_SHAPES = [(9, 3, 64, 64), (32, 32, 128, 128), (32, 8, 128, 128), (4, 2, 32, 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("Hq,Hkv,D,R", ATT_SHAPES)
 @pytest.mark.parametrize("dynamic", [False, True])
-# tuning: block row per query head, one block up to 2 block-chunks (default); per KV head; a block per block-chunk
-@pytest.mark.parametrize("tuning", [0, 32, 1024])
-def test_attention(Hq, Hkv, D, R, dtype, dynamic, tuning):
+# per_kv_head: a block row per query head for groups of up to 4 (default), or per KV head's group for every size
+# (as groups of more than 4 always run). Positions past 2 block-chunks (300, 1000) take the multi-block merge.
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_attention(Hq, Hkv, D, R, dtype, dynamic, per_kv_head):
     ext = load_extension()
-    ext.set_tuning(tuning)
-    try:
-        _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic)
-    finally:
-        ext.set_tuning(0)
+    _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic, per_kv_head)
 
 
-def _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic):
+def _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic, per_kv_head):
     dt = DT[dtype]
     max_seq = 1100
     split = ext.SPLIT_LEN
@@ -119,7 +116,8 @@ def _check_attention(ext, Hq, Hkv, D, R, dtype, dynamic):
         for _ in range(2):  # twice: the last-block counters must have been reset
             ext.attention(qkv.data_ptr(), kc.data_ptr(), vc.data_ptr(), cos.data_ptr(), sin.data_ptr(), R, Hq, Hkv,
                           D, max_seq, pos, part_acc.data_ptr(), part_ml.data_ptr(), max_splits, counters.data_ptr(),
-                          ctx.data_ptr(), DTI[dtype], stream(), pos_dev.data_ptr() if dynamic else 0)
+                          ctx.data_ptr(), DTI[dtype], stream(), pos_dev.data_ptr() if dynamic else 0,
+                          per_kv_head=per_kv_head)
         torch.cuda.synchronize()
         assert int(counters.abs().sum()) == 0
         q = rope64(qkv[:Hq * D].double().view(Hq, D), pos, cos, sin, R)
@@ -205,18 +203,87 @@ def test_all_nan_logits_give_token_in_range():
     assert _device_sample(ext, logits, 3, SamplingParams(temperature=0.8, seed=1)) in range(32000)
 
 
+def near_mass_boundary(logits, params, position) -> tuple[bool, int]:
+    """The draw of client/sampler.py's function for fp32 `logits` [V], computed in float64: (near, token). near:
+    a cut the draw depends on lies within fp32 rounding of where float64 puts it, so two correct fp32 samplers
+    (the host's sequential cumsum, the device's radix-select histograms) may pick different tokens: the target
+    u * kept_mass is within err of the cumulative mass at the chosen token's edges, or a top-p cut within err
+    of the float64 one picks another token, or the top-k cut falls on p's within 4 fp32 ulps. err(j), the fp32
+    error allowed a cumulative sum of j + 1 terms, is (8 sqrt(j + 1) + 16) * 2^-24 * cum: eight standard
+    deviations of the rounding errors of j + 1 additions in any order (the host adds in sequence, the device by
+    histogram bins), plus the softmax's own rounding of each p. (The worst case, (j + 1) * 2^-24 * cum, would
+    excuse a quarter of the draws of a flat distribution.)"""
+    from client.sampler import uniform
+    x = np.asarray(logits.detach().float().cpu().numpy(), dtype=np.float64).reshape(-1)
+    V = len(x)
+    if params.temperature == 0:
+        return False, int(np.argmax(x))
+    z = np.exp((x - x.max()) / params.temperature)
+    p = z / z.sum()
+    order = np.lexsort((np.arange(V), -p))
+    ps = p[order]
+    cum = np.cumsum(ps)
+    eps = 2.0 ** -24
+
+    def err(j):
+        return (8 * np.sqrt(j + 1) + 16) * eps * cum[j]
+
+    k = params.top_k if 0 < params.top_k < V else V
+    near = k < V and ps[k - 1] - ps[k] <= 4 * eps * ps[k - 1]
+    # the top-p cut: every prefix length m whose cumulative mass is within err of top_p is a cut an fp32
+    # sampler may take (none within reach of top_p: no cut, n = k)
+    n = k
+    if params.top_p < 1.0 and cum[k - 1] >= params.top_p:
+        n = int(np.argmax(cum[:k] >= params.top_p)) + 1
+    cuts = {n}
+    if params.top_p < 1.0:  # m is a possible cut: its mass may reach top_p and its predecessor's may not
+        cuts |= {m for m in range(max(1, n - 64), min(k, n + 64) + 1)
+                 if cum[m - 1] >= params.top_p - err(m - 1) and (m == 1 or cum[m - 2] < params.top_p + err(m - 2))}
+    u = float(np.float32(uniform(params.seed, position)))
+    picks = set()
+    for m in cuts:  # the token each cut gives, and whether its target is within err of a mass boundary
+        target = u * cum[m - 1]
+        jm = min(int(np.searchsorted(cum[:m], target, side="right")), m - 1)
+        picks.add(jm)
+        near |= abs(cum[jm] - target) <= err(jm) + err(m - 1) or (
+            jm > 0 and abs(cum[jm - 1] - target) <= err(jm - 1) + err(m - 1))
+        if m == n:
+            j = jm
+    near |= len(picks) > 1
+    return bool(near), int(order[j])
+
+
+def compare_samplers(draws):
+    """draws: (device token, host token, logits, params, position). The device sampler must equal the host
+    sampler (client/sampler.py) on every draw except where near_mass_boundary says the draw lies within fp32
+    rounding of a cut; those exceptions are counted, and at most 3 % of the draws (at least 1) may use one.
+    Returns (exceptions used, draws near a boundary)."""
+    used, near_n = [], 0
+    for dev, host, logits, params, pos in draws:
+        near, _ = near_mass_boundary(logits, params, pos)
+        near_n += near
+        if dev != host:
+            assert near, f"device {dev} != host {host} away from any fp32 boundary: {params}, position {pos}"
+            used.append((dev, host, params, pos))
+    print(f"{len(draws)} draws, {near_n} within fp32 rounding of a cut, {len(used)} of them differ: {used}")
+    assert len(used) <= max(1, 0.03 * len(draws)), used
+    return len(used), near_n
+
+
 @pytest.mark.parametrize("t,k,p", [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (0.8, 40, 0.95), (1.5, 1, 1.0)])
 def test_sampling_matches_client(t, k, p):
-    """Device sampler == client/sampler.py token for token (rounding ties aside: >= 98%)."""
+    """Device sampler == client/sampler.py token for token, except where a float64 computation puts the draw
+    within fp32 rounding of a cumulative-mass cut (near_mass_boundary; counted and bounded)."""
     from client.sampler import SamplingParams, sample
     ext = load_extension()
-    agree, n = 0, 100
-    for i in range(n):
+    draws = []
+    for i in range(100):
         g = torch.Generator(device="cuda").manual_seed(1000 + i)
         logits = torch.randn(32000, device="cuda", generator=g) * 3
         params = SamplingParams(temperature=t, top_k=k, top_p=p, seed=i * 31 + 7)
-        agree += _device_sample(ext, logits, 17 + i, params) == sample(logits.cpu().numpy(), params, 17 + i)
-    assert agree >= 0.98 * n, f"{agree}/{n} agree"
+        draws.append((_device_sample(ext, logits, 17 + i, params), sample(logits.cpu().numpy(), params, 17 + i),
+                      logits, params, 17 + i))
+    compare_samplers(draws)
 
 
 def test_sampling_chi_square_and_seed():

@@ -15,9 +15,13 @@ pytestmark = pytest.mark.gpu
 TOL = {"float16": 2e-2, "bfloat16": 6e-2}
 
 
-def make(shape, dtype="float16", mode="none", gemm="custom", sessions=1, max_seq=1024):
+def make(shape, dtype="float16", mode="none", gemm="custom", sessions=1, max_seq=1024, **options):
+    """A CudaBackend on a synthetic model; `options`: EngineOptions fields by name (the others: defaults)."""
+    from custom_kernels.ext import load_extension
     from server.cuda_backend import CudaBackend
-    return CudaBackend(synthetic_model(shape, dtype, max_seq), sessions=sessions, graph_mode=mode, gemm=gemm)
+    opts = load_extension().EngineOptions(**options) if options else None
+    return CudaBackend(synthetic_model(shape, dtype, max_seq), sessions=sessions, graph_mode=mode, gemm=gemm,
+                       options=opts)
 
 
 def oracle(model, sessions=1):
@@ -174,6 +178,69 @@ def test_device_sampling_matches_backend_generate():
         be.close()
 
 
+@pytest.mark.parametrize("shape,dtype,mode", [("smollm2-135m", "float16", "dynamic"), ("tiny", "bfloat16", "exact"),
+                                              ("smollm2-135m", "float16", "none")])
+def test_backend_sample_matches_host_sampler(shape, dtype, mode):
+    """CudaBackend.sample (the finish kernel's sampling of the engine's logits scratch, RNG position given) after a
+    prefill and after steps == the host sampler (client/sampler.py) on the same logits, except where a float64
+    computation puts the draw within fp32 rounding of a cumulative-mass cut (test_kernels.compare_samplers:
+    counted, at most 3 %). The prefill leaves its logits in the scratch; token_dev holds each draw."""
+    from client.sampler import SamplingParams, sample
+    from tests.gpu.test_kernels import compare_samplers
+    cases = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1.0, top_k=40, seed=5),
+             SamplingParams(temperature=0.7, top_p=0.9, seed=11),
+             SamplingParams(temperature=1.3, top_k=50, top_p=0.95, seed=2)]
+    be = make(shape, dtype, mode=mode)
+    draws = []
+
+    def draw(logits, params, pos):
+        tok = be.sample(0, params, pos)
+        draws.append((tok, sample(logits.numpy(), params, pos), logits, params, pos))
+        be.engine.sync()
+        assert int(be.scratch["token_dev"][0]) == tok
+        return tok
+
+    try:
+        V = be.cfg.vocab_size
+        for i, params in enumerate(cases):
+            ids = prompt(12 + i, V, 20 + i)
+            logits = be.prefill(0, ids).clone()
+            assert torch.equal(be.scratch["logits"].cpu(), logits), "prefill's logits must be in the scratch"
+            for j in range(1, 6):  # the same logits at other RNG positions: more draws
+                draw(logits, params, len(ids) - 1 + 1000 * j)
+            tok = draw(logits, params, len(ids) - 1)
+            for _ in range(6):
+                T = be.seq_len(0)
+                logits = be.replay(0, T, tok).clone()
+                for j in range(1, 4):
+                    draw(logits, params, T + 1000 * j)
+                tok = draw(logits, params, T)
+                assert be.seq_len(0) == T + 1  # sample() does not move the position
+        compare_samplers(draws)
+    finally:
+        be.close()
+
+
+def test_engine_options_are_per_engine():
+    """Two engines in one process with different options (PDL off and RoPE in attention against the defaults):
+    each keeps its own (building the second changes nothing in the first), and both give the same logits."""
+    a = make("smollm2-135m", "float16", mode="dynamic")
+    b = make("smollm2-135m", "float16", mode="dynamic", pdl=0, rope_in_qkv=False)
+    try:
+        assert (b.engine.options.pdl, b.engine.options.rope_in_qkv) == (0, False)
+        assert (a.engine.options.pdl, a.engine.options.rope_in_qkv) == (a.options.pdl, True)
+        ids = prompt(20, a.cfg.vocab_size, 9)
+        ta, tb = int(a.prefill(0, ids).argmax()), int(b.prefill(0, ids).argmax())
+        for _ in range(4):  # interleaved
+            la = a.replay(0, a.seq_len(0), ta).clone()
+            lb = b.replay(0, b.seq_len(0), tb).clone()
+            assert torch.equal(la, lb)
+            ta, tb = int(la.argmax()), int(lb.argmax())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_no_allocation_after_startup():
     be = make("smollm2-135m", mode="none", max_seq=2048)
     try:
@@ -227,29 +294,25 @@ def test_prefill_graphs_match_eager(shape):
         be.close()
 
 
-def steps_per_tuning(ext, shape, dtype, T, tunes, seed, next_tok, steps=3):
-    """For each tuning value (ext.set_tuning) and for eager and dynamic-graph replay: a T-token prompt, then
-    `steps` decode steps, the first fed the prompt's argmax, step i + 1 fed next_tok(logits_i, i, V).
-    Returns {(tune, mode): (logits [steps, V] fp32 on the CPU, session 0's KV arena)}."""
+def steps_per_options(shape, dtype, T, variants, seed, next_tok, steps=3):
+    """For each variant (a name and EngineOptions fields) and for eager and dynamic-graph replay: a T-token
+    prompt, then `steps` decode steps, the first fed the prompt's argmax, step i + 1 fed next_tok(logits_i, i, V).
+    Returns {(name, mode): (logits [steps, V] fp32 on the CPU, session 0's KV arena)}."""
     out = {}
-    for tune in tunes:
-        ext.set_tuning(tune)
-        try:
-            for mode in ("none", "dynamic"):
-                be = make(shape, dtype, mode=mode)
-                try:
-                    V = be.cfg.vocab_size
-                    tok = int(be.prefill(0, prompt(T, V, seed)).argmax())
-                    logits = []
-                    for i in range(steps):
-                        lg = be.step(0, tok) if mode == "none" else be.replay(0, be.seq_len(0), tok)
-                        logits.append(lg.detach().float().cpu().clone())
-                        tok = next_tok(lg, i, V)
-                    out[tune, mode] = (torch.stack(logits), be.kv.kv[0].detach().clone())
-                finally:
-                    be.close()
-        finally:
-            ext.set_tuning(0)
+    for name, options in variants.items():
+        for mode in ("none", "dynamic"):
+            be = make(shape, dtype, mode=mode, **options)
+            try:
+                V = be.cfg.vocab_size
+                tok = int(be.prefill(0, prompt(T, V, seed)).argmax())
+                logits = []
+                for i in range(steps):
+                    lg = be.step(0, tok) if mode == "none" else be.replay(0, be.seq_len(0), tok)
+                    logits.append(lg.detach().float().cpu().clone())
+                    tok = next_tok(lg, i, V)
+                out[name, mode] = (torch.stack(logits), be.kv.kv[0].detach().clone())
+            finally:
+                be.close()
     return out
 
 
@@ -257,7 +320,7 @@ def steps_per_tuning(ext, shape, dtype, T, tunes, seed, next_tok, steps=3):
                                            ("tiny", "float16", 9)])
 def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
     """RoPE fused into the QKV gemv (gemv_rope_fits: SmolLM2, tiny) == RoPE in the attention kernel
-    (tuning bit kTuneNoQkvRope = 4096): the same math in the same order, so the logits and the K/V rows
+    (EngineOptions rope_in_qkv=False): the same math in the same order, so the logits and the K/V rows
     written are bitwise equal, eager and through a dynamic graph."""
     from custom_kernels.ext import load_extension
     ext = load_extension()
@@ -268,9 +331,10 @@ def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
         "the fused path must apply to this shape"
     # a TinyLlama-like QKV (one row per warp, but K = 2048 needs the 8-load kernel): RoPE stays in attention
     assert not ext.gemv_rope_fits((32 + 2 * 4) * 64, 2048, 64, 64, 4 * sms)
-    out = steps_per_tuning(ext, shape, dtype, T, (0, 4096), 7, lambda lg, i, V: int(lg.argmax()))
+    out = steps_per_options(shape, dtype, T, {"fused": {}, "attention": {"rope_in_qkv": False}}, 7,
+                            lambda lg, i, V: int(lg.argmax()))
     for mode in ("none", "dynamic"):
-        (l0, kv0), (l1, kv1) = out[0, mode], out[4096, mode]
+        (l0, kv0), (l1, kv1) = out["fused", mode], out["attention", mode]
         assert torch.isfinite(l0).all()
         assert torch.equal(l0, l1), f"{mode}: logits differ, max {float((l0 - l1).abs().max()):.3e}"
         assert torch.equal(kv0, kv1), f"{mode}: KV rows differ"
@@ -280,8 +344,8 @@ def test_rope_in_qkv_matches_attention_rope(shape, dtype, T):
                                            ("tiny", "float16", 9), ("tiny-partial", "float16", 300)])
 def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
     """O fused into the attention kernel (attn_o_parts > 0: SmolLM2, tiny), its rows summed over the heads in
-    fixed point (red.add of int64) and added to x by the gate|up gemv, against O as its own gemv (tuning bit
-    kTuneNoAttnO = 8192). The sums are formed differently, so the logits are close, not equal; the K/V rows
+    fixed point (red.add of int64) and added to x by the gate|up gemv, against O as its own gemv (EngineOptions
+    o_in_attention=False). The sums are formed differently, so the logits are close, not equal; the K/V rows
     written are equal (the same QKV and attention). T = 600 takes the split-KV merge (nblk > 1) of a dynamic
     graph's block rows."""
     from custom_kernels.ext import load_extension
@@ -291,9 +355,10 @@ def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
         "the fused path must apply to this shape"
     assert ext.attn_o_parts(4096, 32, 32, 128) == 0  # Llama-2-7B: O stays a bandwidth-bound gemv
     # the same inputs in both runs: the prompt's argmax, then fixed tokens
-    out = steps_per_tuning(ext, shape, dtype, T, (0, 8192), 5, lambda lg, i, V: prompt(1, V, i + 1)[0])
+    out = steps_per_options(shape, dtype, T, {"fused": {}, "gemv": {"o_in_attention": False}}, 5,
+                            lambda lg, i, V: prompt(1, V, i + 1)[0])
     for mode in ("none", "dynamic"):
-        (l0, kv0), (l1, kv1) = out[0, mode], out[8192, mode]
+        (l0, kv0), (l1, kv1) = out["fused", mode], out["gemv", mode]
         for s in range(3):
             e = rel(l0[s], l1[s])
             print(f"{shape} {dtype} T={T} {mode} step {s}: fused vs O gemv rel {e:.2e}")
@@ -302,54 +367,49 @@ def test_o_fused_into_attention_matches_o_gemv(shape, dtype, T):
         assert torch.equal(kv0[:, :, :, :T], kv1[:, :, :, :T]), f"{mode}: prompt KV rows differ"
         assert torch.equal(kv0[0, :, :, T], kv1[0, :, :, T]), f"{mode}: layer 0's KV row of the first step differs"
     # graphs replay what eager runs: bitwise
-    assert torch.equal(out[0, "none"][0], out[0, "dynamic"][0])
+    assert torch.equal(out["fused", "none"][0], out["fused", "dynamic"][0])
 
 
 @pytest.mark.parametrize("shape,dtype,T", [("smollm2-135m", "float16", 40), ("tiny", "bfloat16", 9)])
 def test_lm_head_advances_seq_len(shape, dtype, T):
     """lm_small_kernel (K <= 576) writes seq_len_dev := T + 1 and finish lets the next step launch right after its
     wait, while each lm_head warp requests its next row group towards L2 (the defaults), against finish writing
-    seq_len and no look-ahead (tuning kTuneNoLmSeq | kTuneNoLmAhead = 32768 | 65536): the same products in the same
-    order, so in eager, exact and dynamic mode the device-sampled tokens and the client-path logits are equal, and
+    seq_len and no look-ahead (EngineOptions lm_head_seq_len=False, lm_head_l2_ahead=False): the same products
+    in the same order, so in eager, exact and dynamic mode the device-sampled tokens and the client-path logits are equal, and
     the device's seq_len counts every step."""
-    from custom_kernels.ext import load_extension
-    ext = load_extension()
     n = 24
     toks, logits = {}, {}
-    for tune in (0, 32768 | 65536):
-        ext.set_tuning(tune)
-        try:
-            for mode in ("none", "exact", "dynamic"):
-                be = make(shape, dtype, mode=mode)
-                try:
-                    ids = prompt(T, be.cfg.vocab_size, 3)
-                    tok = int(be.prefill(0, ids).argmax())
-                    if mode == "exact":
-                        be.bg_capture_start(0, 2 * n)
-                        be.wait_precapture(0, n, 120.0)
-                    toks[tune, mode] = be.generate(0, tok, n, _greedy())
-                    # the replay stream only: a device-wide sync is refused while exact mode's thread captures
-                    be.engine.sync()
-                    dev_len = int(be.scratch["seq_len_dev"][0])
-                    assert dev_len == T + n == be.seq_len(0), (tune, mode, dev_len, be.seq_len(0))
-                    be.prefill(0, ids)
-                    if mode == "exact":
-                        be.wait_precapture(0, 4, 120.0)
-                    seq, t = [], tok
-                    for _ in range(4):
-                        lg = be.replay(0, be.seq_len(0), t)
-                        seq.append(lg.detach().float().cpu().clone())
-                        t = int(lg.argmax())
-                    logits[tune, mode] = torch.stack(seq)
-                    be.engine.sync()
-                    assert int(be.scratch["seq_len_dev"][0]) == T + 4
-                finally:
-                    be.close()
-        finally:
-            ext.set_tuning(0)
-    want = toks[32768 | 65536, "none"]
+    variants = {"lm_head": {}, "finish": {"lm_head_seq_len": False, "lm_head_l2_ahead": False}}
+    for name, options in variants.items():
+        for mode in ("none", "exact", "dynamic"):
+            be = make(shape, dtype, mode=mode, **options)
+            try:
+                ids = prompt(T, be.cfg.vocab_size, 3)
+                tok = int(be.prefill(0, ids).argmax())
+                if mode == "exact":
+                    be.bg_capture_start(0, 2 * n)
+                    be.wait_precapture(0, n, 120.0)
+                toks[name, mode] = be.generate(0, tok, n, _greedy())
+                # the replay stream only: a device-wide sync is refused while exact mode's thread captures
+                be.engine.sync()
+                dev_len = int(be.scratch["seq_len_dev"][0])
+                assert dev_len == T + n == be.seq_len(0), (name, mode, dev_len, be.seq_len(0))
+                be.prefill(0, ids)
+                if mode == "exact":
+                    be.wait_precapture(0, 4, 120.0)
+                seq, t = [], tok
+                for _ in range(4):
+                    lg = be.replay(0, be.seq_len(0), t)
+                    seq.append(lg.detach().float().cpu().clone())
+                    t = int(lg.argmax())
+                logits[name, mode] = torch.stack(seq)
+                be.engine.sync()
+                assert int(be.scratch["seq_len_dev"][0]) == T + 4
+            finally:
+                be.close()
+    want = toks["finish", "none"]
     for key, got in toks.items():
         assert got == want, key
     for key, got in logits.items():
         assert torch.isfinite(got).all()
-        assert torch.equal(got, logits[32768 | 65536, "none"]), key
+        assert torch.equal(got, logits["finish", "none"]), key
