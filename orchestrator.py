@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from case4_errors import BadInput
-from client.sampler import SamplingParams
+from case4_sampling import SamplingParams
 from ipc.messages import RemoteError
 from ipc.link import Link
 from ipc.peers import Peer, PeerDied, PeerTimeout, context, watch_link

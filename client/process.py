@@ -8,7 +8,7 @@ streams tokens, text and per-token times to the orchestrator every STREAM_US.
 from __future__ import annotations
 
 from case4_errors import BadInput
-from client.sampler import SamplingParams, sample
+from case4_sampling import SamplingParams, sample
 from client.tokenizer import IncrementalDetokenizer, load_tokenizer
 from ipc.link import ABORT
 from ipc.messages import CLIENT_OPS, now_us, ok_reply

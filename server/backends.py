@@ -57,7 +57,7 @@ class Backend:
 
     def generate(self, session: int, start_token: int, steps: int, params, stop_ids=()) -> list[int]:
         """`steps` decode steps with sampling done server-side; stops after a stop id."""
-        from client.sampler import sample
+        from case4_sampling import sample
         out, tok = [], self.check_token(start_token)
         for _ in range(steps):
             pos = self.seq_len(session)

@@ -60,7 +60,7 @@ class Server:
         out = {"slot": self.channel.write(step, logits), "step": step,
                "seq_len": self.backend.seq_len(session)}
         if sample_params is not None:  # "device" sampling of this one token, same function
-            from client.sampler import SamplingParams, sample
+            from case4_sampling import SamplingParams, sample
             params = SamplingParams.from_dict(sample_params)
             out["token"] = sample(self.channel.read(out["slot"], step), params, out["seq_len"] - 1)
         return out
@@ -107,7 +107,7 @@ class Server:
             s = a["session"]
             return self._logits_reply(s, b.step(s, a["token"]), a["sample"])
         if op == "kv_generate":
-            from client.sampler import SamplingParams
+            from case4_sampling import SamplingParams
             s, steps = a["session"], a["steps"]
             if steps < 1:
                 raise BadInput(f"kv_generate: steps must be >= 1, got {steps}")

@@ -135,7 +135,7 @@ def server_channel(p):
 
 
 def test_kv_generate_equals_step_by_step_sampling(server):
-    from client.sampler import SamplingParams, sample
+    from case4_sampling import SamplingParams, sample
     params = SamplingParams(0.9, 20, 0.95, 42)
     ids = [256] + list(b"Once")
     r = server.call("kv_init", {"input_ids": ids, "sample": params.to_dict()})["result"]
@@ -209,7 +209,7 @@ def _loop(server, client, loop, seq_len, token, n, params, stop_ids=()):
 
 
 def test_decode_loop_equals_kv_generate_and_stops_without_a_wasted_step(pair):
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     server, client = pair
     params = SamplingParams(0.9, 20, 0.95, 42).to_dict()
     ids = [256] + list(b"Once")

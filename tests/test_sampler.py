@@ -1,9 +1,9 @@
-"""client/sampler.py: the counter RNG, the exact sampling rule, and its statistics."""
+"""case4_sampling.py: the counter RNG, the exact host sampling rule, and its statistics."""
 import numpy as np
 import pytest
 
 from case4_errors import BadInput
-from client.sampler import SamplingParams, sample, splitmix64, uniform
+from case4_sampling import SamplingParams, sample, splitmix64, uniform
 
 
 def naive_sample(logits, p: SamplingParams, position: int) -> int:

@@ -151,13 +151,13 @@ def test_greedy_64_matches_reference(shape):
 
 
 def _greedy():
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     return SamplingParams()
 
 
 def test_device_sampling_matches_backend_generate():
     """Device top-k/top-p sampling == the host sampler driven by the same logits (Backend.generate)."""
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     from server.backends import Backend
     be = make("smollm2-135m")
     try:
