@@ -77,6 +77,14 @@ def uniform(seed: int, position: int) -> float:
     return (z >> 40) / float(1 << 24)
 
 
+def _top_k_ids(p: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k most probable tokens (unordered); of those tied at the cut, the lowest
+    ids (argpartition alone would keep an arbitrary few of them)."""
+    kth = np.partition(p, len(p) - k)[len(p) - k]  # the k-th largest probability
+    above = np.flatnonzero(p > kth)
+    return np.concatenate([above, np.flatnonzero(p == kth)[:k - len(above)]])
+
+
 def _sorted_top(p: np.ndarray, pool: np.ndarray | None, m: int) -> np.ndarray:
     """Ids of the m most probable tokens of pool (None: all), descending, ties lower id first."""
     ids = np.arange(len(p)) if pool is None else pool
@@ -94,7 +102,7 @@ def sample(logits, params: SamplingParams, position: int) -> int:
     p = (z / z.sum(dtype=np.float32)).astype(np.float32)
     V = len(p)
     k = params.top_k if 0 < params.top_k < V else V
-    pool = np.argpartition(-p, k - 1)[:k] if k < V else None
+    pool = _top_k_ids(p, k) if k < V else None
     kept_mass = np.float32(p.sum(dtype=np.float32) if pool is None else np.sort(p[pool]).sum(dtype=np.float32))
     u = np.float32(uniform(params.seed, position))
     # Sort only the m most probable first; widen to the whole top-k set when the answer
