@@ -17,7 +17,7 @@ import torch
 from case4_errors import BadInput
 from custom_kernels.config import with_max_seq
 from custom_kernels.ext import load_extension
-from server.backends import Backend
+from server.backend import Backend
 from server.kv import KVArena
 from server.models import LoadedModel
 from server.prefill_graphs import PrefillGraphs

@@ -135,20 +135,24 @@ def server_channel(p):
 
 
 def test_kv_generate_equals_step_by_step_sampling(server):
+    """kv_generate == one replay_seq / kv_step per token with `sample` set (both: the backend's
+    device sampler, keyed by the fed token's position); the host sampler on the same logits
+    from shared memory agrees (tests/test_sampler.py bounds where the two may differ)."""
     from case4_sampling import SamplingParams, sample
     params = SamplingParams(0.9, 20, 0.95, 42)
     ids = [256] + list(b"Once")
     r = server.call("kv_init", {"input_ids": ids, "sample": params.to_dict()})["result"]
     first = r["token"]
     gen = server.call("kv_generate", {"steps": 10, "sampling": params.to_dict(), "start_token": first})["result"]
-    # the same with logits through shared memory and the client's sampler
-    r = server.call("kv_init", {"input_ids": ids})["result"]
-    toks = [sample(server_channel(server).read(r["slot"], r["step"]), params, r["seq_len"] - 1)]
-    assert toks[0] == first
-    for _ in range(10):
-        r = server.call("replay_seq", {"seq_len": r["seq_len"], "token": toks[-1]})["result"]
-        toks.append(sample(server_channel(server).read(r["slot"], r["step"]), params, r["seq_len"] - 1))
-    assert gen["tokens"] == toks[1:] and gen["seq_len"] == len(ids) + 10
+    r = server.call("kv_init", {"input_ids": ids, "sample": params.to_dict()})["result"]
+    toks, host = [r["token"]], [sample(server_channel(server).read(r["slot"], r["step"]), params, r["seq_len"] - 1)]
+    for i in range(10):
+        op, args = ("replay_seq", {"seq_len": r["seq_len"]}) if i % 2 else ("kv_step", {})
+        r = server.call(op, {**args, "token": toks[-1], "sample": params.to_dict()})["result"]
+        toks.append(r["token"])
+        host.append(sample(server_channel(server).read(r["slot"], r["step"]), params, r["seq_len"] - 1))
+    assert toks[0] == first and gen["tokens"] == toks[1:] and gen["seq_len"] == len(ids) + 10
+    assert host == toks
 
 
 def test_kv_generate_validates(server):
