@@ -165,12 +165,14 @@ def test_remote_error_names_the_peer(server):
         server.call("kv_step", {})
 
 
-def test_ipc_overhead_bench_runs():
-    """bench/ipc_overhead.py end to end (the number itself depends on the machine: see its output)."""
-    from bench.ipc_overhead import bare_round_trip, measure
-    assert 0 < measure(300, 512, "loop") < 20000
-    assert 0 < measure(50, 512, "calls") < 20000
-    assert 0 < bare_round_trip(100) < 20000
+def test_ipc_overhead_bench_runs(capsys):
+    """bench/ipc_overhead.py end to end: both IPC paths run a real orchestrator against the no-op
+    server and get every token (measure() raises otherwise), and the report is printed. The
+    numbers depend on the machine: the bench reports them; no test bounds them."""
+    from bench.ipc_overhead import main
+    assert main(["--tokens", "100", "--vocab", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "us/token over 100 tokens" in out and "--ipc calls" in out and "bare queue round trip" in out, out
 
 
 # ---- the decode loop: server and client talk directly (ipc/link.py)
