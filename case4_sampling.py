@@ -78,18 +78,19 @@ def uniform(seed: int, position: int) -> float:
 
 
 def _top_k_ids(p: np.ndarray, k: int) -> np.ndarray:
-    """The ids of the k most probable tokens (unordered); of those tied at the cut, the lowest
-    ids (argpartition alone would keep an arbitrary few of them)."""
-    kth = np.partition(p, len(p) - k)[len(p) - k]  # the k-th largest probability
+    """Indices of the k largest values of p, ascending; of those tied at the cut, the lowest
+    (argpartition alone would keep an arbitrary few of them)."""
+    kth = np.partition(p, len(p) - k)[len(p) - k]  # the k-th largest value
     above = np.flatnonzero(p > kth)
-    return np.concatenate([above, np.flatnonzero(p == kth)[:k - len(above)]])
+    return np.sort(np.concatenate([above, np.flatnonzero(p == kth)[:k - len(above)]]))
 
 
 def _sorted_top(p: np.ndarray, pool: np.ndarray | None, m: int) -> np.ndarray:
-    """Ids of the m most probable tokens of pool (None: all), descending, ties lower id first."""
+    """Ids of the m most probable tokens of pool (None: all; else ascending ids), descending,
+    ties lower id first."""
     ids = np.arange(len(p)) if pool is None else pool
     if m < len(ids):
-        ids = ids[np.argpartition(-p[ids], m - 1)[:m]]
+        ids = ids[_top_k_ids(p[ids], m)]  # pool ascending: the lowest positions are the lowest ids
     return ids[np.lexsort((ids, -p[ids]))]
 
 

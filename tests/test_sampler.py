@@ -79,6 +79,16 @@ def test_top_k_ties_at_the_cut_keep_the_lowest_ids():
     assert got == {700, 900, 0, 1, 2}  # the two largest, then the lowest ids of the 998 tied
 
 
+def test_ties_across_the_fast_path_keep_id_order():
+    """All equal: the draw is the token at u * V in id order, also where the first candidates
+    (_FAST_M of them) decide it, i.e. ties at their edge must keep the lowest ids too."""
+    V = 5000
+    x = np.zeros(V, dtype=np.float32)
+    for i in range(300):
+        want = uniform(4, i) * V
+        assert abs(sample(x, SamplingParams(1.0, seed=4), i) - want) < 1.5, (i, want)  # 1.5: fp32 cumsum
+
+
 def test_seeded_sampling_is_reproducible():
     x = np.random.default_rng(0).standard_normal(49152).astype(np.float32) * 4
     p = SamplingParams(0.8, 40, 0.95, 1234)
