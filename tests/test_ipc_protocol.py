@@ -66,6 +66,29 @@ def test_dead_peer_is_reported_by_name_and_exit_code():
     p.stop()
 
 
+# ---- the server process does not import the client package
+
+def test_server_does_not_import_the_client_package():
+    """Statically (no server module names it) and at run time (what server_main and both
+    backends import, in a fresh interpreter): sampling comes from case4_sampling, not client/."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    for f in sorted((root / "server").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "client" or n.startswith("client.") for n in names), (f.name, names)
+    code = ("import sys, server.process, server.backends, server.models, server.reference_backend, "
+            "server.cuda_backend; from server.process import load; "
+            "bad = [m for m in sys.modules if m == 'client' or m.startswith('client.')]; "
+            "assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 # ---- a live server
 
 @pytest.fixture(scope="module")
