@@ -131,6 +131,19 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server):
     assert server.call("status")["ok"]
 
 
+@pytest.mark.parametrize("payload", [
+    b"\x00\xffnot a pickle",                # raw bytes
+    b"cno_such_module_c4\nThing\n.",          # a pickle of a class the server cannot import
+    b"\x80\x04",                            # a truncated pickle (pickle raises EOFError: not a closed pipe)
+])
+def test_unreadable_bytes_get_an_error_reply_and_the_server_keeps_serving(server, payload):
+    server.req._writer.send_bytes(payload)  # straight on the request pipe, past the queue's pickling
+    reply = server.recv(None, timeout=30)
+    assert reply["ok"] is False and reply["error"]["type"] == "ProtocolError", reply
+    assert "unreadable request" in reply["error"]["message"]
+    assert server.call("status")["ok"] and server.proc.exitcode is None
+
+
 def test_graph_ops_say_unavailable_and_replay_runs_eagerly(server):
     for op, args in [("bg_capture_start", {"window": 4}), ("wait_precapture", {"count": 2}),
                      ("bg_capture_stop", {}), ("devgraph_bg_capture_start_custom", {"window": 4}),
