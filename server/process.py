@@ -96,6 +96,9 @@ class Server:
     # -- ops
     def handle(self, op: str, a: dict) -> dict:
         b = self.backend
+        if op in ("replay_seq", "kv_step", "kv_generate", "decode_loop") and b.seq_len(a["session"]) == 0:
+            # a prefill leaves seq_len >= 1: at 0 these would decode from position 0 with no prompt
+            raise BadInput(f"{op}: session {a['session']} has no prompt yet (send kv_init first)")
         if op in ("kv_init", "replay_seq", "kv_step"):
             # params are checked before the backend steps; it validates session, prompt and token ids
             s = a["session"]

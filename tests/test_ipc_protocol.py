@@ -191,6 +191,30 @@ def test_kv_generate_equals_step_by_step_sampling(server):
     assert host == toks
 
 
+@pytest.mark.parametrize("op, args", [("replay_seq", {"seq_len": 0, "token": 65}), ("kv_step", {"token": 65}),
+                                      ("kv_generate", {"steps": 3, "sampling": {}, "start_token": 65}),
+                                      ("decode_loop", {"seq_len": 0, "token": 65, "loop": 9})])
+def test_decoding_a_session_without_a_prompt_is_refused(op, args):
+    """Before any kv_init a session is at position 0: stepping it would decode from nothing."""
+    from server.process import server_main
+    name = shm.new_name(os.getpid())
+    p = Peer("server", server_main, ({"model": "synthetic:tiny", "backend": "reference", "device": "cpu",
+                                            "shm": name, "slots": 4, "sessions": 2},)).start()
+    try:
+        assert p.recv(0, timeout=300)["ok"]
+        for session in (0, 1):
+            e = _err(p, op, {**args, "session": session})
+            assert e["bad_input"] and f"{op}: session {session} has no prompt yet" in e["message"], e
+        p.call("kv_init", {"input_ids": [256, 65], "session": 1})
+        assert "no prompt" in _err(p, op, {**args, "session": 0})["message"]  # the other session still has none
+        if op != "decode_loop":  # (needs a client on a link)
+            ok = p.call(op, {**args, "session": 1, **({"seq_len": 2} if "seq_len" in args else {})})["result"]
+            assert ok["seq_len"] > 2
+    finally:
+        p.stop()
+        shm.unlink(name)
+
+
 def test_kv_generate_validates(server):
     assert "steps" in _err(server, "kv_generate", {"steps": 0, "sampling": {}, "start_token": 1})["message"]
     assert "top_p" in _err(server, "kv_generate", {"steps": 1, "sampling": {"top_p": 0}, "start_token": 1})["message"]
