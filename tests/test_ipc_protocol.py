@@ -295,6 +295,34 @@ def test_decode_loop_equals_kv_generate_and_stops_without_a_wasted_step(pair):
     assert srep["result"]["steps"] == k + 1 and srep["result"]["seq_len"] == len(ids) + k + 1
 
 
+@pytest.mark.parametrize("bad", [2**40, -1, 10**6])
+def test_out_of_vocab_detokenize_is_refused_and_poisons_nothing(pair, bad):
+    from custom_kernels.config import SYNTHETIC_SHAPES
+    server, client = pair
+    vocab = SYNTHETIC_SHAPES["tiny"].vocab_size  # the pair's model
+    r = client.recv(client.send("detokenize", {"ids": [72, bad], "stream": True}), timeout=30)
+    assert not r["ok"] and r["error"]["bad_input"] and f"token id {bad} out of range" in r["error"]["message"], r
+    # the stream and sampling go on as if the bad request had not come
+    assert client.call("detokenize", {"ids": [72, 105], "stream": True})["result"]["text"] == "Hi"
+    s = server.call("kv_init", {"input_ids": [256, 65]})["result"]
+    got = client.call("sample", {"slot": s["slot"], "step": s["step"], "params": {}, "position": 1})["result"]
+    assert 0 <= got["token"] < vocab
+
+
+def test_a_failed_stream_push_leaves_the_stream_as_it_was(smollm2_dir):
+    """The HF tokenizer raises OverflowError on id 2**40 (what used to break every later sample):
+    the incremental detokenizer drops the failed push, and the next one decodes as if it had not come."""
+    from client.tokenizer import HFTokenizer, IncrementalDetokenizer
+    tok = HFTokenizer(str(smollm2_dir))
+    ids = tok.encode("Hello world", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok)
+    d.push(ids[:1])
+    with pytest.raises(OverflowError):
+        d.push([2**40])
+    d.push(ids[1:])
+    assert d.text() == "Hello world" and d.ids == ids
+
+
 def test_decode_loop_errors_end_both_halves_and_both_keep_serving(pair):
     server, client = pair
     params = {"temperature": 0.0}
