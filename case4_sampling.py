@@ -44,8 +44,8 @@ class SamplingParams:
             raise BadInput(f"top_k must be an integer >= 0, got {k!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise BadInput(f"top_p must be in (0, 1], got {p!r}")
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise BadInput(f"seed must be an integer, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, int) or not -(1 << 63) <= s <= _M64:
+            raise BadInput(f"seed must be a 64-bit integer (-2**63 .. 2**64-1), got {s!r}")
 
     @property
     def greedy(self) -> bool:

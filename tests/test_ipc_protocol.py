@@ -220,6 +220,20 @@ def test_kv_generate_validates(server):
     assert "top_p" in _err(server, "kv_generate", {"steps": 1, "sampling": {"top_p": 0}, "start_token": 1})["message"]
 
 
+def test_a_seed_beyond_64_bits_is_bad_input(server, pair):
+    """On every path that takes sampling params: kv_init / kv_generate on the server, sample on the client."""
+    big = {"temperature": 1.0, "seed": 2**64}
+    server.call("kv_init", {"input_ids": [256, 65]})
+    for op, args in [("kv_init", {"input_ids": [256, 65], "sample": big}),
+                     ("kv_generate", {"steps": 2, "sampling": big, "start_token": 66})]:
+        e = _err(server, op, args)
+        assert e["bad_input"] and "seed must be a 64-bit integer" in e["message"], e
+    psrv, client = pair
+    s = psrv.call("kv_init", {"input_ids": [256, 65]})["result"]
+    e = _err(client, "sample", {"slot": s["slot"], "step": s["step"], "params": big, "position": 1})
+    assert e["bad_input"] and "seed must be a 64-bit integer" in e["message"], e
+
+
 def test_remote_error_names_the_peer(server):
     with pytest.raises(RemoteError, match="server: kv_step: ProtocolError"):
         server.call("kv_step", {})

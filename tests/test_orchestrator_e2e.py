@@ -146,6 +146,7 @@ def assert_bad_input(r, words):
     (["--temperature", "-1"], "--temperature"),
     (["--top-p", "0"], "--top-p"),
     (["--max-tokens", "0"], "--max-tokens"),
+    (["--seed", str(2**64)], "--seed must be a 64-bit integer"),
 ])
 def test_bad_flags(flags, words):
     assert_bad_input(run("--model", "smollm2", "--prompt", "hi", *flags), words)

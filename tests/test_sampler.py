@@ -97,8 +97,15 @@ def test_seeded_sampling_is_reproducible():
     assert a != [sample(x, SamplingParams(0.8, 40, 0.95, 1235), i) for i in range(50)]
 
 
+def test_seeds_of_64_bits_are_taken():
+    for s in (0, 2**64 - 1, -2**63, -1):
+        assert SamplingParams(seed=s).seed == s
+    assert uniform(2**64 - 1, 5) == uniform(-1, 5)  # the draw keys on the seed mod 2**64, as the device does
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                dict(seed=1.5), dict(temperature=float("nan"))])
+                                dict(seed=1.5), dict(temperature=float("nan")), dict(seed=2**64),
+                                dict(seed=-2**63 - 1), dict(seed=2**70)])
 def test_bad_params_are_bad_input(kw):
     with pytest.raises(BadInput):
         SamplingParams(**kw)
