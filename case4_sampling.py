@@ -1,7 +1,9 @@
-"""The one definition of sampling (docs/architecture.md "Sampling").
+"""The one definition of sampling (docs/architecture.md "Sampling"), and the host sampler:
+numpy, on a floor that both the client and the server process import.
 
-The device sampler of the CUDA backend implements this same function, so client and
-device sampling agree token for token (except at floating-point rounding ties).
+The device samplers implement this same function another way (custom_kernels/csrc/sampling.cu,
+and its torch reference server/reference_sampler.py), so client and device sampling agree
+token for token except where a draw lies within fp32 rounding of a boundary.
 
     u = uniform(seed, position)              # counter-based: no RNG state anywhere
     p = softmax(logits / temperature)        # fp32
