@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.sampler import SamplingParams  # noqa: E402
+from case4_sampling import SamplingParams  # noqa: E402
 from server.model.config import SYNTHETIC_SHAPES, with_max_seq  # noqa: E402
 from custom_kernels.ext import load_extension  # noqa: E402
 from server.model.weights import synthetic_weights  # noqa: E402

@@ -27,7 +27,7 @@ class Case4Rows:
 
     def decode_once(self, be, ids: list[int], mode: str, sampling: str, steps: int) -> dict:
         """reset, prefill (TTFT), [pre-capture], then `steps` decode steps. Times in ms."""
-        from client.sampler import SamplingParams
+        from case4_sampling import SamplingParams
         be.reset(SESSION)
         t0 = now_s()
         logits = be.prefill(SESSION, ids)

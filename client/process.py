@@ -8,7 +8,7 @@ streams tokens, text and per-token times to the orchestrator every STREAM_US.
 from __future__ import annotations
 
 from case4_errors import BadInput
-from client.sampler import SamplingParams, sample
+from case4_sampling import SamplingParams, sample
 from client.tokenizer import IncrementalDetokenizer, load_tokenizer
 from ipc.link import ABORT
 from ipc.messages import CLIENT_OPS, now_us, ok_reply
@@ -21,7 +21,7 @@ STREAM_US = 10_000  # the decode loop sends what it has to the orchestrator at m
 class Client:
     def __init__(self, rep=None, link=None):
         self.rep, self.link = rep, link
-        self.tok = self.channel = self.detok = None
+        self.tok = self.channel = self.detok = self.vocab_size = None
         self._params = {}
 
     def sample_loop(self, a: dict) -> dict:
@@ -83,6 +83,7 @@ class Client:
     def handle(self, op: str, a: dict) -> dict:
         if op == "init":
             self.tok = load_tokenizer(a["tokenizer_dir"])
+            self.vocab_size = a["vocab_size"]
             self.channel = LogitsChannel(a["shm"], a["slots"], a["vocab_size"])
             self.detok = IncrementalDetokenizer(self.tok)
             return {"kind": self.tok.kind, "bos_id": self.tok.bos_id, "eos_ids": list(self.tok.eos_ids),
@@ -103,6 +104,9 @@ class Client:
             self.detok = IncrementalDetokenizer(self.tok)  # a new prompt starts a new stream
             return {"ids": ids}
         if op == "detokenize":
+            bad = [i for i in a["ids"] if not 0 <= i < self.vocab_size]
+            if bad:
+                raise BadInput(f"detokenize: token id {bad[0]} out of range [0, {self.vocab_size})")
             return {"text": self.detok.push(a["ids"]) if a["stream"] else self.tok.decode(a["ids"])}
         if op == "sample":
             logits = self.channel.read(a["slot"], a["step"])

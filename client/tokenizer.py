@@ -64,9 +64,14 @@ class IncrementalDetokenizer:
         self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
 
     def push(self, ids) -> str:
+        n = len(self.ids)
         self.ids.extend(int(i) for i in ids)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
+        try:
+            before = self.tok.decode(self.ids[self.prefix:self.read])
+            after = self.tok.decode(self.ids[self.prefix:])
+        except BaseException:
+            del self.ids[n:]  # a push that fails leaves the stream as it was (no poisoned state)
+            raise
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from case4_errors import BadInput
-from client.sampler import SamplingParams
+from case4_sampling import SamplingParams
 from ipc.messages import RemoteError
 from ipc.peers import PeerDied, PeerTimeout
 

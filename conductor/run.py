@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from case4_errors import BadInput
-from client.sampler import SamplingParams
+from case4_sampling import SamplingParams
 from ipc import shm
 from ipc.link import Link
 from ipc.messages import RemoteError

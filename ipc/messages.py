@@ -1,4 +1,4 @@
-"""Request / reply records and their validation (DESIGN §4).
+"""Request / reply records and their validation (docs/ipc.md "Records").
 
     request: {"id": int, "op": str, "args": dict}
     reply:   {"id": int, "ok": True,  "result": dict, "t": (t0_us, t1_us)}
@@ -63,7 +63,7 @@ SERVER_ALIASES = {
 CLIENT_OPS: dict[str, dict] = {
     # internal: tell the client its tokenizer and the logits channel once the server is up
     "init": {"tokenizer_dir": (str, None), "vocab_size": (int, REQUIRED), "shm": (str, REQUIRED),
-             "slots": (int, REQUIRED), "eos_ids": (_LIST, ()), "special_tokens": (bool, False)},
+             "slots": (int, REQUIRED)},
     "tokenize": {"text": (str, REQUIRED), "add_special_tokens": (bool, True), "chat": (bool, False),
                  "max_len": (int, None)},
     "detokenize": {"ids": (_LIST, REQUIRED), "stream": (bool, False)},

@@ -9,7 +9,7 @@ dead process is still reported by name and exit code ("client process died (exit
 -9)") instead of a hang, and the hot path costs one blocking read per hop.
 
 Child side: `serve()` runs the request loop: validate, dispatch, reply, and an error
-reply (never a crash) for a bad request. The child ignores SIGINT (Ctrl-C reaches the
+reply (never a crash) for a bad request, including bytes that do not unpickle. The child ignores SIGINT (Ctrl-C reaches the
 whole process group; the orchestrator decides) and exits by itself when its parent dies
 (a daemon thread waits on the parent's sentinel).
 """
@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import wait as wait_ready
+from multiprocessing.reduction import ForkingPickler
 
 from ipc.link import put_marker
 from ipc.messages import ProtocolError, RemoteError, error_reply, now_us, ok_reply, request, validate
@@ -60,13 +61,18 @@ LOOP_SPIN_S = 0.0 if NCPU == 1 else \
     float(os.environ.get("CASE4_LOOP_SPIN_US", SPIN_S * 1e6)) / 1e6
 
 
-def spin_get(q, spin: float = 0.0):
-    """q.get() after spinning up to `spin` s on a non-blocking poll (SimpleQueue, one reader)."""
+def _spin(q, spin: float) -> None:
+    """Spin up to `spin` s on a non-blocking poll until q (a SimpleQueue, one reader) has data."""
     if spin > 0:
         r = q._reader
         t_end = time.perf_counter() + spin
         while not r.poll(0) and time.perf_counter() < t_end:
             pass
+
+
+def spin_get(q, spin: float = 0.0):
+    """q.get() after spinning up to `spin` s on a non-blocking poll (SimpleQueue, one reader)."""
+    _spin(q, spin)
     return q.get()
 
 
@@ -295,17 +301,41 @@ def progress(rep, text: str) -> None:
     rep.put({"progress": text})
 
 
+class _PipeClosed(Exception):
+    pass
+
+
+def _get_request(req):
+    """spin_get(req, CHILD_SPIN_S), with the pipe read and the unpickling apart: a message that
+    does not unpickle (raw bytes, a class this process cannot import) is consumed and raises
+    ProtocolError, to be answered; only a closed pipe ends the loop (EOFError / OSError from
+    the read: pickle raises EOFError too, on a truncated payload)."""
+    _spin(req, CHILD_SPIN_S)
+    try:
+        with req._rlock:
+            data = req._reader.recv_bytes()
+    except (EOFError, OSError) as e:
+        raise _PipeClosed(str(e)) from e
+    try:
+        return ForkingPickler.loads(data)
+    except Exception as e:
+        raise ProtocolError(f"unreadable request ({type(e).__name__}: {e})") from None
+
+
 def serve(req, rep, ops: dict, handle, aliases: dict | None = None) -> None:
     """Answer requests until `stop` (or the parent's death). handle(op, args) -> dict."""
     watch_parent()
     while True:
-        msg = spin_get(req, CHILD_SPIN_S)
-        t0 = now_us()
-        rid = msg.get("id") if isinstance(msg, dict) else None
+        rid = None
         try:
+            msg = _get_request(req)
+            t0 = now_us()
+            rid = msg.get("id") if isinstance(msg, dict) else None
             rid, op, args = validate(msg, ops, aliases)
             result = handle(op, args)
             rep.put(ok_reply(rid, result if result is not None else {}, t0, now_us()))
+        except _PipeClosed:
+            return  # the orchestrator is gone (watch_parent exits the process too)
         except Exception as e:  # every failure becomes an error reply; the loop goes on
             rep.put(error_reply(rid, e))
             continue

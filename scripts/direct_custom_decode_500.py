@@ -1,5 +1,5 @@
 """The seed's direct decode: no IPC, one process: load, prefill, N decode steps on the
-chosen backend (greedy or seeded sampling with client/sampler.py), then write
+chosen backend (greedy or seeded sampling with case4_sampling.py), then write
 <out>/direct_decode_tokens.txt and _text.txt and print tok/s.
 
     python scripts/direct_custom_decode_500.py [--model smollm2] [--prompt TEXT] [--steps 500]
@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from case4_errors import BadInput  # noqa: E402
-from client.sampler import SamplingParams, sample  # noqa: E402
+from case4_sampling import SamplingParams, sample  # noqa: E402
 from client.tokenizer import load_tokenizer  # noqa: E402
 
 

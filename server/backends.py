@@ -1,9 +1,7 @@
-"""The decode backends the server process drives (DESIGN §3.3).
-
-`reference`: the pure-torch ReferenceDecoder (CPU or GPU), no graphs: graph ops raise
-`GraphsUnavailable` and `replay` runs the step eagerly, so the user's flow is the same
-everywhere. `cuda`: custom kernels + CUDA graphs (server/cuda_backend.py). `auto` picks
-`cuda` when a GPU and the built extension are present, else `reference` (and says why).
+"""Which backend the server runs (docs/architecture.md "Backend"): `reference` (pure torch,
+server/reference_backend.py), `cuda` (custom kernels + CUDA graphs, server/cuda_backend.py),
+or `auto`: `cuda` when a GPU and the built extension are present, else `reference` (and
+it says why). The interface both implement is server/backend.py.
 """
 from __future__ import annotations
 
@@ -11,109 +9,13 @@ import sys
 
 import torch
 
-from case4_errors import BadInput, GraphsUnavailable
-from server.kv import KVArena
+from case4_errors import BadInput
+from server.backend import Backend
 from server.model.resolve import LoadedModel
-from server.reference import ReferenceDecoder
+from server.reference_backend import ReferenceBackend
 
 BACKENDS = ("auto", "cuda", "reference")
 GRAPH_MODES = ("exact", "dynamic", "none")
-
-
-class Backend:
-    """The interface of docs/architecture.md; the reference implementation of its host logic."""
-    name = "base"
-    supports_graphs = False
-
-    def __init__(self, model: LoadedModel, sessions: int = 1):
-        self.model = model
-        self.cfg = model.cfg
-        self.sessions = sessions
-
-    def check_position(self, session: int, seq_len) -> None:
-        cur = self.seq_len(session)
-        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len != cur:
-            raise BadInput(f"seq_len {seq_len!r} does not match session {session}'s position {cur}")
-        if cur >= self.cfg.max_seq_len:
-            raise BadInput(f"session {session} is full: context of {self.cfg.max_seq_len} tokens reached")
-
-    def check_prompt(self, session: int, ids) -> list[int]:
-        """The checks of every prefill, in one place: session, non-empty, fits, token ids."""
-        self.seq_len(session)  # validates the session
-        ids = list(ids)
-        if not ids:
-            raise BadInput("the prompt is empty")
-        if len(ids) >= self.cfg.max_seq_len:
-            raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of "
-                           f"{self.cfg.max_seq_len} tokens (see --max-seq)")
-        for t in ids:
-            self.check_token(t)
-        return ids
-
-    def check_token(self, token) -> int:
-        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.cfg.vocab_size:
-            raise BadInput(f"token {token!r} out of range [0, {self.cfg.vocab_size})")
-        return token
-
-    def generate(self, session: int, start_token: int, steps: int, params, stop_ids=()) -> list[int]:
-        """`steps` decode steps with sampling done server-side; stops after a stop id."""
-        from client.sampler import sample
-        out, tok = [], self.check_token(start_token)
-        for _ in range(steps):
-            pos = self.seq_len(session)
-            tok = int(sample(self.step(session, tok).numpy(), params, pos))
-            out.append(tok)
-            if tok in stop_ids:
-                break
-        return out
-
-    def trace_events(self) -> list[dict]:
-        return []
-
-    def close(self) -> None:
-        pass
-
-
-class ReferenceBackend(Backend):
-    name = "reference"
-
-    def __init__(self, model: LoadedModel, sessions: int = 1):
-        super().__init__(model, sessions)
-        w = model.weights
-        self.kv = KVArena(self.cfg, sessions, w.dtype, w.device)
-        self.dec = ReferenceDecoder(w, self.kv)
-
-    def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
-        return self.dec.prefill(session, self.check_prompt(session, ids)).cpu()
-
-    def step(self, session: int, token: int) -> torch.Tensor:
-        self.kv.check_session(session)
-        self.check_position(session, self.seq_len(session))
-        return self.dec.step(session, self.check_token(token)).cpu()
-
-    def seq_len(self, session: int) -> int:
-        return self.kv.seq_len[self.kv.check_session(session)]
-
-    def reset(self, session: int) -> None:
-        self.kv.seq_len[self.kv.check_session(session)] = 0
-
-    def _no_graphs(self, *_a, **_k):
-        raise GraphsUnavailable("CUDA graphs are unavailable on the reference backend (use --backend cuda on a GPU)")
-
-    bg_capture_start = wait_precapture = bg_capture_stop = _no_graphs
-
-    def replay(self, session: int, seq_len: int, token: int) -> torch.Tensor:
-        self.kv.check_session(session)
-        self.check_position(session, seq_len)
-        return self.step(session, token)
-
-    def status(self) -> dict:
-        w = self.model.weights
-        return {"backend": self.name, "device": str(w.device), "model": self.model.name,
-                "dtype": str(w.dtype).replace("torch.", ""), "graphs": None,
-                "graphs_note": "CUDA graphs are unavailable on the reference backend",
-                "memory": {"weights_bytes": w.arena.numel() * w.arena.element_size(), "kv_bytes": self.kv.nbytes()},
-                "positions": list(self.kv.seq_len)}
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -150,10 +52,5 @@ def make_backend(name: str, model: LoadedModel, sessions: int = 1, device=None, 
         raise BadInput("--backend cuda needs a CUDA GPU and none is visible (use --backend reference)")
     if model.weights.device.type != "cuda":
         raise BadInput("the cuda backend needs the model on a CUDA device (--device cuda)")
-    from server.cuda_backend import CudaBackend
+    from server.cuda_backend import CudaBackend  # loads the extension: only when it is asked for
     return CudaBackend(model, sessions=sessions, graph_mode=graph_mode, gemm=gemm)
-
-
-def default_device() -> str:
-    """Where the weights go: the GPU when there is one (the reference runs there too)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"

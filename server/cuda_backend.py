@@ -18,7 +18,7 @@ import torch
 from case4_errors import BadInput
 from server.model.config import with_max_seq
 from custom_kernels.ext import load_extension
-from server.backends import Backend
+from server.backend import Backend
 from server.kv import KVArena
 from server.model.resolve import LoadedModel
 from server.prefill_graphs import PrefillGraphs
@@ -203,7 +203,7 @@ class CudaBackend(Backend):
     def sample(self, session: int, params, position: int) -> int:
         """Draw the next token from the latest logits (those the last prefill / step / replay left in the engine's
         logits scratch, which all sessions share) with the device sampler: the finish kernel's sampling, RNG
-        position `position` (as client/sampler.py), no seq_len change. token_dev[session] becomes the token, so a
+        position `position` (as case4_sampling.py), no seq_len change. token_dev[session] becomes the token, so a
         following generate() continues from it; the token comes back to the host (one 4-byte D2H)."""
         self.kv.check_session(session)
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:

@@ -1,5 +1,5 @@
 """The graph-generator server process: loads the model once, then serves the ops of
-DESIGN §4 over its request queue until `stop` (or until its parent dies).
+docs/ipc.md over its request queue until `stop` (or until its parent dies).
 
 Start-up: the first message on the reply queue is the reply to request id 0: the model's
 facts (vocab, context, eos ids, tokenizer folder, backend) or the load error (a BadInput
@@ -16,6 +16,7 @@ import importlib
 import time
 
 from case4_errors import BadInput
+from case4_sampling import SamplingParams
 from ipc.link import ABORT
 from ipc.messages import SERVER_ALIASES, SERVER_OPS, error_reply, now_us, ok_reply
 from ipc.peers import LOOP_SPIN_S, child_setup, progress, serve, spin_get
@@ -54,15 +55,13 @@ class Server:
         self.cfg = backend.cfg
         self.step = 0  # shared-memory step counter (every logits write gets the next one)
 
-    def _logits_reply(self, session: int, logits, sample_params) -> dict:
+    def _logits_reply(self, session: int, logits, params: SamplingParams | None) -> dict:
         step = self.step
         self.step += 1
         out = {"slot": self.channel.write(step, logits), "step": step,
                "seq_len": self.backend.seq_len(session)}
-        if sample_params is not None:  # "device" sampling of this one token, same function
-            from client.sampler import SamplingParams, sample
-            params = SamplingParams.from_dict(sample_params)
-            out["token"] = sample(self.channel.read(out["slot"], step), params, out["seq_len"] - 1)
+        if params is not None:  # device sampling of this one token: the backend's sampler
+            out["token"] = self.backend.sample(session, params, out["seq_len"] - 1)
         return out
 
     def decode_loop(self, a: dict) -> dict:
@@ -97,17 +96,21 @@ class Server:
     # -- ops
     def handle(self, op: str, a: dict) -> dict:
         b = self.backend
-        if op == "kv_init":
-            s = a["session"]  # the backend validates session, prompt and token ids
-            return self._logits_reply(s, b.prefill(s, a["input_ids"]), a["sample"])
-        if op == "replay_seq":
+        if op in ("replay_seq", "kv_step", "kv_generate", "decode_loop") and b.seq_len(a["session"]) == 0:
+            # a prefill leaves seq_len >= 1: at 0 these would decode from position 0 with no prompt
+            raise BadInput(f"{op}: session {a['session']} has no prompt yet (send kv_init first)")
+        if op in ("kv_init", "replay_seq", "kv_step"):
+            # params are checked before the backend steps; it validates session, prompt and token ids
             s = a["session"]
-            return self._logits_reply(s, b.replay(s, a["seq_len"], a["token"]), a["sample"])
-        if op == "kv_step":
-            s = a["session"]
-            return self._logits_reply(s, b.step(s, a["token"]), a["sample"])
+            params = None if a["sample"] is None else SamplingParams.from_dict(a["sample"])
+            if op == "kv_init":
+                logits = b.prefill(s, a["input_ids"])
+            elif op == "replay_seq":
+                logits = b.replay(s, a["seq_len"], a["token"])
+            else:
+                logits = b.step(s, a["token"])
+            return self._logits_reply(s, logits, params)
         if op == "kv_generate":
-            from client.sampler import SamplingParams
             s, steps = a["session"], a["steps"]
             if steps < 1:
                 raise BadInput(f"kv_generate: steps must be >= 1, got {steps}")

@@ -1,5 +1,5 @@
-"""The reference decoder: pure torch, exactly the math of the decode step (DESIGN §3.1) on
-our buffer layout (weight arena views, KV arena with sessions). It is the oracle: it is
+"""The reference decoder: pure torch, exactly the math of the decode step on our buffer
+layout (weight arena views, KV arena with sessions; docs/architecture.md "Reference decoder"). It is the oracle: it is
 checked against HF transformers on real weights, and the CUDA kernels against it.
 
 `compute_dtype=torch.float32` (the oracle) upcasts weights per op and rounds to the model

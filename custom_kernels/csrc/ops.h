@@ -202,7 +202,7 @@ struct FinishArgs {
     const int2 *amax_part = nullptr;  // optional: lm_head's per-block argmax (GemvArgs::amax_part) ...
     int amax_n = 0;                   // ... of amax_n blocks: greedy picks from these, not from V logits
     int pos = 0;                 // T of this step (host) ... (also the sampled token's RNG position, as in
-    const int *pos_dev = nullptr;   // ... or on the device       client/sampler.py)
+    const int *pos_dev = nullptr;   // ... or on the device       case4_sampling.py)
     int *seq_len_dev = nullptr;  // optional: seq_len_dev[s] := T + 1
     const SampleParams *params = nullptr;
     int *token_dev = nullptr;    // next input token (written when sampling)

@@ -2,7 +2,7 @@
 // advanced it: FinishArgs::seq_advanced).
 //
 // One block of 1024 threads over the fp32 logits [V]. Greedy: argmax (lowest id on ties).
-// Otherwise the function of client/sampler.py, without a sort: every kept set is a prefix
+// Otherwise the function of case4_sampling.py, without a sort: every kept set is a prefix
 // of the order "descending probability, ascending id", so each cut is found by a radix
 // select over a 52-bit key (32 order-preserving bits of the logit, then 20 bits of ~id):
 // 7 passes of 256-bin histograms (count or probability mass) per cut.
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kSampleThreads) finish_kernel(FinishArgs a) {
 }
 
 // The token sampled by the step at position T draws with RNG position T, as Backend.generate's host sampler
-// does with position = seq_len before the step (client/sampler.py).
+// does with position = seq_len before the step (case4_sampling.py).
 void launch_finish(const FinishArgs &a, const Launch &L) {
     FinishArgs b = a;
     b.trace = L.slot("finish");

@@ -15,7 +15,7 @@ def make(shape, mode, sessions=1, max_seq=2048, dtype="float16"):
 
 
 def greedy():
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     return SamplingParams()
 
 

@@ -143,7 +143,7 @@ def _device_sample(ext, logits, pos, params):
 
 
 def test_argmax_exact():
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     ext = load_extension()
     for i in range(20):
         g = torch.Generator(device="cuda").manual_seed(i)
@@ -196,7 +196,7 @@ def test_lm_head_argmax_partials(N, K, max_blocks):
 
 def test_all_nan_logits_give_token_in_range():
     """No maximum exists: the sampler must still return an id the next step can gather (0)."""
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     ext = load_extension()
     logits = torch.full((32000,), float("nan"), device="cuda")
     assert _device_sample(ext, logits, 3, SamplingParams()) == 0
@@ -204,7 +204,7 @@ def test_all_nan_logits_give_token_in_range():
 
 
 def near_mass_boundary(logits, params, position) -> tuple[bool, int]:
-    """The draw of client/sampler.py's function for fp32 `logits` [V], computed in float64: (near, token). near:
+    """The draw of case4_sampling.py's function for fp32 `logits` [V], computed in float64: (near, token). near:
     a cut the draw depends on lies within fp32 rounding of where float64 puts it, so two correct fp32 samplers
     (the host's sequential cumsum, the device's radix-select histograms) may pick different tokens: the target
     u * kept_mass is within err of the cumulative mass at the chosen token's edges, or a top-p cut within err
@@ -213,7 +213,7 @@ def near_mass_boundary(logits, params, position) -> tuple[bool, int]:
     deviations of the rounding errors of j + 1 additions in any order (the host adds in sequence, the device by
     histogram bins), plus the softmax's own rounding of each p. (The worst case, (j + 1) * 2^-24 * cum, would
     excuse a quarter of the draws of a flat distribution.)"""
-    from client.sampler import uniform
+    from case4_sampling import uniform
     x = np.asarray(logits.detach().float().cpu().numpy(), dtype=np.float64).reshape(-1)
     V = len(x)
     if params.temperature == 0:
@@ -255,7 +255,7 @@ def near_mass_boundary(logits, params, position) -> tuple[bool, int]:
 
 def compare_samplers(draws):
     """draws: (device token, host token, logits, params, position). The device sampler must equal the host
-    sampler (client/sampler.py) on every draw except where near_mass_boundary says the draw lies within fp32
+    sampler (case4_sampling.py) on every draw except where near_mass_boundary says the draw lies within fp32
     rounding of a cut; those exceptions are counted, and at most 3 % of the draws (at least 1) may use one.
     Returns (exceptions used, draws near a boundary)."""
     used, near_n = [], 0
@@ -272,9 +272,9 @@ def compare_samplers(draws):
 
 @pytest.mark.parametrize("t,k,p", [(1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (0.8, 40, 0.95), (1.5, 1, 1.0)])
 def test_sampling_matches_client(t, k, p):
-    """Device sampler == client/sampler.py token for token, except where a float64 computation puts the draw
+    """Device sampler == case4_sampling.py token for token, except where a float64 computation puts the draw
     within fp32 rounding of a cumulative-mass cut (near_mass_boundary; counted and bounded)."""
-    from client.sampler import SamplingParams, sample
+    from case4_sampling import SamplingParams, sample
     ext = load_extension()
     draws = []
     for i in range(100):
@@ -287,7 +287,7 @@ def test_sampling_matches_client(t, k, p):
 
 
 def test_sampling_chi_square_and_seed():
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     ext = load_extension()
     V = 64
     g = torch.Generator(device="cuda").manual_seed(5)

@@ -155,14 +155,13 @@ def test_greedy_64_matches_reference(shape):
 
 
 def _greedy():
-    from client.sampler import SamplingParams
+    from case4_sampling import SamplingParams
     return SamplingParams()
 
 
 def test_device_sampling_matches_backend_generate():
-    """Device top-k/top-p sampling == the host sampler driven by the same logits (Backend.generate)."""
-    from client.sampler import SamplingParams
-    from server.backends import Backend
+    """Device top-k/top-p sampling == the host sampler driven by the same logits (our eager step)."""
+    from case4_sampling import SamplingParams, sample
     be = make("smollm2-135m")
     try:
         params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=42)
@@ -170,7 +169,11 @@ def test_device_sampling_matches_backend_generate():
         tok = int(be.prefill(0, ids).argmax())
         dev = be.generate(0, tok, 48, params)
         be.prefill(0, ids)
-        host = Backend.generate(be, 0, tok, 48, params)  # host sampling over our eager step
+        host, t = [], tok
+        for _ in range(48):  # host sampling over our eager step, the draw keyed by the fed token's position
+            pos = be.seq_len(0)
+            t = sample(be.step(0, t), params, pos)
+            host.append(t)
         assert dev == host, (dev, host)
         be.prefill(0, ids)
         assert be.generate(0, tok, 48, params) == dev, "same seed -> same tokens"
@@ -182,10 +185,10 @@ def test_device_sampling_matches_backend_generate():
                                               ("smollm2-135m", "float16", "none")])
 def test_backend_sample_matches_host_sampler(shape, dtype, mode):
     """CudaBackend.sample (the finish kernel's sampling of the engine's logits scratch, RNG position given) after a
-    prefill and after steps == the host sampler (client/sampler.py) on the same logits, except where a float64
+    prefill and after steps == the host sampler (case4_sampling.py) on the same logits, except where a float64
     computation puts the draw within fp32 rounding of a cumulative-mass cut (test_kernels.compare_samplers:
     counted, at most 3 %). The prefill leaves its logits in the scratch; token_dev holds each draw."""
-    from client.sampler import SamplingParams, sample
+    from case4_sampling import SamplingParams, sample
     from tests.gpu.test_kernels import compare_samplers
     cases = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1.0, top_k=40, seed=5),
              SamplingParams(temperature=0.7, top_p=0.9, seed=11),

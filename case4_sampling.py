@@ -1,7 +1,9 @@
-"""The one definition of sampling (docs/architecture.md "Sampling").
+"""The one definition of sampling (docs/architecture.md "Sampling"), and the host sampler:
+numpy, on a floor that both the client and the server process import.
 
-The device sampler of the CUDA backend implements this same function, so client and
-device sampling agree token for token (except at floating-point rounding ties).
+The device samplers implement this same function another way (custom_kernels/csrc/sampling.cu,
+and its torch reference server/reference_sampler.py), so client and device sampling agree
+token for token except where a draw lies within fp32 rounding of a boundary.
 
     u = uniform(seed, position)              # counter-based: no RNG state anywhere
     p = softmax(logits / temperature)        # fp32
@@ -44,8 +46,8 @@ class SamplingParams:
             raise BadInput(f"top_k must be an integer >= 0, got {k!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise BadInput(f"top_p must be in (0, 1], got {p!r}")
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise BadInput(f"seed must be an integer, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, int) or not -(1 << 63) <= s <= _M64:
+            raise BadInput(f"seed must be a 64-bit integer (-2**63 .. 2**64-1), got {s!r}")
 
     @property
     def greedy(self) -> bool:
@@ -77,11 +79,20 @@ def uniform(seed: int, position: int) -> float:
     return (z >> 40) / float(1 << 24)
 
 
+def _top_k_ids(p: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values of p, ascending; of those tied at the cut, the lowest
+    (argpartition alone would keep an arbitrary few of them)."""
+    kth = np.partition(p, len(p) - k)[len(p) - k]  # the k-th largest value
+    above = np.flatnonzero(p > kth)
+    return np.sort(np.concatenate([above, np.flatnonzero(p == kth)[:k - len(above)]]))
+
+
 def _sorted_top(p: np.ndarray, pool: np.ndarray | None, m: int) -> np.ndarray:
-    """Ids of the m most probable tokens of pool (None: all), descending, ties lower id first."""
+    """Ids of the m most probable tokens of pool (None: all; else ascending ids), descending,
+    ties lower id first."""
     ids = np.arange(len(p)) if pool is None else pool
     if m < len(ids):
-        ids = ids[np.argpartition(-p[ids], m - 1)[:m]]
+        ids = ids[_top_k_ids(p[ids], m)]  # pool ascending: the lowest positions are the lowest ids
     return ids[np.lexsort((ids, -p[ids]))]
 
 
@@ -94,7 +105,7 @@ def sample(logits, params: SamplingParams, position: int) -> int:
     p = (z / z.sum(dtype=np.float32)).astype(np.float32)
     V = len(p)
     k = params.top_k if 0 < params.top_k < V else V
-    pool = np.argpartition(-p, k - 1)[:k] if k < V else None
+    pool = _top_k_ids(p, k) if k < V else None
     kept_mass = np.float32(p.sum(dtype=np.float32) if pool is None else np.sort(p[pool]).sum(dtype=np.float32))
     u = np.float32(uniform(params.seed, position))
     # Sort only the m most probable first; widen to the whole top-k set when the answer

@@ -1,0 +1,113 @@
+"""The `Backend` interface the server process drives (docs/architecture.md "Backend"),
+declared in code, and the argument checks every backend shares.
+
+Implementations: `ReferenceBackend` (server/reference_backend.py, pure torch, any device)
+and `CudaBackend` (server/cuda_backend.py, custom kernels + CUDA graphs). The factory that
+picks one is server/backends.py. This module imports neither, so a backend can import it
+without an import circle.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from case4_errors import BadInput
+from case4_sampling import SamplingParams
+from server.kv import KVArena
+from server.model.resolve import LoadedModel
+
+
+class Backend(ABC):
+    name: str = "base"            # "reference" | "cuda"
+    supports_graphs: bool = False
+    kv: KVArena                   # each backend allocates its KV arena (all sessions) in __init__
+
+    def __init__(self, model: LoadedModel, sessions: int = 1):
+        self.model = model
+        self.cfg = model.cfg
+        self.sessions = sessions
+
+    # -- decode ---------------------------------------------------------------------------
+    @abstractmethod
+    def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
+        """Reset `session` and run the prompt; fp32 logits [V] (CPU tensor) of its last position."""
+
+    @abstractmethod
+    def step(self, session: int, token: int) -> torch.Tensor:
+        """One eager step at position seq_len(session); fp32 logits [V] (CPU tensor)."""
+
+    @abstractmethod
+    def replay(self, session: int, seq_len: int, token: int) -> torch.Tensor:
+        """The step at T = seq_len through the graph mode (eager on a backend without graphs)."""
+
+    @abstractmethod
+    def sample(self, session: int, params: SamplingParams, position: int) -> int:
+        """Draw the next token from the session's latest logits (those its last prefill / step /
+        replay returned) with the backend's own (device) sampler; `position` keys the draw
+        (docs/architecture.md "Sampling")."""
+
+    @abstractmethod
+    def generate(self, session: int, start_token: int, steps: int, params: SamplingParams,
+                 stop_ids=()) -> list[int]:
+        """`steps` decode steps from `start_token`, each token drawn by the device sampler;
+        stops after a stop id (which is returned, not fed)."""
+
+    def seq_len(self, session: int) -> int:
+        """Positions filled in `session` (validates the session)."""
+        return self.kv.seq_len[self.kv.check_session(session)]
+
+    @abstractmethod
+    def reset(self, session: int) -> None:
+        """Forget the session's history: seq_len = 0."""
+
+    # -- graphs (a backend without them raises GraphsUnavailable) ------------------------------
+    @abstractmethod
+    def bg_capture_start(self, session: int, window: int) -> dict:
+        """Start capturing graphs for the next `window` positions in the background."""
+
+    @abstractmethod
+    def wait_precapture(self, session: int, count: int, timeout_s: float = 60.0) -> dict:
+        """Block until `count` graphs ahead of the session's position are captured."""
+
+    @abstractmethod
+    def bg_capture_stop(self, session: int = -1) -> dict:
+        """Stop the background capture of one session (-1: all)."""
+
+    # -- facts ---------------------------------------------------------------------------------
+    @abstractmethod
+    def status(self) -> dict:
+        """Backend, device, model, dtype, graph and memory facts (the `status` op's reply)."""
+
+    def trace_events(self) -> list[dict]:
+        """Chrome "X" events of the backend's own threads; ts/dur in us of CLOCK_MONOTONIC."""
+        return []
+
+    def close(self) -> None:
+        """Release what the backend holds beyond its tensors (streams, threads, graphs)."""
+
+    # -- the argument checks of every backend -------------------------------------------------
+    def check_position(self, session: int, seq_len) -> None:
+        cur = self.seq_len(session)
+        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len != cur:
+            raise BadInput(f"seq_len {seq_len!r} does not match session {session}'s position {cur}")
+        if cur >= self.cfg.max_seq_len:
+            raise BadInput(f"session {session} is full: context of {self.cfg.max_seq_len} tokens reached")
+
+    def check_prompt(self, session: int, ids) -> list[int]:
+        """The checks of every prefill, in one place: session, non-empty, fits, token ids."""
+        self.kv.check_session(session)
+        ids = list(ids)
+        if not ids:
+            raise BadInput("the prompt is empty")
+        if len(ids) >= self.cfg.max_seq_len:
+            raise BadInput(f"prompt of {len(ids)} tokens does not fit the context of "
+                           f"{self.cfg.max_seq_len} tokens (see --max-seq)")
+        for t in ids:
+            self.check_token(t)
+        return ids
+
+    def check_token(self, token) -> int:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.cfg.vocab_size:
+            raise BadInput(f"token {token!r} out of range [0, {self.cfg.vocab_size})")
+        return token

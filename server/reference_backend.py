@@ -1,0 +1,86 @@
+"""The `reference` backend: the pure-torch ReferenceDecoder (CPU or GPU) behind the Backend
+interface (server/backend.py; docs/architecture.md "Backend"). It has no graphs: graph ops
+raise `GraphsUnavailable` and `replay` runs the step eagerly, so the user's flow is the
+same everywhere. Device sampling is the torch reference of the CUDA sampler
+(server/reference_sampler.py), run where the logits are.
+"""
+from __future__ import annotations
+
+import torch
+
+from case4_errors import BadInput, GraphsUnavailable
+from case4_sampling import SamplingParams
+from server.backend import Backend
+from server.kv import KVArena
+from server.model.resolve import LoadedModel
+from server.reference import ReferenceDecoder
+from server.reference_sampler import device_sample
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def __init__(self, model: LoadedModel, sessions: int = 1):
+        super().__init__(model, sessions)
+        w = model.weights
+        self.kv = KVArena(self.cfg, sessions, w.dtype, w.device)
+        self.dec = ReferenceDecoder(w, self.kv)
+        self.last: list[torch.Tensor | None] = [None] * sessions  # each session's latest logits (for sample)
+
+    def _keep(self, session: int, logits: torch.Tensor) -> torch.Tensor:
+        self.last[session] = logits
+        return logits.cpu()
+
+    def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
+        ids = self.check_prompt(session, ids)
+        return self._keep(session, self.dec.prefill(session, ids))
+
+    def step(self, session: int, token: int) -> torch.Tensor:
+        self.check_position(session, self.seq_len(session))
+        return self._keep(session, self.dec.step(session, self.check_token(token)))
+
+    def replay(self, session: int, seq_len: int, token: int) -> torch.Tensor:
+        self.check_position(session, seq_len)
+        return self.step(session, token)
+
+    def sample(self, session: int, params: SamplingParams, position: int) -> int:
+        logits = self.last[self.kv.check_session(session)]
+        if logits is None:
+            raise BadInput(f"sample: session {session} has no logits yet (prefill it first)")
+        return device_sample(logits, params, position)
+
+    def generate(self, session: int, start_token: int, steps: int, params: SamplingParams,
+                 stop_ids=()) -> list[int]:
+        out, tok = [], self.check_token(start_token)
+        for _ in range(steps):
+            pos = self.seq_len(session)  # the position of the fed token keys the draw
+            self.step(session, tok)
+            tok = self.sample(session, params, pos)
+            out.append(tok)
+            if tok in stop_ids:
+                break
+        return out
+
+    def reset(self, session: int) -> None:
+        self.kv.seq_len[self.kv.check_session(session)] = 0
+        self.last[session] = None
+
+    def _no_graphs(self, *_a, **_k):
+        raise GraphsUnavailable("CUDA graphs are unavailable on the reference backend (use --backend cuda on a GPU)")
+
+    def bg_capture_start(self, session: int, window: int) -> dict:
+        self._no_graphs()
+
+    def wait_precapture(self, session: int, count: int, timeout_s: float = 60.0) -> dict:
+        self._no_graphs()
+
+    def bg_capture_stop(self, session: int = -1) -> dict:
+        self._no_graphs()
+
+    def status(self) -> dict:
+        w = self.model.weights
+        return {"backend": self.name, "device": str(w.device), "model": self.model.name,
+                "dtype": str(w.dtype).replace("torch.", ""), "graphs": None,
+                "graphs_note": "CUDA graphs are unavailable on the reference backend",
+                "memory": {"weights_bytes": w.arena.numel() * w.arena.element_size(), "kv_bytes": self.kv.nbytes()},
+                "positions": list(self.kv.seq_len)}
