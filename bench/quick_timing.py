@@ -393,7 +393,7 @@ def main():
             r["tokens_equal_first_row"] = toks == first_tokens if not skip and toks is not None else None
             r.update({"shape": shape, "weight_bytes": cfg.decode_weight_bytes(2), "floor_ms": round(floor_ms, 3)})
             print(r, flush=True)
-            report["decode"].append(r)
+            report["decode"].append({**r, "tokens": toks})  # the JSON keeps them: A/B of two builds (ab_builds.sh)
         del model, w
         torch.cuda.empty_cache()
     if a.ttft:
