@@ -7,8 +7,8 @@
 # the first run also builds the CUDA extension (custom_kernels/ext.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$ROOT"
-. scripts/setup_env.sh
+# no cd: a relative model folder or --output-dir means the caller's directory, as with any command
+. "$ROOT/scripts/setup_env.sh"
 
 MODEL=smollm2
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then MODEL="$1"; shift; fi
@@ -24,7 +24,7 @@ for a in "$@"; do
 done
 NSYS_BIN="${NSYS:-$(command -v nsys || true)}"
 
-CMD=("$CASE4_PY" orchestrator.py --model "$MODEL" "${ARGS[@]+"${ARGS[@]}"}")
+CMD=("$CASE4_PY" "$ROOT/orchestrator.py" --model "$MODEL" "${ARGS[@]+"${ARGS[@]}"}")
 if [ "$USE_NSYS" = 1 ]; then
     if [ -n "$NSYS_BIN" ] && [ -x "$NSYS_BIN" ]; then
         mkdir -p "$OUT_DIR"
@@ -36,7 +36,7 @@ if [ "$USE_NSYS" = 1 ]; then
         "$NSYS_BIN" profile --trace=cuda,nvtx --sample=none --cpuctxsw=none --cuda-graph-trace=node \
             --force-overwrite=true -o "$PREFIX" "${CMD[@]}" || rc=$?
         # a stripped nsys stops at PREFIX.qdstrm: import it here (or say in one line what is missing)
-        "$CASE4_PY" scripts/nsys_import.py "$NSYS_BIN" "$PREFIX" || { [ "$rc" != 0 ] || rc=1; }
+        "$CASE4_PY" "$ROOT/scripts/nsys_import.py" "$NSYS_BIN" "$PREFIX" || { [ "$rc" != 0 ] || rc=1; }
         exit "$rc"
     fi
     echo "[case4] --nsys: nsys not found (put it on the PATH or set NSYS=/path/to/nsys), running without it" >&2

@@ -184,3 +184,21 @@ def test_control_characters_escaped_on_a_terminal(tmp_path):
     terminal = shown.decode(errors="replace")
     assert not [c for c in terminal if ord(c) < 32 and c not in "\r\n\t" or 127 <= ord(c) < 160]
     assert f"\\x{ord(raw[0]):02x}" in terminal
+
+
+# ---- run_ipc.sh from another directory: relative paths are the caller's
+
+def test_run_ipc_resolves_relative_paths_in_the_callers_directory(tiny_hf_folder, tmp_path):
+    """A relative model folder and --output-dir given to run_ipc.sh from elsewhere mean the caller's
+    directory (issue 29): the model is found there and the outputs land there, not in the repository."""
+    folder, _ = tiny_hf_folder  # tmp_path / "m"
+    before = set((ROOT / "output").glob("rel*")) if (ROOT / "output").exists() else set()
+    r = subprocess.run(["bash", str(ROOT / "run_ipc.sh"), "m", "--backend", "reference", "--prompt", "hi",
+                        "--max-tokens", "3", "--ignore-eos", "--quiet", "--output-dir", "rel", "--run-name", "r"],
+                       capture_output=True, timeout=300, env=_env(), cwd=tmp_path)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 0, err
+    toks, _, m = outputs(tmp_path / "rel", "r")
+    assert len(toks) == 3 and m["model"] == "m"
+    assert not (ROOT / "rel").exists()
+    assert (set((ROOT / "output").glob("rel*")) if (ROOT / "output").exists() else set()) == before
