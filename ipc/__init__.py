@@ -1,4 +1,4 @@
-"""The protocol between the orchestrator, the server and the client (DESIGN §4, docs/ipc.md).
+"""The protocol between the orchestrator, the server and the client (docs/ipc.md).
 
 messages.py  request/reply records, per-op argument specs, validation
 shm.py       the shared-memory logits ring (queues carry only slot + step)

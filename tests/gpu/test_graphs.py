@@ -32,7 +32,7 @@ def ids_for(V, n=8, seed=0):
 # exact mode's allowed misses over the n device-sampled steps: none for 7B (a capture is ~20x faster than a
 # replay: the window never drains, issue 6); SmolLM2 replays a step in ~0.36 ms, less than the ~0.25 ms + ~0.13 ms
 # (p50) to capture and instantiate one graph, so over 1000 steps the 64-graph window drains and some steps take
-# the eager fallback (DESIGN 3.2: a miss runs the same kernels eagerly; the tokens and logits below stay
+# the eager fallback (docs/architecture.md, "Where the capture thread lives": a miss runs the same kernels eagerly; the tokens and logits below stay
 # identical). Measured: 18 of 1000 (docs/decisions.md); allowed: 10 %
 @pytest.mark.parametrize("shape,n,max_misses", [("smollm2-135m", 1000, 100), ("llama2-7b", 1000, 0)])
 def test_graph_modes_equal_eager(shape, n, max_misses):
