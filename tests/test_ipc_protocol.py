@@ -314,6 +314,7 @@ def test_out_of_vocab_detokenize_is_refused_and_poisons_nothing(pair, bad):
     from server.model.config import SYNTHETIC_SHAPES
     server, client = pair
     vocab = SYNTHETIC_SHAPES["tiny"].vocab_size  # the pair's model
+    client.call("tokenize", {"text": "x"})  # a new stream (earlier tests streamed on this client)
     r = client.recv(client.send("detokenize", {"ids": [72, bad], "stream": True}), timeout=30)
     assert not r["ok"] and r["error"]["bad_input"] and f"token id {bad} out of range" in r["error"]["message"], r
     # the stream and sampling go on as if the bad request had not come
