@@ -81,7 +81,7 @@ def test_server_does_not_import_the_client_package():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "client" or n.startswith("client.") for n in names), (f.name, names)
-    code = ("import sys, server.process, server.backends, server.models, server.reference_backend, "
+    code = ("import sys, server.process, server.backends, server.model, server.reference_backend, "
             "server.cuda_backend; from server.process import load; "
             "bad = [m for m in sys.modules if m == 'client' or m.startswith('client.')]; "
             "assert not bad, bad; print('ok')")
