@@ -209,25 +209,26 @@ def first_request(warm):
 KINDS = {"m0": "norm+QKV", "m2": "norm+gate|up", "m3": "norm+lm_head", "attention": "attention", "finish": "finish"}
 
 
-# per-launch trace slot (ops.h): kKtraceBlocks records of kKtraceRec uint64 per launch; record: 0 start,
-# 1 past the wait, 2-11 phase ends, 12 + w warp w's end (global timer ns; 0 = not written)
-TRACE_BLOCKS, TRACE_REC = 544, 48
+# per-launch trace slot (ops.h, exported by the extension as KTRACE_BLOCKS, KTRACE_REC, KTRACE_WARP0):
+# KTRACE_BLOCKS records of KTRACE_REC uint64 per launch; record: 0 start, 1 past the wait, 2-11 phase ends,
+# KTRACE_WARP0 + w warp w's end (global timer ns; 0 = not written)
 # attention's ktrace_mark points (attention.cu): 3 q / K_T / V_T rotated, 10 / 11 the K / V rows < T in
 # registers, 4 the block's rows done (scores, softmax, sum p V), 5 past the barrier (every warp's partial in
 # shared memory), 7 ctx (or partials) written
 PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "rows", 5: "barrier", 7: "ctx"}
 
 
-def trace_summary(rec):
-    """One launch's block records [blocks, TRACE_REC] (int64 tensor, CPU) -> first start, first past the
-    wait, last end, last start, last past the wait, phase ends (max over blocks); 0 where nothing was written."""
+def trace_summary(rec, warp0):
+    """One launch's block records [blocks, KTRACE_REC] (int64 tensor, CPU; warp ends from word warp0 on) -> first
+    start, first past the wait, last end, last start, last past the wait, phase ends (max over blocks); 0 where
+    nothing was written."""
     def lo(x):
         x = x[x > 0]
         return int(x.min()) if x.numel() else 0
 
     def hi(x):
         return int(x.max()) if x.numel() else 0
-    out = {"start": lo(rec[:, 0]), "wait": lo(rec[:, 1]), "end": hi(rec[:, 12:]), "last_start": hi(rec[:, 0]),
+    out = {"start": lo(rec[:, 0]), "wait": lo(rec[:, 1]), "end": hi(rec[:, warp0:]), "last_start": hi(rec[:, 0]),
            "last_wait": hi(rec[:, 1])}
     for k in PHASES:
         out[k] = hi(rec[:, k])
@@ -242,6 +243,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32, options="def
     engine's (parse_options)."""
     cfg = model.cfg
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    TRACE_BLOCKS, TRACE_REC = ext.KTRACE_BLOCKS, ext.KTRACE_REC
     if 4 * sms > TRACE_BLOCKS:  # lm_head's persistent grid (4 blocks per SM) must fit the per-launch records
         raise SystemExit(f"timeline: {sms} SMs need {4 * sms} block records per launch, ops.h kKtraceBlocks is "
                          f"{TRACE_BLOCKS}")
@@ -273,7 +275,7 @@ def kernel_timeline(ext, model, steps=8, mode="dynamic", prompt=32, options="def
         be.generate(0, tok, steps if mode == "dynamic" else 2 * steps, SamplingParams())
         torch.cuda.synchronize()
         recs = v[lo:hi].cpu()
-        t = [trace_summary(recs[i]) for i in range(hi - lo)]
+        t = [trace_summary(recs[i], ext.KTRACE_WARP0) for i in range(hi - lo)]
     finally:
         eng.set_kernel_trace(0, 0)
         be.close()

@@ -133,6 +133,10 @@ PYBIND11_MODULE(_case4_cuda, m) {
     m.doc() = "Case4 custom CUDA decode kernels, decode-step plan and CUDA graph cache";
     m.attr("SPLIT_LEN") = kSplitLen;
     m.attr("SAMPLE_PARAMS_BYTES") = (int)sizeof(SampleParams);
+    // the kernel timeline's record layout (ops.h), read by bench/quick_timing.py
+    m.attr("KTRACE_BLOCKS") = kKtraceBlocks;
+    m.attr("KTRACE_REC") = kKtraceRec;
+    m.attr("KTRACE_WARP0") = kKtraceWarp0;
     auto nogil = py::call_guard<py::gil_scoped_release>();
     py::register_exception<PrecaptureTimeout>(m, "PrecaptureTimeout", PyExc_RuntimeError);
     py::register_exception<BadArgument>(m, "BadArgument", PyExc_ValueError);

@@ -105,7 +105,7 @@ __device__ __forceinline__ void ktrace_mark(unsigned long long *t, int k) {
 // end of a warp's work: every warp calls it (lane 0 records)
 __device__ __forceinline__ void ktrace_end(unsigned long long *t) {
     if (t && threadIdx.x % 32 == 0)
-        if (unsigned long long *r = ktrace_rec(t)) r[12 + threadIdx.x / 32] = global_ns();
+        if (unsigned long long *r = ktrace_rec(t)) r[kKtraceWarp0 + threadIdx.x / 32] = global_ns();
 }
 
 // ---------------------------------------------------------------- reductions

@@ -21,7 +21,8 @@ enum DType : int { kF16 = 0, kBF16 = 1 };
 // ktrace in common.cuh); each launch enqueued (or captured) afterwards takes the next slot and its name is
 // recorded. buf = 0 turns it off. Record: 0 start, 1 past the wait, 2-11 phase ends (attention), 12 + w warp w's end.
 constexpr int kKtraceBlocks = 544;  // blocks recorded per launch (lm_head's grid: 4 per SM, 132 SMs)
-constexpr int kKtraceRec = 48;      // 12 + up to 32 warps (finish: 1024 threads), padded
+constexpr int kKtraceWarp0 = 12;    // record word of warp 0's end (words 2-11: phase ends)
+constexpr int kKtraceRec = 48;      // kKtraceWarp0 + up to 32 warps (finish: 1024 threads), padded
 constexpr size_t kKtraceSlot = (size_t)kKtraceBlocks * kKtraceRec;
 struct KernelTrace {
     unsigned long long *buf = nullptr;
