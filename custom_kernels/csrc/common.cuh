@@ -77,7 +77,7 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p, uint64_t pol) {
 }
 
 // ---------------------------------------------------------------- kernel timeline (opt-in)
-// With a trace slot (Engine::set_kernel_trace, tests/gpu/quick_timing.py --timeline) every block (the first
+// With a trace slot (Engine::set_kernel_trace, bench/quick_timing.py --timeline) every block (the first
 // kKtraceBlocks of a grid, row-major over (y, x)) writes its own record of kKtraceRec uint64, in ns of the
 // global timer, with plain stores (no atomics, no barriers: the timed kernel runs as it does untraced):
 // [0] start and [1] past griddepcontrol.wait (thread 0), [2..11] the end of a kernel-specific phase

@@ -16,7 +16,7 @@ constexpr int kMaxGroup = 8;   // max query heads per KV head (attention.cu)
 enum DType : int { kF16 = 0, kBF16 = 1 };
 
 // ------------------------------------------------------------------ how a launcher enqueues
-// Opt-in per-launch timing (Engine::set_kernel_trace; timing tool only, tests/gpu/quick_timing.py --timeline):
+// Opt-in per-launch timing (Engine::set_kernel_trace; timing tool only, bench/quick_timing.py --timeline):
 // `buf` holds n slots of kKtraceSlot uint64, one per launch, each a record of kKtraceRec words per block (see
 // ktrace in common.cuh); each launch enqueued (or captured) afterwards takes the next slot and its name is
 // recorded. buf = 0 turns it off. Record: 0 start, 1 past the wait, 2-11 phase ends (attention), 12 + w warp w's end.

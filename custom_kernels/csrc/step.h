@@ -67,7 +67,7 @@ struct Plan {
 
 // The step's options: one per Engine (EngineOptions, bindings.cpp exports them by name). The defaults are the
 // measured best (docs/performance.md); the others are kept for the GPU tests that prove two paths equal
-// (tests/gpu/test_step.py, test_kernels.py) and for A/B timing (tests/gpu/quick_timing.py).
+// (tests/gpu/test_step.py, test_kernels.py) and for A/B timing (bench/quick_timing.py).
 struct EngineOptions {
     int pdl = kPdlPreload;          // PdlLevel (ops.h): 0 plain launches, 1 PDL, 2 + L2 prefetch, 3 + register preload
     bool rope_in_qkv = true;        // RoPE in the QKV gemv where gemv_rope_fits (else in attention; log entry 29)
