@@ -81,7 +81,7 @@ def test_server_does_not_import_the_client_package():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "client" or n.startswith("client.") for n in names), (f.name, names)
-    code = ("import sys, server.process, server.backends, server.models, server.reference_backend, "
+    code = ("import sys, server.process, server.backends, server.model.resolve, server.reference_backend, "
             "server.cuda_backend; from server.process import load; "
             "bad = [m for m in sys.modules if m == 'client' or m.startswith('client.')]; "
             "assert not bad, bad; print('ok')")
@@ -400,3 +400,38 @@ def test_a_dead_peer_wakes_the_one_blocked_on_the_link(victim):
             own.close()
         link.close()
         shm.unlink(name)
+
+
+def test_decode_loop_without_a_client_ends_with_an_error_reply():
+    """A server in decode_loop whose client never answers is not wedged: after `timeout_s` with
+    no token it ends the loop (telling the link's other end with (loop, None)), replies with an
+    error, and keeps serving."""
+    from server.process import server_main
+    name = shm.new_name(os.getpid())
+    link = Link(context())
+    server = Peer("server", server_main, ({"model": "synthetic:tiny", "backend": "reference", "device": "cpu",
+                                           "shm": name, "slots": 4, "link": link},)).start()
+    watch_link(link, (server,))
+    try:
+        assert server.recv(0, timeout=300)["ok"]
+        server.call("kv_init", {"input_ids": [256, 65]})
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            e = _err(server, "decode_loop", {"seq_len": 2, "token": 66, "loop": 1, "timeout_s": bad})
+            assert e["bad_input"] and "timeout_s must be a positive number" in e["message"], e
+        t0 = time.monotonic()
+        reply = server.recv(server.send("decode_loop", {"seq_len": 2, "token": 66, "loop": 2, "timeout_s": 1.0}),
+                            timeout=30)
+        took = time.monotonic() - t0
+        assert not reply["ok"] and reply["error"]["type"] == "PeerTimeout", reply
+        assert "no token from the client in 1 s (after step 1)" in reply["error"]["message"], reply
+        assert 1.0 <= took < 10, took
+        step = link.to_client.get()
+        assert step[0] == 2 and isinstance(step[1], int)  # the one step it took
+        assert link.to_client.get() == (2, None)          # then: the loop is over
+        assert server.call("status")["result"]["positions"] == [3]  # prompt (2) + the one step
+        assert server.call("kv_init", {"input_ids": [256, 65]})["result"]["seq_len"] == 2
+    finally:
+        server.stop()
+        link.close()
+        shm.unlink(name)
+    assert server.proc.exitcode == 0
