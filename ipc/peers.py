@@ -16,6 +16,7 @@ whole process group; the orchestrator decides) and exits by itself when its pare
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing as mp
 import os
 import select
@@ -62,26 +63,30 @@ LOOP_SPIN_S = 0.0 if NCPU == 1 else \
     float(os.environ.get("CASE4_LOOP_SPIN_US", SPIN_S * 1e6)) / 1e6
 
 
-def _spin(q, spin: float) -> None:
-    """Spin up to `spin` s on a non-blocking poll until q (a SimpleQueue, one reader) has data."""
+def _spin(q, spin: float) -> bool:
+    """Spin up to `spin` s on a non-blocking poll until q (a SimpleQueue, one reader) has data;
+    True when it has (False: not known to have)."""
     if spin > 0:
         r = q._reader
         t_end = time.perf_counter() + spin
-        while not r.poll(0) and time.perf_counter() < t_end:
-            pass
+        while True:
+            if r.poll(0):
+                return True
+            if time.perf_counter() >= t_end:
+                return False
+    return False
 
 
 def spin_get(q, spin: float = 0.0, timeout: float | None = None):
     """q.get() after spinning up to `spin` s on a non-blocking poll (SimpleQueue, one reader).
     timeout: seconds to wait after the spin before TimeoutError (None: forever). It costs one
-    poll(2) on a pre-registered fd, and only when the spin found nothing (the reader would
-    sleep in the kernel anyway): Connection.poll(timeout) builds a selector per call, which
-    is what made a poll before each get cost ~10 us a hop (docs/ipc.md "Queues")."""
-    _spin(q, spin)
-    if timeout is not None and not q._reader.poll(0):
+    poll(2) on the fd, and only when the spin found nothing (the reader would sleep in the
+    kernel anyway): Connection.poll(timeout) builds a selector per call, which is what made
+    a poll before each get cost ~10 us a hop (docs/ipc.md "Queues")."""
+    if not _spin(q, spin) and timeout is not None:
         p = select.poll()
         p.register(q._reader.fileno(), select.POLLIN)
-        if not p.poll(max(0, int(timeout * 1000))):
+        if not p.poll(max(0, int(math.ceil(timeout * 1000)))):
             raise TimeoutError(f"nothing came in {timeout:g} s")
     return q.get()
 
