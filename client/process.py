@@ -82,10 +82,15 @@ class Client:
 
     def handle(self, op: str, a: dict) -> dict:
         if op == "init":
-            self.tok = load_tokenizer(a["tokenizer_dir"])
-            self.vocab_size = a["vocab_size"]
-            self.channel = LogitsChannel(a["shm"], a["slots"], a["vocab_size"])
-            self.detok = IncrementalDetokenizer(self.tok)
+            # all or nothing: a failed init (no tokenizer, no such block) leaves the client as it was
+            if a["vocab_size"] < 1 or a["slots"] < 1:
+                raise BadInput(f"init: vocab_size and slots must be >= 1, got {a['vocab_size']} and {a['slots']}")
+            tok = load_tokenizer(a["tokenizer_dir"])
+            channel = LogitsChannel(a["shm"], a["slots"], a["vocab_size"])
+            if self.channel is not None:
+                self.channel.close()
+            self.tok, self.vocab_size, self.channel = tok, a["vocab_size"], channel
+            self.detok = IncrementalDetokenizer(tok)
             return {"kind": self.tok.kind, "bos_id": self.tok.bos_id, "eos_ids": list(self.tok.eos_ids),
                     "has_chat_template": self.tok.has_chat_template}
         if op == "stop":

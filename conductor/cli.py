@@ -17,7 +17,7 @@ from pathlib import Path
 from case4_errors import BadInput
 from case4_sampling import SamplingParams
 from ipc.messages import RemoteError
-from ipc.peers import PeerDied, PeerTimeout
+from ipc.peers import PeerDied, PeerStalled, PeerTimeout
 
 from conductor.outputs import prepare_output_dir
 from conductor.run import DEMO_PROMPT, ProcessOptions, Request, Run
@@ -157,6 +157,9 @@ def main(argv=None) -> int:
             return 2
         print(f"case4: internal failure in the {e.peer} process: {e.op}: {e.type}: {e.message}",
               file=sys.stderr)
+        return 1
+    except PeerStalled as e:  # alive but silent in the decode loop: the process is named, it is not ours to fix
+        print(f"case4: error: {e}", file=sys.stderr)
         return 1
     except (PeerDied, PeerTimeout) as e:
         print(f"case4: internal failure: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from case4_sampling import SamplingParams
 from ipc import shm
 from ipc.link import Link
 from ipc.messages import RemoteError
-from ipc.peers import Peer, context, watch_link
+from ipc.peers import Peer, StallGuard, context, watch_link
 
 from conductor.outputs import silence_stdout, write_outputs
 
@@ -159,6 +159,7 @@ class Generation:
         if req.prompt is None and req.prompt_len is None:  # the demo: chat when the model has a template
             self.prompt, self.chat = DEMO_PROMPT, req.chat or procs.tinfo["has_chat_template"]
         self.t0 = self.t_first = self.t_decode = None
+        self.stall: StallGuard | None = None  # the running decode loop's
 
     @property
     def ok(self) -> bool:
@@ -242,11 +243,13 @@ class Generation:
         P = self.procs
         loop = next(P.loop_ids)
         sid = P.server.send("decode_loop", {"session": 0, "seq_len": T, "token": tok, "loop": loop,
-                                            "eager": eager})
+                                            "eager": eager, "timeout_s": float(P.opts.timeout)})
         cid = P.client.send("sample_loop", {"loop": loop, "params": self.req.params.to_dict(), "position": T,
                                             "max_tokens": n, "stop_ids": sorted(self.eos)})
-        crep = P.client.recv(cid, P.opts.timeout, (P.server,), on_stream=self.on_stream)
-        srep = P.server.recv(sid, P.opts.timeout, (P.client,))
+        # a stalled child (stopped, wedged) is named within seconds, not after --timeout (docs/ipc.md "Stalls")
+        self.stall = StallGuard(P.server, P.client, P.link)
+        crep = P.client.recv(cid, P.opts.timeout, (P.server,), on_stream=self.on_stream, stall=self.stall)
+        srep = P.server.recv(sid, P.opts.timeout, (P.client,), stall=self.stall)
         for peer, op, rep in ((P.server, "decode_loop", srep), (P.client, "sample_loop", crep)):
             if not rep["ok"]:  # the server's error first: the client's then only says the loop ended
                 raise RemoteError(peer.name, op, rep["error"])
@@ -259,6 +262,8 @@ class Generation:
     def on_stream(self, item) -> None:
         toks, text, times = item  # times: (t0, t1) us of each token's sampling in the client
         self.emit(toks, text, [t1 / 1e6 for _, t1 in times])
+        if self.stall is not None:
+            self.stall.note([t1 for _, t1 in times])
         if self.procs.opts.trace:
             self.procs.events += [{"name": "sample", "ph": "X", "ts": t0, "dur": max(t1 - t0, 0.01),
                                    "pid": "client", "tid": "requests"} for t0, t1 in times]

@@ -46,9 +46,10 @@ SERVER_OPS: dict[str, dict] = {
                     "start_token": (int, REQUIRED), "stop_ids": (_LIST, ())},
     # the decode loop of --sampling client (docs/ipc.md "Decode loop"): feeds `token` at
     # `seq_len` (replay_seq, or kv_step when eager), hands each step's logits to the client
-    # over the direct link and steps again on the token it sends back, until it says stop
+    # over the direct link and steps again on the token it sends back, until it says stop;
+    # a token that does not come in `timeout_s` ends the loop with an error reply
     "decode_loop": {"session": (int, 0), "seq_len": (int, REQUIRED), "token": (int, REQUIRED),
-                    "loop": (int, REQUIRED), "eager": (bool, False)},
+                    "loop": (int, REQUIRED), "eager": (bool, False), "timeout_s": (float, 300.0)},
     "status": {"trace": (bool, False)},
     "stop": {},
 }

@@ -16,8 +16,10 @@ whole process group; the orchestrator decides) and exits by itself when its pare
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing as mp
 import os
+import select
 import signal
 import sys
 import threading
@@ -61,18 +63,31 @@ LOOP_SPIN_S = 0.0 if NCPU == 1 else \
     float(os.environ.get("CASE4_LOOP_SPIN_US", SPIN_S * 1e6)) / 1e6
 
 
-def _spin(q, spin: float) -> None:
-    """Spin up to `spin` s on a non-blocking poll until q (a SimpleQueue, one reader) has data."""
+def _spin(q, spin: float) -> bool:
+    """Spin up to `spin` s on a non-blocking poll until q (a SimpleQueue, one reader) has data;
+    True when it has (False: not known to have)."""
     if spin > 0:
         r = q._reader
         t_end = time.perf_counter() + spin
-        while not r.poll(0) and time.perf_counter() < t_end:
-            pass
+        while True:
+            if r.poll(0):
+                return True
+            if time.perf_counter() >= t_end:
+                return False
+    return False
 
 
-def spin_get(q, spin: float = 0.0):
-    """q.get() after spinning up to `spin` s on a non-blocking poll (SimpleQueue, one reader)."""
-    _spin(q, spin)
+def spin_get(q, spin: float = 0.0, timeout: float | None = None):
+    """q.get() after spinning up to `spin` s on a non-blocking poll (SimpleQueue, one reader).
+    timeout: seconds to wait after the spin before TimeoutError (None: forever). It costs one
+    poll(2) on the fd, and only when the spin found nothing (the reader would sleep in the
+    kernel anyway): Connection.poll(timeout) builds a selector per call, which is what made
+    a poll before each get cost ~10 us a hop (docs/ipc.md "Queues")."""
+    if not _spin(q, spin) and timeout is not None:
+        p = select.poll()
+        p.register(q._reader.fileno(), select.POLLIN)
+        if not p.poll(max(0, int(math.ceil(timeout * 1000)))):
+            raise TimeoutError(f"nothing came in {timeout:g} s")
     return q.get()
 
 
@@ -84,6 +99,88 @@ class PeerDied(RuntimeError):
 
 class PeerTimeout(RuntimeError):
     pass
+
+
+class PeerStalled(PeerTimeout):
+    """A child alive but silent during a running decode loop (StallGuard)."""
+
+    def __init__(self, name: str, silent_s: float, why: str):
+        self.name, self.silent_s, self.why = name, silent_s, why
+        super().__init__(f"{name} process stalled (no step for {silent_s:.1f} s during decode; {why})")
+
+
+# Stall detection in the decode loop (docs/ipc.md "Stalls"): once the loop has produced two
+# tokens, silence on the client's stream longer than max(STALL_MIN_S, STALL_STEPS x the
+# slowest token gap seen) ends the wait (never later than --timeout). The floor keeps a
+# scheduling hiccup on a loaded machine or an eager step after a graph miss from counting.
+STALL_MIN_S = 3.0
+STALL_STEPS = 50
+
+
+def proc_state(pid) -> str:
+    """The one-letter state of a process (/proc/<pid>/stat: R running, S sleeping, D disk,
+    T stopped, t traced, Z zombie), or "" when it cannot be read (gone, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return ""
+
+
+class StallGuard:
+    """The deadline on silence while a decode loop runs, and who to blame when it passes.
+
+    note() takes the sampling times the client streams; limit() is the silence allowed now
+    (`timeout` until two tokens have been seen); error() names the stalled child, in this
+    order (docs/ipc.md "Stalls"): one that is stopped (state T/t: SIGSTOP, a debugger);
+    else the reader of a link queue that holds an unread message (its peer made progress,
+    it did not); else one that is running (state R/D) while the other sleeps in its read;
+    else the server, which does the step (the client's part only reads shared memory)."""
+
+    def __init__(self, server, client, link, floor_s: float = STALL_MIN_S, steps: int = STALL_STEPS):
+        self.server, self.client, self.link = server, client, link
+        self.floor_s, self.steps = floor_s, steps
+        self.slowest = None  # seconds: the longest gap between two consecutive tokens
+        self._last = None
+
+    def note(self, t_us) -> None:
+        for t in t_us:
+            if self._last is not None:
+                gap = max(0.0, (t - self._last) / 1e6)
+                self.slowest = gap if self.slowest is None else max(self.slowest, gap)
+            self._last = t
+
+    @property
+    def running(self) -> bool:
+        return self.slowest is not None
+
+    def limit(self, timeout: float) -> float:
+        if self.slowest is None:
+            return timeout
+        return min(timeout, max(self.floor_s, self.steps * self.slowest))
+
+    def culprit(self) -> tuple[str, str]:
+        kids = (self.server, self.client)
+        state = {p.name: proc_state(p.pid) for p in kids}
+        for p in kids:
+            if state[p.name] in ("T", "t"):
+                return p.name, f"it is stopped, state {state[p.name]}: SIGSTOP or a debugger"
+        for p, q in ((self.server, self.link.to_server), (self.client, self.link.to_client)):
+            try:
+                pending = q._reader.poll(0)
+            except (OSError, ValueError):
+                pending = False
+            if pending:
+                return p.name, "a message waits unread on its link"
+        busy = [p for p in kids if state[p.name] in ("R", "D")]
+        if len(busy) == 1:
+            return busy[0].name, f"it is busy (state {state[busy[0].name]}) while the other waits"
+        return "server", f"no message waits on the link (states: server {state['server'] or '?'}, " \
+                         f"client {state['client'] or '?'})"
+
+    def error(self, silent_s: float) -> PeerStalled:
+        name, why = self.culprit()
+        return PeerStalled(name, silent_s, why)
 
 
 def context():
@@ -216,18 +313,22 @@ class Peer:
         self.req.put(request(rid, op, args))
         return rid
 
-    def recv(self, rid: int, timeout: float, watch: tuple["Peer", ...] = (), on_stream=None) -> dict:
+    def recv(self, rid: int, timeout: float, watch: tuple["Peer", ...] = (), on_stream=None,
+             stall: StallGuard | None = None) -> dict:
         """The reply to request `rid` (0 = the start-up message). Blocks in a plain get();
         the watchdog wakes it if this peer or one in `watch` dies, or after `timeout` s
         without a message: each progress or stream message ({"stream": ...}, handed to
-        on_stream, from a long op such as sample_loop) starts the timeout again."""
-        w = _WATCHDOG.arm(self, (self, *watch), time.monotonic() + timeout)
+        on_stream, from a long op such as sample_loop) starts the timeout again. With
+        `stall` (a running decode loop) the silence allowed is stall.limit(timeout), and
+        its passing raises stall.error(): PeerStalled naming the stalled child."""
+        limit = stall.limit(timeout) if stall is not None else timeout
+        w = _WATCHDOG.arm(self, (self, *watch), time.monotonic() + limit)
         try:
             while True:
                 msg = spin_get(self.rep, SPIN_S)
                 if WAKE in msg:
                     if msg[WAKE] == w.token:
-                        self._woken(w, rid, timeout)  # raises, or re-arms if nothing holds
+                        self._woken(w, rid, limit, stall)  # raises, or re-arms if nothing holds
                     continue  # a stale marker from an earlier wait
                 if "stream" in msg and on_stream is not None:
                     on_stream(msg["stream"])
@@ -237,16 +338,20 @@ class Peer:
                     return msg
                 else:
                     continue  # a late reply to a request we gave up on; drop it
-                w.deadline = time.monotonic() + timeout
+                if stall is not None:
+                    limit = stall.limit(timeout)
+                w.deadline = time.monotonic() + limit
         finally:
             _WATCHDOG.disarm(self)
 
-    def _woken(self, w: _Wait, rid: int, timeout: float) -> None:
+    def _woken(self, w: _Wait, rid: int, timeout: float, stall: StallGuard | None) -> None:
         for p in w.peers:
             if p.proc.pid is not None and wait_ready([p.proc.sentinel], 0):
                 p.proc.join(1.0)  # it has exited: reap it so exitcode is set
             p.check()
         if time.monotonic() >= w.deadline:
+            if stall is not None and stall.running:
+                raise stall.error(timeout)
             raise PeerTimeout(f"{self.name} process did not answer request {rid} in {timeout:.0f} s")
         _WATCHDOG.rearm(w)
 
@@ -262,6 +367,9 @@ class Peer:
         _WATCHDOG.remove(self)
         if self.proc.pid is None:
             return
+        if self.proc.exitcode is None and proc_state(self.proc.pid) in ("T", "t"):
+            self.proc.kill()  # stopped: it cannot answer, and SIGTERM stays pending until SIGCONT
+            self.proc.join(1.0)
         if self.proc.exitcode is None:
             try:
                 self.req.put(request(0, "stop"))
@@ -343,5 +451,5 @@ def serve(req, rep, ops: dict, handle, aliases: dict | None = None) -> None:
             return
 
 
-__all__ = ["Peer", "PeerDied", "PeerTimeout", "ProtocolError", "RemoteError", "context",
+__all__ = ["Peer", "PeerDied", "PeerStalled", "PeerTimeout", "StallGuard", "ProtocolError", "RemoteError", "context",
            "child_setup", "progress", "serve", "spin_get", "watch_link", "LOOP_SPIN_S"]

@@ -26,6 +26,7 @@ class LogitsChannel:
         size = 8 * slots + 4 * slots * vocab
         self.shm = shared_memory.SharedMemory(name=name, create=create, size=size if create else 0)
         if self.shm.size < size:
+            self.shm.close()  # (a refused attach keeps no mapping)
             raise ValueError(f"shared memory {name} is {self.shm.size} bytes, expected {size}")
         self.name = name
         self.steps = np.ndarray((slots,), dtype=np.int64, buffer=self.shm.buf, offset=0)

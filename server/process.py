@@ -13,13 +13,14 @@ over a direct link (ipc/link.py) and the orchestrator is off the per-token path.
 from __future__ import annotations
 
 import importlib
+import math
 import time
 
 from case4_errors import BadInput
 from case4_sampling import SamplingParams
 from ipc.link import ABORT
 from ipc.messages import SERVER_ALIASES, SERVER_OPS, error_reply, now_us, ok_reply
-from ipc.peers import LOOP_SPIN_S, child_setup, progress, serve, spin_get
+from ipc.peers import LOOP_SPIN_S, PeerTimeout, child_setup, progress, serve, spin_get
 from ipc.shm import LogitsChannel
 
 
@@ -69,8 +70,19 @@ class Server:
         token, step again; until the client sends (loop, None) or the orchestrator ABORT."""
         if self.link is None:
             raise BadInput("decode_loop: this server has no link to a client")
+        wait_s = float(a["timeout_s"])
+        if not (wait_s > 0 and math.isfinite(wait_s)):
+            raise BadInput(f"decode_loop: timeout_s must be a positive number of seconds, got {wait_s:g}")
         b, s, loop, eager, T, tok = self.backend, a["session"], a["loop"], a["eager"], a["seq_len"], a["token"]
         inbox, put, write = self.link.to_server, self.link.to_client.put, self.channel.write
+
+        def next_msg():  # the client's answer; one that never comes ends the loop (no wedged server)
+            try:
+                return spin_get(inbox, LOOP_SPIN_S, wait_s)
+            except TimeoutError:
+                raise PeerTimeout(f"decode_loop: no token from the client in {wait_s:g} s "
+                                  f"(after step {len(times)})") from None
+
         times = []  # (t0, t1) us of each step, for the trace
         try:
             while True:
@@ -82,9 +94,9 @@ class Server:
                 put((loop, step))
                 times.append((t0, now_us()))
                 T += 1
-                msg = spin_get(inbox, LOOP_SPIN_S)
+                msg = next_msg()
                 while msg != ABORT and msg[0] != loop:  # left over from an earlier loop
-                    msg = spin_get(inbox, LOOP_SPIN_S)
+                    msg = next_msg()
                 if msg == ABORT or msg[1] is None:
                     break
                 tok = msg[1]

@@ -156,6 +156,56 @@ def test_sigterm_keeps_partial_outputs_and_summary(tmp_path):
     assert_clean(p.pid, child_pids(err))
 
 
+
+@pytest.mark.parametrize("victim", ["server", "client"])
+def test_a_stopped_child_in_the_decode_loop_is_named_within_seconds(tmp_path, victim):
+    """SIGSTOP one child while the two decode (--sampling client, the direct link): the stall is
+    seen after max(3 s, 50 x the slowest step), not after --timeout (300 s), and the stopped
+    process is named (docs/ipc.md "Stalls"); the tokens so far and the summary are kept."""
+    p = start(tmp_path, "stall", stdout=subprocess.PIPE)
+    err, fd = b"", p.stderr.fileno()
+    while b"server pid" not in err:
+        chunk = os.read(fd, 4096)
+        assert chunk, err
+        err += chunk
+    server, client = _pid_of(err.decode(), "server"), _pid_of(err.decode(), "client")
+    stopped = server if victim == "server" else client
+    try:
+        # three writes to stdout: the first token's text (before the loop), then stream batches of the
+        # running loop (each ~10 ms of tokens): the guard has measured steps by then
+        for _ in range(3):
+            assert os.read(p.stdout.fileno(), 4096), "the run ended before decoding"
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, rest = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        for k in (server, client):
+            try:
+                os.kill(k, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = (err + rest).decode(errors="replace")
+    assert p.returncode == 1, (p.returncode, err)
+    assert took < 10, f"the stall took {took:.1f} s to be reported"
+    assert "Traceback" not in err and "did not answer" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("case4:")]
+    assert len(lines) == 1 and lines[0].startswith(f"case4: error: {victim} process stalled (no step for"), lines
+    assert "during decode" in lines[0] and "stopped" in lines[0], lines[0]
+    assert "--- case4:" in err  # the summary
+    toks, _, m = outputs(tmp_path, "stall")
+    assert m["stop_reason"] == "error" and 0 < len(toks) < 400 and m["generated_tokens"] == len(toks)
+    assert_clean(p.pid, {server, client})
+
+
+def _pid_of(stderr: str, name: str) -> int:
+    w = next(l for l in stderr.splitlines() if "server pid" in l).replace(",", "").split()
+    return int(w[w.index(name) + 2])
+
+
 def test_control_characters_escaped_on_a_terminal(tmp_path):
     """Random weights write NUL, ESC and the like; on a terminal they are shown as \\xNN, and
     the text file keeps the raw text."""
