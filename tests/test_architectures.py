@@ -10,7 +10,6 @@ token for token. The cuda backend's coverage (server/backends.py `cuda_refusal`)
 import json
 import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,9 +23,6 @@ from server.model.config import ConfigError, config_from_hf, with_max_seq
 from server.model.resolve import resolve_model
 from server.model.weights import load_hf_folder, rope_inv_freq
 from server.reference import ReferenceDecoder
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import _byte_level_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -54,7 +50,7 @@ def _hf_config(kind: str, extra: dict):
 
 
 @pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
+def hf_models(tmp_path_factory, byte_level_tokenizer):
     """name -> (folder, HF model in fp32, eval): saved with save_pretrained + a byte-level tokenizer."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -69,7 +65,7 @@ def hf_models(tmp_path_factory):
                     p.normal_(0.0, 0.5)
         folder = tmp_path_factory.mktemp(name)
         m.save_pretrained(str(folder))
-        _byte_level_tokenizer(folder)
+        byte_level_tokenizer(folder)
         out[name] = (folder, m)
     return out
 
