@@ -1,5 +1,7 @@
 """The reference decoder: pure torch, exactly the math of the decode step on our buffer
-layout (weight arena views, KV arena with sessions; docs/architecture.md "Reference decoder"). It is the oracle: it is
+layout (weight arena views, KV arena with sessions; docs/architecture.md "Reference decoder"), for
+every architecture of server/model/config.py's table: Qwen2's q/k/v biases and Mistral's / Qwen2's
+sliding window included (the cuda backend has neither; server/backends.py). It is the oracle: it is
 checked against HF transformers on real weights, and the CUDA kernels against it.
 
 `compute_dtype=torch.float32` (the oracle) upcasts weights per op and rounds to the model
@@ -31,8 +33,9 @@ class ReferenceDecoder:
         """Round to the model dtype (where HF would hold the value in it), keep computing in cdt."""
         return t if self.dtype == self.cdt else t.to(self.dtype).to(self.cdt)
 
-    def _lin(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self._r(F.linear(x, w.to(self.cdt)))
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w.T (+ b), rounded once, as HF's nn.Linear (bias included before the rounding)."""
+        return self._r(F.linear(x, w.to(self.cdt), None if b is None else b.to(self.cdt)))
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -76,12 +79,17 @@ class ReferenceDecoder:
         sin = self.w.rope_sin[pos][:, None, :]
         # query i (position start + i) sees keys 0..start + i; a fresh prompt is plain causal
         causal = start == 0 and T > 1 and self.cdt != torch.float32
-        mask = None if causal else (torch.arange(start + T, device=dev)[None, :] <= pos[:, None])  # [T, S]
+        keys = torch.arange(start + T, device=dev)[None, :]
+        mask = None if causal else (keys <= pos[:, None])                # [T, S]
+        # sliding window (transformers' sliding_window_overlay): position p also needs key > p - window;
+        # it changes something only once the sequence is longer than the window
+        win = cfg.sliding_window
+        wmask = (keys <= pos[:, None]) & (keys > pos[:, None] - win) if win and start + T > win else None
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = w.embed[tok].to(self.cdt)                                   # [T, H]
         for l, lw in enumerate(w.layers):
             h = self._norm(x, lw.attn_norm)                             # [T, H]
-            qkv = self._lin(h, lw.w_qkv)                                # [T, (Hq+2Hkv)D]
+            qkv = self._lin(h, lw.w_qkv, w.b_qkv[l] if w.b_qkv else None)  # [T, (Hq+2Hkv)D]
             q = qkv[:, :Hq * D].view(T, Hq, D)
             k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
             v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
@@ -90,7 +98,8 @@ class ReferenceDecoder:
             kc, vc = kvs.k(session, l), kvs.v(session, l)               # [Hkv, max_seq, D]
             kc[:, start:start + T] = k.transpose(0, 1).to(self.dtype)
             vc[:, start:start + T] = v.transpose(0, 1).to(self.dtype)
-            ctx = self._attention(q, kc[:, :start + T], vc[:, :start + T], mask)  # [T, Hq*D]
+            lmask = wmask if wmask is not None and cfg.window_of(l) else mask
+            ctx = self._attention(q, kc[:, :start + T], vc[:, :start + T], lmask)  # [T, Hq*D]
             self._record(f"L{l}.ctx", ctx)
             x = self._r(x + self._lin(ctx, lw.w_o))
             self._record(f"L{l}.attn_out", x)

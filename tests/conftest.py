@@ -51,6 +51,13 @@ def _byte_level_tokenizer(folder: Path) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
+@pytest.fixture(scope="session")
+def byte_level_tokenizer():
+    """`_byte_level_tokenizer` for test modules (a plain `from conftest import` would find
+    tests/gpu/conftest.py when the whole tree is collected)."""
+    return _byte_level_tokenizer
+
+
 @pytest.fixture
 def tiny_hf_folder(tmp_path):
     """(folder, weights): synthetic:tiny saved as a servable HF folder (fp32 safetensors,

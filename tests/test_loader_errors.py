@@ -114,7 +114,7 @@ def test_corrupt_config(tiny_folder):
 @pytest.mark.parametrize("field,value,culprit", [
     ("attention_bias", True, "attention_bias"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling"),
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5}, "rope_parameters"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 5e5}, "rope_parameters"),
     ("sliding_window", 4096, "sliding_window"),
     ("architectures", ["GPT2LMHeadModel"], "architectures"),
     ("num_key_value_heads", 3, "num_key_value_heads"),

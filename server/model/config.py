@@ -26,13 +26,19 @@ class Refusal:
     why: str                         # the message after "config field '<field>': "
 
 
-# Every field that some HF Llama-family class reads and our kernels do not implement.
+# Every field that some HF Llama-family class reads and no backend implements. Fields an
+# architecture handles are parsed in config_from_hf instead (Mistral's sliding_window, Qwen2's
+# use_sliding_window / max_window_layers / layer_types); RoPE types are checked in _rope.
 REFUSALS: dict[str, Refusal] = {r.field: r for r in (
-    Refusal("attention_bias", lambda hf: bool(hf.get("attention_bias")), "attention biases are not supported"),
+    Refusal("attention_bias", lambda hf: bool(hf.get("attention_bias")),
+            "attention biases are not supported (q/k/v/o; only Qwen2's q/k/v biases are)"),
     Refusal("mlp_bias", lambda hf: bool(hf.get("mlp_bias")), "MLP biases are not supported"),
     Refusal("sliding_window",
             lambda hf: hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window", True),
-            "sliding-window attention ({sliding_window}) is not supported"),
+            "sliding-window attention ({sliding_window}) is not supported for this architecture "
+            "(MistralForCausalLM and Qwen2ForCausalLM have it)"),
+    Refusal("layer_types", lambda hf: any(t != "full_attention" for t in hf.get("layer_types") or ()),
+            "layer types other than full_attention ({layer_types}) are not supported for this architecture"),
     Refusal("hidden_act", lambda hf: hf.get("hidden_act", "silu") != "silu",
             "'{hidden_act}' is not supported (only silu)"),
 )}
@@ -44,12 +50,18 @@ class Architecture:
     name: str                        # config.json "architectures"[0]
     model_type: str                  # config.json "model_type" (names the class when "architectures" is absent)
     refuses: tuple[str, ...] = tuple(REFUSALS)  # keys of REFUSALS checked for it; the rest it handles
-    # RoPE types other than the default are refused for every architecture (_rope_theta).
+    qkv_bias: bool = False           # q/k/v_proj carry a bias (Qwen2), stored fused in the arena
+    # RoPE types other than default/linear/dynamic/llama3 are refused for every architecture (_rope).
 
 
+_ALL_BUT = lambda *handled: tuple(f for f in REFUSALS if f not in handled)  # noqa: E731
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("LlamaForCausalLM", "llama"),
-    Architecture("MistralForCausalLM", "mistral"),
+    # Mistral: every layer attends within sliding_window (HF ignores layer_types for it, and so do we).
+    Architecture("MistralForCausalLM", "mistral", _ALL_BUT("sliding_window", "layer_types")),
+    # Qwen2 / Qwen2.5: q/k/v biases (no o bias); a window only where use_sliding_window, on the
+    # layers >= max_window_layers (or as layer_types says).
+    Architecture("Qwen2ForCausalLM", "qwen2", _ALL_BUT("sliding_window", "layer_types"), qkv_bias=True),
 )}
 SUPPORTED_ARCHS = tuple(ARCHITECTURES)
 
@@ -71,6 +83,19 @@ class ModelConfig:
     tie_word_embeddings: bool    # lm_head shares the embedding matrix
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_type: str = "default"   # "default", "linear", "dynamic" or "llama3": how rope_tables builds inv_freq
+    rope_scaling: tuple[tuple[str, float], ...] = ()  # its parameters (factor, ...), as (name, value) pairs
+    qkv_bias: bool = False       # q/k/v projections add a bias (Qwen2)
+    sliding_window: int | None = None  # a query at position p sees keys p-window+1..p, on `sliding_layers`
+    sliding_layers: tuple[int, ...] = ()
+
+    @property
+    def rope_params(self) -> dict[str, float]:
+        return dict(self.rope_scaling)
+
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of `layer`, or None when it attends to the whole prefix."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     @property
     def q_dim(self) -> int:      # Hq * D
@@ -92,6 +117,7 @@ class ModelConfig:
         """Elements in the weight arena (tied head counted once)."""
         H, I, V = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = 2 * H + self.qkv_rows * H + H * self.q_dim + 2 * I * H + H * I
+        per_layer += self.qkv_rows if self.qkv_bias else 0
         return self.num_layers * per_layer + H + V * H * (1 if self.tie_word_embeddings else 2)
 
     def decode_weight_bytes(self, elem_size: int) -> int:
@@ -99,6 +125,7 @@ class ModelConfig:
         and one embedding row."""
         H, V = self.hidden_size, self.vocab_size
         per_layer = 2 * H + self.qkv_rows * H + H * self.q_dim + 3 * self.intermediate_size * H
+        per_layer += self.qkv_rows if self.qkv_bias else 0
         return elem_size * (self.num_layers * per_layer + H + V * H + H)
 
     def validate(self) -> "ModelConfig":
@@ -120,18 +147,68 @@ class ModelConfig:
         return self
 
 
-def _rope_theta(hf: dict) -> float:
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")  # what rope_tables computes (server/model/weights.py)
+_ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+def _rope(hf: dict) -> tuple[float, str, tuple[tuple[str, float], ...]]:
+    """(rope_theta, rope_type, its parameters) from rope_parameters (transformers >= 5) or
+    rope_scaling (older config.json files), read as transformers' standardize_rope_params does.
+    Each of linear, dynamic and llama3 has attention_factor 1 in transformers, so the cos/sin
+    tables are all they change."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    for src, name in ((params, "rope_parameters"), (scaling, "rope_scaling")):
-        rtype = src.get("rope_type", src.get("type", "default"))
-        if rtype not in ("default", None):
-            raise ConfigError(f"config field '{name}.rope_type': unsupported RoPE type '{rtype}' "
-                              "(only the default RoPE is implemented)")
-    theta = hf.get("rope_theta", params.get("rope_theta"))
+    kind = lambda d: d.get("rope_type", d.get("type")) or "default"  # noqa: E731
+    # the one that asks for scaling decides (rope_parameters first, as transformers >= 5 writes it)
+    src, name = (scaling, "rope_scaling") if kind(params) == "default" and scaling else (params, "rope_parameters")
+    rtype = kind(src)
+    if rtype not in ROPE_TYPES:
+        raise ConfigError(f"config field '{name}.rope_type': unsupported RoPE type '{rtype}' "
+                          f"(implemented: {', '.join(ROPE_TYPES)})")
+    theta = hf.get("rope_theta", params.get("rope_theta", scaling.get("rope_theta")))
     if theta is None:
         theta = 10000.0  # the HF Llama default
-    return float(theta)
+    vals: dict[str, float] = {}
+    for key in _ROPE_KEYS.get(rtype, ()):
+        if not isinstance(src.get(key), (int, float)):
+            raise ConfigError(f"config field '{name}.{key}': RoPE type '{rtype}' needs a number, got {src.get(key)!r}")
+        vals[key] = float(src[key])
+    if rtype == "llama3":
+        # transformers: a top-level original_max_position_embeddings wins, then the rope dict's,
+        # then max_position_embeddings
+        om = hf.get("original_max_position_embeddings", src.get("original_max_position_embeddings",
+                                                                  hf.get("max_position_embeddings", 2048)))
+        vals["original_max_position_embeddings"] = float(om)
+        if vals["high_freq_factor"] == vals["low_freq_factor"]:
+            raise ConfigError(f"config field '{name}.high_freq_factor': must differ from low_freq_factor")
+    if rtype == "dynamic":
+        # inv_freq depends on the sequence length past max_position_embeddings; below it, it is
+        # the formula at seq_len = max_position_embeddings (rope_tables), and the served context
+        # never exceeds it (with_max_seq)
+        vals["max_position_embeddings"] = float(hf.get("max_position_embeddings", 2048))
+    return float(theta), rtype, tuple(sorted(vals.items()))
+
+
+def _windows(hf: dict, arch: str, num_layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, the layers it applies to), as the HF class of `arch` decides them."""
+    w = hf.get("sliding_window")
+    if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+        w = None  # Qwen2Config drops the window unless use_sliding_window
+    if w in (None, 0):
+        return None, ()
+    if not isinstance(w, int) or w < 1:
+        raise ConfigError(f"config field 'sliding_window': must be a positive integer, got {w!r}")
+    if arch == "MistralForCausalLM":
+        return w, tuple(range(num_layers))
+    types = hf.get("layer_types")
+    if types is None:  # Qwen2Config's default: layers from max_window_layers on slide
+        mwl = hf.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(num_layers)]
+    if len(types) != num_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise ConfigError(f"config field 'layer_types': expected {num_layers} of full_attention / "
+                          f"sliding_attention, got {types}")
+    return w, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -153,6 +230,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     partial = float(hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get(
         "partial_rotary_factor", 1.0)))
+    theta, rope_type, rope_scaling = _rope(hf)
+    window, window_layers = _windows(hf, arch, hf["num_hidden_layers"])
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     return ModelConfig(
@@ -165,12 +244,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
         rotary_dim=int(head_dim * partial),
-        rope_theta=_rope_theta(hf),
+        rope_theta=theta,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        rope_type=rope_type,
+        rope_scaling=rope_scaling,
+        qkv_bias=ARCHITECTURES[arch].qkv_bias,
+        sliding_window=window,
+        sliding_layers=window_layers,
     ).validate()
 
 
@@ -186,7 +270,14 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) or None,
     }
-    d["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    d["rope_parameters"] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **{
+        k: v for k, v in cfg.rope_params.items() if k != "max_position_embeddings"}}
+    if cfg.sliding_window is not None:
+        d["sliding_window"] = cfg.sliding_window
+        if cfg.arch == "Qwen2ForCausalLM":
+            d["use_sliding_window"] = True
+            d["layer_types"] = ["sliding_attention" if cfg.window_of(l) else "full_attention"
+                                for l in range(cfg.num_layers)]
     if cfg.rotary_dim != cfg.head_dim:
         d["partial_rotary_factor"] = d["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
     return d

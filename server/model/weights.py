@@ -9,13 +9,14 @@ the CUDA extension takes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from case4_errors import BadInput
-from server.model.config import ModelConfig, hf_config_dict
+from server.model.config import ConfigError, ModelConfig, hf_config_dict
 
 ALIGN_BYTES = 256
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -55,6 +56,7 @@ class ModelWeights:
     rope_cos: torch.Tensor                 # [max_seq, R/2] fp32
     rope_sin: torch.Tensor                 # [max_seq, R/2] fp32
     source: str = ""                       # where the weights came from (folder or synthetic:<shape>)
+    b_qkv: list[torch.Tensor] = field(default_factory=list)  # [L] x [(Hq+2*Hkv)*D] when cfg.qkv_bias, else []
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,10 +77,41 @@ class ModelWeights:
         }
 
 
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """inv_freq [R/2] fp32, computed as transformers' modeling_rope_utils does for cfg.rope_type
+    (the same torch ops in the same order, so the tables match HF bit for bit)."""
+    R, base, p = cfg.rotary_dim, cfg.rope_theta, cfg.rope_params
+    if cfg.rope_type == "dynamic":
+        # _compute_dynamic_ntk_parameters at seq_len = max_position_embeddings (where transformers
+        # starts, and stays while the sequence fits); a longer table would need the base to grow
+        # with the sequence, which static tables cannot do
+        mpe = int(p["max_position_embeddings"])
+        if cfg.max_seq_len > mpe:
+            raise ConfigError(f"config field 'rope_scaling.rope_type': dynamic RoPE past max_position_embeddings="
+                              f"{mpe} is not implemented (served context {cfg.max_seq_len})")
+        factor = p["factor"]
+        base = base * ((factor * mpe / mpe) - (factor - 1)) ** (R / (R - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, R, 2, dtype=torch.int64).float() / R))
+    if cfg.rope_type == "linear":
+        inv_freq /= p["factor"]
+    elif cfg.rope_type == "llama3":
+        factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        old_len = int(old_len) if float(old_len).is_integer() else old_len
+        low_wavelen, high_wavelen = old_len / lo, old_len / hi
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 def rope_tables(cfg: ModelConfig, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_seq, R/2] in fp32, computed the way HF's default RoPE does."""
-    R = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.int64).float() / R))
+    """cos/sin [max_seq, R/2] in fp32, computed the way HF's RoPE of cfg.rope_type does (every
+    type we take has attention_factor 1: no scaling of cos/sin). Both backends read these."""
+    inv_freq = rope_inv_freq(cfg)
     pos = torch.arange(cfg.max_seq_len, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq[None, :]
     return freqs.cos().contiguous().to(device), freqs.sin().contiguous().to(device)
@@ -93,6 +126,8 @@ def _plan(cfg: ModelConfig, elem: int) -> tuple[dict[str, tuple[int, tuple]], in
     for l in range(cfg.num_layers):
         shapes += [(f"{l}.attn_norm", (H,)), (f"{l}.w_qkv", (cfg.qkv_rows, H)), (f"{l}.w_o", (H, cfg.q_dim)),
                    (f"{l}.mlp_norm", (H,)), (f"{l}.w_gu", (2 * I, H)), (f"{l}.w_down", (H, I))]
+        if cfg.qkv_bias:  # after the layer's matrices: models without biases keep their layout
+            shapes.append((f"{l}.b_qkv", (cfg.qkv_rows,)))
     align = ALIGN_BYTES // elem
     off, plan = 0, {}
     for name, shape in shapes:
@@ -126,8 +161,9 @@ def _assemble(cfg: ModelConfig, dtype: torch.dtype, device, fill, source: str) -
     layers = [LayerWeights(*(views[f"{l}.{k}"] for k in LayerWeights.__dataclass_fields__))
               for l in range(cfg.num_layers)]
     cos, sin = rope_tables(cfg, device)
+    b_qkv = [views[f"{l}.b_qkv"] for l in range(cfg.num_layers)] if cfg.qkv_bias else []
     return ModelWeights(cfg, arena, views["embed"], views["final_norm"], views["lm_head"], layers,
-                        cos, sin, source)
+                        cos, sin, source, b_qkv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +182,7 @@ def _hf_sources(cfg: ModelConfig, name: str) -> list[str]:
     return {
         "attn_norm": [p + "input_layernorm.weight"],
         "w_qkv": [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
+        "b_qkv": [p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"],
         "w_o": [p + "self_attn.o_proj.weight"],
         "mlp_norm": [p + "post_attention_layernorm.weight"],
         "w_gu": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
@@ -246,7 +283,8 @@ def _expected_shape(cfg: ModelConfig, tname: str) -> tuple:
              "input_layernorm": (H,), "post_attention_layernorm": (H,), "q_proj": (cfg.q_dim, H),
              "k_proj": (cfg.kv_dim, H), "v_proj": (cfg.kv_dim, H), "o_proj": (H, cfg.q_dim),
              "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-    return table[tname.split(".")[-2]]
+    shape = table[tname.split(".")[-2]]
+    return shape[:1] if tname.endswith(".bias") else shape
 
 
 def hf_state_dict(w: ModelWeights) -> dict[str, torch.Tensor]:
@@ -260,6 +298,10 @@ def hf_state_dict(w: ModelWeights) -> dict[str, torch.Tensor]:
         sd[p + "self_attn.q_proj.weight"] = lw.w_qkv[:q]
         sd[p + "self_attn.k_proj.weight"] = lw.w_qkv[q:q + kv]
         sd[p + "self_attn.v_proj.weight"] = lw.w_qkv[q + kv:]
+        if w.b_qkv:
+            b = w.b_qkv[l]
+            sd[p + "self_attn.q_proj.bias"], sd[p + "self_attn.k_proj.bias"] = b[:q], b[q:q + kv]
+            sd[p + "self_attn.v_proj.bias"] = b[q + kv:]
         sd[p + "self_attn.o_proj.weight"] = lw.w_o
         sd[p + "post_attention_layernorm.weight"] = lw.mlp_norm
         sd[p + "mlp.gate_proj.weight"] = lw.w_gu[:I]
@@ -292,6 +334,8 @@ def synthetic_weights(cfg: ModelConfig, dtype="float16", device="cpu", seed: int
             tmp.normal_(0.0, 4.0 / H ** 0.5 if cfg.tie_word_embeddings else 1.0, generator=gen)
         elif kind == "lm_head":
             tmp.normal_(0.0, 4.0 / H ** 0.5, generator=gen)
+        elif kind == "b_qkv":
+            tmp.normal_(0.0, 0.1, generator=gen)
         else:
             tmp.normal_(0.0, view.shape[1] ** -0.5, generator=gen)
         view.copy_(tmp)
