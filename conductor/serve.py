@@ -136,7 +136,7 @@ class Job:
         self.gen: Generation | None = None
         self.cancelled = False
         self.t_arrival = time.perf_counter()
-        self.n_before = 0   # tokens before the latest text (the stop string's token is among the rest)
+        self.fed = []       # the generation's text so far, as streamed (before the stop strings)
         self.n_stop = None  # tokens when the stop string was found
 
     def put(self, *ev) -> None:
@@ -150,14 +150,13 @@ class Job:
     def on_text(self, text: str) -> None:  # worker thread, in the generation's callback
         if self.stop.matched:
             return
+        self.fed.append(text)
         out = self.stop.feed(text)
         if out:
             self.put("text", out)
         if self.stop.matched:
             self.n_stop = len(self.gen.tokens)
             self.gen.cancel()
-        else:
-            self.n_before = len(self.gen.tokens)
 
 
 class Engine:
@@ -266,13 +265,19 @@ class Engine:
         """The end event: finish reason, exact usage, and the metrics of the generation."""
         gen = job.gen
         n_out = len(gen.tokens)
+        if not job.stop.matched:
+            # the streaming detokenizer holds back text that ends in an incomplete character;
+            # at the end the whole decode decides it (as the CLI's text file), stop strings included
+            full, fed = self.procs.detokenize(gen.tokens), "".join(job.fed)
+            if full.startswith(fed) and len(full) > len(fed):
+                job.on_text(full[len(fed):])
+            tail = job.stop.flush()
+            if tail:
+                job.put("text", tail)
         if job.stop.matched:
             n_out = self.stop_token_count(job)
             reason = "stop"
         else:
-            tail = job.stop.flush()
-            if tail:
-                job.put("text", tail)
             reason = "stop" if gen.stop_reason in ("eos", "cancelled") else "length"
         ttft = gen.t_tok[0] - job.t_arrival if gen.t_tok else None
         t = gen.t_tok[:n_out]
@@ -281,9 +286,9 @@ class Engine:
 
     def stop_token_count(self, job: Job) -> int:
         """Tokens up to the one that completed the stop string: the text came in batches, so
-        the fewest tokens of the last batch whose text holds a stop string (a bisection)."""
+        the fewest tokens whose text holds a stop string (a bisection)."""
         toks, stops = job.gen.tokens, job.stop.stops
-        lo, hi = job.n_before + 1, job.n_stop
+        lo, hi = 1, job.n_stop
         while lo < hi:
             mid = (lo + hi) // 2
             text = self.procs.detokenize(toks[:mid])
