@@ -168,6 +168,8 @@ class Engine:
         self.running = 0
         self.metrics = Metrics()
         self.thread = threading.Thread(target=self.work, name="case4-serve-worker", daemon=True)
+        self.exit_code = 0  # a failed start: 2 (bad input, e.g. no such model) or 1; the server then exits
+        self.on_failed_start = lambda: None
 
     def start(self) -> None:
         self.thread.start()
@@ -209,7 +211,11 @@ class Engine:
             self.state = "ready"
             log(f"serve: ready ({P.info['model']}, context {P.info['max_seq_len']})")
         except Exception as e:  # noqa: BLE001
-            self.die(f"startup failed: {type(e).__name__}: {e}")
+            bad = isinstance(e, BadInput) or (isinstance(e, RemoteError) and e.bad_input)
+            self.exit_code = 2 if bad else 1
+            self.die(f"startup failed: {e.message if isinstance(e, RemoteError) else e}")
+            print(f"case4: error: {self.dead}", file=sys.stderr, flush=True)
+            self.on_failed_start()
         while True:
             job = self.jobs.get()
             if job is None:
@@ -571,10 +577,16 @@ def main(argv=None) -> int:
     name = args.served_model_name or args.model
     engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling)
     app = build_app(engine, args.api_key, name)
-    engine.start()
     log(f"serve: http://{args.host}:{args.port}/v1 (model {name!r}; /health turns 200 once loaded)")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+
+    def failed_start():  # the model did not load: no point in answering 503 forever
+        server.should_exit = True
+    engine.on_failed_start = failed_start
+    engine.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        server.run()
     finally:
         engine.close()
-    return 0
+    return engine.exit_code

@@ -261,3 +261,31 @@ def test_key_queue_disconnect_and_a_killed_server(model_dir, tmp_path):
     finally:
         srv.stop()
     assert srv.proc.returncode is not None
+
+
+def test_a_model_that_does_not_load_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "serve", "--model", str(tmp_path / "none"),
+                        "--port", "0"], capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("case4: error:")]
+    assert len(errors) == 1 and f"model '{tmp_path / 'none'}' does not exist" in errors[0]
+
+
+def test_smollm2_chat_template_matches_the_cli(smollm2_dir, tmp_path):
+    """The built-in model's own template: a one-turn chat equals `--chat` on the CLI, and a
+    conversation tokenizes as HF's apply_chat_template."""
+    from transformers import AutoTokenizer
+    srv = Server(Path("smollm2"), tmp_path / "serve.log")
+    try:
+        c = client(srv)
+        q = [{"role": "user", "content": "What is the tallest mountain on Earth?"}]
+        r = c.chat.completions.create(model="smollm2", messages=q, max_tokens=16, temperature=0)
+        toks, text, met = cli_greedy("smollm2", tmp_path, q[0]["content"], 16, "--chat")
+        assert r.choices[0].message.content == text and r.usage.completion_tokens == len(toks)
+        conv = q + [{"role": "assistant", "content": text}, {"role": "user", "content": "And the second?"}]
+        r2 = c.chat.completions.create(model="smollm2", messages=conv, max_tokens=2, temperature=0)
+        hf = AutoTokenizer.from_pretrained(str(smollm2_dir))
+        ids = hf(hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+        assert r2.usage.prompt_tokens == len(ids["input_ids"])
+    finally:
+        srv.stop()
