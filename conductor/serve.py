@@ -342,10 +342,18 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         logprobs: bool | int | None = None
         top_logprobs: int | None = None
 
+    class TextPart(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        type: Literal["text"]
+        text: str
+
     class Message(BaseModel):
         model_config = ConfigDict(extra="allow", strict=True)
         role: Literal["system", "user", "assistant", "developer", "tool"]
-        content: str
+        content: str | list[TextPart]  # text parts are joined; other kinds (images) are a 400
+
+        def text(self) -> str:
+            return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
@@ -502,7 +510,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         authorize(request)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params, stops = check(body)
-        req = common_request(params, messages=[{"role": m.role, "content": m.content} for m in body.messages])
+        req = common_request(params, messages=[{"role": m.role, "content": m.text()} for m in body.messages])
         return await generate(request, "/v1/chat/completions", body, req, max_tokens, stops, chat=True)
 
     @app.post("/v1/completions")

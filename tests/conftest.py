@@ -51,6 +51,13 @@ def _byte_level_tokenizer(folder: Path) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
+@pytest.fixture(scope="session")
+def byte_level_tokenizer():
+    """The writer of that tokenizer into a folder, for fixtures of a wider scope (tests/test_serve.py);
+    `from conftest import` would be ambiguous beside tests/gpu/conftest.py."""
+    return _byte_level_tokenizer
+
+
 @pytest.fixture
 def tiny_hf_folder(tmp_path):
     """(folder, weights): synthetic:tiny saved as a servable HF folder (fp32 safetensors,

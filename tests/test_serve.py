@@ -18,8 +18,6 @@ import httpx
 import openai
 import pytest
 
-from conftest import _byte_level_tokenizer
-
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -28,12 +26,12 @@ START_S = 180  # the model load on a loaded two-core CI machine
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, byte_level_tokenizer) -> Path:
     from server.model.config import SYNTHETIC_SHAPES
     from server.model.weights import save_hf_folder, synthetic_weights
     folder = tmp_path_factory.mktemp("serve") / "m"
     save_hf_folder(synthetic_weights(SYNTHETIC_SHAPES["tiny"], "float32", "cpu", seed=1), folder)
-    _byte_level_tokenizer(folder)
+    byte_level_tokenizer(folder)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHAT_TEMPLATE}))
     return folder
@@ -114,6 +112,10 @@ def test_multi_turn_chat_builds_the_template(server, model_dir):
     r = client(server).chat.completions.create(model=str(model_dir), messages=msgs, max_tokens=2, temperature=0)
     prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in msgs) + "<|assistant|>\n"
     assert r.usage.prompt_tokens == len(prompt.encode())  # the byte tokenizer: one token a byte
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+             for m in msgs]
+    assert client(server).chat.completions.create(model=str(model_dir), messages=parts, max_tokens=2,
+                                                  temperature=0).usage.prompt_tokens == r.usage.prompt_tokens
 
 
 def test_chat_matches_the_cli_and_streams_the_same_text(server, model_dir, tmp_path):
