@@ -291,3 +291,20 @@ def test_smollm2_chat_template_matches_the_cli(smollm2_dir, tmp_path):
         assert r2.usage.prompt_tokens == len(ids["input_ids"])
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("pieces, stops, out", [
+    (["ab", "c<", "/s", ">tail"], ["</s>"], "abc"),          # split over three pieces
+    (["a<", "b"], ["</s>"], "a<b"),                           # a held prefix that was not a stop
+    (["xy", "z"], ["yz", "xyz!"], "x"),                       # the earliest match wins
+    (["hello"], ["\x00"], "hello"),                           # no match: all text, in order
+])
+def test_stop_text_cuts_at_the_first_stop(pieces, stops, out):
+    from conductor.serve import StopText
+    st = StopText(stops)
+    got = ""
+    for p in pieces:
+        if not st.matched:
+            got += st.feed(p)
+    got += "" if st.matched else st.flush()
+    assert got == out and st.matched == (out != "".join(pieces))
