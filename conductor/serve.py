@@ -14,6 +14,7 @@ boundaries and never emitted; a match, or a client that goes away, cancels the g
 
 import argparse
 import asyncio
+import contextlib
 import json
 import queue
 import random
@@ -166,6 +167,7 @@ class Engine:
         self.state, self.dead = "loading", None  # loading | ready | dead; dead: the named cause
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.running = 0
+        self.closed = False  # the children stopped (close_procs)
         self.metrics = Metrics()
         self.thread = threading.Thread(target=self.work, name="case4-serve-worker", daemon=True)
         self.exit_code = 0  # a failed start: 2 (bad input, e.g. no such model) or 1; the server then exits
@@ -265,7 +267,7 @@ class Engine:
             self.die(f"orchestrator failed: {type(e).__name__}: {e}")
             job.put("error", self.unavailable())
         if self.state == "dead":
-            P.close(clean=False)
+            self.close_procs()
 
     def finish(self, job: Job) -> dict:
         """The end event: finish reason, exact usage, and the metrics of the generation."""
@@ -309,10 +311,14 @@ class Engine:
             self.jobs.put_nowait(None)
         except queue.Full:
             pass
-        if self.procs is not None and self.state == "ready":
-            self.procs.close(clean=True)
-        elif self.procs is not None:
-            self.procs.close(clean=False)
+        self.close_procs()
+
+    def close_procs(self) -> None:
+        """Stop the children and unlink the shared memory, once (after a death, or at exit)."""
+        P = self.procs
+        if P is not None and not self.closed:
+            self.closed = True
+            P.close(clean=self.state == "ready" and self.running == 0)
 
 
 # -- HTTP
@@ -364,7 +370,14 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         echo: bool = False
         suffix: str | None = None
 
-    app = FastAPI(title="case4", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn re-raises SIGTERM / SIGINT after its shutdown, so main's finally may not
+        # run: stop the children and unlink the shared memory here
+        engine.close()
+
+    app = FastAPI(title="case4", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     def error_response(e: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None

@@ -68,6 +68,7 @@ class Server:
         return int(re.search(rf"{name} pid (\d+)", self.log.read_text()).group(1))
 
     def stop(self):
+        """Ctrl-C: the children stop and the shared memory is unlinked (checked where Linux shows it)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -75,6 +76,20 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+                raise AssertionError("serve did not stop on SIGINT within 30 s") from None
+        shm = re.search(r"shm (\S+)", self.log.read_text())
+        if shm and Path("/dev/shm").is_dir():
+            assert not (Path("/dev/shm") / shm.group(1)).exists(), "shared memory left behind"
+        for name in ("server", "client"):
+            pid = self.child_pid(name)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)  # a child that exited may linger a moment as its parent reaps it
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+            except FileNotFoundError:
+                continue
+            assert state == "Z", f"the {name} process outlived serve"
 
 
 @pytest.fixture(scope="module")
