@@ -3,7 +3,8 @@ its environment defaults, the argument checks, and the exit codes (docs/ipc.md f
 run does). Text goes to stdout; progress and the summary to stderr. Exit codes: 0 ok,
 2 bad input (one line on stderr), 1 internal failure (names the process), 130 interrupted
 (Ctrl-C) or 143 terminated (SIGTERM), 141 stdout closed (e.g. `| head`): partial outputs are
-written in these three cases.
+written in these three cases. `serve` as the first argument runs the HTTP server instead
+(conductor/serve.py, docs/serve.md), with the model options of add_model_options.
 """
 from __future__ import annotations
 
