@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # bash run_ipc.sh [MODEL] [orchestrator flags]
+# bash run_ipc.sh serve [MODEL] [serve flags]   (an OpenAI-compatible HTTP server, docs/serve.md)
 #   MODEL: smollm2 (default, built in), an HF folder, a hub id in the local cache, synthetic:<shape>
 #   --nsys: wrap the run in Nsight Systems (nsys on the PATH, or NSYS=/path/to/nsys); the report
 #           <output-dir>/nsys-<time>.nsys-rep (summary: python scripts/nsys_summary.py REPORT)
@@ -10,6 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # no cd: a relative model folder or --output-dir means the caller's directory, as with any command
 . "$ROOT/scripts/setup_env.sh"
 
+SUB=()
+if [ $# -gt 0 ] && [ "$1" = serve ]; then SUB=(serve); shift; fi
 MODEL=smollm2
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then MODEL="$1"; shift; fi
 USE_NSYS=0
@@ -24,7 +27,7 @@ for a in "$@"; do
 done
 NSYS_BIN="${NSYS:-$(command -v nsys || true)}"
 
-CMD=("$CASE4_PY" "$ROOT/orchestrator.py" --model "$MODEL" "${ARGS[@]+"${ARGS[@]}"}")
+CMD=("$CASE4_PY" "$ROOT/orchestrator.py" "${SUB[@]+"${SUB[@]}"}" --model "$MODEL" "${ARGS[@]+"${ARGS[@]}"}")
 if [ "$USE_NSYS" = 1 ]; then
     if [ -n "$NSYS_BIN" ] && [ -x "$NSYS_BIN" ]; then
         mkdir -p "$OUT_DIR"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from case4_errors import BadInput
 from case4_sampling import SamplingParams, sample
 from client.tokenizer import IncrementalDetokenizer, load_tokenizer
-from ipc.link import ABORT
+from ipc.link import ABORT, CANCEL
 from ipc.messages import CLIENT_OPS, now_us, ok_reply
 from ipc.peers import LOOP_SPIN_S, child_setup, serve, spin_get
 from ipc.shm import LogitsChannel
@@ -49,6 +49,10 @@ class Client:
                     continue
                 if msg[1] is None:
                     raise RuntimeError("the server ended the decode loop (its reply says why)")
+                if msg[1] == CANCEL:  # the orchestrator stops this generation early (serve)
+                    put((loop, None))
+                    reason = "cancelled"
+                    break
                 tok = sample(read(msg[1] % slots, msg[1]), params, pos)
                 pos += 1
                 last = len(toks) + 1 >= n_max or tok in stop
@@ -102,7 +106,8 @@ class Client:
         if self.tok is None:
             raise BadInput(f"{op}: the client is not initialised yet (send init first)")
         if op == "tokenize":
-            ids = self.tok.chat(a["text"]) if a["chat"] else self.tok.encode(a["text"], a["add_special_tokens"])
+            conv = a["messages"] if a["messages"] is not None else a["text"]
+            ids = self.tok.chat(conv) if a["chat"] else self.tok.encode(a["text"], a["add_special_tokens"])
             if a["max_len"] is not None and len(ids) > a["max_len"]:
                 raise BadInput(f"the prompt is {len(ids)} tokens, longer than the context allows "
                                f"({a['max_len']}; see --max-seq)")

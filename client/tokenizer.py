@@ -21,8 +21,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def chat(self, text: str) -> list[int]:
-        return self.encode(f"<|user|>\n{text}\n<|assistant|>\n")
+    def chat(self, conv) -> list[int]:
+        """conv: one user message (str) or a conversation [{"role", "content"}, ...]."""
+        turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in _messages(conv))
+        return self.encode(turns + "<|assistant|>\n")
 
 
 class HFTokenizer:
@@ -44,12 +46,22 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
-    def chat(self, text: str) -> list[int]:
+    def chat(self, conv) -> list[int]:
+        """conv: one user message (str) or a conversation [{"role", "content"}, ...]."""
         if not self.has_chat_template:
             raise BadInput("--chat: this model's tokenizer has no chat template")
-        prompt = self.tok.apply_chat_template([{"role": "user", "content": text}],
-                                              tokenize=False, add_generation_prompt=True)
+        prompt = self.tok.apply_chat_template(_messages(conv), tokenize=False, add_generation_prompt=True)
         return self.encode(prompt, add_special_tokens=False)  # the template has its own BOS
+
+
+def _messages(conv) -> list[dict]:
+    """A prompt (one user turn) or a message list, checked: each a {role, content} of strings."""
+    if isinstance(conv, str):
+        return [{"role": "user", "content": conv}]
+    if not conv or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in conv):
+        raise BadInput("chat messages must be a non-empty list of {role, content} strings")
+    return [{"role": m["role"], "content": m["content"]} for m in conv]
 
 
 def load_tokenizer(folder: str | None):

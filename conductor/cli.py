@@ -3,7 +3,8 @@ its environment defaults, the argument checks, and the exit codes (docs/ipc.md f
 run does). Text goes to stdout; progress and the summary to stderr. Exit codes: 0 ok,
 2 bad input (one line on stderr), 1 internal failure (names the process), 130 interrupted
 (Ctrl-C) or 143 terminated (SIGTERM), 141 stdout closed (e.g. `| head`): partial outputs are
-written in these three cases.
+written in these three cases. `serve` as the first argument runs the HTTP server instead
+(conductor/serve.py, docs/serve.md), with the model options of add_model_options.
 """
 from __future__ import annotations
 
@@ -42,35 +43,19 @@ def _env(name: str) -> str | None:
     return v if v not in (None, "") else None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options of the server + client pair, shared by the one-shot CLI and `serve`."""
     backend = "auto"
     if _env("CASE4_USE_CUSTOM") == "1":
         backend = "cuda"
     if _env("CASE4_DISABLE_EXT") == "1":
         backend = "reference"
-    p = argparse.ArgumentParser(prog="case4", description="Case4: LLaMA-family inference, "
-                                "server + client processes over multiprocessing queues.",
-                                epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default="smollm2", help="HF folder, hub id in the local cache, 'smollm2' "
       "(built-in, default) or synthetic:<shape>")
-    a("--prompt", default=None, help=f"prompt text (default: a demo question in chat mode: {DEMO_PROMPT!r})")
-    a("--prompt-len", type=int, default=None, metavar="N",
-      help="instead of --prompt: a seeded random prompt of N tokens (benchmarks)")
-    a("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    a("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    a("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    a("--top-k", type=int, default=0, help="0 = off")
-    a("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
-    a("--seed", type=int, default=0, help="sampling seed (and synthetic weights / random prompt)")
-    a("--greedy", action="store_true", help="force greedy decoding (temperature 0)")
     a("--sampling", choices=("client", "device"), default="client",
       help="client: logits through shared memory to the client's sampler (default); "
            "device: the server samples (kv_generate)")
-    a("--ipc", choices=("loop", "calls"), default="loop",
-      help="--sampling client: loop: server and client exchange steps and tokens directly, "
-           "the client streams the tokens here (default); calls: a replay_seq + sample request "
-           "pair per token through this process (the protocol's per-token ops; slower)")
     a("--graph-mode", choices=("exact", "dynamic", "none"),
       default="none" if _env("CASE4_KV_ONLY") == "1" else "exact")
     a("--backend", choices=("auto", "cuda", "reference"), default=backend)
@@ -84,10 +69,46 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bg-capture", action=argparse.BooleanOptionalAction,
       default=_env("CASE4_BG_CAPTURE") != "0", help="background graph capture (default on)")
     a("--max-seq", type=int, default=None, help="context to plan for (KV cache size)")
+    a("--timeout", type=float, default=300.0, help="seconds any one request may take")
+
+
+def check_model_options(args) -> None:
+    """The checks of add_model_options' values (BadInput)."""
+    if not DEVICE_RE.fullmatch(args.device):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise BadInput(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.window < 1 or args.precapture < 0:
+        raise BadInput("--window must be >= 1 and --precapture >= 0")
+    if args.precapture > args.window:  # asking for N graphs ahead implies a window of at least N
+        args.window = args.precapture
+    if args.max_seq is not None and args.max_seq < 2:
+        raise BadInput(f"--max-seq must be >= 2, got {args.max_seq}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="case4", description="Case4: LLaMA-family inference, "
+                                "server + client processes over multiprocessing queues.",
+                                epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(p)
+    a = p.add_argument
+    a("--prompt", default=None, help=f"prompt text (default: a demo question in chat mode: {DEMO_PROMPT!r})")
+    a("--prompt-len", type=int, default=None, metavar="N",
+      help="instead of --prompt: a seeded random prompt of N tokens (benchmarks)")
+    a("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    a("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    a("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    a("--top-k", type=int, default=0, help="0 = off")
+    a("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
+    a("--seed", type=int, default=0, help="sampling seed (and synthetic weights / random prompt)")
+    a("--greedy", action="store_true", help="force greedy decoding (temperature 0)")
+    a("--ipc", choices=("loop", "calls"), default="loop",
+      help="--sampling client: loop: server and client exchange steps and tokens directly, "
+           "the client streams the tokens here (default); calls: a replay_seq + sample request "
+           "pair per token through this process (the protocol's per-token ops; slower)")
     a("--output-dir", default="output", help="where the outputs go (default ./output)")
     a("--run-name", default=None, help="prefix of the output files (default <model>-<time>)")
     a("--trace", action="store_true", help="also write a Chrome trace JSON and a PNG timeline")
-    a("--timeout", type=float, default=300.0, help="seconds any one request may take")
     a("--quiet", action="store_true", help="no streamed text on stdout")
     a("--ignore-eos", action="store_true", help="generate exactly --max-tokens (benchmarks; as llama.cpp/vLLM)")
     return p
@@ -101,20 +122,11 @@ def check_args(args) -> SamplingParams:
             args.prompt.encode("utf-8")
         except UnicodeEncodeError:  # undecodable argv bytes arrive as surrogate escapes
             raise BadInput("--prompt is not valid UTF-8 (check the bytes given or the shell's locale)") from None
-    if not DEVICE_RE.fullmatch(args.device):
-        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if not (args.timeout > 0 and math.isfinite(args.timeout)):
-        raise BadInput(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    check_model_options(args)
     if args.max_tokens < 1:
         raise BadInput(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prompt_len is not None and args.prompt_len < 1:
         raise BadInput(f"--prompt-len must be >= 1, got {args.prompt_len}")
-    if args.window < 1 or args.precapture < 0:
-        raise BadInput("--window must be >= 1 and --precapture >= 0")
-    if args.precapture > args.window:  # asking for N graphs ahead implies a window of at least N
-        args.window = args.precapture
-    if args.max_seq is not None and args.max_seq < 2:
-        raise BadInput(f"--max-seq must be >= 2, got {args.max_seq}")
     try:
         return SamplingParams(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed)
     except BadInput as e:
@@ -126,7 +138,7 @@ def process_options(args) -> ProcessOptions:
     return ProcessOptions(model=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                           graph_mode=args.graph_mode, gemm=args.gemm, seed=args.seed, max_seq=args.max_seq,
                           window=args.window, precapture=args.precapture, bg_capture=args.bg_capture,
-                          timeout=args.timeout, trace=args.trace)
+                          timeout=args.timeout, trace=getattr(args, "trace", False))
 
 
 def request(args, params: SamplingParams) -> Request:
@@ -145,6 +157,10 @@ def make_run(args) -> Run:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the HTTP server (docs/serve.md)
+        from conductor.serve import main as serve_main
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return make_run(args).go()

@@ -25,7 +25,7 @@ from typing import Callable
 from case4_errors import BadInput
 from case4_sampling import SamplingParams
 from ipc import shm
-from ipc.link import Link
+from ipc.link import CANCEL, Link, put_marker
 from ipc.messages import RemoteError
 from ipc.peers import Peer, StallGuard, context, watch_link
 
@@ -71,6 +71,7 @@ class Request:
     sampling: str = "client"       # client | device
     ipc: str = "loop"              # loop | calls (--sampling client)
     ignore_eos: bool = False
+    messages: list[dict] | None = None  # a chat conversation instead of prompt (conductor/serve.py)
 
 
 class Processes:
@@ -160,10 +161,18 @@ class Generation:
             self.prompt, self.chat = DEMO_PROMPT, req.chat or procs.tinfo["has_chat_template"]
         self.t0 = self.t_first = self.t_decode = None
         self.stall: StallGuard | None = None  # the running decode loop's
+        self.cancelled = False  # cancel(): stop at the next token (serve: a stop string, a gone client)
+        self.loop: int | None = None  # the decode loop running now, if any
+        self.cancel_sent = False
+
+    def cancel(self) -> None:
+        """Stop early, from the callback or another thread: the decode loop is asked to end
+        (ipc/link.py CANCEL) at the next stream message; other paths stop before the next step."""
+        self.cancelled = True
 
     @property
     def ok(self) -> bool:
-        return self.stop_reason in ("eos", "max_tokens")
+        return self.stop_reason in ("eos", "max_tokens", "cancelled")
 
     def emit(self, token_ids, text: str, t) -> None:
         """Tokens and their text; t: when they were available (one time, or one per token)."""
@@ -183,8 +192,9 @@ class Generation:
             hi = 256 if info["tokenizer_dir"] is None else info["vocab_size"]
             bos = [info["bos_id"]] if info["bos_id"] is not None else []
             return (bos + [rng.randrange(hi) for _ in range(r.prompt_len)])[:r.prompt_len]
-        ids = self.procs.call(self.procs.client, "tokenize", {"text": self.prompt, "chat": self.chat,
-                                                              "max_len": ctx - 1})["ids"]
+        ids = self.procs.call(self.procs.client, "tokenize", {
+            "text": self.prompt or "", "chat": self.chat or r.messages is not None,
+            "messages": r.messages, "max_len": ctx - 1})["ids"]
         if not ids:
             raise BadInput("the prompt is empty")
         return ids
@@ -192,7 +202,7 @@ class Generation:
     def run(self) -> None:
         r, p, P = self.req, self.req.params, self.procs
         t0 = time.perf_counter()
-        ids = self.prompt_ids = self.prompt_tokens()
+        ids = self.prompt_ids = self.prompt_ids or self.prompt_tokens()  # serve tokenizes first
         max_new = min(r.max_tokens, P.info["max_seq_len"] - len(ids))
         if max_new < r.max_tokens:
             log(f"--max-tokens {r.max_tokens} capped to {max_new} by the context")
@@ -211,7 +221,7 @@ class Generation:
         self.t_first = time.perf_counter()
         use_graphs = self.start_graphs()
         self.t_decode = time.perf_counter()
-        while len(self.tokens) < max_new and tok not in self.eos:
+        while len(self.tokens) < max_new and tok not in self.eos and not self.cancelled:
             if device:
                 steps = min(DEVICE_CHUNK, max_new - len(self.tokens))
                 rep = P.call(P.server, "kv_generate", {"session": 0, "steps": steps,
@@ -233,7 +243,7 @@ class Generation:
             else:
                 rep = P.call(P.server, "kv_step", {"session": 0, "token": tok}, label=f"step T={T}")
                 tok, T = self._sample(rep, T), T + 1
-        self.stop_reason = "eos" if tok in self.eos else "max_tokens"
+        self.stop_reason = "eos" if tok in self.eos else "cancelled" if self.cancelled else "max_tokens"
         self.stop_graphs(use_graphs)
 
     def decode_loop(self, T: int, tok: int, eager: bool, n: int) -> tuple[int, int]:
@@ -241,14 +251,17 @@ class Generation:
         the two children talk directly (ipc/link.py); this process only takes the client's
         stream messages, batched (STREAM_US), with the times the tokens were sampled."""
         P = self.procs
-        loop = next(P.loop_ids)
+        loop = self.loop = next(P.loop_ids)
         sid = P.server.send("decode_loop", {"session": 0, "seq_len": T, "token": tok, "loop": loop,
                                             "eager": eager, "timeout_s": float(P.opts.timeout)})
         cid = P.client.send("sample_loop", {"loop": loop, "params": self.req.params.to_dict(), "position": T,
                                             "max_tokens": n, "stop_ids": sorted(self.eos)})
         # a stalled child (stopped, wedged) is named within seconds, not after --timeout (docs/ipc.md "Stalls")
         self.stall = StallGuard(P.server, P.client, P.link)
-        crep = P.client.recv(cid, P.opts.timeout, (P.server,), on_stream=self.on_stream, stall=self.stall)
+        try:
+            crep = P.client.recv(cid, P.opts.timeout, (P.server,), on_stream=self.on_stream, stall=self.stall)
+        finally:
+            self.loop = None
         srep = P.server.recv(sid, P.opts.timeout, (P.client,), stall=self.stall)
         for peer, op, rep in ((P.server, "decode_loop", srep), (P.client, "sample_loop", crep)):
             if not rep["ok"]:  # the server's error first: the client's then only says the loop ended
@@ -264,6 +277,9 @@ class Generation:
         self.emit(toks, text, [t1 / 1e6 for _, t1 in times])
         if self.stall is not None:
             self.stall.note([t1 for _, t1 in times])
+        if self.cancelled and not self.cancel_sent and self.loop is not None:
+            self.cancel_sent = True  # once: the client ends the loop and tells the server
+            put_marker(self.procs.link.to_client, (self.loop, CANCEL))
         if self.procs.opts.trace:
             self.procs.events += [{"name": "sample", "ph": "X", "ts": t0, "dur": max(t1 - t0, 0.01),
                                    "pid": "client", "tid": "requests"} for t0, t1 in times]

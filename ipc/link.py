@@ -13,12 +13,16 @@ from one that ended early) is dropped. (loop, None) from the server means it fai
 (its own reply says why); ABORT, from the orchestrator, ends any loop at once: its
 watchdog sends it when either child dies (the other one is blocked on this channel) and
 the orchestrator on Ctrl-C or failure, so no blocked get waits on a dead peer.
+(loop, CANCEL), from the orchestrator to the client, ends one loop early and cleanly (a stop
+string matched or an HTTP client went away, conductor/serve.py): the client sends (loop,
+None) to the server as after its last token, so the link stays usable.
 """
 from __future__ import annotations
 
 from multiprocessing.reduction import ForkingPickler
 
 ABORT = "abort"
+CANCEL = "cancel"  # (loop, CANCEL) to the client, from the orchestrator: end this loop early
 
 
 def put_marker(q, obj) -> None:

@@ -66,7 +66,7 @@ CLIENT_OPS: dict[str, dict] = {
     "init": {"tokenizer_dir": (str, None), "vocab_size": (int, REQUIRED), "shm": (str, REQUIRED),
              "slots": (int, REQUIRED)},
     "tokenize": {"text": (str, REQUIRED), "add_special_tokens": (bool, True), "chat": (bool, False),
-                 "max_len": (int, None)},
+                 "max_len": (int, None), "messages": (list, None)},
     "detokenize": {"ids": (_LIST, REQUIRED), "stream": (bool, False)},
     # sample from the logits in shm slot `slot` (written for `step`); returns token + text
     "sample": {"slot": (int, REQUIRED), "step": (int, REQUIRED), "params": (dict, REQUIRED),

@@ -1,0 +1,613 @@
+"""`case4 serve`: an OpenAI-compatible HTTP front end in the orchestrator process (docs/serve.md).
+
+The server + client pair (conductor/run.py `Processes`) starts once; each HTTP request
+becomes one `Generation` on it. One worker thread runs the generations one at a time
+(one KV session, session 0) from a bounded first-come queue: a request beyond it gets 429
+(docs/decisions.md says why one slot for now). The worker hands each request's events —
+start (prompt tokens), text, end, error — to the request's asyncio queue; the handler turns
+them into a JSON answer or server-sent events. Stop strings are matched here across token
+boundaries and never emitted; a match, or a client that goes away, cancels the generation
+(ipc/link.py CANCEL). A dead server or client process makes every later request a 503 and
+/health names it.
+"""
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (local pydantic models)
+
+import argparse
+import asyncio
+import contextlib
+import json
+import queue
+import random
+import sys
+import threading
+import time
+import uuid
+from typing import Literal
+
+from case4_errors import BadInput
+from case4_sampling import SamplingParams
+from ipc.messages import RemoteError
+from ipc.peers import PeerDied, PeerTimeout
+
+from conductor.run import Generation, Processes, Request, log
+
+MAX_STOPS = 4
+DISCONNECT_POLL_S = 0.5  # how often a queued request checks that its HTTP client is still there
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- stop strings
+
+class StopText:
+    """Text out of a stream with the stop strings cut: a suffix that may begin a stop string
+    is held back until the next text decides it, so a stop split over tokens is still found
+    and no part of it is emitted."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.matched = [s for s in stops if s], "", False
+
+    def feed(self, text: str) -> str:
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.matched, self.held = True, ""
+            return buf[:min(hits)]
+        hold = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+# -- metrics (Prometheus text format)
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.n = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, v: float) -> None:
+        self.sum, self.n = self.sum + v, self.n + 1
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+
+    def text(self, name: str) -> list[str]:
+        out = [f"# TYPE {name} histogram"]
+        out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.sum}", f"{name}_count {self.n}"]
+
+
+class Metrics:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = {}  # (endpoint, status) -> count
+        self.tokens_in = self.tokens_out = 0
+        self.ttft, self.itl = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS)
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            k = (endpoint, str(status))
+            self.requests[k] = self.requests.get(k, 0) + 1
+
+    def generation(self, n_in: int, n_out: int, ttft: float | None, itls: list[float]) -> None:
+        with self.lock:
+            self.tokens_in, self.tokens_out = self.tokens_in + n_in, self.tokens_out + n_out
+            if ttft is not None:
+                self.ttft.observe(ttft)
+            for d in itls:
+                self.itl.observe(d)
+
+    def text(self, queue_depth: int, running: int) -> str:
+        with self.lock:
+            out = ["# TYPE case4_requests_total counter"]
+            out += [f'case4_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+            out += ["# TYPE case4_prompt_tokens_total counter", f"case4_prompt_tokens_total {self.tokens_in}",
+                    "# TYPE case4_generation_tokens_total counter", f"case4_generation_tokens_total {self.tokens_out}",
+                    "# TYPE case4_queue_depth gauge", f"case4_queue_depth {queue_depth}",
+                    "# TYPE case4_requests_running gauge", f"case4_requests_running {running}"]
+            out += self.ttft.text("case4_time_to_first_token_seconds")
+            out += self.itl.text("case4_inter_token_latency_seconds")
+        return "\n".join(out) + "\n"
+
+
+# -- the engine: the pair, the queue, the worker
+
+class Job:
+    """One HTTP request's generation. Events go from the worker thread to the handler's
+    asyncio queue: ("start", prompt_tokens) | ("text", str) | ("end", dict) | ("error", ApiError)."""
+
+    def __init__(self, req: Request, max_tokens: int | None, stops: list[str], aloop):
+        self.req, self.max_tokens, self.stop = req, max_tokens, StopText(stops)
+        self.aloop, self.events = aloop, asyncio.Queue()
+        self.gen: Generation | None = None
+        self.cancelled = False
+        self.t_arrival = time.perf_counter()
+        self.fed = []       # the generation's text so far, as streamed (before the stop strings)
+        self.n_stop = None  # tokens when the stop string was found
+
+    def put(self, *ev) -> None:
+        self.aloop.call_soon_threadsafe(self.events.put_nowait, ev)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.gen is not None:
+            self.gen.cancel()
+
+    def on_text(self, text: str) -> None:  # worker thread, in the generation's callback
+        if self.stop.matched:
+            return
+        self.fed.append(text)
+        out = self.stop.feed(text)
+        if out:
+            self.put("text", out)
+        if self.stop.matched:
+            self.n_stop = len(self.gen.tokens)
+            self.gen.cancel()
+
+
+class Engine:
+    def __init__(self, opts, max_queue: int, model_ids: set[str], sampling: str = "client"):
+        self.opts, self.model_ids, self.sampling = opts, model_ids, sampling
+        self.procs: Processes | None = None
+        self.state, self.dead = "loading", None  # loading | ready | dead; dead: the named cause
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.running = 0
+        self.closed = False  # the children stopped (close_procs)
+        self.metrics = Metrics()
+        self.thread = threading.Thread(target=self.work, name="case4-serve-worker", daemon=True)
+        self.exit_code = 0  # a failed start: 2 (bad input, e.g. no such model) or 1; the server then exits
+        self.on_failed_start = lambda: None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def check_alive(self) -> None:
+        """A child that died while idle is seen here, before any request waits on it."""
+        P = self.procs
+        if self.state == "ready" and P is not None:
+            for peer in (P.server, P.client):
+                if peer.proc.exitcode is not None:
+                    self.die(f"{peer.name} process died (exit code {peer.proc.exitcode})")
+
+    def die(self, cause: str) -> None:
+        if self.state == "dead":
+            return
+        self.state, self.dead = "dead", cause
+        log(f"serve: {cause}; every request now answers 503")
+
+    def unavailable(self) -> ApiError:
+        if self.state == "loading":
+            return ApiError(503, "the model is loading", "service_unavailable", code="loading")
+        return ApiError(503, f"the model is unavailable: {self.dead}", "service_unavailable", code="process_died")
+
+    def submit(self, job: Job) -> None:
+        self.check_alive()
+        if self.state != "ready":
+            raise self.unavailable()
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(429, f"the queue is full ({self.jobs.maxsize} requests waiting); retry later",
+                           "rate_limit_exceeded", code="queue_full") from None
+
+    def work(self) -> None:
+        try:
+            P = Processes(self.opts)
+            self.procs = P
+            P.start()
+            self.state = "ready"
+            log(f"serve: ready ({P.info['model']}, context {P.info['max_seq_len']})")
+        except Exception as e:  # noqa: BLE001
+            bad = isinstance(e, BadInput) or (isinstance(e, RemoteError) and e.bad_input)
+            self.exit_code = 2 if bad else 1
+            self.die(f"startup failed: {e.message if isinstance(e, RemoteError) else e}")
+            print(f"case4: error: {self.dead}", file=sys.stderr, flush=True)
+            self.on_failed_start()
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.state != "ready":
+                job.put("error", self.unavailable())
+                continue
+            if job.cancelled:  # its client went away while it waited
+                continue
+            self.running = 1
+            try:
+                self.run_job(job)
+            finally:
+                self.running = 0
+
+    def run_job(self, job: Job) -> None:
+        P = self.procs
+        gen = job.gen = Generation(P, job.req, job.on_text)
+        try:
+            gen.prompt_ids = gen.prompt_tokens()
+            n, ctx = len(gen.prompt_ids), P.info["max_seq_len"]
+            max_tokens = job.max_tokens if job.max_tokens is not None else ctx - n
+            if max_tokens < 1 or n + max_tokens > ctx:
+                raise ApiError(400, f"the prompt is {n} tokens and max_tokens is {max_tokens}: together "
+                               f"{n + max_tokens}, more than the context of {ctx} tokens", param="max_tokens",
+                               code="context_length_exceeded")
+            job.req.max_tokens = max_tokens
+            job.put("start", n)
+            if job.cancelled:
+                gen.cancel()
+            gen.run()
+            job.put("end", self.finish(job))
+        except ApiError as e:
+            job.put("error", e)
+        except BadInput as e:
+            job.put("error", ApiError(400, str(e)))
+        except RemoteError as e:
+            if e.bad_input:
+                job.put("error", ApiError(400, e.message))
+            else:
+                self.die(f"{e.peer} process failed: {e.op}: {e.type}: {e.message}")
+                job.put("error", self.unavailable())
+        except (PeerDied, PeerTimeout) as e:
+            self.die(str(e))
+            job.put("error", self.unavailable())
+        except Exception as e:  # noqa: BLE001
+            self.die(f"orchestrator failed: {type(e).__name__}: {e}")
+            job.put("error", self.unavailable())
+        if self.state == "dead":
+            self.close_procs()
+
+    def finish(self, job: Job) -> dict:
+        """The end event: finish reason, exact usage, and the metrics of the generation."""
+        gen = job.gen
+        n_out = len(gen.tokens)
+        if not job.stop.matched:
+            # the streaming detokenizer holds back text that ends in an incomplete character;
+            # at the end the whole decode decides it (as the CLI's text file), stop strings included
+            full, fed = self.procs.detokenize(gen.tokens), "".join(job.fed)
+            if full.startswith(fed) and len(full) > len(fed):
+                job.on_text(full[len(fed):])
+            tail = job.stop.flush()
+            if tail:
+                job.put("text", tail)
+        if job.stop.matched:
+            n_out = self.stop_token_count(job)
+            reason = "stop"
+        else:
+            reason = "stop" if gen.stop_reason in ("eos", "cancelled") else "length"
+        ttft = gen.t_tok[0] - job.t_arrival if gen.t_tok else None
+        t = gen.t_tok[:n_out]
+        self.metrics.generation(len(gen.prompt_ids), n_out, ttft, [b - a for a, b in zip(t, t[1:])])
+        return {"finish_reason": reason, "prompt_tokens": len(gen.prompt_ids), "completion_tokens": n_out}
+
+    def stop_token_count(self, job: Job) -> int:
+        """Tokens up to the one that completed the stop string: the text came in batches, so
+        the fewest tokens whose text holds a stop string (a bisection)."""
+        toks, stops = job.gen.tokens, job.stop.stops
+        lo, hi = 1, job.n_stop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self.procs.detokenize(toks[:mid])
+            if any(s in text for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+    def close(self) -> None:
+        try:
+            self.jobs.put_nowait(None)
+        except queue.Full:
+            pass
+        self.close_procs()
+
+    def close_procs(self) -> None:
+        """Stop the children and unlink the shared memory, once (after a death, or at exit)."""
+        P = self.procs
+        if P is not None and not self.closed:
+            self.closed = True
+            P.close(clean=self.state == "ready" and self.running == 0)
+
+
+# -- HTTP
+
+def build_app(engine: Engine, api_key: str | None, served_name: str):
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    class StreamOptions(BaseModel):
+        include_usage: bool = False
+
+    class Common(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        model: str
+        max_tokens: int | None = Field(None, ge=1)
+        temperature: float | None = Field(None, ge=0.0)
+        top_p: float | None = Field(None, gt=0.0, le=1.0)
+        top_k: int | None = Field(None, ge=-1)
+        seed: int | None = None
+        stop: str | list[str] | None = None
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        n: int = 1
+        logprobs: bool | int | None = None
+        top_logprobs: int | None = None
+
+    class TextPart(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        type: Literal["text"]
+        text: str
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        role: Literal["system", "user", "assistant", "developer", "tool"]
+        content: str | list[TextPart]  # text parts are joined; other kinds (images) are a 400
+
+        def text(self) -> str:
+            return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    class ChatRequest(Common):
+        messages: list[Message] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
+
+    class CompletionRequest(Common):
+        prompt: str | list[str]
+        echo: bool = False
+        suffix: str | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn re-raises SIGTERM / SIGINT after its shutdown, so main's finally may not
+        # run: stop the children and unlink the shared memory here
+        engine.close()
+
+    app = FastAPI(title="case4", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        engine.metrics.request(request.url.path, e.status)
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            msg = "the body is not valid JSON"
+        engine.metrics.request(request.url.path, 400)
+        return error_response(ApiError(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}",
+                                       param=".".join(loc) or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return error_response(ApiError(e.status_code, str(e.detail), "invalid_request_error"))
+
+    def authorize(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise ApiError(401, "a missing or wrong API key (send Authorization: Bearer <key>)",
+                           "authentication_error", code="invalid_api_key")
+
+    def check(body: Common) -> tuple[SamplingParams, list[str]]:
+        if body.model not in engine.model_ids:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {served_name!r}",
+                           param="model", code="model_not_found")
+        if body.n != 1:
+            raise ApiError(400, f"n must be 1 (one generation per request), got {body.n}", param="n")
+        if body.logprobs or body.top_logprobs:
+            which = "logprobs" if body.logprobs else "top_logprobs"
+            raise ApiError(400, f"{which} is not supported yet", param=which)
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOPS:
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", param="stop")
+        try:
+            params = SamplingParams(1.0 if body.temperature is None else body.temperature,
+                                    max(body.top_k or 0, 0), 1.0 if body.top_p is None else body.top_p,
+                                    body.seed if body.seed is not None else random.randrange(2 ** 31))
+        except BadInput as e:
+            raise ApiError(400, str(e)) from None
+        return params, stops
+
+    async def generate(request: HTTPRequest, endpoint: str, body: Common, req: Request,
+                       max_tokens: int | None, stops: list[str], chat: bool):
+        job = Job(req, max_tokens, stops, asyncio.get_running_loop())
+        engine.submit(job)
+        while True:  # queued: wait for the start (or an error), noticing a client that left
+            try:
+                ev = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                break
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ApiError(499, "the client went away", code="client_closed")
+        if ev[0] == "error":
+            raise ev[1]
+        engine.metrics.request(endpoint, 200)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, reason: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": text or ""} if first else (
+                    {"content": text} if text is not None else {})
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+        def usage(end: dict) -> dict:
+            return {"prompt_tokens": end["prompt_tokens"], "completion_tokens": end["completion_tokens"],
+                    "total_tokens": end["prompt_tokens"] + end["completion_tokens"]}
+
+        if not body.stream:
+            parts = []
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "text":
+                    parts.append(ev[1])
+                elif ev[0] == "error":
+                    raise ev[1]
+                elif ev[0] == "end":
+                    break
+            end, text = ev[1], "".join(parts)
+            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": end["finish_reason"]} if chat else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]})
+            return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
+                                 "choices": [ch], "usage": usage(end)})
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        def chunk(ch: dict | None, u: dict | None = None) -> str:
+            obj = {"id": rid, "object": chunk_kind, "created": created, "model": body.model,
+                   "choices": [ch] if ch is not None else []}
+            if include_usage:
+                obj["usage"] = u
+            return sse(obj)
+
+        async def events():
+            done = False
+            try:
+                if chat:
+                    yield chunk(choice("", None, first=True))
+                while True:
+                    ev = await job.events.get()
+                    if ev[0] == "text":
+                        yield chunk(choice(ev[1], None))
+                    elif ev[0] == "end":
+                        yield chunk(choice(None if chat else "", ev[1]["finish_reason"]))
+                        if include_usage:
+                            yield chunk(None, usage(ev[1]))
+                        break
+                    else:  # a process died (or the like) mid-stream: an error event, then the end
+                        yield sse(ev[1].body())
+                        break
+                yield "data: [DONE]\n\n"
+                done = True
+            finally:
+                if not done:  # the client went away: stop the generation at its next token
+                    job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def common_request(params: SamplingParams, **kw) -> Request:
+        return Request(params=params, sampling=engine.sampling, ipc="loop", **kw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: HTTPRequest):
+        authorize(request)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params, stops = check(body)
+        req = common_request(params, messages=[{"role": m.role, "content": m.text()} for m in body.messages])
+        return await generate(request, "/v1/chat/completions", body, req, max_tokens, stops, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        authorize(request)
+        params, stops = check(body)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, f"prompt: one prompt per request, got {len(prompt)}", param="prompt")
+            prompt = prompt[0]
+        if body.echo or body.suffix:
+            raise ApiError(400, f"{'echo' if body.echo else 'suffix'} is not supported",
+                           param="echo" if body.echo else "suffix")
+        if not prompt:
+            raise ApiError(400, "prompt: the prompt is empty", param="prompt")
+        req = common_request(params, prompt=prompt)
+        # a default of 16 tokens as OpenAI's completions
+        return await generate(request, "/v1/completions", body, req, body.max_tokens or 16, stops, chat=False)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        authorize(request)
+        info = engine.procs.info if engine.procs is not None else {}
+        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": 0, "owned_by": "case4",
+                                            "max_model_len": info.get("max_seq_len")}]}
+
+    @app.get("/health")
+    async def health():
+        engine.check_alive()
+        if engine.state == "ready":
+            return {"status": "ok"}
+        return JSONResponse({"status": engine.state, "cause": engine.dead}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.text(engine.jobs.qsize(), engine.running),
+                                 media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from conductor.cli import add_model_options
+    p = argparse.ArgumentParser(prog="case4 serve", description="An OpenAI-compatible HTTP server over "
+                                "one server + client pair (docs/serve.md).")
+    add_model_options(p)
+    a = p.add_argument
+    a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    a("--port", type=int, default=8000)
+    a("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 requests")
+    a("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    a("--max-queue", type=int, default=64, help="requests waiting beyond the running one; more get 429")
+    a("--seed", type=int, default=0, help="synthetic weights' seed")
+    return p
+
+
+def main(argv=None) -> int:
+    from conductor.cli import check_model_options, process_options
+    args = build_parser().parse_args(argv)
+    try:
+        check_model_options(args)
+        if not 0 <= args.port < 65536:
+            raise BadInput(f"--port must be in [0, 65535], got {args.port}")
+        if args.max_queue < 1:
+            raise BadInput(f"--max-queue must be >= 1, got {args.max_queue}")
+    except BadInput as e:
+        print(f"case4: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+    opts = process_options(args)
+    name = args.served_model_name or args.model
+    engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling)
+    app = build_app(engine, args.api_key, name)
+    log(f"serve: http://{args.host}:{args.port}/v1 (model {name!r}; /health turns 200 once loaded)")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+
+    def failed_start():  # the model did not load: no point in answering 503 forever
+        server.should_exit = True
+    engine.on_failed_start = failed_start
+    engine.start()
+    try:
+        server.run()
+    finally:
+        engine.close()
+    return engine.exit_code
