@@ -7,7 +7,8 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CASE4_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-MARK="$VENV/.case4-ready"
+MARK="$VENV/.case4-ready"  # holds the checksum of requirements.txt it was set up with
+REQ_SUM=$(cksum < "$ROOT/requirements.txt" | cut -d" " -f1)
 
 CASE4_PY=python
 if [ ! -f "$MARK" ] && [ ! -x "$VENV/bin/python" ] && [ -z "${CASE4_VENV:-}" ] &&
@@ -34,8 +35,14 @@ elif [ ! -f "$MARK" ]; then
     if command -v nvcc >/dev/null 2>&1 && ! "$VPY" -c "import nvidia.cu13" 2>/dev/null; then
         "$VPY" -m pip install -q "nvidia-cublas" || echo "[setup] nvidia-cublas not installed: the compile check skips cuBLAS files" >&2
     fi
-    touch "$MARK"
+    echo "$REQ_SUM" > "$MARK"
     echo "[setup] environment ready" >&2
+fi
+if [ "$CASE4_PY" = python ] && [ "$(cat "$MARK" 2>/dev/null)" != "$REQ_SUM" ]; then
+    # a venv set up before requirements.txt changed (e.g. before `case4 serve` needed fastapi): update it once
+    echo "[setup] requirements.txt changed since $VENV was set up: installing it ..." >&2
+    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt" && echo "$REQ_SUM" > "$MARK" ||
+        echo "[setup] pip install -r requirements.txt failed" >&2
 fi
 if [ "$CASE4_PY" = python ]; then
     # shellcheck disable=SC1091
