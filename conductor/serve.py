@@ -593,7 +593,13 @@ def main(argv=None) -> int:
     except BadInput as e:
         print(f"case4: error: {e}", file=sys.stderr)
         return 2
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:  # e.g. a GPU image's interpreter used as it is (scripts/setup_env.sh)
+        print(f"case4: error: case4 serve needs fastapi and uvicorn ({e}): pip install -r requirements.txt",
+              file=sys.stderr)
+        return 2
     opts = process_options(args)
     name = args.served_model_name or args.model
     engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling)
