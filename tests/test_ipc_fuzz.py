@@ -104,7 +104,7 @@ def malformed(rng: random.Random, ops: dict, aliases: dict) -> dict:
 
 
 def good_value(typ):
-    return {int: 1, float: 1.0, bool: False, str: "x", dict: {}, "list[int]": [1]}[typ]
+    return {int: 1, float: 1.0, bool: False, str: "x", dict: {}, list: [], "list[int]": [1]}[typ]
 
 
 def send_raw(p: Peer, msg) -> dict:
