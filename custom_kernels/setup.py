@@ -183,6 +183,7 @@ def build(out: Path, tmp: Path, archs: list[str], on_command=None, on_done=None)
         for f in [pool.submit(run, src) for src in SOURCES]:
             f.result()
     _, lib = cublas_dirs(cuda_home())
+    out.parent.mkdir(parents=True, exist_ok=True)  # setuptools' build/lib.* does not exist on a clean tree
     part = out.with_name(f"{out.name}.tmp{os.getpid()}")
     link = [nvcc, "-shared", *gencode_flags(archs), *[str(tmp / (s + ".o")) for s in SOURCES], "-o", str(part),
             *[f"-L{d}" for d in lib], *[f"-Xlinker=-rpath={d}" for d in lib], cublas_lib_flag(lib), "-ldl"]

@@ -205,3 +205,16 @@ def test_gpu_suite_fails_not_skips_without_the_extension(tmp_path):
     assert r.returncode == 1, r.stdout[-2000:]
     assert "a CUDA device is present but the extension is unavailable" in r.stdout
     assert "CASE4_BUILD_EXT=0" in r.stdout
+
+
+def test_build_links_into_a_folder_that_does_not_exist_yet(setup_mod, monkeypatch, tmp_path):
+    """`python setup.py build_ext --inplace` on a clean tree links into setuptools' build/lib.* folder,
+    which nothing has created yet (seen on a fresh H100 machine: ld could not open its output)."""
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done; touch "$2"\n')
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(setup_mod, "find_nvcc", lambda: str(nvcc))
+    monkeypatch.setattr(setup_mod, "cublas_dirs", lambda home: ([], []))
+    out = tmp_path / "build" / "lib.fresh" / "_case4_cuda.so"
+    setup_mod.build(out, tmp_path / "temp", ["90a"])
+    assert out.is_file() and not list(out.parent.glob("*.tmp*"))
