@@ -1,7 +1,9 @@
 """Soak (issue 29 §4): 100,000 tokens over 100 requests on the cuda backend in exact mode (SmolLM2-135M
 shapes, fp16, synthetic weights), the background capture started before and stopped after every request
-as the orchestrator does. Device memory after the last request equals that after the first (both are
-printed and named in the assertion), no step misses its graph once pre-capture is done, and requests
+as the orchestrator does. Device memory is read after requests 0, 25, 50, 75 and 99 (all printed and named
+in the assertion): torch's allocations are identical at each, and the driver's free memory is flat over
+the second half (it may settle during the first: the driver keeps memory of destroyed graph execs for
+reuse; a leak keeps falling). No step misses its graph once pre-capture is done, and requests
 with the same prompt give the same tokens.
 
 Per request: prefill, bg_capture_start(window = the request's length), wait_precapture(all of its
@@ -21,6 +23,8 @@ from tests.gpu.conftest import synthetic_model
 pytestmark = pytest.mark.gpu
 
 REQUESTS, TOKENS, PROMPT_LEN, PROMPTS = 100, 1000, 8, 10
+CHECKPOINTS = (0, 25, 50, 75, REQUESTS - 1)  # device memory read after these requests
+PLATEAU_SLACK = 16 << 20  # bytes the driver's free memory may still move in the second half
 
 
 def _drop_decode_graphs(be) -> None:
@@ -63,18 +67,22 @@ def test_soak_100k_tokens_capture_restarted_memory_flat():
                 first_tokens[r] = got
             else:
                 assert got == first_tokens[r % PROMPTS], f"request {r} diverged from request {r % PROMPTS}"
-            if r in (0, REQUESTS - 1):
+            if r in CHECKPOINTS:
                 _drop_decode_graphs(be)
-                mem.append(_memory(be))
+                mem.append((r, *_memory(be)))
     finally:
         st = be.graph_stats()
         be.close()
     took = time.perf_counter() - t0
-    (alloc0, free0), (alloc1, free1) = mem
-    report = (f"{total} tokens over {REQUESTS} requests in {took:.1f} s; after the first request: "
-              f"memory_allocated {alloc0} B, mem_get_info free {free0} B; after the last: memory_allocated "
-              f"{alloc1} B, free {free1} B; misses after pre-capture {misses_after_precapture}; graphs {st}")
+    series = "; ".join(f"after request {r}: memory_allocated {a} B, free {f} B" for r, a, f in mem)
+    report = (f"{total} tokens over {REQUESTS} requests in {took:.1f} s; {series}; "
+              f"misses after pre-capture {misses_after_precapture}; graphs {st}")
     print(report)
     assert total == REQUESTS * TOKENS, report
     assert misses_after_precapture == 0, report
-    assert alloc1 == alloc0 and free1 == free0, report
+    # our allocations are exactly flat
+    assert len({a for _, a, _ in mem}) == 1, report
+    # the driver's free memory may settle during the first requests (it keeps memory of destroyed graph
+    # execs for reuse), but a leak keeps falling: the second half must be flat
+    half = [f for r, _, f in mem if r >= REQUESTS // 2]
+    assert max(half) - min(half) <= PLATEAU_SLACK, report
