@@ -35,7 +35,8 @@ namespace case4 {
 constexpr int kQWarps = 8;
 constexpr int kQRows = 2;    // rows per warp at a time (a pair)
 constexpr int kQUnroll = 4;  // 16-byte chunks per lane and row in flight
-constexpr int kQMaxSmem = 200 * 1024;
+constexpr int kQMaxSmem = 200 * 1024;  // at most; qgemv_init lowers it to the device's opt-in limit (A100: 163 KB)
+static int q_smem_limit = 48 * 1024;    // what qgemv_init set (the launcher refuses a K that needs more)
 
 // inputs per 16-byte chunk of weights, and 16-byte vectors of the staged input (8 values of T) per chunk
 template <int QM> struct QTraits;
@@ -287,9 +288,9 @@ static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmod
 template <typename T, int MODE, int QM>
 static void set_attr_q() {
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, false, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          kQMaxSmem));
+                                          q_smem_limit));
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, true, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          kQMaxSmem));
+                                          q_smem_limit));
 }
 template <typename T, int QM>
 static void init_q() {
@@ -297,12 +298,17 @@ static void init_q() {
     set_attr_q<T, kGemvSwiglu, QM>(); set_attr_q<T, kGemvF32, QM>();
 }
 void qgemv_init(int dtype) {
+    int dev = 0, optin = 0;
+    CASE4_CUDA_CHECK(cudaGetDevice(&dev));
+    CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    // the kernel's static shared memory (the reduction scratch and block_argmax_pick's) comes on top
+    q_smem_limit = std::min(kQMaxSmem, optin - 1024);
     if (dtype == kF16) { init_q<half, 8>(); init_q<half, 4>(); }
     else { init_q<__nv_bfloat16, 8>(); init_q<__nv_bfloat16, 4>(); }
 }
 
-// the checks every launcher shares: what the kernel's layout needs (one line each)
-static void check_quant(const QuantMat &m, int N, int K, const char *who) {
+// the checks every launcher shares: what the kernel's layout needs (one line each; also Plan::validate's)
+void check_quant(const QuantMat &m, int N, int K, const char *who) {
     auto need = [&](bool c, const std::string &what) {
         if (!c) throw BadArgument(std::string(who) + ": " + what);
     };
@@ -342,7 +348,7 @@ int launch_qgemv(const QGemvArgs &args, int dtype, const Launch &L) {
     QuantMat m;
     m.q = args.q; m.scale = args.scale; m.minv = args.minv; m.mode = args.qmode; m.group = args.group;
     check_quant(m, args.N, args.K, "qgemv");
-    if (qsmem(args.K, args.qmode) > (size_t)kQMaxSmem) throw BadArgument("qgemv: K too large for shared memory");
+    if (qsmem(args.K, args.qmode) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
     if (args.amax_part && args.mode != kGemvF32) throw BadArgument("qgemv: amax_part needs the fp32 logits mode");
     QGemvArgs a = args;
     a.preload = L.pdl == kPdlPreload ? 1 : 0;

@@ -47,6 +47,17 @@ void Plan::validate() const {
         any = any || l.q_qkv.mode || l.q_o.mode || l.q_gu.mode || l.q_down.mode;
     }
     need(any == quant, "plan.quant must say whether any matrix is quantized");
+    // the quantized layouts the kernels take (BadArgument, one line naming the matrix) before any launch
+    auto chk = [](const QuantMat &q, int n, int k, const char *who) {
+        if (q.mode) check_quant(q, n, k, who);
+    };
+    chk(q_lm_head, V, H, "lm_head");
+    for (const LayerPtrs &l : layers) {
+        chk(l.q_qkv, qkv_rows(), H, "w_qkv");
+        chk(l.q_o, H, Hq * D, "w_o");
+        chk(l.q_gu, 2 * I, H, "w_gu");
+        chk(l.q_down, H, I, "w_down");
+    }
 }
 
 // ---- kernel timeline (ops.h)
