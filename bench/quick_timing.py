@@ -89,6 +89,44 @@ def gemv_bw(ext, pdl=1):
     return rows
 
 
+def qgemv_bw(ext, pdl=3):
+    """The quantized gemv (gemv_quant.cu) on the 7B shapes: int8 one scale a row, int4 in groups of 128; GB/s of
+    the bytes it reads (q + scales + minimums + the input + the output), over > L2 worth of weights."""
+    from quant_models import random_quant
+    rows = []
+    st = torch.cuda.current_stream().cuda_stream
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for qmode, G in (("int8", 0), ("int4", 128)):
+        for name, N, K, mode in [("qkv 7B", 12288, 4096, 0), ("o 7B", 4096, 4096, 1), ("gate|up 7B", 11008, 4096, 2),
+                                 ("down 7B", 4096, 11008, 1), ("lm_head 7B", 32000, 4096, 3)]:
+            nmat = 2 if mode == 2 else 1
+            qls = [random_quant(qmode, nmat * N, K, G, g) for _ in range(4)]
+            x = torch.randn(K, device="cuda").half()
+            out = torch.zeros(N, device="cuda", dtype=torch.float32 if mode == 3 else torch.float16)
+            nw = torch.ones(K, device="cuda").half()
+
+            def run(ql):
+                ext.qgemv(ql.q.data_ptr(), ql.scale.data_ptr(), ql.minv.data_ptr() if ql.minv is not None else 0,
+                          8 if qmode == "int8" else 4, ql.group, N, K, x.data_ptr(),
+                          nw.data_ptr() if mode in (0, 2, 3) else 0, 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4,
+                          pdl=pdl)
+            for ql in qls:
+                run(ql)
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            it = 50
+            e0.record()
+            for i in range(it):
+                run(qls[i % len(qls)])
+            e1.record(); e1.synchronize()
+            us = e0.elapsed_time(e1) * 1e3 / it
+            byts = qls[0].nbytes() + K * 2 + N * (4 if mode == 3 else 2)
+            rows.append({"kernel": f"{qmode} G={qls[0].group} {name}", "pdl": pdl, "N": N, "K": K, "us": round(us, 2),
+                         "GB/s": round(byts / us / 1e3, 1), "bytes": byts})
+            del qls
+    return rows
+
+
 def attn_bw(ext, pdl=1):
     rows = []
     st = torch.cuda.current_stream().cuda_stream
@@ -330,6 +368,10 @@ def main():
     ap.add_argument("--timeline-modes", default="dynamic", help="graph modes of the timeline: dynamic,exact")
     ap.add_argument("--max-seq", type=int, default=2048, help="context the backend plans for (bench: 4096)")
     ap.add_argument("--timeline-prompts", default="32", help="prompt lengths of the timeline (T of its steps)")
+    ap.add_argument("--quant", default="",
+                    help="quantized decode rows mode:group,... (e.g. int8:0,int4:128; group 0: one scale a row), "
+                         "each with random QuantLinear weights on the GPU (bench/quant_models.py), dynamic and exact "
+                         "graphs, PDL 3; floor from the quantized bytes")
     ap.add_argument("--options", default="default",
                     help="EngineOptions sets (name=value+...) to run the timeline with, comma-separated (A/B)")
     a = ap.parse_args()
@@ -366,6 +408,8 @@ def main():
         report["gemv"] += gemv_bw(ext, int(m))
     if a.kernel_pdl:
         report["gemv"] += attn_bw(ext, int(os.environ.get("CASE4_PDL", "1")))
+    if a.quant and a.kernel_pdl:
+        report["gemv"] += qgemv_bw(ext, 3)
     for r in report["gemv"]:
         print(r, flush=True)
     report["decode"] = []
@@ -396,6 +440,24 @@ def main():
             r.update({"shape": shape, "weight_bytes": cfg.decode_weight_bytes(2), "floor_ms": round(floor_ms, 3)})
             print(r, flush=True)
             report["decode"].append({**r, "tokens": toks})  # the JSON keeps them: A/B of two builds (ab_builds.sh)
+        for spec in filter(None, a.quant.split(",")):
+            from quant_models import quant_weight_bytes, quantize_random
+            qmode, _, G = spec.partition(":")
+            quantize_random(w, qmode, int(G or 0))
+            qb = quant_weight_bytes(w)
+            qfloor = qb / (report["copy_GBps"] * 1e9) * 1e3
+            for mode in ("dynamic", "exact"):
+                try:
+                    r = time_backend(model, mode, "custom", a.steps, parse_options(ext, "default", "3"))
+                except Exception as e:
+                    r = {"mode": mode, "gemm": "custom", "error": f"{type(e).__name__}: {e}", "tokens": None}
+                r.pop("tokens", None)
+                r.update({"shape": shape, "quant": f"{qmode} G={G or 'K'}", "pdl": 3, "options": f"quant {spec}",
+                          "weight_bytes": qb, "floor_ms": round(qfloor, 3), "tokens_equal_first_row": None})
+                if r.get("ms_per_token"):
+                    r["bw_fraction"] = round(qfloor / r["ms_per_token"], 4)
+                print(r, flush=True)
+                report["decode"].append(r)
         del model, w
         torch.cuda.empty_cache()
     if a.ttft:
@@ -408,7 +470,8 @@ def main():
     for r in report["decode"]:
         print(f"{r['shape']:14s} {r['mode']:8s} {r['gemm']:7s} {r['pdl']}  {r.get('ms_per_token', 0):7.3f} "
               f"{r.get('tok_per_s', 0):7.1f} {r.get('client_ms_per_token', 0):8.3f} {r['floor_ms']:8.3f} "
-              f"{r.get('capture_ms_p50', 0):8.2f} {r.get('tokens_equal_first_row')} {r['options']}")
+              f"{r.get('capture_ms_p50', 0):8.2f} {r.get('tokens_equal_first_row')} {r['options']}"
+              + (f" bw_fraction {r.get('bw_fraction')}" if "quant" in r else ""))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
-SOURCES = ["gemv.cu", "norm.cu", "attention.cu", "sampling.cu", "step.cu", "graphs.cpp", "bindings.cpp"]
+SOURCES = ["gemv.cu", "gemv_quant.cu", "norm.cu", "attention.cu", "sampling.cu", "step.cu", "graphs.cpp", "bindings.cpp"]
 
 
 def cuda_home() -> Path:

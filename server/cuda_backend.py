@@ -6,7 +6,10 @@ device state, pinned host buffers); the extension gets their raw pointers. The C
 streams, the graph cache and the background capture thread; every call into it releases
 the GIL. Prefill runs the torch path (cuBLAS GEMMs + SDPA) of the ReferenceDecoder in the
 model dtype on the same KV arena, replayed as a CUDA graph per prompt-length bucket
-(server/prefill_graphs.py). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
+(server/prefill_graphs.py). Quantized weights (server/model/quant.py QuantLinear): the decode step runs them in
+the quantized gemv kernels (custom_kernels/csrc/gemv_quant.cu), chosen once when the Engine is built; prefill
+sees each quantized matrix dequantized, when the forward reaches it, into one preplanned scratch of the largest
+matrix's size (`DequantWeights`). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
 GPU tests and the timing tool use) are its own, set at construction (custom_kernels/csrc/step.h).
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from server.model.config import with_max_seq
 from custom_kernels.ext import load_extension
 from server.backend import Backend
 from server.kv import KVArena
+from server.model.quant import QuantLinear
 from server.model.resolve import LoadedModel
 from server.prefill_graphs import PrefillGraphs
 from server.reference import ReferenceDecoder
@@ -39,6 +43,72 @@ def default_options(ext):
     if raw not in ("0", "1", "2", "3"):
         raise BadInput(f"CASE4_PDL must be 0, 1, 2 or 3, got '{raw}'")
     return ext.EngineOptions(pdl=int(raw))
+
+
+MATRICES = ("w_qkv", "w_o", "w_gu", "w_down")
+
+
+def matrix_entry(m):
+    """A matrix of the Engine's plan: its pointer (fp16/bf16 arena view), or for a QuantLinear the dict
+    ModelWeights.pointers() gives (docs/architecture.md): {"mode", "group", "q", "scale", "minv" (0 for int8)}."""
+    if not isinstance(m, QuantLinear):
+        return m.data_ptr()
+    want = {"int8": torch.int8, "int4": torch.uint8}[m.mode]
+    if m.q.dtype != want or m.scale.dtype != torch.float16 or not (m.q.is_contiguous() and m.scale.is_contiguous()):
+        raise BadInput(f"a quantized {m.n}x{m.k} matrix must hold contiguous {want} q and float16 scales")
+    if m.q.device.type != "cuda" or (m.minv is not None and m.minv.dtype != torch.float16):
+        raise BadInput(f"a quantized {m.n}x{m.k} matrix must be on the GPU with float16 minimums")
+    return {"mode": m.mode, "group": m.group, "q": m.q.data_ptr(), "scale": m.scale.data_ptr(),
+            "minv": m.minv.data_ptr() if m.minv is not None else 0}
+
+
+def quantized(w) -> list[QuantLinear]:
+    """The weights' quantized matrices (lm_head included), in no particular order."""
+    mats = [getattr(lw, k) for lw in w.layers for k in MATRICES] + [w.lm_head]
+    return [m for m in mats if isinstance(m, QuantLinear)]
+
+
+def quant_name(w) -> str:
+    """'none', or the modes of the quantized matrices ('int4', 'int8', or 'int4+int8' for a mixed GGUF)."""
+    return "+".join(sorted({m.mode for m in quantized(w)})) or "none"
+
+
+class DequantWeights:
+    """The weights as the prefill decoder (ReferenceDecoder in the model dtype) sees them: every attribute is the
+    real weights', except that a quantized matrix, when the forward reads it, is dequantized into `scratch` (one
+    buffer of the largest quantized matrix, model dtype) by the extension's dequant kernel on torch's current
+    stream, and that view is returned. One buffer serves every matrix because the forward reads a matrix, uses
+    it in one linear and reads the next only after it (stream order). Capturable: no allocation, one launch."""
+
+    def __init__(self, w, ext, scratch: torch.Tensor):
+        self._w, self._ext, self._scratch = w, ext, scratch
+        self._dt = 0 if w.dtype == torch.float16 else 1
+        self.layers = [_DequantLayer(self, lw) for lw in w.layers]
+
+    def __getattr__(self, name):
+        return getattr(self._w, name)
+
+    @property
+    def lm_head(self):
+        return self.matrix(self._w.lm_head)
+
+    def matrix(self, m):
+        if not isinstance(m, QuantLinear):
+            return m
+        out = self._scratch[:m.n * m.k].view(m.n, m.k)
+        e = matrix_entry(m)
+        self._ext.dequant(e["q"], e["scale"], e["minv"], 8 if m.mode == "int8" else 4, m.group, m.n, m.k,
+                          out.data_ptr(), self._dt, torch.cuda.current_stream(out.device).cuda_stream)
+        return out
+
+
+class _DequantLayer:
+    def __init__(self, owner: DequantWeights, lw):
+        self._owner, self._lw = owner, lw
+
+    def __getattr__(self, name):
+        v = getattr(self._lw, name)
+        return self._owner.matrix(v) if name in MATRICES else v
 
 
 class CudaBackend(Backend):
@@ -61,6 +131,9 @@ class CudaBackend(Backend):
         if w.dtype not in (torch.float16, torch.bfloat16):
             raise BadInput(f"the cuda backend runs float16 or bfloat16, not {str(w.dtype).replace('torch.', '')}")
         self.cfg = cfg = with_max_seq(model.cfg, max_seq)
+        self.quant = quant_name(w)
+        if self.quant != "none" and gemm != "custom":
+            raise BadInput(f"quantized weights ({self.quant}) run on the custom kernels: use --gemm custom")
         self.graph_mode, self.gemm = graph_mode, gemm
         mode = getattr(self.ext.GraphMode, graph_mode)  # the user's string, mapped once
         self.options = default_options(self.ext) if options is None else options
@@ -70,7 +143,12 @@ class CudaBackend(Backend):
         dev, dt = w.device, w.dtype
         with torch.cuda.device(dev):
             self.kv = KVArena(cfg, sessions, dt, dev)
-            self.prefill_dec = ReferenceDecoder(w, self.kv, compute_dtype=dt)
+            qmats = quantized(w)
+            # prefill's dequantization scratch: the largest quantized matrix, in the model dtype
+            self.dequant_scratch = (torch.empty(max(m.n * m.k for m in qmats), dtype=dt, device=dev)
+                                    if qmats else None)
+            pw = DequantWeights(w, self.ext, self.dequant_scratch) if qmats else w
+            self.prefill_dec = ReferenceDecoder(pw, self.kv, compute_dtype=dt)
             # prompt forwards replayed as CUDA graphs per (session, bucket); CASE4_PREFILL_GRAPHS=0: eager
             self.prefill_graphs = (PrefillGraphs(self.prefill_dec, cfg.max_seq_len)
                                    if os.environ.get("CASE4_PREFILL_GRAPHS", "1") != "0" else None)
@@ -97,13 +175,16 @@ class CudaBackend(Backend):
             self.logits_host = torch.empty(V, dtype=torch.float32, pin_memory=True)
             self.ring_host = torch.empty(ring_len, dtype=torch.int32, pin_memory=True)
             torch.cuda.synchronize(dev)  # start-up only: the zero fills are done before our streams run
-            p = w.pointers()
+            # the matrices as the plan takes them (an int, or a dict for a QuantLinear: matrix_entry)
+            layers = [{"attn_norm": lw.attn_norm.data_ptr(), "mlp_norm": lw.mlp_norm.data_ptr(),
+                       **{k: matrix_entry(getattr(lw, k)) for k in MATRICES}} for lw in w.layers]
             plan = {
                 "dtype": str(dt).replace("torch.", ""), "V": V, "H": H, "I": I, "L": cfg.num_layers,
                 "Hq": cfg.num_heads, "Hkv": cfg.num_kv_heads, "D": D, "R": cfg.rotary_dim,
                 "max_seq": cfg.max_seq_len, "sessions": sessions, "eps": float(cfg.rms_norm_eps),
-                "round_logits": 1, "embed": p["embed"], "final_norm": p["final_norm"], "lm_head": p["lm_head"],
-                "rope_cos": p["rope_cos"], "rope_sin": p["rope_sin"], "layers": p["layers"],
+                "round_logits": 1, "embed": w.embed.data_ptr(), "final_norm": w.final_norm.data_ptr(),
+                "lm_head": matrix_entry(w.lm_head), "rope_cos": w.rope_cos.data_ptr(),
+                "rope_sin": w.rope_sin.data_ptr(), "layers": layers,
                 "kv": self.kv.kv.data_ptr(), "max_splits": self.max_splits, "ring_len": ring_len, "gemm": gemm,
                 **{k: t.data_ptr() for k, t in self.scratch.items()},
             }
@@ -296,9 +377,13 @@ class CudaBackend(Backend):
         dev = w.device
         free, total = torch.cuda.mem_get_info(dev)
         return {"backend": self.name, "device": torch.cuda.get_device_name(dev), "model": self.model.name,
-                "dtype": str(w.dtype).replace("torch.", ""), "gemm": self.gemm, "graph_mode": self.graph_mode,
-                "graphs": self.graph_stats(),
-                "memory": {"weights_bytes": w.arena.numel() * w.arena.element_size(), "kv_bytes": self.kv.nbytes(),
+                "dtype": str(w.dtype).replace("torch.", ""), "quant": self.quant, "gemm": self.gemm,
+                "graph_mode": self.graph_mode, "graphs": self.graph_stats(),
+                "memory": {"weights_bytes": w.arena.numel() * w.arena.element_size()
+                           + sum(m.nbytes() for m in quantized(w)),
+                           "dequant_scratch_bytes": (0 if self.dequant_scratch is None else
+                                                     self.dequant_scratch.numel() * self.dequant_scratch.element_size()),
+                           "kv_bytes": self.kv.nbytes(),
                            "scratch_bytes": sum(t.numel() * t.element_size() for t in self.scratch.values()),
                            "device_free_bytes": free, "device_total_bytes": total},
                 "positions": list(self.kv.seq_len)}

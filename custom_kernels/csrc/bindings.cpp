@@ -22,6 +22,24 @@ static int device_sm_count() {
     return n;
 }
 
+// A matrix entry of the plan: an int (fp16/bf16 pointer into the weight arena) or, for a quantized matrix, the dict
+// ModelWeights.pointers() gives: {"mode": "int8" | "int4", "group": G, "q": ptr, "scale": ptr, "minv": ptr or 0}
+static void matrix_from(py::handle v, const void **w, QuantMat *q, const char *name) {
+    if (!py::isinstance<py::dict>(v)) {
+        *w = reinterpret_cast<const void *>(v.cast<uintptr_t>());
+        return;
+    }
+    py::dict d = v.cast<py::dict>();
+    const std::string mode = d["mode"].cast<std::string>();
+    if (mode != "int8" && mode != "int4") throw BadArgument(std::string(name) + ": quant mode must be int8 or int4, got " + mode);
+    *w = nullptr;
+    q->mode = mode == "int8" ? 8 : 4;
+    q->group = d["group"].cast<int>();
+    q->q = ptr<const void *>(d, "q");
+    q->scale = ptr<const void *>(d, "scale");
+    q->minv = d.contains("minv") && !d["minv"].is_none() ? ptr<const void *>(d, "minv") : nullptr;
+}
+
 static Plan plan_from_dict(const py::dict &d) {
     Plan p;
     const std::string dt = d["dtype"].cast<std::string>();
@@ -35,15 +53,22 @@ static Plan plan_from_dict(const py::dict &d) {
     p.round_logits = d.contains("round_logits") ? d["round_logits"].cast<int>() : 1;
     p.embed = ptr<const void *>(d, "embed");
     p.final_norm = ptr<const void *>(d, "final_norm");
-    p.lm_head = ptr<const void *>(d, "lm_head");
+    matrix_from(d["lm_head"], &p.lm_head, &p.q_lm_head, "lm_head");
     p.rope_cos = ptr<const float *>(d, "rope_cos");
     p.rope_sin = ptr<const float *>(d, "rope_sin");
     for (auto item : d["layers"].cast<py::list>()) {
         py::dict l = item.cast<py::dict>();
-        p.layers.push_back({ptr<const void *>(l, "attn_norm"), ptr<const void *>(l, "w_qkv"),
-                            ptr<const void *>(l, "w_o"), ptr<const void *>(l, "mlp_norm"),
-                            ptr<const void *>(l, "w_gu"), ptr<const void *>(l, "w_down")});
+        LayerPtrs lp{};
+        lp.attn_norm = ptr<const void *>(l, "attn_norm");
+        lp.mlp_norm = ptr<const void *>(l, "mlp_norm");
+        matrix_from(l["w_qkv"], &lp.w_qkv, &lp.q_qkv, "w_qkv");
+        matrix_from(l["w_o"], &lp.w_o, &lp.q_o, "w_o");
+        matrix_from(l["w_gu"], &lp.w_gu, &lp.q_gu, "w_gu");
+        matrix_from(l["w_down"], &lp.w_down, &lp.q_down, "w_down");
+        p.quant = p.quant || lp.q_qkv.mode || lp.q_o.mode || lp.q_gu.mode || lp.q_down.mode;
+        p.layers.push_back(lp);
     }
+    p.quant = p.quant || p.q_lm_head.mode;
     p.kv = ptr<void *>(d, "kv");
     p.x = ptr<void *>(d, "x"); p.xn = ptr<void *>(d, "xn"); p.qkv = ptr<void *>(d, "qkv");
     p.ctx = ptr<void *>(d, "ctx"); p.mlp = ptr<void *>(d, "mlp"); p.tmp = ptr<void *>(d, "tmp");
@@ -107,6 +132,27 @@ static void k_sample(uintptr_t logits, int V, int pos, float temperature, int to
     launch_finish(f, test_launch(stream, pdl));
 }
 
+// quantized gemv (gemv_quant.cu): W given as (q, scale, minv, qmode 8|4, group); `tok` / `x_out`: the embedding
+// gather (x is then the table), `part`: kGemvF32's per-block argmax partials; returns the grid size
+static int k_qgemv(uintptr_t q, uintptr_t scale, uintptr_t minv, int qmode, int group, int N, int K, uintptr_t x,
+                   uintptr_t norm_w, float eps, uintptr_t out, int mode, int dtype, uintptr_t stream, int round_logits,
+                   int max_blocks, int pdl, uintptr_t tok, uintptr_t x_out, uintptr_t part) {
+    QGemvArgs a;
+    a.q = (const void *)q; a.scale = (const void *)scale; a.minv = (const void *)minv; a.qmode = (signed char)qmode;
+    a.group = group; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w; a.eps = eps;
+    a.out = (void *)out; a.mode = (signed char)mode; a.round_logits = (signed char)round_logits;
+    a.max_blocks = max_blocks; a.tok = (const int *)tok; a.x_out = (void *)x_out; a.amax_part = (int2 *)part;
+    qgemv_init(dtype);
+    return launch_qgemv(a, dtype, test_launch(stream, pdl));
+}
+
+static void k_dequant(uintptr_t q, uintptr_t scale, uintptr_t minv, int qmode, int group, int N, int K, uintptr_t out,
+                      int dtype, uintptr_t stream) {
+    QuantMat m;
+    m.q = (const void *)q; m.scale = (const void *)scale; m.minv = (const void *)minv; m.mode = qmode; m.group = group;
+    launch_dequant(m, N, K, (void *)out, dtype, (cudaStream_t)stream);
+}
+
 // lm_head (fp32 logits) with per-block argmax partials in `part`, then greedy sampling from them
 // (the custom decode path's last two kernels); returns the number of partials
 static int k_greedy_lm(uintptr_t W, int N, int K, uintptr_t x, uintptr_t norm_w, float eps, uintptr_t logits,
@@ -153,6 +199,11 @@ PYBIND11_MODULE(_case4_cuda, m) {
           arg("max_blocks"), arg("pdl") = 1);
     m.def("sample", &k_sample, nogil, arg("logits"), arg("V"), arg("pos"), arg("temperature"), arg("top_k"),
           arg("top_p"), arg("seed"), arg("params_dev"), arg("token_dev"), arg("stream"), arg("pdl") = 1);
+    m.def("qgemv", &k_qgemv, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"), arg("K"),
+          arg("x"), arg("norm_w"), arg("eps"), arg("out"), arg("mode"), arg("dtype"), arg("stream"),
+          arg("round_logits"), arg("max_blocks"), arg("pdl") = 1, arg("tok") = 0, arg("x_out") = 0, arg("part") = 0);
+    m.def("dequant", &k_dequant, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"),
+          arg("K"), arg("out"), arg("dtype"), arg("stream"));
     m.def("gemv_rope_fits", &gemv_rope_fits);
     m.def("attn_o_parts", &attn_o_parts);
 

@@ -33,6 +33,7 @@ Engine::Engine(const Plan &plan, GraphMode mode, const EngineOptions &options)
         throw BadArgument("pdl must be 0 (plain launches), 1 (PDL), 2 (+ L2 prefetch) or 3 (+ register preload)");
     plan_.validate();
     gemv_init(plan_.dtype);
+    if (plan_.quant) qgemv_init(plan_.dtype);
     CASE4_CUDA_CHECK(cudaStreamCreateWithFlags(&replay_, cudaStreamNonBlocking));
     CASE4_CUDA_CHECK(cudaStreamCreateWithFlags(&capture_, cudaStreamNonBlocking));
     // spinning wait (no cudaEventBlockingSync): the per-token logits fetch of client sampling

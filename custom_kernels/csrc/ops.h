@@ -130,6 +130,49 @@ int launch_gemv_lm(const GemvLmArgs &a, int dtype, const Launch &L);
 // no embedding gather
 bool lm_small_runs(const GemvArgs &a);
 
+// ------------------------------------------------------------------ gemv_quant.cu
+// A weight-only quantized [N, K] matrix (server/model/quant.py QuantLinear): groups of `group` inputs along K;
+// int8 (mode 8): q int8 [N, K], w = q * scale; int4 (mode 4): q uint8 [N, K/2] (input 2j in byte j's low nibble),
+// w = nib * scale + minv; scale, minv fp16 [N, K / group]. mode 0: not quantized (the plan's fp16 pointer).
+struct QuantMat {
+    const void *q = nullptr;
+    const void *scale = nullptr;
+    const void *minv = nullptr;  // int4 only
+    int mode = 0;                // 0 none, 8 int8, 4 int4
+    int group = 0;
+};
+// The quantized gemv's kernel parameter (<= 128 bytes, as GemvArgs): the GemvMode epilogues of gemv.cu with the same
+// rounding points (store, residual add in place, SwiGLU over gate|up rows [0, N) | [N, 2N), fp32 logits with the
+// optional per-block argmax partials), the optional RMSNorm of the input and the optional embedding gather (tok:
+// x is the table, block 0 copies the row to x_out).
+struct QGemvArgs {
+    const void *q = nullptr, *scale = nullptr, *minv = nullptr;
+    const void *x = nullptr;
+    const int *tok = nullptr;
+    void *x_out = nullptr;
+    const void *norm_w = nullptr;
+    void *out = nullptr;
+    int2 *amax_part = nullptr;
+    unsigned long long *trace = nullptr;  // set by the launcher
+    int N = 0, K = 0, group = 0;
+    int max_blocks = 0;          // grid cap (SMs * blocks per SM); 0: one pair of rows per warp
+    float eps = 1e-5f;
+    signed char mode = kGemvStore;
+    signed char qmode = 4;       // 8 | 4
+    signed char round_logits = 1;
+    signed char preload = 0;     // set by the launcher (kPdlPreload): each warp's first chunk before the wait
+};
+void qgemv_init(int dtype);
+// BadArgument naming `who` unless the kernels can take m as an [N, K] matrix (mode, pointers, K and the group a
+// multiple of the 16-byte chunk's inputs, the group dividing K, q 16-byte aligned)
+void check_quant(const QuantMat &m, int N, int K, const char *who);  // the kernels' shared-memory limits (once per Engine, before any launch)
+// Launch y = W x (fp32 accumulation, deterministic) on W quantized; returns the grid size. BadArgument (one line)
+// for a layout the kernel cannot take (K or the group not a multiple of the 16-byte chunk's inputs, misaligned q).
+int launch_qgemv(const QGemvArgs &a, int dtype, const Launch &L);
+// out [N, K] (model dtype) := the matrix's values (fp32, as quant.py's dequantize) rounded once to the model dtype;
+// a plain launch on `st` (capturable), for prefill's per-layer scratch
+void launch_dequant(const QuantMat &m, int N, int K, void *out, int dtype, cudaStream_t st);
+
 // ------------------------------------------------------------------ norm.cu (cuBLAS path helpers)
 // out = round(w * round(x * rsqrt(mean(x^2) + eps))); with tok: x = embed row tok[0] and x_out = x
 void launch_rmsnorm(const void *x, const int *tok, void *x_out, const void *w, void *out, int n,

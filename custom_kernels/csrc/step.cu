@@ -37,6 +37,27 @@ void Plan::validate() const {
     need(x && qkv && ctx && mlp && logits && part_acc && part_ml && counters, "scratch pointer missing");
     need(token_dev && seq_len_dev && params_dev && ring && ring_len > 0, "session state pointer missing");
     need(!use_cublas || (xn && tmp), "cuBLAS path needs xn and tmp scratch");
+    need(!quant || !use_cublas, "quantized weights run on the custom kernels (gemm custom), not cuBLAS");
+    auto mat = [&](const void *w, const QuantMat &q) { return (w != nullptr) != (q.mode != 0); };
+    bool any = q_lm_head.mode != 0;
+    need(mat(lm_head, q_lm_head), "lm_head: one of an fp16 pointer or a quantized matrix");
+    for (const LayerPtrs &l : layers) {
+        need(mat(l.w_qkv, l.q_qkv) && mat(l.w_o, l.q_o) && mat(l.w_gu, l.q_gu) && mat(l.w_down, l.q_down),
+             "layer matrices: one of an fp16 pointer or a quantized matrix each");
+        any = any || l.q_qkv.mode || l.q_o.mode || l.q_gu.mode || l.q_down.mode;
+    }
+    need(any == quant, "plan.quant must say whether any matrix is quantized");
+    // the quantized layouts the kernels take (BadArgument, one line naming the matrix) before any launch
+    auto chk = [](const QuantMat &q, int n, int k, const char *who) {
+        if (q.mode) check_quant(q, n, k, who);
+    };
+    chk(q_lm_head, V, H, "lm_head");
+    for (const LayerPtrs &l : layers) {
+        chk(l.q_qkv, qkv_rows(), H, "w_qkv");
+        chk(l.q_o, H, Hq * D, "w_o");
+        chk(l.q_gu, 2 * I, H, "w_gu");
+        chk(l.q_down, H, I, "w_down");
+    }
 }
 
 // ---- kernel timeline (ops.h)
@@ -269,6 +290,69 @@ static int custom_head(const Step &c, const Custom &u, bool *seq_advanced) {
     return part ? grid : 0;
 }
 
+// ---- the quantized path (Plan::quant): per layer norm + QKV, attention (with RoPE), O + residual, norm + gate|up
+// + SwiGLU, down + residual, then norm + lm_head; every quantized matrix through launch_qgemv (gemv_quant.cu), an
+// unquantized one (a GGUF tensor kept in fp16) through launch_gemv with the same epilogue. None of the fp16
+// path's fusions that read a weight matrix outside a gemv (O in attention) or rotate in the gemv (RoPE) apply:
+// attention rotates q and k itself. Returns the grid (the number of argmax partials for kGemvF32).
+static int mat_gemv(const Step &c, const void *w, const QuantMat &q, const GemvArgs &g) {
+    if (!q.mode) {
+        GemvArgs f = g;
+        f.W = w;
+        return launch_gemv(f, c.p.dtype, c.L);
+    }
+    QGemvArgs a;
+    a.q = q.q; a.scale = q.scale; a.minv = q.minv; a.qmode = (signed char)q.mode; a.group = q.group;
+    a.x = g.x; a.tok = g.tok; a.x_out = g.x_out; a.norm_w = g.norm_w; a.out = g.out; a.amax_part = g.amax_part;
+    a.N = g.N; a.K = g.K; a.max_blocks = g.max_blocks; a.eps = g.eps; a.mode = g.mode; a.round_logits = g.round_logits;
+    return launch_qgemv(a, c.p.dtype, c.L);
+}
+
+static void quant_layer(const Step &c, int l) {
+    const Plan &p = c.p;
+    const LayerPtrs &w = p.layers[l];
+    const int max_blocks = p.sm_count * 4;
+    auto base = [&]() {
+        GemvArgs g;
+        g.max_blocks = max_blocks;
+        g.eps = p.eps;
+        return g;
+    };
+    GemvArgs g = base();  // norm + QKV (layer 0: the embedding row of token_dev[s], copied into x)
+    g.N = p.qkv_rows(); g.K = p.H;
+    g.x = l == 0 ? p.embed : p.x;
+    g.tok = l == 0 ? p.token_dev + c.s : nullptr;
+    g.x_out = l == 0 ? p.x : nullptr;
+    g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
+    if (run_kernel(c, 1)) mat_gemv(c, w.w_qkv, w.q_qkv, g);
+    if (run_kernel(c, 2)) launch_attention(attn_args(c, l), p.dtype, c.L);  // RoPE, K/V row T, ctx
+    g = base();  // O + residual (in place on x)
+    g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
+    if (run_kernel(c, 4)) mat_gemv(c, w.w_o, w.q_o, g);
+    g = base();  // norm + gate|up + SwiGLU
+    g.N = p.I; g.K = p.H; g.x = p.x; g.norm_w = w.mlp_norm; g.out = p.mlp; g.mode = kGemvSwiglu;
+    if (run_kernel(c, 8)) mat_gemv(c, w.w_gu, w.q_gu, g);
+    g = base();  // down + residual
+    g.N = p.H; g.K = p.I; g.x = p.mlp; g.out = p.x; g.mode = kGemvResid;
+    if (run_kernel(c, 16)) mat_gemv(c, w.w_down, w.q_down, g);
+}
+
+// final norm + lm_head -> fp32 logits, with the per-block argmax partials in tmp when it holds them (as
+// custom_head); returns their number (0: none). finish advances seq_len.
+static int quant_head(const Step &c) {
+    const Plan &p = c.p;
+    GemvArgs g;
+    g.max_blocks = p.sm_count * 4;
+    g.eps = p.eps;
+    g.N = p.V; g.K = p.H; g.x = p.x; g.norm_w = p.final_norm; g.out = p.logits;
+    g.mode = kGemvF32; g.round_logits = (signed char)p.round_logits;
+    const bool part = p.tmp && p.tmp_bytes() >= (size_t)g.max_blocks * sizeof(int2);
+    g.amax_part = part ? reinterpret_cast<int2 *>(p.tmp) : nullptr;
+    if (!run_kernel(c, 32)) return 0;
+    const int grid = mat_gemv(c, p.lm_head, p.q_lm_head, g);
+    return part ? grid : 0;
+}
+
 // y[N] = W[N, K] x[K] through cuBLAS (W row-major = column-major [K, N], so op T)
 static void blas_gemv(cublasHandle_t h, int dtype, const void *W, const void *x, void *y, int N, int K) {
     const float one = 1.f, zero = 0.f;
@@ -309,7 +393,10 @@ void enqueue_step(const Plan &p, const EngineOptions &o, int s, int T, cudaStrea
     const Step c{p, o, s, step_pos(p, s, T), Launch{st, o.pdl, trace}};
     int amax_n = 0;
     bool seq_advanced = false;
-    if (p.use_cublas) {
+    if (p.quant) {
+        for (int l = 0; l < p.L; ++l) quant_layer(c, l);
+        amax_n = quant_head(c);
+    } else if (p.use_cublas) {
         if (!blas) throw std::runtime_error("cuBLAS path without a handle");
         for (int l = 0; l < p.L; ++l) cublas_layer(c, l, blas);
         cublas_head(c, blas);

@@ -10,8 +10,10 @@
 
 namespace case4 {
 
+// A matrix is either an fp16/bf16 view of the weight arena (w_*) or quantized (q_*, mode != 0; w_* is then null)
 struct LayerPtrs {
     const void *attn_norm, *w_qkv, *w_o, *mlp_norm, *w_gu, *w_down;
+    QuantMat q_qkv, q_o, q_gu, q_down;
 };
 
 struct Plan {
@@ -24,6 +26,11 @@ struct Plan {
     const void *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
     const float *rope_cos = nullptr, *rope_sin = nullptr;
     std::vector<LayerPtrs> layers;
+    QuantMat q_lm_head;     // lm_head quantized (mode != 0; lm_head is then null)
+    // any matrix quantized: the step runs the quantized path (step.cu quant_layer / quant_head: every quantized
+    // matrix through gemv_quant.cu, the others through gemv.cu without the fp16 path's fusions); chosen once per
+    // Engine, so the fp16 path's launches and kernels are unchanged
+    bool quant = false;
     // KV arena [S, L, 2, Hkv, max_seq, D]
     void *kv = nullptr;
     // scratch, preallocated by the owner (CudaBackend: torch tensors); shared by all sessions

@@ -1,0 +1,402 @@
+// gemv_quant.cu -- y = W x for batch-1 decode with weight-only quantized W (server/model/quant.py's layout),
+// fp32 accumulation; and the dequantization of one such matrix to the model dtype (prefill's scratch).
+//
+// Layout (quant.py, QuantLinear): W is [N, K]; groups of G inputs along K; scale (and, int4, minv) fp16 [N, K/G].
+//   int8: q int8 [N, K],       w = q * scale
+//   int4: q uint8 [N, K/2],    w = nib * scale + minv; byte j holds input 2j (low nibble) and 2j+1 (high), so the
+//         nibble at bits 4e..4e+3 of a 32-bit word is the word's input e (little-endian)
+//
+// Work split (the fp16 gemv's, gemv.cu, with two rows per warp): blocks of 8 warps; a warp takes a pair of rows
+// (rows 2p and 2p+1, or gate row p and up row p+N for SwiGLU) and its lanes stream 16-byte chunks of both rows
+// (32 inputs for int4, 16 for int8) with kQUnroll chunks per lane and row in flight. One chunk lies inside one
+// group (G is a multiple of the chunk's inputs), so a chunk's dot product is taken on the integer values first
+// and scaled once:
+//   int8: acc += scale * sum(q * x)
+//   int4: acc += scale * sum(nib * x) + minv * sum(x)   (sum(x) over the chunk: staged once per block, fp32)
+// The integers become fp16 exactly in registers (the 0x6400 magic: half(1024 + v) - 1024), then fp32; products
+// and sums are fp32. The input (optionally the embedding row, optionally RMSNorm'd, rounded to the model dtype at
+// the same points as gemv.cu) is staged once per block in shared memory in the model dtype, swizzled so that a
+// warp's 16-byte reads of consecutive chunks hit distinct banks; both rows of a pair use each converted input.
+// Sums are in a fixed order (per lane in chunk order, then the warp's butterfly): every run gives the same bits.
+//
+// Epilogues as gemv.cu's GemvMode: store (QKV), residual add in place (O, down), SwiGLU over gate|up, fp32
+// logits with the per-block argmax partials greedy sampling reads (lm_head). Weights (and their scales) are
+// read-only, so each warp's first chunk is loaded before griddepcontrol.wait.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace case4 {
+
+constexpr int kQWarps = 8;
+constexpr int kQRows = 2;    // rows per warp at a time (a pair)
+constexpr int kQUnroll = 4;  // 16-byte chunks per lane and row in flight
+constexpr int kQMaxSmem = 200 * 1024;  // at most; qgemv_init lowers it to the device's opt-in limit (A100: 163 KB)
+static int q_smem_limit = 48 * 1024;    // what qgemv_init set (the launcher refuses a K that needs more)
+
+// inputs per 16-byte chunk of weights, and 16-byte vectors of the staged input (8 values of T) per chunk
+template <int QM> struct QTraits;
+template <> struct QTraits<8> { static constexpr int kpc = 16, vpc = 2; };
+template <> struct QTraits<4> { static constexpr int kpc = 32, vpc = 4; };
+
+// Staged-input swizzle: vector i of the input lives at xs[i ^ ((i >> 3) & (vpc - 1))]. A warp's lanes read
+// chunks c, c+1, ... (vpc vectors each, 16*vpc bytes apart): without it every 8 lanes (one shared-memory
+// wavefront of 16-byte reads) would land on 2 (int8) or 4 (int4) bank groups, with it on 8 distinct ones.
+template <int VPC>
+__device__ __forceinline__ int xswz(int i) { return i ^ ((i >> 3) & (VPC - 1)); }
+
+// exact small integers -> float: the half2 (1024 + a, 1024 + b) (bits 0x64.. with a, b in the low mantissa) minus
+// BIAS as a half (1024 for int4's nibbles, 1152 = 1024 + 128 for int8's sign-flipped bytes); exact in half and in
+// the conversion to float
+template <unsigned short BIAS>
+__device__ __forceinline__ float2 magic_pair(unsigned h) {
+    const __half2 v = __hsub2(*reinterpret_cast<const __half2 *>(&h), __half2half2(__ushort_as_half(BIAS)));
+    return __half22float2(v);
+}
+__device__ __forceinline__ unsigned lop_or(unsigned a, unsigned mask, unsigned orv) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(mask), "r"(orv));  // (a & mask) | orv
+    return r;
+}
+
+// The integer values of one 16-byte chunk (KPC of them, in input order) as floats.
+template <int QM>
+__device__ __forceinline__ void unpack_q(const uint4 &w, float (&f)[QTraits<QM>::kpc]) {
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+    if constexpr (QM == 4) {
+#pragma unroll
+        for (int d = 0; d < 4; ++d) {  // word d: inputs 8d + e at bits 4e..4e+3
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 p = magic_pair<0x6400>(lop_or(ws[d] >> (4 * e), 0x000F000Fu, 0x64006400u));  // inputs e, e + 4
+                f[8 * d + e] = p.x;
+                f[8 * d + e + 4] = p.y;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int d = 0; d < 4; ++d) {  // word d: inputs 4d + b in byte b; int8 -> uint8 + 128 (flip the sign bit)
+            const unsigned u = ws[d] ^ 0x80808080u;
+            // bytes (b0, 0x64, b2, 0x64) and (b1, 0x64, b3, 0x64): the halves 1024 + q + 128
+            const float2 p02 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4240));
+            const float2 p13 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4341));
+            f[4 * d + 0] = p02.x;
+            f[4 * d + 2] = p02.y;
+            f[4 * d + 1] = p13.x;
+            f[4 * d + 3] = p13.y;
+        }
+    }
+}
+
+template <typename T> __device__ __forceinline__ float2 to_f2(unsigned v);
+template <> __device__ __forceinline__ float2 to_f2<half>(unsigned v) {
+    return __half22float2(*reinterpret_cast<const __half2 *>(&v));
+}
+template <> __device__ __forceinline__ float2 to_f2<__nv_bfloat16>(unsigned v) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v));
+}
+
+// the staged input of chunk c as floats
+template <typename T, int QM>
+__device__ __forceinline__ void load_x(const uint4 *xs, int c, float (&xf)[QTraits<QM>::kpc]) {
+    constexpr int VPC = QTraits<QM>::vpc;
+#pragma unroll
+    for (int j = 0; j < VPC; ++j) {
+        const uint4 v = xs[xswz<VPC>(c * VPC + j)];
+        const unsigned vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            const float2 p = to_f2<T>(vs[h]);
+            xf[8 * j + 2 * h] = p.x;
+            xf[8 * j + 2 * h + 1] = p.y;
+        }
+    }
+}
+
+__device__ __forceinline__ float ld_half(const void *p, size_t i) {
+    return __half2float(__ldg(reinterpret_cast<const __half *>(p) + i));
+}
+
+template <typename T, int MODE, bool NORM, int QM>
+__global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) {
+    using Tr = QTraits<QM>;
+    constexpr int KPC = Tr::kpc, VPC = Tr::vpc, U = kQUnroll;
+    extern __shared__ uint4 xs[];               // K / 8 vectors of T (swizzled), then K / KPC fp32 chunk sums
+    __shared__ __align__(16) float red[kWarp];
+    const int nvec = a.K / 8, nchunk = a.K / KPC, ng = a.K / a.group;
+    float *xsum = reinterpret_cast<float *>(xs + nvec);
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const uint4 *Q = reinterpret_cast<const uint4 *>(a.q);  // row r starts at chunk r * nchunk
+    const int pairs = MODE == kGemvSwiglu ? a.N : (a.N + 1) / 2;
+    const int stride = gridDim.x * kQWarps;
+    const int p0 = blockIdx.x * kQWarps + warp;
+    const uint64_t pol = l2_policy(true);
+
+    // rows of pair p: (2p, 2p + 1) or (p, p + N) for gate|up; rb < 0: none (odd N)
+    auto rows_of = [&](int p, int &ra, int &rb) {
+        if (MODE == kGemvSwiglu) { ra = p; rb = p + a.N; }
+        else { ra = 2 * p; rb = 2 * p + 1 < a.N ? 2 * p + 1 : -1; }
+    };
+    uint4 wa[U], wb[U];
+    float sa[U], sb[U], ma[U], mb[U];  // the chunks' scales and minimums (int4)
+    auto load = [&](int ra, int rb, int base) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = base + u * kWarp + lane;
+            const bool in = c < nchunk;
+            const int g = in ? c * KPC / a.group : 0;
+            wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+            wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+            sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
+            sb[u] = in && rb >= 0 ? ld_half(a.scale, (size_t)rb * ng + g) : 0.f;
+            if constexpr (QM == 4) {
+                ma[u] = in ? ld_half(a.minv, (size_t)ra * ng + g) : 0.f;
+                mb[u] = in && rb >= 0 ? ld_half(a.minv, (size_t)rb * ng + g) : 0.f;
+            }
+        }
+    };
+
+    ktrace(a.trace, 0);
+    int ra0 = 0, rb0 = -1;
+    const bool first_loaded = p0 < pairs;
+    if (first_loaded) {
+        rows_of(p0, ra0, rb0);
+        if (a.preload) load(ra0, rb0, 0);  // read-only weights: before the wait
+    }
+    pdl_trigger();
+    pdl_wait();
+    ktrace(a.trace, 1);
+    if (first_loaded && !a.preload) load(ra0, rb0, 0);
+
+    // ---- stage the input (the embedding row of tok[0] when given; block 0 then fills the residual x_out)
+    const uint4 *xin = reinterpret_cast<const uint4 *>(a.x);
+    if (a.tok) xin += (size_t)(*a.tok) * nvec;
+    const bool write_resid = a.tok && a.x_out && blockIdx.x == 0;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const uint4 v = xin[i];
+        xs[xswz<VPC>(i)] = v;
+        if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
+        if (NORM) {
+            float f[8];
+            unpack8<T>(v, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
+        }
+    }
+    if constexpr (NORM) {  // round(w * round(x * inv)), as gemv.cu and the reference; same threads, same vectors
+        const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
+        const uint4 *nw = reinterpret_cast<const uint4 *>(a.norm_w);
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+            float f[8], w[8];
+            unpack8<T>(xs[xswz<VPC>(i)], f);
+            unpack8<T>(nw[i], w);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) f[j] = w[j] * round_t<T>(f[j] * inv);
+            xs[xswz<VPC>(i)] = pack8<T>(f);
+        }
+    }
+    __syncthreads();
+    if constexpr (QM == 4) {  // sum(x) per chunk, in input order
+        for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+            float xf[KPC];
+            load_x<T, QM>(xs, c, xf);
+            float s = 0.f;
+#pragma unroll
+            for (int k = 0; k < KPC; ++k) s += xf[k];
+            xsum[c] = s;
+        }
+        __syncthreads();
+    }
+
+    // ---- rows
+    float best = -INFINITY;  // kGemvF32: lane 0's largest stored logit and its row
+    int best_row = kNoIndex;
+    for (int p = p0; p < pairs; p += stride) {
+        int ra, rb;
+        rows_of(p, ra, rb);
+        float acc_a = 0.f, acc_b = 0.f;
+        for (int base = 0; base < nchunk; base += kWarp * U) {
+            if (!(p == p0 && base == 0)) load(ra, rb, base);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = base + u * kWarp + lane;
+                if (c < nchunk) {
+                    float xf[KPC], qf[KPC];
+                    load_x<T, QM>(xs, c, xf);
+                    float da = 0.f, db = 0.f;
+                    unpack_q<QM>(wa[u], qf);
+#pragma unroll
+                    for (int k = 0; k < KPC; ++k) da = fmaf(qf[k], xf[k], da);
+                    unpack_q<QM>(wb[u], qf);
+#pragma unroll
+                    for (int k = 0; k < KPC; ++k) db = fmaf(qf[k], xf[k], db);
+                    if constexpr (QM == 4) {
+                        const float sx = xsum[c];
+                        acc_a += fmaf(sa[u], da, ma[u] * sx);
+                        acc_b += fmaf(sb[u], db, mb[u] * sx);
+                    } else {
+                        acc_a += sa[u] * da;
+                        acc_b += sb[u] * db;
+                    }
+                }
+            }
+        }
+        acc_a = warp_sum(acc_a);
+        acc_b = warp_sum(acc_b);
+        if (lane == 0) {
+            if (MODE == kGemvSwiglu) {
+                const float g = round_t<T>(acc_a), u = round_t<T>(acc_b);
+                const float act = round_t<T>(g / (1.f + __expf(-g)));
+                reinterpret_cast<T *>(a.out)[ra] = from_f<T>(act * u);
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = h ? rb : ra;
+                    const float acc = h ? acc_b : acc_a;
+                    if (r < 0) continue;
+                    if (MODE == kGemvStore) {
+                        reinterpret_cast<T *>(a.out)[r] = from_f<T>(acc);
+                    } else if (MODE == kGemvResid) {
+                        T *o = reinterpret_cast<T *>(a.out);
+                        o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
+                    } else {  // kGemvF32
+                        const float v = a.round_logits ? round_t<T>(acc) : acc;
+                        reinterpret_cast<float *>(a.out)[r] = v;
+                        if (v > best) { best = v; best_row = r; }  // rows ascend: the lowest row of a tie stays
+                    }
+                }
+            }
+        }
+    }
+    if (MODE == kGemvF32 && a.amax_part) {  // the block's argmax, for the sampling kernel (FinishArgs::amax_part)
+        if (lane != 0) best = -INFINITY, best_row = kNoIndex;
+        block_argmax_pick(best, best_row);
+        if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
+    }
+    ktrace_end(a.trace);
+}
+
+static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 bytes (ops.h GemvArgs)");
+
+static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
+
+template <typename T, int MODE, int QM>
+static void set_attr_q() {
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, false, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          q_smem_limit));
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, true, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          q_smem_limit));
+}
+template <typename T, int QM>
+static void init_q() {
+    set_attr_q<T, kGemvStore, QM>(); set_attr_q<T, kGemvResid, QM>();
+    set_attr_q<T, kGemvSwiglu, QM>(); set_attr_q<T, kGemvF32, QM>();
+}
+void qgemv_init(int dtype) {
+    int dev = 0, optin = 0;
+    CASE4_CUDA_CHECK(cudaGetDevice(&dev));
+    CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    // the kernel's static shared memory (the reduction scratch and block_argmax_pick's) comes on top
+    q_smem_limit = std::min(kQMaxSmem, optin - 1024);
+    if (dtype == kF16) { init_q<half, 8>(); init_q<half, 4>(); }
+    else { init_q<__nv_bfloat16, 8>(); init_q<__nv_bfloat16, 4>(); }
+}
+
+// the checks every launcher shares: what the kernel's layout needs (one line each; also Plan::validate's)
+void check_quant(const QuantMat &m, int N, int K, const char *who) {
+    auto need = [&](bool c, const std::string &what) {
+        if (!c) throw BadArgument(std::string(who) + ": " + what);
+    };
+    need(m.mode == 8 || m.mode == 4, "quant mode must be int8 (8) or int4 (4)");
+    need(m.q && m.scale && (m.mode == 8 || m.minv), "quantized matrix pointer missing");
+    const int kpc = m.mode == 4 ? 32 : 16;
+    need(N > 0 && K > 0 && K % kpc == 0, "K must be a multiple of " + std::to_string(kpc) + " for " +
+                                             (m.mode == 4 ? "int4" : "int8") + ", got " + std::to_string(K));
+    need(m.group > 0 && K % m.group == 0 && m.group % kpc == 0,
+         "group size " + std::to_string(m.group) + " must divide K = " + std::to_string(K) + " and be a multiple of " +
+             std::to_string(kpc));
+    need(reinterpret_cast<uintptr_t>(m.q) % 16 == 0, "quantized weights must be 16-byte aligned");
+}
+
+template <typename T, int MODE, int QM>
+static int launch_q3(const QGemvArgs &a, const Launch &L) {
+    const int pairs = MODE == kGemvSwiglu ? a.N : (a.N + 1) / 2;
+    const int groups = (pairs + kQWarps - 1) / kQWarps;
+    const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
+    const size_t smem = qsmem(a.K, QM);
+    if (a.norm_w) launch_pdl(L, qgemv_kernel<T, MODE, true, QM>, grid, kQWarps * kWarp, smem, a);
+    else launch_pdl(L, qgemv_kernel<T, MODE, false, QM>, grid, kQWarps * kWarp, smem, a);
+    return grid;
+}
+template <typename T, int QM>
+static int launch_q2(const QGemvArgs &a, const Launch &L) {
+    switch (a.mode) {
+        case kGemvStore: return launch_q3<T, kGemvStore, QM>(a, L);
+        case kGemvResid: return launch_q3<T, kGemvResid, QM>(a, L);
+        case kGemvSwiglu: return launch_q3<T, kGemvSwiglu, QM>(a, L);
+        case kGemvF32: return launch_q3<T, kGemvF32, QM>(a, L);
+        default: throw std::runtime_error("qgemv: bad mode");
+    }
+}
+
+int launch_qgemv(const QGemvArgs &args, int dtype, const Launch &L) {
+    QuantMat m;
+    m.q = args.q; m.scale = args.scale; m.minv = args.minv; m.mode = args.qmode; m.group = args.group;
+    check_quant(m, args.N, args.K, "qgemv");
+    if (qsmem(args.K, args.qmode) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
+    if (args.amax_part && args.mode != kGemvF32) throw BadArgument("qgemv: amax_part needs the fp32 logits mode");
+    QGemvArgs a = args;
+    a.preload = L.pdl == kPdlPreload ? 1 : 0;
+    a.trace = L.slot("qgemv%d m%d N %d", args.qmode, args.mode, args.N);
+    if (dtype == kF16) return a.qmode == 4 ? launch_q2<half, 4>(a, L) : launch_q2<half, 8>(a, L);
+    return a.qmode == 4 ? launch_q2<__nv_bfloat16, 4>(a, L) : launch_q2<__nv_bfloat16, 8>(a, L);
+}
+
+// ---- dequantization into the model dtype: one thread per 16-byte chunk of q (prefill's per-layer scratch)
+template <typename T, int QM>
+__global__ void dequant_kernel(const uint4 *__restrict__ q, const void *scale, const void *minv, int N, int K,
+                               int group, uint4 *__restrict__ out) {
+    using Tr = QTraits<QM>;
+    const int nchunk = K / Tr::kpc, ng = K / group;
+    const size_t total = (size_t)N * nchunk;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / nchunk;
+        const int c = (int)(i % nchunk);
+        const size_t g = r * ng + (size_t)c * Tr::kpc / group;
+        const float s = ld_half(scale, g), mn = QM == 4 ? ld_half(minv, g) : 0.f;
+        float f[Tr::kpc];
+        unpack_q<QM>(q[i], f);
+#pragma unroll
+        for (int j = 0; j < Tr::vpc; ++j) {
+            float v[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = QM == 4 ? fmaf(f[8 * j + e], s, mn) : f[8 * j + e] * s;
+            out[i * Tr::vpc + j] = pack8<T>(v);
+        }
+    }
+}
+
+void launch_dequant(const QuantMat &m, int N, int K, void *out, int dtype, cudaStream_t st) {
+    check_quant(m, N, K, "dequant");
+    if (reinterpret_cast<uintptr_t>(out) % 16 != 0) throw BadArgument("dequant: output must be 16-byte aligned");
+    const size_t total = (size_t)N * (K / (m.mode == 4 ? 32 : 16));
+    const int block = 256;
+    const int grid = (int)std::min<size_t>((total + block - 1) / block, 132 * 16);
+    const uint4 *q = reinterpret_cast<const uint4 *>(m.q);
+    uint4 *o = reinterpret_cast<uint4 *>(out);
+    if (dtype == kF16) {
+        if (m.mode == 4) dequant_kernel<half, 4><<<grid, block, 0, st>>>(q, m.scale, m.minv, N, K, m.group, o);
+        else dequant_kernel<half, 8><<<grid, block, 0, st>>>(q, m.scale, m.minv, N, K, m.group, o);
+    } else {
+        if (m.mode == 4) dequant_kernel<__nv_bfloat16, 4><<<grid, block, 0, st>>>(q, m.scale, m.minv, N, K, m.group, o);
+        else dequant_kernel<__nv_bfloat16, 8><<<grid, block, 0, st>>>(q, m.scale, m.minv, N, K, m.group, o);
+    }
+    CASE4_LAUNCH_CHECK();
+}
+
+}  // namespace case4

@@ -1,0 +1,386 @@
+"""The quantized kernels (custom_kernels/csrc/gemv_quant.cu) against float64 on fresh random quantized weights.
+
+The oracle is server.model.quant.dequantize (the layout's definition) in float64, times the input in float64
+(normed in float64 where the kernel norms). Outputs are poisoned (NaN) first. Bounds as the fp16 gemv's
+(tests/gpu/test_kernels.py): fp16 2e-3, bf16 1.5e-2 relative (the output is rounded once to the model dtype, the
+normed input twice). Each failure names the matrix, the mode and the first wrong rows, so a wrong tile, chunk
+or group shows as a row pattern.
+
+The dequantization kernel (prefill's scratch) must equal dequantize(ql).to(dtype) bit for bit: both compute
+q * scale (+ minv) exactly in fp32 and round once. It shares the unpacking code with the gemv, so a wrong nibble
+order shows there first, element by element.
+"""
+import math
+
+import pytest
+import torch
+
+from custom_kernels.ext import load_extension
+from server.model.quant import QuantLinear, dequantize, pack_int4
+
+pytestmark = pytest.mark.gpu
+DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DTI = {"float16": 0, "bfloat16": 1}
+TOL = {"float16": 2e-3, "bfloat16": 1.5e-2}
+STORE, RESID, SWIGLU, F32 = 0, 1, 2, 3
+QMODE = {"int8": 8, "int4": 4}
+MAX_BLOCKS = 132 * 4
+
+
+def stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def random_quant(mode: str, n: int, k: int, group: int, gen: torch.Generator, gain: float = 1.0) -> QuantLinear:
+    """A random QuantLinear on the GPU whose values are ~N(0, gain^2/k)-sized (so outputs are O(gain))."""
+    ng = k // group
+    if mode == "int8":
+        q = torch.randint(-127, 128, (n, k), device="cuda", generator=gen, dtype=torch.int8)
+        scale = (gain * (0.5 + torch.rand(n, ng, device="cuda", generator=gen)) / (73.0 * math.sqrt(k))).half()
+        return QuantLinear("int8", n, k, group, q, scale, None)
+    nib = torch.randint(0, 16, (n, k), device="cuda", generator=gen, dtype=torch.uint8)
+    scale = (gain * (0.5 + torch.rand(n, ng, device="cuda", generator=gen)) / (4.6 * math.sqrt(k))).half()
+    minv = (-7.5 * scale.float() * (1 + 0.2 * torch.randn(n, ng, device="cuda", generator=gen))).half()
+    return QuantLinear("int4", n, k, group, pack_int4(nib).contiguous(), scale, minv)
+
+
+def ptrs(ql: QuantLinear):
+    return ql.q.data_ptr(), ql.scale.data_ptr(), ql.minv.data_ptr() if ql.minv is not None else 0
+
+
+def check(out, ref, tol, what):
+    """‖out − ref‖ / ‖ref‖ < tol, every element written; else name the first wrong rows."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    bad_nan = (~torch.isfinite(out)).nonzero().flatten()
+    assert bad_nan.numel() == 0, f"{what}: {bad_nan.numel()} unwritten/non-finite rows, first {bad_nan[:8].tolist()}"
+    e = float((out - ref).norm() / ref.norm())
+    if e >= tol:
+        err = (out - ref).abs() / ref.abs().mean()
+        rows = (err > 8 * tol).nonzero().flatten()
+        raise AssertionError(f"{what}: rel err {e:.2e} >= {tol:g}; {rows.numel()} rows off by > {8 * tol:g} of the "
+                             f"mean |ref|, first {rows[:12].tolist()} (of {out.numel()})")
+
+
+# (N, K): SmolLM2 qkv / o / gate|up (N = I) / down / lm_head, Llama-2-7B qkv / o / gate|up / down / lm_head, and rows
+# that are not a multiple of the 8-warp block's 16 rows (odd: a warp's pair with one row)
+SHAPES = [(960, 576), (576, 576), (1536, 576), (576, 1536), (49152, 576),
+          (12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096),
+          (1001, 512), (37, 256), (1, 64)]
+# (mode, group): int8 per row (group = K) and in groups of 32 (GGUF Q8_0); int4 in 32 (Q4_0 / Q4_1), 64, 128
+QUANTS = [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+
+def _cases():
+    for N, K in SHAPES:
+        for mode, G in QUANTS:
+            G = G or K
+            if K % G == 0:
+                yield N, K, mode, G
+
+
+@pytest.mark.parametrize("N,K,mode,G", list(_cases()), ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_qgemv_modes(N, K, mode, G, dtype):
+    if dtype == "bfloat16" and N * K > 4096 * 11008:
+        pytest.skip("bf16: the shapes up to 7B's gate|up and down suffice (the same kernels, another input type)")
+    ext = load_extension()
+    dt = DT[dtype]
+    g = torch.Generator(device="cuda").manual_seed(N * 31 + K * 7 + G + QMODE[mode])
+    ql = random_quant(mode, 2 * N, K, G, g)  # rows [0, N) for the one-matrix modes, all 2N for SwiGLU
+    Wd = dequantize(ql).double()
+    x = torch.randn(K, device="cuda", generator=g).to(dt)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(dt)
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * nw.double()
+    q, s, m = ptrs(ql)
+    for om in (STORE, RESID, SWIGLU, F32):
+        for norm in (False, True):
+            xin = xn if norm else xd
+            y = Wd[:N] @ xin
+            if om == STORE:
+                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=dt), y
+            elif om == RESID:
+                base = torch.randn(N, device="cuda", generator=g).to(dt)
+                out, ref = base.clone(), y + base.double()
+            elif om == SWIGLU:
+                u = Wd[N:] @ xin
+                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=dt), y * torch.sigmoid(y) * u
+            else:
+                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=torch.float32), y
+            ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5,
+                      out.data_ptr(), om, DTI[dtype], stream(), 0, MAX_BLOCKS)
+            torch.cuda.synchronize()
+            check(out, ref, TOL[dtype], f"{mode} G={G} [{N}x{K}] {dtype} mode {om} norm {norm}")
+
+
+@pytest.mark.parametrize("mode,G", [("int8", 4096), ("int8", 32), ("int4", 32), ("int4", 128)])
+def test_qgemv_deterministic_and_pdl_levels(mode, G):
+    """Bitwise the same result on every run and at every PDL level (the preload before the wait included), with
+    a grid that loops (max_blocks small: each warp takes several pairs)."""
+    ext = load_extension()
+    N, K = 11008, 4096
+    g = torch.Generator(device="cuda").manual_seed(G + QMODE[mode])
+    ql = random_quant(mode, 2 * N, K, G, g)
+    x = torch.randn(K, device="cuda", generator=g).half()
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).half()
+    q, s, m = ptrs(ql)
+    outs = []
+    for pdl, mb in ((0, MAX_BLOCKS), (1, MAX_BLOCKS), (3, MAX_BLOCKS), (3, MAX_BLOCKS), (3, 7), (1, 0)):
+        out = torch.full((N,), float("nan"), device="cuda", dtype=torch.float16)
+        ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), SWIGLU, 0,
+                  stream(), 0, mb, pdl=pdl)
+        torch.cuda.synchronize()
+        outs.append(out.cpu())
+    for i, o in enumerate(outs[1:], 1):
+        assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16)), f"run {i} differs from run 0"
+
+
+@pytest.mark.parametrize("mode,G", [("int8", 576), ("int4", 64)])
+def test_qgemv_embedding_gather(mode, G):
+    """tok: the input is the embedding row tok[0] (block 0 copies it to x_out), normed, as layer 0's QKV."""
+    ext = load_extension()
+    V, N, K = 1000, 960, 576
+    g = torch.Generator(device="cuda").manual_seed(5)
+    ql = random_quant(mode, N, K, G, g)
+    emb = torch.randn(V, K, device="cuda", generator=g).half()
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).half()
+    tok = torch.tensor([777], dtype=torch.int32, device="cuda")
+    x_out = torch.full((K,), float("nan"), device="cuda", dtype=torch.float16)
+    out = torch.full((N,), float("nan"), device="cuda", dtype=torch.float16)
+    q, s, m = ptrs(ql)
+    ext.qgemv(q, s, m, QMODE[mode], G, N, K, emb.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), STORE, 0, stream(),
+              0, MAX_BLOCKS, tok=tok.data_ptr(), x_out=x_out.data_ptr())
+    torch.cuda.synchronize()
+    assert torch.equal(x_out, emb[777]), "x_out must be the gathered embedding row"
+    xd = emb[777].double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * nw.double()
+    check(out, dequantize(ql).double() @ xn, TOL["float16"], f"{mode} gather")
+
+
+@pytest.mark.parametrize("mode,G", [("int8", 4096), ("int4", 128), ("int4", 32)])
+@pytest.mark.parametrize("N,K", [(32000, 4096), (49152, 576), (1001, 512)])
+def test_qgemv_argmax_partials(mode, G, N, K):
+    """lm_head's per-block argmax partials: their best is the largest stored logit, its lowest row on ties."""
+    if K % G:
+        pytest.skip("group does not divide K")
+    ext = load_extension()
+    g = torch.Generator(device="cuda").manual_seed(N + G)
+    ql = random_quant(mode, N, K, G, g)
+    best0 = int(torch.randint(0, N, (1,), generator=torch.Generator().manual_seed(N)))
+    for r in (best0, 0 if best0 else N - 1):  # two identical rows: the lowest must win if they hold the max
+        ql.q[r] = ql.q[N // 2]
+        ql.scale[r] = ql.scale[N // 2]
+        if ql.minv is not None:
+            ql.minv[r] = ql.minv[N // 2]
+    x = torch.randn(K, device="cuda", generator=g).half()
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).half()
+    logits = torch.full((N,), float("nan"), device="cuda")
+    part = torch.full((MAX_BLOCKS, 2), -7, dtype=torch.int32, device="cuda")
+    q, s, m = ptrs(ql)
+    n = ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr(), 1e-5, logits.data_ptr(), F32, 0,
+                  stream(), 1, MAX_BLOCKS, part=part.data_ptr())
+    torch.cuda.synchronize()
+    assert 0 < n <= MAX_BLOCKS
+    p = part[:n].cpu()
+    vals = p[:, 0].clone().view(torch.float32)
+    assert torch.isfinite(logits).all()
+    mx = float(logits.max())
+    assert float(vals.max()) == mx
+    winners = p[:, 1][vals == mx]
+    assert int(winners.min()) == int(torch.nonzero(logits == mx)[0]), "the lowest row of the maximum"
+
+
+@pytest.mark.parametrize("mode,G", QUANTS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dequant_bitwise(mode, G, dtype):
+    ext = load_extension()
+    N, K = 999, 4096
+    G = G or K
+    g = torch.Generator(device="cuda").manual_seed(G + QMODE[mode])
+    ql = random_quant(mode, N, K, G, g)
+    out = torch.full((N, K), float("nan"), device="cuda", dtype=DT[dtype])
+    q, s, m = ptrs(ql)
+    ext.dequant(q, s, m, QMODE[mode], G, N, K, out.data_ptr(), DTI[dtype], stream())
+    torch.cuda.synchronize()
+    ref = dequantize(ql).to(DT[dtype])
+    diff = (out != ref).nonzero()
+    assert diff.shape[0] == 0, (f"{mode} G={G}: {diff.shape[0]} elements differ, first (row, col) "
+                                f"{diff[:8].tolist()}: got {out[tuple(diff[0])].item()} want {ref[tuple(diff[0])].item()}")
+
+
+def test_bad_layouts_are_refused():
+    """A group that does not divide K, or a K the 16-byte chunks cannot cover: BadArgument (ValueError), one line."""
+    ext = load_extension()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ql = random_quant("int4", 64, 256, 64, g)
+    x = torch.randn(256, device="cuda").half()
+    out = torch.empty(64, device="cuda").half()
+    q, s, m = ptrs(ql)
+    with pytest.raises(ValueError, match="group size 96 must divide K"):
+        ext.qgemv(q, s, m, 4, 96, 64, 256, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS)
+    with pytest.raises(ValueError, match="K must be a multiple of 32"):
+        ext.qgemv(q, s, m, 4, 16, 64, 240, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: the cuda backend's decode step on quantized weights. Until the reference backend runs QuantLinear
+# itself (the Python side of issue 26), the oracle is the fp32 ReferenceDecoder (tests/gpu/test_step.py's oracle)
+# on the same weights with each QuantLinear replaced by its exact fp32 values (dequantize): the kernels' math, in
+# fp32 with the model dtype's rounding points.
+
+def quant_model(shape: str, mode: str, group: int, seed: int = 0, max_seq: int = 1024):
+    """A LoadedModel: synthetic fp16 weights with every projection and the lm_head replaced by random QuantLinear
+    (lm_head with a 4x gain, as synthetic_weights' lm_head: clear greedy winners)."""
+    from server.model.config import SYNTHETIC_SHAPES, with_max_seq
+    from server.model.resolve import LoadedModel
+    from server.model.weights import synthetic_weights
+    cfg = with_max_seq(SYNTHETIC_SHAPES[shape], max_seq)
+    w = synthetic_weights(cfg, "float16", "cuda", seed)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1000)
+    for lw in w.layers:
+        for k in ("w_qkv", "w_o", "w_gu", "w_down"):
+            n, kk = getattr(lw, k).shape
+            setattr(lw, k, random_quant(mode, n, kk, group if kk % group == 0 else kk, g))
+    w.lm_head = random_quant(mode, cfg.vocab_size, cfg.hidden_size, group, g, gain=4.0)
+    return LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
+
+
+def dequant_oracle(model):
+    """The fp32 ReferenceDecoder on the model's weights with every QuantLinear as its exact fp32 values."""
+    import dataclasses
+    from server.kv import KVArena
+    from server.model.weights import LayerWeights
+    from server.reference import ReferenceDecoder
+    w = model.weights
+
+    def d(m):
+        return dequantize(m) if isinstance(m, QuantLinear) else m
+    layers = [LayerWeights(**{k: d(getattr(lw, k)) for k in LayerWeights.__dataclass_fields__}) for lw in w.layers]
+    wr = dataclasses.replace(w, layers=layers, lm_head=d(w.lm_head))
+    return ReferenceDecoder(wr, KVArena(model.cfg, 1, w.dtype, "cuda"), compute_dtype=torch.float32)
+
+
+def _ids(V, n, seed):
+    import random
+    r = random.Random(seed)
+    return [r.randrange(V) for _ in range(n)]
+
+
+def _greedy():
+    from case4_sampling import SamplingParams
+    return SamplingParams()
+
+
+E2E = [("tiny", "int8", 128), ("tiny", "int4", 32), ("tiny", "int4", 128),
+       ("smollm2-135m", "int8", 576), ("smollm2-135m", "int4", 64), ("smollm2-135m", "int8", 32)]
+
+
+@pytest.mark.parametrize("shape,mode,G", E2E)
+def test_quant_step_matches_dequant_oracle(shape, mode, G):
+    """Teacher-forced 64 steps after a shared prefill (the oracle's KV rows copied in, so each step is compared on
+    its own): logits within test_step.py's fp16 bound of the oracle's, the same argmax except at fp16 near-ties;
+    then greedy through device sampling == greedy through the host argmax of our own steps."""
+    from server.cuda_backend import CudaBackend
+    from tests.gpu.test_step import near_tie, rel as rel_step
+    model = quant_model(shape, mode, G)
+    be = CudaBackend(model, sessions=1, graph_mode="none")
+    try:
+        assert be.status()["quant"] == mode
+        ref = dequant_oracle(model)
+        V = model.cfg.vocab_size
+        ids = _ids(V, 8, 1)
+        be.prefill(0, ids)
+        want = ref.prefill(0, ids)
+        be.kv.kv[0].copy_(ref.kv.kv[0])
+        torch.cuda.synchronize()
+        worst, ties, agree = 0.0, 0, 0
+        for tok in _ids(V, 64, 2):
+            out, want = be.step(0, tok).clone(), ref.step(0, tok)
+            worst = max(worst, rel_step(out, want))
+            a = int(out.argmax())
+            if a == int(want.argmax()):
+                agree += 1
+            else:
+                ties += near_tie(want, a)
+        print(f"{shape} {mode} G={G}: worst rel err {worst:.2e}, argmax agree {agree}/64, near-ties {ties}")
+        assert worst < 2e-2, f"logits off the oracle: worst rel err {worst:.2e}"
+        assert agree + ties == 64, "an argmax disagreement that is not an fp16 near-tie"
+        # device sampling (lm_head's argmax partials + finish) == host argmax of the eager steps
+        tok = int(be.prefill(0, ids).argmax())
+        host, t = [], tok
+        for _ in range(48):
+            t = int(be.step(0, t).argmax())
+            host.append(t)
+        be.prefill(0, ids)
+        assert be.generate(0, tok, 48, _greedy()) == host
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("shape,mode,G,n", [("smollm2-135m", "int4", 64, 300), ("smollm2-135m", "int8", 576, 300),
+                                            ("tiny", "int4", 128, 400)])
+def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n):
+    """exact and dynamic graphs == eager (mode none): n greedy tokens through device sampling, and 32 steps of
+    client sampling whose logits must be bitwise equal (the same kernels in the same order; nothing is
+    allocated at capture: a capture that allocated would fail and count in failures)."""
+    from server.cuda_backend import CudaBackend
+    model = quant_model(shape, mode, G, max_seq=2048)
+    runs, logits = {}, {}
+    for gm in ("none", "exact", "dynamic"):
+        be = CudaBackend(model, sessions=1, graph_mode=gm)
+        try:
+            ids = _ids(model.cfg.vocab_size, 8, 0)
+            tok = int(be.prefill(0, ids).argmax())
+            if gm == "exact":
+                be.bg_capture_start(0, 64)
+                be.wait_precapture(0, 32, 120.0)
+            runs[gm] = be.generate(0, tok, n, _greedy())
+            be.prefill(0, ids)
+            if gm == "exact":
+                be.wait_precapture(0, 32, 120.0)
+            seq, t = [], tok
+            for _ in range(32):
+                lg = be.replay(0, be.seq_len(0), t)
+                seq.append(lg.clone())
+                t = int(lg.argmax())
+            logits[gm] = torch.stack(seq)
+            st = be.status()["graphs"]
+            if gm == "exact":
+                assert st["failures"] == 0, st
+                assert st["captured"] > 0, st
+        finally:
+            be.close()
+    assert len(runs["none"]) == n
+    for gm in ("exact", "dynamic"):
+        assert runs[gm] == runs["none"], f"{gm}: first differing token {next(i for i, (a, b) in enumerate(zip(runs[gm], runs['none'])) if a != b)}"
+        assert torch.equal(logits[gm], logits["none"]), f"{gm}: logits not bitwise equal to eager"
+
+
+def test_quant_prefill_dequant_scratch():
+    """Prefill on quantized weights (each matrix dequantized into the scratch when the forward reaches it) against
+    the same torch path on a copy of the weights dequantized up front: the same logits (both round the exact
+    values once to fp16), through the prefill graph and eagerly."""
+    import dataclasses
+    from server.cuda_backend import CudaBackend
+    from server.kv import KVArena
+    from server.model.weights import LayerWeights
+    from server.reference import ReferenceDecoder
+    model = quant_model("smollm2-135m", "int4", 32)
+    w = model.weights
+
+    def d(m):
+        return dequantize(m).half() if isinstance(m, QuantLinear) else m
+    layers = [LayerWeights(**{k: d(getattr(lw, k)) for k in LayerWeights.__dataclass_fields__}) for lw in w.layers]
+    wr = dataclasses.replace(w, layers=layers, lm_head=d(w.lm_head))
+    ref = ReferenceDecoder(wr, KVArena(model.cfg, 1, w.dtype, "cuda"), compute_dtype=torch.float16)
+    be = CudaBackend(model, sessions=1, graph_mode="none")
+    try:
+        for n in (5, 37, 200):
+            ids = _ids(model.cfg.vocab_size, n, n)
+            got = be.prefill(0, ids)
+            want = ref.prefill(0, ids).float().cpu()
+            e = float((got.double() - want.double()).norm() / want.double().norm())
+            assert e < 1e-3, f"prefill of {n} tokens: rel err {e:.2e} against the up-front dequantized weights"
+            assert int(got.argmax()) == int(want.argmax())
+    finally:
+        be.close()
