@@ -223,7 +223,7 @@ def test_errors_have_openai_shape(server, model_dir):
     assert typed.status_code == 400 and typed.json()["error"]["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-model", prompt="a", max_tokens=2)
-    for kw, param in (({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"stop": list("abcde")}, "stop")):
+    for kw, param in (({"n": 2}, "n"), ({"logprobs": 21}, "logprobs"), ({"stop": list("abcde")}, "stop")):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model=m, prompt="a", max_tokens=2, **kw)
         assert e.value.body["param"] == param
@@ -240,7 +240,7 @@ def _tokens_out(srv) -> int:
 
 
 def test_key_queue_disconnect_and_a_killed_server(model_dir, tmp_path):
-    srv = Server(model_dir, tmp_path / "serve.log", "--api-key", "k3y", "--max-queue", "1")
+    srv = Server(model_dir, tmp_path / "serve.log", "--api-key", "k3y", "--max-queue", "1", "--slots", "1")
     try:
         m = str(model_dir)
         with pytest.raises(openai.AuthenticationError):
