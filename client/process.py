@@ -165,7 +165,9 @@ class Client:
             bad = [i for i in a["ids"] if not 0 <= i < self.vocab_size]
             if bad:
                 raise BadInput(f"detokenize: token id {bad[0]} out of range [0, {self.vocab_size})")
-            return {"text": self.detok(a["session"]).push(a["ids"]) if a["stream"] else self.tok.decode(a["ids"])}
+            if not a["stream"]:
+                return {"text": self.tok.decode(a["ids"])}
+            return {"text": self.detok(a["session"], a["reset"]).push(a["ids"])}
         if op == "sample":
             logits = self.channel.read(a["slot"], a["step"])
             detok = self.detok(a["session"], a["reset"])

@@ -141,6 +141,7 @@ class Job:
         self.req, self.max_tokens, self.stop = req, max_tokens, StopText(stops)
         self.aloop, self.events = aloop, asyncio.Queue()
         self.logprobs, self.lp_sent = logprobs, 0
+        self.ids: list[int] | None = None  # a prompt given as token ids (completions)
         self.gen: SlotGen | None = None
         self.cancelled = False
         self.t_arrival = time.perf_counter()
@@ -267,8 +268,13 @@ class Engine:
         P, r = self.procs, job.req
         try:
             ctx = P.info["max_seq_len"]
-            ids = P.call(P.client, "tokenize", {"text": r.prompt or "", "chat": r.messages is not None,
-                                                "messages": r.messages, "max_len": ctx - 1, "reset": False})["ids"]
+            ids = job.ids
+            if ids is None:
+                ids = P.call(P.client, "tokenize", {"text": r.prompt or "", "chat": r.messages is not None,
+                                                    "messages": r.messages, "max_len": ctx - 1, "reset": False})["ids"]
+            bad = [i for i in ids if not 0 <= i < P.info["vocab_size"]]
+            if bad:
+                raise ApiError(400, f"prompt: token id {bad[0]} out of range [0, {P.info['vocab_size']})", param="prompt")
             if not ids:
                 raise BadInput("the prompt is empty")
             n = len(ids)
@@ -416,7 +422,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         max_completion_tokens: int | None = Field(None, ge=1)
 
     class CompletionRequest(Common):
-        prompt: str | list[str]
+        prompt: str | list[str] | list[int]  # token ids: used as they are (vLLM takes them too)
         echo: bool = False
         suffix: str | None = None
 
@@ -498,8 +504,9 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         return params, stops
 
     async def generate(request: HTTPRequest, endpoint: str, body: Common, req: Request,
-                       max_tokens: int | None, stops: list[str], chat: bool):
+                       max_tokens: int | None, stops: list[str], chat: bool, ids: list[int] | None = None):
         job = Job(req, max_tokens, stops, asyncio.get_running_loop(), logprobs_of(body, chat))
+        job.ids = ids
         engine.submit(job)
         while True:  # queued: wait for the start (or an error), noticing a client that left
             try:
@@ -620,19 +627,22 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     async def completions(body: CompletionRequest, request: HTTPRequest):
         authorize(request)
         params, stops = check(body)
-        prompt = body.prompt
-        if isinstance(prompt, list):
+        prompt, ids = body.prompt, None
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            prompt, ids = None, list(body.prompt)
+        elif isinstance(prompt, list):
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt: one prompt per request, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if body.echo or body.suffix:
             raise ApiError(400, f"{'echo' if body.echo else 'suffix'} is not supported",
                            param="echo" if body.echo else "suffix")
-        if not prompt:
+        if not prompt and not ids:
             raise ApiError(400, "prompt: the prompt is empty", param="prompt")
         req = common_request(params, prompt=prompt)
         # a default of 16 tokens as OpenAI's completions
-        return await generate(request, "/v1/completions", body, req, body.max_tokens or 16, stops, chat=False)
+        return await generate(request, "/v1/completions", body, req, body.max_tokens or 16, stops, chat=False,
+                              ids=ids)
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):

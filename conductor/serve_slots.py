@@ -86,7 +86,8 @@ class SlotGen(Generation):
         self.T = rep["seq_len"]
         if self.device:
             tok = rep["token"]
-            text = P.call(P.client, "detokenize", {"ids": [tok], "stream": True, "session": self.session})["text"]
+            text = P.call(P.client, "detokenize", {"ids": [tok], "stream": True, "session": self.session,
+                                                   "reset": first})["text"]
         else:
             c = P.call(P.client, "sample", {"slot": rep["slot"], "step": rep["step"], "params": p.to_dict(),
                                             "position": self.T - 1, "reset": first, **self.client_args})

@@ -71,8 +71,9 @@ CLIENT_OPS: dict[str, dict] = {
     # generation); serve tokenizes before it picks a slot and passes reset False
     "tokenize": {"text": (str, REQUIRED), "add_special_tokens": (bool, True), "chat": (bool, False),
                  "max_len": (int, None), "messages": (list, None), "reset": (bool, True)},
-    # stream: through the streaming detokenizer of KV session `session` (one per slot of serve)
-    "detokenize": {"ids": (_LIST, REQUIRED), "stream": (bool, False), "session": (int, 0)},
+    # stream: through the streaming detokenizer of KV session `session` (one per slot of serve);
+    # reset: that stream starts anew (a generation's first token)
+    "detokenize": {"ids": (_LIST, REQUIRED), "stream": (bool, False), "session": (int, 0), "reset": (bool, False)},
     # sample from the logits in shm slot `slot` (written for `step`); returns token + text
     # (+ logprobs: the token's log-probability and the top `logprobs` ones, when not None);
     # reset: start session's detokenizer stream anew (the first token of a generation)
