@@ -177,11 +177,11 @@ class Job:
 
 class Engine:
     def __init__(self, opts, max_queue: int, model_ids: set[str], sampling: str = "client",
-                 slots: int = 1, schedule: str = "rr"):
+                 slots: int = 1, schedule: str = "rr", quantum: int = 1):
         self.opts, self.model_ids, self.sampling = opts, model_ids, sampling
         self.procs: Processes | None = None
         self.state, self.dead = "loading", None  # loading | ready | dead; dead: the named cause
-        self.sched = Scheduler(slots, max_queue, schedule)
+        self.sched = Scheduler(slots, max_queue, schedule, quantum)
         self.closed = False  # the children stopped (close_procs)
         self.cached_total = 0  # prompt tokens served from the slots' KV
         self.metrics = Metrics()
@@ -403,6 +403,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         n: int = 1
         logprobs: bool | int | None = None
         top_logprobs: int | None = None
+        ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the EOS (benchmarks)
 
     class TextPart(BaseModel):
         model_config = ConfigDict(extra="allow", strict=True)
@@ -612,15 +613,15 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def common_request(params: SamplingParams, **kw) -> Request:
-        return Request(params=params, sampling=engine.sampling, ipc="loop", **kw)
+    def common_request(params: SamplingParams, body: Common, **kw) -> Request:
+        return Request(params=params, sampling=engine.sampling, ipc="loop", ignore_eos=body.ignore_eos, **kw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
         authorize(request)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params, stops = check(body)
-        req = common_request(params, messages=[{"role": m.role, "content": m.text()} for m in body.messages])
+        req = common_request(params, body, messages=[{"role": m.role, "content": m.text()} for m in body.messages])
         return await generate(request, "/v1/chat/completions", body, req, max_tokens, stops, chat=True)
 
     @app.post("/v1/completions")
@@ -639,7 +640,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                            param="echo" if body.echo else "suffix")
         if not prompt and not ids:
             raise ApiError(400, "prompt: the prompt is empty", param="prompt")
-        req = common_request(params, prompt=prompt)
+        req = common_request(params, body, prompt=prompt)
         # a default of 16 tokens as OpenAI's completions
         return await generate(request, "/v1/completions", body, req, body.max_tokens or 16, stops, chat=False,
                               ids=ids)
@@ -655,7 +656,10 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     async def health():
         engine.check_alive()
         if engine.state == "ready":
-            return {"status": "ok"}
+            st = engine.procs.info.get("status") or {}
+            return {"status": "ok", "backend": engine.procs.info["backend"], "device": st.get("device"),
+                    "slots": len(engine.sched.slots), "schedule": engine.sched.schedule,
+                    "rr_tokens": engine.sched.quantum}
         return JSONResponse({"status": engine.state, "cause": engine.dead}, status_code=503)
 
     @app.get("/metrics")
@@ -681,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
       "prompts cached); each holds a whole context of KV (default 4)")
     a("--schedule", choices=SCHEDULES, default="rr", help="rr: round robin, one token per active slot "
       "in turn (default); fcfs: one request at a time to its end (docs/serve.md)")
+    a("--rr-tokens", type=int, default=1, help="rr: tokens a slot decodes per turn (default 1: token by "
+      "token; more: fewer switches, burstier streams)")
     a("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429")
     a("--seed", type=int, default=0, help="synthetic weights' seed")
     return p
@@ -697,6 +703,8 @@ def main(argv=None) -> int:
             raise BadInput(f"--max-queue must be >= 1, got {args.max_queue}")
         if not 1 <= args.slots <= 256:
             raise BadInput(f"--slots must be in [1, 256], got {args.slots}")
+        if args.rr_tokens < 1:
+            raise BadInput(f"--rr-tokens must be >= 1, got {args.rr_tokens}")
     except BadInput as e:
         print(f"case4: error: {e}", file=sys.stderr)
         return 2
@@ -710,7 +718,8 @@ def main(argv=None) -> int:
     opts = process_options(args)
     opts.sessions = args.slots
     name = args.served_model_name or args.model
-    engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling, args.slots, args.schedule)
+    engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling, args.slots, args.schedule,
+                    args.rr_tokens)
     app = build_app(engine, args.api_key, name)
     log(f"serve: http://{args.host}:{args.port}/v1 (model {name!r}; /health turns 200 once loaded)")
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

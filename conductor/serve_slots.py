@@ -7,7 +7,7 @@ the prompt is pre-filled (`kv_init {keep}`: llama.cpp's prompt cache). The worke
 then runs the active slots:
 
 - `rr` (the default): token by token, round robin: each active slot gets one decode step
-  in turn, so every stream advances and a new request waits one prefill, not the others'
+  (`--rr-tokens`) in turn, so every stream advances and a new request waits one prefill, not the others'
   whole answers. A request alone runs one long decode loop, the CLI's fast path; a new
   request that finds a free slot ends it (CANCEL) at its next stream batch.
 - `fcfs`: one request at a time to its end, the others wait in the queue.
@@ -139,9 +139,10 @@ class Scheduler:
     `finish_job` and `fail_job` are the engine's (conductor/serve.py): what a request's
     start, end and failure mean to its HTTP answer."""
 
-    def __init__(self, n_slots: int, max_queue: int, schedule: str):
+    def __init__(self, n_slots: int, max_queue: int, schedule: str, quantum: int = 1):
         self.slots = [Slot(i) for i in range(n_slots)]
         self.max_queue, self.schedule = max_queue, schedule
+        self.quantum = quantum  # tokens per turn in round robin (1: token by token)
         self.waiting: deque = deque()
         self.cond = threading.Condition()
         self.closing = False
@@ -207,8 +208,8 @@ class Scheduler:
         return self.schedule == "rr" and bool(self.waiting) and bool(self.free_slots())
 
     def run_round(self, eager: bool, on_done, on_error) -> None:
-        """One round: each active slot decodes one token (round robin); a slot alone with no
-        one to make room for decodes until it ends or someone arrives."""
+        """One round: each active slot decodes `quantum` tokens (round robin); a slot alone
+        with no one to make room for decodes until it ends or someone arrives."""
         act = self.active()
         alone = len(act) == 1
         for s in act:
@@ -219,7 +220,7 @@ class Scheduler:
                         g.yield_to = self.wants_slot
                         g.turn(DEVICE_CHUNK if g.device else g.max_new, eager)
                     else:
-                        g.turn(1, eager)
+                        g.turn(self.quantum, eager)
                 if g.done:
                     self.release(s, g)
                     on_done(g.job)
