@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     a("--backend", default="auto")
     a("--url", default=None, help="a running server instead of starting one (its schedule as it is)")
     a("--served-model", default=None, help="the model id to send with --url (default --model)")
-    a("--schedules", default="rr,fcfs", help="comma list of serve --schedule values (one server each); "
+    a("--schedules", default="rr,rr:4,fcfs", help="comma list of serve --schedule values (one server each); "
       "rr:N is rr with --rr-tokens N")
     a("--slots", type=int, default=4, help="serve --slots")
     a("--clients", default="1,4,16,64", help="concurrency levels")
