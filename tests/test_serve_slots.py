@@ -222,3 +222,53 @@ def test_a_killed_client_process_ends_every_running_stream(model_dir, tmp_path):
             client(srv).completions.create(model=m, prompt="a", max_tokens=2)
     finally:
         srv.stop()
+
+
+def test_prefill_from_equals_a_cold_prefill_on_the_reference_backend():
+    """Backend.prefill_from, the reference backend's batched one and the default (one decode step
+    a token), against a cold prefill of the whole prompt; a bad keep is a BadInput."""
+    from case4_errors import BadInput
+    from server.backend import Backend
+    from server.model.resolve import resolve_model
+    from server.reference_backend import ReferenceBackend
+    b = ReferenceBackend(resolve_model("synthetic:tiny", dtype="float32", device="cpu", seed=3), sessions=2)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 256, (40,), generator=g).tolist()
+    cold = b.prefill(0, ids).clone()
+    for fn in (b.prefill_from, lambda s, i, k: Backend.prefill_from(b, s, i, k)):
+        b.prefill(1, ids[:24])
+        for t in torch.randint(0, 256, (5,), generator=g).tolist():  # overwritten by the new tokens
+            b.step(1, t)
+        warm = fn(1, ids, 24)
+        assert b.seq_len(1) == 40 and torch.allclose(warm, cold, atol=1e-4, rtol=0)
+    for keep in (40, -1, 41):
+        with pytest.raises(BadInput, match="keep must be"):
+            b.prefill_from(1, ids, keep)
+
+
+def test_bad_serve_flags_exit_2():
+    import subprocess
+    import sys
+    from test_serve import ROOT, _env
+    for flags, msg in ((["--slots", "0"], "--slots must be"), (["--rr-tokens", "0"], "--rr-tokens must be")):
+        r = subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "serve", "--model", "synthetic:tiny", *flags],
+                           capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"case4: error: {msg}")
+
+
+def test_the_load_bench_runs_with_no_failures(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from test_serve import ROOT, _env
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_load.py"), "--model", "synthetic:tiny", "--backend",
+                        "reference", "--schedules", "rr", "--clients", "1,3", "--max-tokens", "6", "--cache-prompt", "40",
+                        "--cache-repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env=_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("serve-*-tiny-*.json")).read_text())
+    (run,) = res["runs"]
+    assert [lv["clients"] for lv in run["levels"]] == [1, 3] and all(lv["failures"] == 0 for lv in run["levels"])
+    assert all(lv["tok_per_s"] > 0 and lv["ttft_p50_ms"] > 0 for lv in run["levels"])
+    assert run["prompt_cache"]["cached_tokens"] == [40]  # the second turn reused the first turn's prompt
+    assert "device: cpu" in r.stderr
