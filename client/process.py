@@ -7,6 +7,8 @@ streams tokens, text and per-token times to the orchestrator every STREAM_US.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from case4_errors import BadInput
 from case4_sampling import SamplingParams, sample
 from client.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -16,13 +18,48 @@ from ipc.peers import LOOP_SPIN_S, child_setup, serve, spin_get
 from ipc.shm import LogitsChannel
 
 STREAM_US = 10_000  # the decode loop sends what it has to the orchestrator at most this often
+MAX_STREAMS = 4096  # detokenizer streams (one per KV session) a client keeps at most
+
+
+def logprobs_of(logits, token: int, k: int) -> tuple:
+    """(log p(token), [(id, log p)] of the k most likely ids, descending, lower id first on
+    ties): log-softmax of the raw logits in float64 (OpenAI's / vLLM's logprobs are of the
+    model's distribution, before temperature, top-k or top-p)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lp = x - (m + np.log(np.exp(x - m).sum()))
+    top = []
+    if k:
+        idx = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+        idx = idx[np.lexsort((idx, -lp[idx]))]
+        top = [(int(i), float(lp[i])) for i in idx]
+    return float(lp[token]), top
 
 
 class Client:
     def __init__(self, rep=None, link=None):
         self.rep, self.link = rep, link
-        self.tok = self.channel = self.detok = self.vocab_size = None
+        self.tok = self.channel = self.vocab_size = None
+        self.detoks: dict[int, IncrementalDetokenizer] = {}  # KV session -> its text stream
         self._params = {}
+
+    def detok(self, session: int, reset: bool = False) -> IncrementalDetokenizer:
+        if not 0 <= session < MAX_STREAMS:
+            raise BadInput(f"session must be in [0, {MAX_STREAMS}), got {session}")
+        if reset or session not in self.detoks:
+            self.detoks[session] = IncrementalDetokenizer(self.tok)
+        return self.detoks[session]
+
+    def check_logprobs(self, k) -> None:
+        if k is not None and not 0 <= k <= self.vocab_size:
+            raise BadInput(f"logprobs must be in [0, {self.vocab_size}], got {k}")
+
+    def logprob_entries(self, logits, token: int, k: int) -> tuple:
+        """(token text, log p, [(text, id, log p)] top k) for serve's logprobs; a token's text is
+        its decode alone (a piece of a UTF-8 character shows as U+FFFD, as in vLLM)."""
+        lp, top = logprobs_of(logits, token, k)
+        text = self.tok.token_text
+        return text(token), lp, [(text(i), i, v) for i, v in top]
 
     def sample_loop(self, a: dict) -> dict:
         """Sample each step the server hands over, send the token back, or (loop, None)
@@ -32,11 +69,15 @@ class Client:
         loop, pos, n_max, stop = a["loop"], a["position"], a["max_tokens"], frozenset(a["stop_ids"])
         inbox, put = self.link.to_client, self.link.to_server.put
         toks, times, sent, reason = [], [], 0, "aborted"
+        lps, k = ([] if a["logprobs"] is not None else None), a["logprobs"]
+        detok = None
         try:
             if self.tok is None:
                 raise BadInput("sample_loop: the client is not initialised yet (send init first)")
             read, slots = self.channel.read, self.channel.slots
             params = self.params(a["params"])
+            detok = self.detok(a["session"])
+            self.check_logprobs(k)
             if n_max < 1:
                 raise BadInput(f"sample_loop: max_tokens must be >= 1, got {n_max}")
             t_sent = now_us()
@@ -53,10 +94,13 @@ class Client:
                     put((loop, None))
                     reason = "cancelled"
                     break
-                tok = sample(read(msg[1] % slots, msg[1]), params, pos)
+                logits = read(msg[1] % slots, msg[1])
+                tok = sample(logits, params, pos)
                 pos += 1
                 last = len(toks) + 1 >= n_max or tok in stop
                 put((loop, None if last else tok))  # first: the server steps while we book-keep
+                if lps is not None:  # the server writes the next step to another ring slot
+                    lps.append(self.logprob_entries(logits, tok, k))
                 t1 = now_us()
                 toks.append(tok)
                 times.append((t0, t1))
@@ -64,18 +108,21 @@ class Client:
                     reason = "eos" if tok in stop else "max_tokens"
                     break
                 if t1 - t_sent >= STREAM_US:
-                    sent, t_sent = self._stream(toks, times, sent), t1
+                    sent, t_sent = self._stream(detok, toks, times, sent, lps), t1
         except BaseException:
             put((loop, None))  # the server may wait for our token: end its loop too
             raise
         finally:
-            self._stream(toks, times, sent)
+            if detok is not None:
+                self._stream(detok, toks, times, sent, lps)
         return {"tokens": len(toks), "stop_reason": reason, "position": pos}
 
-    def _stream(self, toks: list, times: list, sent: int) -> int:
-        """Send tokens[sent:] with their text and (t0, t1) sampling times; return len(toks)."""
+    def _stream(self, detok, toks: list, times: list, sent: int, lps: list | None) -> int:
+        """Send tokens[sent:] with their text and (t0, t1) sampling times (and their logprobs
+        when asked); return len(toks)."""
         if sent < len(toks):
-            self.rep.put({"stream": (toks[sent:], self.detok.push(toks[sent:]), times[sent:])})
+            item = (toks[sent:], detok.push(toks[sent:]), times[sent:])
+            self.rep.put({"stream": item if lps is None else (*item, lps[sent:])})
         return len(toks)
 
     def params(self, d: dict) -> SamplingParams:
@@ -94,7 +141,7 @@ class Client:
             if self.channel is not None:
                 self.channel.close()
             self.tok, self.vocab_size, self.channel = tok, a["vocab_size"], channel
-            self.detok = IncrementalDetokenizer(tok)
+            self.detoks = {}
             return {"kind": self.tok.kind, "bos_id": self.tok.bos_id, "eos_ids": list(self.tok.eos_ids),
                     "has_chat_template": self.tok.has_chat_template}
         if op == "stop":
@@ -111,17 +158,25 @@ class Client:
             if a["max_len"] is not None and len(ids) > a["max_len"]:
                 raise BadInput(f"the prompt is {len(ids)} tokens, longer than the context allows "
                                f"({a['max_len']}; see --max-seq)")
-            self.detok = IncrementalDetokenizer(self.tok)  # a new prompt starts a new stream
+            if a["reset"]:
+                self.detok(0, reset=True)  # the CLI's new prompt starts a new stream
             return {"ids": ids}
         if op == "detokenize":
             bad = [i for i in a["ids"] if not 0 <= i < self.vocab_size]
             if bad:
                 raise BadInput(f"detokenize: token id {bad[0]} out of range [0, {self.vocab_size})")
-            return {"text": self.detok.push(a["ids"]) if a["stream"] else self.tok.decode(a["ids"])}
+            if not a["stream"]:
+                return {"text": self.tok.decode(a["ids"])}
+            return {"text": self.detok(a["session"], a["reset"]).push(a["ids"])}
         if op == "sample":
             logits = self.channel.read(a["slot"], a["step"])
+            detok = self.detok(a["session"], a["reset"])
+            self.check_logprobs(a["logprobs"])
             token = sample(logits, self.params(a["params"]), a["position"])
-            return {"token": token, "text": self.detok.push([token])}
+            out = {"token": token, "text": detok.push([token])}
+            if a["logprobs"] is not None:
+                out["logprobs"] = [self.logprob_entries(logits, token, a["logprobs"])]
+            return out
         raise BadInput(f"op {op!r} is not implemented")
 
 

@@ -21,6 +21,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def token_text(self, i: int) -> str:
+        """One token's text for logprobs (special tokens by name)."""
+        return {BYTE_BOS: "<s>", BYTE_EOS: "</s>", BYTE_PAD: "<pad>"}.get(i) or self.decode([i])
+
     def chat(self, conv) -> list[int]:
         """conv: one user message (str) or a conversation [{"role", "content"}, ...]."""
         turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in _messages(conv))
@@ -45,6 +49,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, i: int) -> str:
+        """One token's text for logprobs (special tokens as written, e.g. <|im_end|>)."""
+        return self.tok.decode([i], skip_special_tokens=False)
 
     def chat(self, conv) -> list[int]:
         """conv: one user message (str) or a conversation [{"role", "content"}, ...]."""

@@ -57,6 +57,7 @@ class ProcessOptions:
     bg_capture: bool = True
     timeout: float = 300.0     # seconds any one request may take
     trace: bool = False        # keep request intervals for the Chrome trace
+    sessions: int = 1          # KV sessions on the server (serve's slots)
 
 
 @dataclass
@@ -88,7 +89,8 @@ class Processes:
         o = opts
         sopts = {"model": o.model, "backend": o.backend, "dtype": o.dtype, "device": o.device,
                  "graph_mode": o.graph_mode, "gemm": o.gemm, "seed": o.seed, "max_seq": o.max_seq,
-                 "shm": self.shm_name, "slots": SLOTS, "factory": os.environ.get("CASE4_SERVER_FACTORY")}
+                 "shm": self.shm_name, "slots": SLOTS, "sessions": o.sessions,
+                 "factory": os.environ.get("CASE4_SERVER_FACTORY")}
         self.link = Link(context())  # the decode loop's direct server <-> client channel
         self.loop_ids = itertools.count(1)
         self.server = Peer("server", server_main, ({**sopts, "link": self.link},))
@@ -164,6 +166,9 @@ class Generation:
         self.cancelled = False  # cancel(): stop at the next token (serve: a stop string, a gone client)
         self.loop: int | None = None  # the decode loop running now, if any
         self.cancel_sent = False
+        self.session = 0  # the KV session (serve: its slot's)
+        self.client_args: dict = {}  # more arguments of the client's sample ops (serve: session, logprobs)
+        self.logprobs: list = []  # per token, when client_args asks for them (client/process.py)
 
     def cancel(self) -> None:
         """Stop early, from the callback or another thread: the decode loop is asked to end
@@ -208,7 +213,7 @@ class Generation:
             log(f"--max-tokens {r.max_tokens} capped to {max_new} by the context")
         self.t0 = t0
         device = r.sampling == "device"
-        rep = P.call(P.server, "kv_init", {"session": 0, "input_ids": ids,
+        rep = P.call(P.server, "kv_init", {"session": self.session, "input_ids": ids,
                                            "sample": p.to_dict() if device else None},
                      label=f"prefill {len(ids)}")
         T = rep["seq_len"]
@@ -224,7 +229,7 @@ class Generation:
         while len(self.tokens) < max_new and tok not in self.eos and not self.cancelled:
             if device:
                 steps = min(DEVICE_CHUNK, max_new - len(self.tokens))
-                rep = P.call(P.server, "kv_generate", {"session": 0, "steps": steps,
+                rep = P.call(P.server, "kv_generate", {"session": self.session, "steps": steps,
                              "sampling": p.to_dict(), "start_token": tok, "stop_ids": sorted(self.eos)},
                              label=f"generate {steps}")
                 toks = rep["tokens"]
@@ -237,11 +242,11 @@ class Generation:
             elif r.ipc == "loop":
                 tok, T = self.decode_loop(T, tok, not use_graphs, max_new - len(self.tokens))
             elif use_graphs:
-                rep = P.call(P.server, "replay_seq", {"session": 0, "seq_len": T, "token": tok},
+                rep = P.call(P.server, "replay_seq", {"session": self.session, "seq_len": T, "token": tok},
                              label=f"replay T={T}")
                 tok, T = self._sample(rep, T), T + 1
             else:
-                rep = P.call(P.server, "kv_step", {"session": 0, "token": tok}, label=f"step T={T}")
+                rep = P.call(P.server, "kv_step", {"session": self.session, "token": tok}, label=f"step T={T}")
                 tok, T = self._sample(rep, T), T + 1
         self.stop_reason = "eos" if tok in self.eos else "cancelled" if self.cancelled else "max_tokens"
         self.stop_graphs(use_graphs)
@@ -252,10 +257,11 @@ class Generation:
         stream messages, batched (STREAM_US), with the times the tokens were sampled."""
         P = self.procs
         loop = self.loop = next(P.loop_ids)
-        sid = P.server.send("decode_loop", {"session": 0, "seq_len": T, "token": tok, "loop": loop,
+        sid = P.server.send("decode_loop", {"session": self.session, "seq_len": T, "token": tok, "loop": loop,
                                             "eager": eager, "timeout_s": float(P.opts.timeout)})
         cid = P.client.send("sample_loop", {"loop": loop, "params": self.req.params.to_dict(), "position": T,
-                                            "max_tokens": n, "stop_ids": sorted(self.eos)})
+                                            "max_tokens": n, "stop_ids": sorted(self.eos),
+                                            **self.client_args})
         # a stalled child (stopped, wedged) is named within seconds, not after --timeout (docs/ipc.md "Stalls")
         self.stall = StallGuard(P.server, P.client, P.link)
         try:
@@ -273,7 +279,9 @@ class Generation:
         return self.tokens[-1], srep["result"]["seq_len"]
 
     def on_stream(self, item) -> None:
-        toks, text, times = item  # times: (t0, t1) us of each token's sampling in the client
+        toks, text, times = item[:3]  # times: (t0, t1) us of each token's sampling in the client
+        if len(item) > 3:  # the tokens' logprobs, when asked
+            self.logprobs.extend(item[3])
         self.emit(toks, text, [t1 / 1e6 for _, t1 in times])
         if self.stall is not None:
             self.stall.note([t1 for _, t1 in times])
@@ -302,10 +310,10 @@ class Generation:
             return True  # replay_seq still works: it runs the step eagerly
         try:
             if o.bg_capture:
-                P.call(P.server, "bg_capture_start", {"session": 0, "window": o.window})
+                P.call(P.server, "bg_capture_start", {"session": self.session, "window": o.window})
                 if o.precapture:
                     log(f"pre-capturing {o.precapture} graphs ...")
-                    P.call(P.server, "wait_precapture", {"session": 0, "count": o.precapture,
+                    P.call(P.server, "wait_precapture", {"session": self.session, "count": o.precapture,
                                                          "timeout_s": float(o.timeout)})
             self.graphs_note = f"{o.graph_mode}, window {o.window}"
         except RemoteError as e:

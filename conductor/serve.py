@@ -1,11 +1,11 @@
 """`case4 serve`: an OpenAI-compatible HTTP front end in the orchestrator process (docs/serve.md).
 
-The server + client pair (conductor/run.py `Processes`) starts once; each HTTP request
-becomes one `Generation` on it. One worker thread runs the generations one at a time
-(one KV session, session 0) from a bounded first-come queue: a request beyond it gets 429
-(docs/decisions.md says why one slot for now). The worker hands each request's events —
-start (prompt tokens), text, end, error — to the request's asyncio queue; the handler turns
-them into a JSON answer or server-sent events. Stop strings are matched here across token
+The server + client pair (conductor/run.py `Processes`) starts once, with one KV session
+per slot; each HTTP request becomes one generation on a slot. One worker thread schedules
+them (conductor/serve_slots.py: round robin token by token, or first come; a bounded queue
+beyond the slots, then 429; the prompt cache). The worker hands each request's events —
+start (prompt tokens), text (+ logprobs), end, error — to the request's asyncio queue; the
+handler turns them into a JSON answer or server-sent events. Stop strings are matched here across token
 boundaries and never emitted; a match, or a client that goes away, cancels the generation
 (ipc/link.py CANCEL). A dead server or client process makes every later request a 503 and
 /health names it.
@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import queue
 import random
 import sys
 import threading
@@ -29,9 +28,11 @@ from case4_sampling import SamplingParams
 from ipc.messages import RemoteError
 from ipc.peers import PeerDied, PeerTimeout
 
-from conductor.run import Generation, Processes, Request, log
+from conductor.run import Processes, Request, log
+from conductor.serve_slots import SCHEDULES, Scheduler, SlotGen
 
 MAX_STOPS = 4
+MAX_LOGPROBS = 20
 DISCONNECT_POLL_S = 0.5  # how often a queued request checks that its HTTP client is still there
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -112,14 +113,17 @@ class Metrics:
             for d in itls:
                 self.itl.observe(d)
 
-    def text(self, queue_depth: int, running: int) -> str:
+    def text(self, queue_depth: int, running: int, slots: int = 1, cached: int = 0) -> str:
         with self.lock:
             out = ["# TYPE case4_requests_total counter"]
             out += [f'case4_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
             out += ["# TYPE case4_prompt_tokens_total counter", f"case4_prompt_tokens_total {self.tokens_in}",
                     "# TYPE case4_generation_tokens_total counter", f"case4_generation_tokens_total {self.tokens_out}",
                     "# TYPE case4_queue_depth gauge", f"case4_queue_depth {queue_depth}",
-                    "# TYPE case4_requests_running gauge", f"case4_requests_running {running}"]
+                    "# TYPE case4_requests_running gauge", f"case4_requests_running {running}",
+                    "# TYPE case4_kv_slots gauge", f"case4_kv_slots {slots}",
+                    "# TYPE case4_kv_slots_in_use gauge", f"case4_kv_slots_in_use {running}",
+                    "# TYPE case4_prompt_cached_tokens_total counter", f"case4_prompt_cached_tokens_total {cached}"]
             out += self.ttft.text("case4_time_to_first_token_seconds")
             out += self.itl.text("case4_inter_token_latency_seconds")
         return "\n".join(out) + "\n"
@@ -129,12 +133,16 @@ class Metrics:
 
 class Job:
     """One HTTP request's generation. Events go from the worker thread to the handler's
-    asyncio queue: ("start", prompt_tokens) | ("text", str) | ("end", dict) | ("error", ApiError)."""
+    asyncio queue: ("start", prompt_tokens) | ("text", str, logprobs) | ("end", dict) | ("error", ApiError).
+    logprobs: None (not asked), or the top count; the text events then carry the logprob
+    entries (client/process.py `logprob_entries`) of the tokens since the last event."""
 
-    def __init__(self, req: Request, max_tokens: int | None, stops: list[str], aloop):
+    def __init__(self, req: Request, max_tokens: int | None, stops: list[str], aloop, logprobs: int | None = None):
         self.req, self.max_tokens, self.stop = req, max_tokens, StopText(stops)
         self.aloop, self.events = aloop, asyncio.Queue()
-        self.gen: Generation | None = None
+        self.logprobs, self.lp_sent = logprobs, 0
+        self.ids: list[int] | None = None  # a prompt given as token ids (completions)
+        self.gen: SlotGen | None = None
         self.cancelled = False
         self.t_arrival = time.perf_counter()
         self.fed = []       # the generation's text so far, as streamed (before the stop strings)
@@ -148,30 +156,42 @@ class Job:
         if self.gen is not None:
             self.gen.cancel()
 
+    def take_logprobs(self, upto: int | None = None) -> list:
+        lps = self.gen.logprobs[self.lp_sent:upto]
+        self.lp_sent += len(lps)
+        return lps
+
     def on_text(self, text: str) -> None:  # worker thread, in the generation's callback
         if self.stop.matched:
             return
         self.fed.append(text)
         out = self.stop.feed(text)
-        if out:
-            self.put("text", out)
+        # the logprobs of a batch that completes a stop string wait for the exact count (finish)
+        lps = self.take_logprobs() if self.logprobs is not None and not self.stop.matched else []
+        if out or lps:
+            self.put("text", out, lps)
         if self.stop.matched:
             self.n_stop = len(self.gen.tokens)
             self.gen.cancel()
 
 
 class Engine:
-    def __init__(self, opts, max_queue: int, model_ids: set[str], sampling: str = "client"):
+    def __init__(self, opts, max_queue: int, model_ids: set[str], sampling: str = "client",
+                 slots: int = 1, schedule: str = "rr", quantum: int = 1):
         self.opts, self.model_ids, self.sampling = opts, model_ids, sampling
         self.procs: Processes | None = None
         self.state, self.dead = "loading", None  # loading | ready | dead; dead: the named cause
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.running = 0
+        self.sched = Scheduler(slots, max_queue, schedule, quantum)
         self.closed = False  # the children stopped (close_procs)
+        self.cached_total = 0  # prompt tokens served from the slots' KV
         self.metrics = Metrics()
         self.thread = threading.Thread(target=self.work, name="case4-serve-worker", daemon=True)
         self.exit_code = 0  # a failed start: 2 (bad input, e.g. no such model) or 1; the server then exits
         self.on_failed_start = lambda: None
+
+    @property
+    def running(self) -> int:
+        return self.sched.in_use()
 
     def start(self) -> None:
         self.thread.start()
@@ -199,11 +219,14 @@ class Engine:
         self.check_alive()
         if self.state != "ready":
             raise self.unavailable()
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(429, f"the queue is full ({self.jobs.maxsize} requests waiting); retry later",
+        if not self.sched.offer(job):
+            raise ApiError(429, f"the queue is full ({self.sched.max_queue} requests waiting); retry later",
                            "rate_limit_exceeded", code="queue_full") from None
+
+    def withdraw(self, job: Job) -> None:
+        """A queued job whose client went away leaves the queue (a running one is cancelled)."""
+        job.cancel()
+        self.sched.withdraw(job)
 
     def work(self) -> None:
         try:
@@ -211,66 +234,99 @@ class Engine:
             self.procs = P
             P.start()
             self.state = "ready"
-            log(f"serve: ready ({P.info['model']}, context {P.info['max_seq_len']})")
+            log(f"serve: ready ({P.info['model']}, context {P.info['max_seq_len']}, "
+                f"{len(self.sched.slots)} slots, schedule {self.sched.schedule})")
         except Exception as e:  # noqa: BLE001
             bad = isinstance(e, BadInput) or (isinstance(e, RemoteError) and e.bad_input)
             self.exit_code = 2 if bad else 1
             self.die(f"startup failed: {e.message if isinstance(e, RemoteError) else e}")
             print(f"case4: error: {self.dead}", file=sys.stderr, flush=True)
             self.on_failed_start()
+        eager = self.opts.graph_mode == "none"
         while True:
-            job = self.jobs.get()
-            if job is None:
+            jobs = self.sched.next_jobs()
+            if jobs == [None]:
                 return
-            if self.state != "ready":
-                job.put("error", self.unavailable())
-                continue
-            if job.cancelled:  # its client went away while it waited
-                continue
-            self.running = 1
-            try:
-                self.run_job(job)
-            finally:
-                self.running = 0
+            for job in jobs:
+                self.begin(job)
+            if self.state == "ready":
+                self.sched.run_round(eager, self.job_done, self.fail)
+            if self.state == "dead":  # a process died: every running request ends with an error
+                for s in self.sched.active():
+                    job = s.gen.job
+                    self.sched.release(s, s.gen, ok=False)
+                    job.put("error", self.unavailable())
+                self.close_procs()
 
-    def run_job(self, job: Job) -> None:
-        P = self.procs
-        gen = job.gen = Generation(P, job.req, job.on_text)
+    def begin(self, job: Job) -> None:
+        """Tokenize, check the context, take a slot, pre-fill what it lacks, the first token."""
+        if job.cancelled:  # its client went away while it waited
+            return
+        if self.state != "ready":
+            job.put("error", self.unavailable())
+            return
+        P, r = self.procs, job.req
         try:
-            gen.prompt_ids = gen.prompt_tokens()
-            n, ctx = len(gen.prompt_ids), P.info["max_seq_len"]
+            ctx = P.info["max_seq_len"]
+            ids = job.ids
+            if ids is None:
+                ids = P.call(P.client, "tokenize", {"text": r.prompt or "", "chat": r.messages is not None,
+                                                    "messages": r.messages, "max_len": ctx - 1, "reset": False})["ids"]
+            bad = [i for i in ids if not 0 <= i < P.info["vocab_size"]]
+            if bad:
+                raise ApiError(400, f"prompt: token id {bad[0]} out of range [0, {P.info['vocab_size']})", param="prompt")
+            if not ids:
+                raise BadInput("the prompt is empty")
+            n = len(ids)
             max_tokens = job.max_tokens if job.max_tokens is not None else ctx - n
             if max_tokens < 1 or n + max_tokens > ctx:
                 raise ApiError(400, f"the prompt is {n} tokens and max_tokens is {max_tokens}: together "
                                f"{n + max_tokens}, more than the context of {ctx} tokens", param="max_tokens",
                                code="context_length_exceeded")
-            job.req.max_tokens = max_tokens
+            r.max_tokens = max_tokens
+            slot = self.sched.pick(ids)
+            device = self.sampling == "device" and job.logprobs is None
+            gen = job.gen = slot.gen = SlotGen(P, job, slot, device)
+            gen.prompt_ids = ids
             job.put("start", n)
-            if job.cancelled:
-                gen.cancel()
-            gen.run()
+            gen.start()
+            if not slot.capturing:  # graphs for this session, once (the cuda backend)
+                slot.capturing = True
+                gen.start_graphs()
+            if gen.done:
+                self.sched.release(slot, gen)
+                self.job_done(job)
+        except BaseException as e:  # noqa: BLE001
+            if job.gen is not None and job.gen.slot.gen is job.gen:
+                self.sched.release(job.gen.slot, job.gen, ok=False)
+            self.fail(job, e)
+
+    def job_done(self, job: Job) -> None:
+        try:
             job.put("end", self.finish(job))
-        except ApiError as e:
+        except BaseException as e:  # noqa: BLE001
+            self.fail(job, e)
+
+    def fail(self, job: Job, e: BaseException) -> None:
+        """A request's failure as its answer; a failed process makes the server dead."""
+        if isinstance(e, ApiError):
             job.put("error", e)
-        except BadInput as e:
+        elif isinstance(e, BadInput):
             job.put("error", ApiError(400, str(e)))
-        except RemoteError as e:
-            if e.bad_input:
-                job.put("error", ApiError(400, e.message))
-            else:
+        elif isinstance(e, RemoteError) and e.bad_input:
+            job.put("error", ApiError(400, e.message))
+        else:
+            if isinstance(e, RemoteError):
                 self.die(f"{e.peer} process failed: {e.op}: {e.type}: {e.message}")
-                job.put("error", self.unavailable())
-        except (PeerDied, PeerTimeout) as e:
-            self.die(str(e))
+            elif isinstance(e, (PeerDied, PeerTimeout)):
+                self.die(str(e))
+            else:
+                self.die(f"orchestrator failed: {type(e).__name__}: {e}")
             job.put("error", self.unavailable())
-        except Exception as e:  # noqa: BLE001
-            self.die(f"orchestrator failed: {type(e).__name__}: {e}")
-            job.put("error", self.unavailable())
-        if self.state == "dead":
-            self.close_procs()
 
     def finish(self, job: Job) -> dict:
-        """The end event: finish reason, exact usage, and the metrics of the generation."""
+        """The end event: finish reason, exact usage, the logprobs not sent yet, and the
+        metrics of the generation."""
         gen = job.gen
         n_out = len(gen.tokens)
         if not job.stop.matched:
@@ -281,7 +337,7 @@ class Engine:
                 job.on_text(full[len(fed):])
             tail = job.stop.flush()
             if tail:
-                job.put("text", tail)
+                job.put("text", tail, [])
         if job.stop.matched:
             n_out = self.stop_token_count(job)
             reason = "stop"
@@ -290,7 +346,10 @@ class Engine:
         ttft = gen.t_tok[0] - job.t_arrival if gen.t_tok else None
         t = gen.t_tok[:n_out]
         self.metrics.generation(len(gen.prompt_ids), n_out, ttft, [b - a for a, b in zip(t, t[1:])])
-        return {"finish_reason": reason, "prompt_tokens": len(gen.prompt_ids), "completion_tokens": n_out}
+        self.cached_total += gen.cached
+        return {"finish_reason": reason, "prompt_tokens": len(gen.prompt_ids), "completion_tokens": n_out,
+                "cached_tokens": gen.cached, "logprobs": job.take_logprobs(n_out) if job.logprobs is not None else None,
+                "all_logprobs": gen.logprobs[:n_out] if job.logprobs is not None else None}
 
     def stop_token_count(self, job: Job) -> int:
         """Tokens up to the one that completed the stop string: the text came in batches, so
@@ -307,10 +366,7 @@ class Engine:
         return hi
 
     def close(self) -> None:
-        try:
-            self.jobs.put_nowait(None)
-        except queue.Full:
-            pass
+        self.sched.close()
         self.close_procs()
 
     def close_procs(self) -> None:
@@ -347,6 +403,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         n: int = 1
         logprobs: bool | int | None = None
         top_logprobs: int | None = None
+        ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the EOS (benchmarks)
 
     class TextPart(BaseModel):
         model_config = ConfigDict(extra="allow", strict=True)
@@ -366,7 +423,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         max_completion_tokens: int | None = Field(None, ge=1)
 
     class CompletionRequest(Common):
-        prompt: str | list[str]
+        prompt: str | list[str] | list[int]  # token ids: used as they are (vLLM takes them too)
         echo: bool = False
         suffix: str | None = None
 
@@ -410,15 +467,32 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
             raise ApiError(401, "a missing or wrong API key (send Authorization: Bearer <key>)",
                            "authentication_error", code="invalid_api_key")
 
+    def logprobs_of(body: Common, chat: bool) -> int | None:
+        """None (no logprobs), or how many top alternatives per token: chat's `logprobs: true`
+        + `top_logprobs` (0..20), completions' `logprobs` (0..20), as vLLM takes them."""
+        lp, top = body.logprobs, body.top_logprobs
+        if chat:
+            if lp is not None and not isinstance(lp, bool):
+                raise ApiError(400, f"logprobs must be a boolean in chat completions, got {lp!r}", param="logprobs")
+            if top is not None and not lp:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            k = (top or 0) if lp else None
+            which = "top_logprobs"
+        else:
+            if isinstance(lp, bool) or top is not None:
+                raise ApiError(400, "completions take logprobs as an integer (0..20); top_logprobs is chat's",
+                               param="top_logprobs" if top is not None else "logprobs")
+            k, which = lp, "logprobs"
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise ApiError(400, f"{which} must be in [0, {MAX_LOGPROBS}], got {k}", param=which)
+        return k
+
     def check(body: Common) -> tuple[SamplingParams, list[str]]:
         if body.model not in engine.model_ids:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {served_name!r}",
                            param="model", code="model_not_found")
         if body.n != 1:
             raise ApiError(400, f"n must be 1 (one generation per request), got {body.n}", param="n")
-        if body.logprobs or body.top_logprobs:
-            which = "logprobs" if body.logprobs else "top_logprobs"
-            raise ApiError(400, f"{which} is not supported yet", param=which)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOPS:
             raise ApiError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", param="stop")
@@ -431,8 +505,9 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         return params, stops
 
     async def generate(request: HTTPRequest, endpoint: str, body: Common, req: Request,
-                       max_tokens: int | None, stops: list[str], chat: bool):
-        job = Job(req, max_tokens, stops, asyncio.get_running_loop())
+                       max_tokens: int | None, stops: list[str], chat: bool, ids: list[int] | None = None):
+        job = Job(req, max_tokens, stops, asyncio.get_running_loop(), logprobs_of(body, chat))
+        job.ids = ids
         engine.submit(job)
         while True:  # queued: wait for the start (or an error), noticing a client that left
             try:
@@ -440,7 +515,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                 break
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancel()
+                    engine.withdraw(job)
                     raise ApiError(499, "the client went away", code="client_closed")
         if ev[0] == "error":
             raise ev[1]
@@ -448,16 +523,37 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created, kind = int(time.time()), "chat.completion" if chat else "text_completion"
 
-        def choice(text: str | None, reason: str | None, first: bool = False) -> dict:
+        offset = [0]  # completions' text_offset: where each token's text starts in the answer
+
+        def logprobs(entries) -> dict | None:
+            """OpenAI's logprobs object of these tokens (client/process.py logprob_entries)."""
+            if job.logprobs is None or entries is None:
+                return None
+            if chat:
+                def one(s, v):
+                    return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+                return {"content": [{**one(s, v), "top_logprobs": [one(t, w) for t, _, w in top]}
+                                    for s, v, top in entries], "refusal": None}
+            offs = []
+            for s, _, _ in entries:
+                offs.append(offset[0])
+                offset[0] += len(s)
+            # as OpenAI: the sampled token's logprob is among its top_logprobs too
+            return {"tokens": [s for s, _, _ in entries], "token_logprobs": [v for _, v, _ in entries],
+                    "top_logprobs": [{**{t: w for t, _, w in top}, s: v} for s, v, top in entries],
+                    "text_offset": offs}
+
+        def choice(text: str | None, reason: str | None, first: bool = False, lps=None) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": text or ""} if first else (
                     {"content": text} if text is not None else {})
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                return {"index": 0, "delta": delta, "logprobs": logprobs(lps), "finish_reason": reason}
+            return {"index": 0, "text": text or "", "logprobs": logprobs(lps), "finish_reason": reason}
 
         def usage(end: dict) -> dict:
             return {"prompt_tokens": end["prompt_tokens"], "completion_tokens": end["completion_tokens"],
-                    "total_tokens": end["prompt_tokens"] + end["completion_tokens"]}
+                    "total_tokens": end["prompt_tokens"] + end["completion_tokens"],
+                    "prompt_tokens_details": {"cached_tokens": end["cached_tokens"]}}
 
         if not body.stream:
             parts = []
@@ -470,9 +566,10 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                 elif ev[0] == "end":
                     break
             end, text = ev[1], "".join(parts)
-            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            lp = logprobs(end["all_logprobs"])
+            ch = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                    "finish_reason": end["finish_reason"]} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]})
+                  {"index": 0, "text": text, "logprobs": lp, "finish_reason": end["finish_reason"]})
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
                                  "choices": [ch], "usage": usage(end)})
 
@@ -497,9 +594,10 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                 while True:
                     ev = await job.events.get()
                     if ev[0] == "text":
-                        yield chunk(choice(ev[1], None))
+                        yield chunk(choice(ev[1], None, lps=ev[2] if ev[2] else None))
                     elif ev[0] == "end":
-                        yield chunk(choice(None if chat else "", ev[1]["finish_reason"]))
+                        lps = ev[1]["logprobs"] or None
+                        yield chunk(choice(None if chat else "", ev[1]["finish_reason"], lps=lps))
                         if include_usage:
                             yield chunk(None, usage(ev[1]))
                         break
@@ -515,34 +613,37 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def common_request(params: SamplingParams, **kw) -> Request:
-        return Request(params=params, sampling=engine.sampling, ipc="loop", **kw)
+    def common_request(params: SamplingParams, body: Common, **kw) -> Request:
+        return Request(params=params, sampling=engine.sampling, ipc="loop", ignore_eos=body.ignore_eos, **kw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
         authorize(request)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params, stops = check(body)
-        req = common_request(params, messages=[{"role": m.role, "content": m.text()} for m in body.messages])
+        req = common_request(params, body, messages=[{"role": m.role, "content": m.text()} for m in body.messages])
         return await generate(request, "/v1/chat/completions", body, req, max_tokens, stops, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
         authorize(request)
         params, stops = check(body)
-        prompt = body.prompt
-        if isinstance(prompt, list):
+        prompt, ids = body.prompt, None
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            prompt, ids = None, list(body.prompt)
+        elif isinstance(prompt, list):
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt: one prompt per request, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if body.echo or body.suffix:
             raise ApiError(400, f"{'echo' if body.echo else 'suffix'} is not supported",
                            param="echo" if body.echo else "suffix")
-        if not prompt:
+        if not prompt and not ids:
             raise ApiError(400, "prompt: the prompt is empty", param="prompt")
-        req = common_request(params, prompt=prompt)
+        req = common_request(params, body, prompt=prompt)
         # a default of 16 tokens as OpenAI's completions
-        return await generate(request, "/v1/completions", body, req, body.max_tokens or 16, stops, chat=False)
+        return await generate(request, "/v1/completions", body, req, body.max_tokens or 16, stops, chat=False,
+                              ids=ids)
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
@@ -555,12 +656,16 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     async def health():
         engine.check_alive()
         if engine.state == "ready":
-            return {"status": "ok"}
+            st = engine.procs.info.get("status") or {}
+            return {"status": "ok", "backend": engine.procs.info["backend"], "device": st.get("device"),
+                    "slots": len(engine.sched.slots), "schedule": engine.sched.schedule,
+                    "rr_tokens": engine.sched.quantum}
         return JSONResponse({"status": engine.state, "cause": engine.dead}, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.metrics.text(engine.jobs.qsize(), engine.running),
+        return PlainTextResponse(engine.metrics.text(engine.sched.queue_depth(), engine.running,
+                                                     len(engine.sched.slots), engine.cached_total),
                                  media_type="text/plain; version=0.0.4")
 
     return app
@@ -576,7 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=int, default=8000)
     a("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 requests")
     a("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    a("--max-queue", type=int, default=64, help="requests waiting beyond the running one; more get 429")
+    a("--slots", type=int, default=4, help="KV sessions on the server: requests decoded together (and "
+      "prompts cached); each holds a whole context of KV (default 4)")
+    a("--schedule", choices=SCHEDULES, default="rr", help="rr: round robin, one token per active slot "
+      "in turn (default); fcfs: one request at a time to its end (docs/serve.md)")
+    a("--rr-tokens", type=int, default=1, help="rr: tokens a slot decodes per turn (default 1: token by "
+      "token; more: fewer switches, burstier streams)")
+    a("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 429")
     a("--seed", type=int, default=0, help="synthetic weights' seed")
     return p
 
@@ -590,6 +701,10 @@ def main(argv=None) -> int:
             raise BadInput(f"--port must be in [0, 65535], got {args.port}")
         if args.max_queue < 1:
             raise BadInput(f"--max-queue must be >= 1, got {args.max_queue}")
+        if not 1 <= args.slots <= 256:
+            raise BadInput(f"--slots must be in [1, 256], got {args.slots}")
+        if args.rr_tokens < 1:
+            raise BadInput(f"--rr-tokens must be >= 1, got {args.rr_tokens}")
     except BadInput as e:
         print(f"case4: error: {e}", file=sys.stderr)
         return 2
@@ -601,8 +716,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     opts = process_options(args)
+    opts.sessions = args.slots
     name = args.served_model_name or args.model
-    engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling)
+    engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling, args.slots, args.schedule,
+                    args.rr_tokens)
     app = build_app(engine, args.api_key, name)
     log(f"serve: http://{args.host}:{args.port}/v1 (model {name!r}; /health turns 200 once loaded)")
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

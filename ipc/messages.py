@@ -35,7 +35,9 @@ _LIST = "list[int]"
 
 # op -> {arg: (type, default)}; REQUIRED marks a mandatory argument.
 SERVER_OPS: dict[str, dict] = {
-    "kv_init": {"session": (int, 0), "input_ids": (_LIST, REQUIRED), "sample": (dict, None)},
+    # keep: the first `keep` positions of the session's KV already hold input_ids[:keep] (serve's
+    # prompt cache): only the rest is pre-filled
+    "kv_init": {"session": (int, 0), "input_ids": (_LIST, REQUIRED), "sample": (dict, None), "keep": (int, 0)},
     "bg_capture_start": {"session": (int, 0), "window": (int, 8)},
     "wait_precapture": {"session": (int, 0), "count": (int, 1), "timeout_s": (float, 60.0)},
     "replay_seq": {"session": (int, 0), "seq_len": (int, REQUIRED), "token": (int, REQUIRED),
@@ -65,17 +67,25 @@ CLIENT_OPS: dict[str, dict] = {
     # internal: tell the client its tokenizer and the logits channel once the server is up
     "init": {"tokenizer_dir": (str, None), "vocab_size": (int, REQUIRED), "shm": (str, REQUIRED),
              "slots": (int, REQUIRED)},
+    # reset: the prompt starts a new detokenizer stream for session 0 (the CLI's one
+    # generation); serve tokenizes before it picks a slot and passes reset False
     "tokenize": {"text": (str, REQUIRED), "add_special_tokens": (bool, True), "chat": (bool, False),
-                 "max_len": (int, None), "messages": (list, None)},
-    "detokenize": {"ids": (_LIST, REQUIRED), "stream": (bool, False)},
+                 "max_len": (int, None), "messages": (list, None), "reset": (bool, True)},
+    # stream: through the streaming detokenizer of KV session `session` (one per slot of serve);
+    # reset: that stream starts anew (a generation's first token)
+    "detokenize": {"ids": (_LIST, REQUIRED), "stream": (bool, False), "session": (int, 0), "reset": (bool, False)},
     # sample from the logits in shm slot `slot` (written for `step`); returns token + text
+    # (+ logprobs: the token's log-probability and the top `logprobs` ones, when not None);
+    # reset: start session's detokenizer stream anew (the first token of a generation)
     "sample": {"slot": (int, REQUIRED), "step": (int, REQUIRED), "params": (dict, REQUIRED),
-               "position": (int, REQUIRED)},
+               "position": (int, REQUIRED), "session": (int, 0), "reset": (bool, False),
+               "logprobs": (int, None)},
     # the client's half of the decode loop: samples each step the server hands over (the
     # first at `position`), sends the token back, streams tokens and text to the
     # orchestrator; stops after `max_tokens` tokens or a stop id (no step is wasted)
     "sample_loop": {"loop": (int, REQUIRED), "params": (dict, REQUIRED), "position": (int, REQUIRED),
-                    "max_tokens": (int, REQUIRED), "stop_ids": (_LIST, ())},
+                    "max_tokens": (int, REQUIRED), "stop_ids": (_LIST, ()), "session": (int, 0),
+                    "logprobs": (int, None)},
     "stop": {},
 }
 

@@ -33,6 +33,21 @@ class Backend(ABC):
     def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
         """Reset `session` and run the prompt; fp32 logits [V] (CPU tensor) of its last position."""
 
+    def prefill_from(self, session: int, ids: list[int], keep: int) -> torch.Tensor:
+        """The prompt `ids` of which the session's KV already holds ids[:keep] (serve's prompt
+        cache: the caller keeps what each session holds): the positions from `keep` on are
+        run, the rest kept; fp32 logits [V] of the last position. This default steps the new
+        tokens one at a time (exactly a decode step's kernels); backends batch them."""
+        ids = self.check_keep(session, ids, keep)
+        self.rewind(session, keep)
+        for t in ids[keep:]:
+            logits = self.step(session, t)
+        return logits
+
+    def rewind(self, session: int, n: int) -> None:
+        """Forget the positions from n on (their rows are overwritten by what comes next)."""
+        self.kv.seq_len[session] = n
+
     @abstractmethod
     def step(self, session: int, token: int) -> torch.Tensor:
         """One eager step at position seq_len(session); fp32 logits [V] (CPU tensor)."""
@@ -105,6 +120,13 @@ class Backend(ABC):
                            f"{self.cfg.max_seq_len} tokens (see --max-seq)")
         for t in ids:
             self.check_token(t)
+        return ids
+
+    def check_keep(self, session: int, ids, keep) -> list[int]:
+        ids = self.check_prompt(session, ids)
+        have = self.seq_len(session)
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep < len(ids) or keep > have:
+            raise BadInput(f"keep must be in [0, min({len(ids)} prompt tokens, {have} positions held)], got {keep!r}")
         return ids
 
     def check_token(self, token) -> int:

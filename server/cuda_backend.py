@@ -258,6 +258,24 @@ class CudaBackend(Backend):
         self.engine.set_seq_len(session, len(ids))
         return logits.float().cpu()
 
+    def rewind(self, session: int, n: int) -> None:
+        self.kv.seq_len[session] = n
+        self.engine.set_seq_len(session, n)
+
+    def prefill_from(self, session: int, ids: list[int], keep: int) -> torch.Tensor:
+        """One new token: a decode step (the same kernels as the solo run); more: the eager torch
+        prefill of the new positions (no prefill graph: they are keyed by prompt length)."""
+        ids = self.check_keep(session, ids, keep)
+        if len(ids) - keep == 1:
+            return super().prefill_from(session, ids, keep)
+        self.engine.sync()  # earlier steps on the replay stream are done with the arena
+        logits = self.prefill_dec.forward(session, ids[keep:], keep, last_only=True)[-1]
+        self.kv.seq_len[session] = len(ids)
+        self.scratch["logits"].copy_(logits.reshape(-1))  # where sample() reads
+        torch.cuda.current_stream(self.kv.kv.device).synchronize()
+        self.engine.set_seq_len(session, len(ids))
+        return logits.float().cpu()
+
     def step(self, session: int, token: int) -> torch.Tensor:
         """One eager step (custom kernels, no graph).
 

@@ -116,7 +116,11 @@ class Server:
             s = a["session"]
             params = None if a["sample"] is None else SamplingParams.from_dict(a["sample"])
             if op == "kv_init":
-                logits = b.prefill(s, a["input_ids"])
+                keep = a["keep"]
+                if keep:  # serve's prompt cache: the session already holds input_ids[:keep]
+                    logits = b.prefill_from(s, a["input_ids"], keep)
+                else:
+                    logits = b.prefill(s, a["input_ids"])
             elif op == "replay_seq":
                 logits = b.replay(s, a["seq_len"], a["token"])
             else:

@@ -35,6 +35,13 @@ class ReferenceBackend(Backend):
         ids = self.check_prompt(session, ids)
         return self._keep(session, self.dec.prefill(session, ids))
 
+    def prefill_from(self, session: int, ids: list[int], keep: int) -> torch.Tensor:
+        """The new positions in one forward, as a prefill (one token: the very op of a step)."""
+        ids = self.check_keep(session, ids, keep)
+        logits = self.dec.forward(session, ids[keep:], keep, last_only=True)[-1]
+        self.kv.seq_len[session] = len(ids)
+        return self._keep(session, logits)
+
     def step(self, session: int, token: int) -> torch.Tensor:
         self.check_position(session, self.seq_len(session))
         return self._keep(session, self.dec.step(session, self.check_token(token)))

@@ -179,7 +179,7 @@ def test_seed_reproducible(server, model_dir):
 
 def test_curl_sse_framing(server, model_dir):
     if shutil.which("curl") is None:
-        pytest.skip("no curl")
+        pytest.skip("curl is not installed on this machine (the SSE framing test drives the server with it)")
     body = {"model": str(model_dir), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12,
             "temperature": 0, "stream": True}
     out = subprocess.run(["curl", "-sN", "--max-time", "60", server.url + "/v1/chat/completions", "-H",
@@ -194,6 +194,19 @@ def test_curl_sse_framing(server, model_dir):
     ref = client(server).chat.completions.create(model=str(model_dir), messages=body["messages"], max_tokens=12,
                                                  temperature=0)
     assert text == ref.choices[0].message.content
+    # completions with usage and logprobs: each token's entry in some chunk, the usage chunk last
+    body = {"model": str(model_dir), "prompt": "Hi", "max_tokens": 12, "temperature": 0, "stream": True,
+            "logprobs": 2, "stream_options": {"include_usage": True}}
+    out = subprocess.run(["curl", "-sN", "--max-time", "60", server.url + "/v1/completions", "-H",
+                          "Content-Type: application/json", "-d", json.dumps(body)],
+                         capture_output=True, timeout=90).stdout.decode("utf-8")
+    events = out.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+    data = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert data[-1]["choices"] == [] and all(d["usage"] is None for d in data[:-1])
+    toks = [t for d in data[:-1] if d["choices"][0]["logprobs"] for t in d["choices"][0]["logprobs"]["tokens"]]
+    assert len(toks) == data[-1]["usage"]["completion_tokens"]
 
 
 def test_eight_concurrent_streams_each_equal_its_solo_run(server, model_dir):
@@ -223,7 +236,7 @@ def test_errors_have_openai_shape(server, model_dir):
     assert typed.status_code == 400 and typed.json()["error"]["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-model", prompt="a", max_tokens=2)
-    for kw, param in (({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"stop": list("abcde")}, "stop")):
+    for kw, param in (({"n": 2}, "n"), ({"logprobs": 21}, "logprobs"), ({"stop": list("abcde")}, "stop")):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model=m, prompt="a", max_tokens=2, **kw)
         assert e.value.body["param"] == param
@@ -240,7 +253,7 @@ def _tokens_out(srv) -> int:
 
 
 def test_key_queue_disconnect_and_a_killed_server(model_dir, tmp_path):
-    srv = Server(model_dir, tmp_path / "serve.log", "--api-key", "k3y", "--max-queue", "1")
+    srv = Server(model_dir, tmp_path / "serve.log", "--api-key", "k3y", "--max-queue", "1", "--slots", "1")
     try:
         m = str(model_dir)
         with pytest.raises(openai.AuthenticationError):

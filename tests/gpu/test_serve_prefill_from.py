@@ -1,0 +1,63 @@
+"""`CudaBackend.prefill_from` (serve's prompt cache, docs/serve.md "Scheduling"): a session
+that holds a prefix of the prompt pre-fills only the rest, and gives the logits of a cold
+prefill of the whole prompt; one new token is exactly a decode step (serve feeds a token
+again after a decode loop ended early)."""
+import random
+
+import pytest
+import torch
+
+from tests.gpu.conftest import synthetic_model
+
+
+def make(shape, sessions=2, max_seq=2048, dtype="float16"):
+    from server.cuda_backend import CudaBackend
+    return CudaBackend(synthetic_model(shape, dtype, max_seq), sessions=sessions, graph_mode="exact")
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("shape", ["smollm2-135m", "llama2-7b"])
+def test_prefill_from_equals_a_cold_prefill_and_decodes_the_same(shape):
+    from case4_sampling import SamplingParams
+    b = make(shape)
+    try:
+        V = b.cfg.vocab_size
+        r = random.Random(1)
+        ids = [r.randrange(V) for _ in range(40)]
+        other = [r.randrange(V) for _ in range(6)]
+        cold = b.prefill(0, ids).clone()
+        b.prefill(1, ids[:24])
+        for t in other:  # the slot's previous answer, past the shared prefix: overwritten
+            b.step(1, t)
+        warm = b.prefill_from(1, ids, 24).clone()
+        assert b.seq_len(1) == 40
+        assert rel(warm, cold) < 2e-2 and int(warm.argmax()) == int(cold.argmax())
+        assert b.sample(1, SamplingParams(), 39) == int(cold.argmax())  # the device sampler reads it too
+        toks = {}
+        for s in (0, 1):  # greedy decode from both sessions: the same tokens
+            tok, out = int(cold.argmax()), []
+            for _ in range(8):
+                out.append(tok)
+                tok = int(b.step(s, tok).argmax())
+            toks[s] = out
+        assert toks[0] == toks[1]
+    finally:
+        b.close()
+
+
+def test_prefill_from_one_token_is_the_decode_step():
+    b = make("smollm2-135m", sessions=1)
+    try:
+        V = b.cfg.vocab_size
+        r = random.Random(2)
+        ids = [r.randrange(V) for _ in range(31)]
+        b.prefill(0, ids[:30])
+        stepped = b.step(0, ids[30]).clone()
+        again = b.prefill_from(0, ids, 30).clone()
+        assert b.seq_len(0) == 31 and torch.equal(again, stepped)
+    finally:
+        b.close()
