@@ -36,18 +36,12 @@ def load(opts: dict):
     if opts.get("factory"):
         mod, fn = opts["factory"].split(":")
         return getattr(importlib.import_module(mod), fn)(opts)
-    from server.backends import make_backend
-    from server.model.resolve import resolve_model
+    from server.backends import load_backend
     device = _resolve_device(opts.get("device", "auto"))
     dtype = opts.get("dtype", "auto")
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
-    model = resolve_model(opts["model"], dtype=dtype, device=device, seed=opts.get("seed", 0),
-                          max_seq=opts.get("max_seq"), sessions=opts.get("sessions", 1))
-    backend = make_backend(opts.get("backend", "auto"), model, sessions=opts.get("sessions", 1),
-                           device=device, graph_mode=opts.get("graph_mode", "exact"),
-                           gemm=opts.get("gemm", "custom"))
-    return model, backend
+    return load_backend(opts, device, dtype)
 
 
 class Server:
