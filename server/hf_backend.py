@@ -204,12 +204,14 @@ def load_hf_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: 
         m = resolve_model(spec, dtype=dtype, device="cpu", seed=seed, max_seq=max_seq)
         hcfg = LlamaConfig(**{k: v for k, v in hf_config_dict(m.cfg).items() if k not in ("architectures",)})
         hcfg._attn_implementation = impl
-        with torch.device("meta"):
-            hf = LlamaForCausalLM(hcfg)
-        hf.load_state_dict({k: v.clone() for k, v in hf_state_dict(m.weights).items()}, assign=True, strict=False)
+        with torch.device(device):  # built where it runs (its init is overwritten), then our weights copied in
+            hf = LlamaForCausalLM._from_config(hcfg, dtype=dt)
+        missing, unexpected = hf.load_state_dict(hf_state_dict(m.weights), strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise RuntimeError(f"synthetic weights do not fit transformers' Llama: {missing} {unexpected}")
         if m.cfg.tie_word_embeddings:
             hf.tie_weights()
-        hf = hf.to(device=device, dtype=dt).eval()
+        hf = hf.eval()
         return HFModel(spec, m.cfg, hf, None, m.cfg.eos_token_ids, None, torch.device(device), dt, attn, quant)
     hf_dict = _read_config(folder)
     tok_dir = _tokenizer_dir(folder)
