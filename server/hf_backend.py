@@ -164,6 +164,25 @@ def _generic_config(hf_cfg, arch: str, max_seq: int) -> ModelConfig:
     return with_max_seq(cfg, max_seq)
 
 
+def hf_model_of(m, impl: str = "sdpa", attn: str = "sdpa", quant: str = "none") -> HFModel:
+    """transformers' Llama over a LoadedModel's weight arena (its parameters become views of the
+    arena: no copy), so the hf backend runs the very weights the other backends run (synthetic
+    shapes, the benchmark's case4-hf rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    w = m.weights
+    hcfg = LlamaConfig(**{k: v for k, v in hf_config_dict(m.cfg).items() if k != "architectures"})
+    hcfg._attn_implementation = impl
+    with torch.device(w.device):  # built where it runs; its random init is replaced below
+        hf = LlamaForCausalLM._from_config(hcfg, dtype=w.dtype)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(w), strict=False, assign=True)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"the arena's weights do not fit transformers' Llama: {missing} {unexpected}")
+    if m.cfg.tie_word_embeddings:
+        hf.tie_weights()
+    return HFModel(m.name, m.cfg, hf.eval(), m.tokenizer_dir, tuple(m.eos_ids), m.folder, w.device, w.dtype,
+                   attn, quant)
+
+
 def _first_line(e: BaseException) -> str:
     s = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return s[:300]
@@ -192,7 +211,7 @@ def load_hf_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: 
             raise BadInput(f"--force-flash replaces sdpa's single-query decode: it needs --attn sdpa, got {attn}")
         _register("case4_force_flash", _force_flash_attention)
         impl = "case4_force_flash"
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -201,18 +220,10 @@ def load_hf_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: 
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     folder = resolve_folder(spec)
     if folder is None:  # synthetic: our seeded arena, as transformers' Llama
-        m = resolve_model(spec, dtype=dtype, device="cpu", seed=seed, max_seq=max_seq)
-        hcfg = LlamaConfig(**{k: v for k, v in hf_config_dict(m.cfg).items() if k not in ("architectures",)})
-        hcfg._attn_implementation = impl
-        with torch.device(device):  # built where it runs (its init is overwritten), then our weights copied in
-            hf = LlamaForCausalLM._from_config(hcfg, dtype=dt)
-        missing, unexpected = hf.load_state_dict(hf_state_dict(m.weights), strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise RuntimeError(f"synthetic weights do not fit transformers' Llama: {missing} {unexpected}")
-        if m.cfg.tie_word_embeddings:
-            hf.tie_weights()
-        hf = hf.eval()
-        return HFModel(spec, m.cfg, hf, None, m.cfg.eos_token_ids, None, torch.device(device), dt, attn, quant)
+        if quant != "none":
+            raise BadInput(f"--quant {quant} quantizes an HF folder as transformers loads it; a synthetic model has none")
+        m = resolve_model(spec, dtype=dtype, device=device, seed=seed, max_seq=max_seq)
+        return hf_model_of(m, impl, attn, quant)
     hf_dict = _read_config(folder)
     tok_dir = _tokenizer_dir(folder)
     try:

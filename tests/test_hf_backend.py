@@ -4,6 +4,7 @@ and the reference backend on the same seeded weights for device sampling. Bad in
 through run_ipc.sh: one line, exit 2. `--backend auto` sends an architecture neither custom path
 covers (a tiny random GPT-NeoX) to hf and says so. The GPU side (static cache + CUDA graphs,
 --force-flash) is tests/gpu/test_hf_backend_gpu.py."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -176,3 +177,26 @@ def test_an_architecture_transformers_cannot_load_exits_2(neox, tmp_path, byte_l
     byte_level_tokenizer(folder)
     line = _error_line(_run_ipc(folder, tmp_path / "o"))
     assert "transformers cannot load this configuration" in line and "foo_lm" in line, line
+
+
+# -- the benchmark's case4-hf rows ------------------------------------------------------------
+
+def test_bench_case4_hf_rows(tmp_path):
+    """case4-hf/<attn> rows measured on the CPU beside a custom-path row, greedy tokens equal
+    (the same weight arena); flash2 / xformers without their package: skipped, saying which."""
+    import sys
+    fast = ["--device", "cpu", "--shapes", "tiny", "--steps", "6", "--repeats", "1", "--warmup-steps", "2",
+            "--cpu-copy-mib", "8", "--copy-repeats", "3"]
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--out", str(tmp_path), *fast,
+                        "--case4-backend", "reference", "--systems", "case4/none/device,case4-hf/*"],
+                       capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["system"]: r for r in json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]}
+    for attn in ("sdpa", "eager"):
+        r = rows[f"case4-hf/{attn}"]
+        assert "error" not in r and not r.get("skipped"), r
+        assert r["tok_s"] > 0 and r["backend"] == "hf" and "DynamicCache" in r["graphs_note"]
+        assert r["first_tokens"] == rows["case4/none/device"]["first_tokens"]
+    for attn, pkg in (("flash2", "flash-attn"), ("xformers", "xformers")):
+        if importlib.util.find_spec(pkg.replace("-", "_")) is None:
+            assert f"needs the '{pkg}' package" in rows[f"case4-hf/{attn}"]["skipped"]
