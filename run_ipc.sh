@@ -4,6 +4,8 @@
 #   MODEL: smollm2 (default, built in), an HF folder, a hub id in the local cache, synthetic:<shape>
 #   --nsys: wrap the run in Nsight Systems (nsys on the PATH, or NSYS=/path/to/nsys); the report
 #           <output-dir>/nsys-<time>.nsys-rep (summary: python scripts/nsys_summary.py REPORT)
+#   PYTORCH_CUDA_ALLOC_CONF: expandable_segments:True where unset, as the seed runs (fewer fragmented blocks
+#           beside the graph pools); a value already set is kept
 # The first use creates .venv (scripts/setup_env.sh) and prepares the model; on a GPU machine with nvcc
 # the first run also builds the CUDA extension (custom_kernels/ext.py).
 set -euo pipefail
@@ -26,6 +28,7 @@ for a in "$@"; do
     prev="$a"
 done
 NSYS_BIN="${NSYS:-$(command -v nsys || true)}"
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 CMD=("$CASE4_PY" "$ROOT/orchestrator.py" "${SUB[@]+"${SUB[@]}"}" --model "$MODEL" "${ARGS[@]+"${ARGS[@]}"}")
 if [ "$USE_NSYS" = 1 ]; then

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 
-from common import CASE4_DECODE, DTYPE_ALIASES
+from common import CASE4_DECODE, CASE4_HF, DTYPE_ALIASES
 
 
 def bad_input(msg: str) -> None:
@@ -59,6 +59,8 @@ def build_plan(args) -> list[dict]:
 
     for shape, dtype in args.shape_list:
         for sysname in CASE4_DECODE:
+            add(sysname, shape, dtype, args.prompt, steps=args.steps)
+        for sysname in CASE4_HF:  # beside the custom rows: the cost of each path in one run
             add(sysname, shape, dtype, args.prompt, steps=args.steps)
         for p in args.ttft_prompt_list:
             add("case4/prefill", shape, dtype, p)

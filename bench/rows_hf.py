@@ -1,6 +1,8 @@
 """The HF transformers rows of the decode benchmark: hf/eager (LlamaForCausalLM, DynamicCache)
 and hf/static-compile (static cache + transformers' auto-compile), on the same synthetic
-shapes with random weights. A mixin of runner.Bench."""
+shapes with random weights; and case4-hf/<attn>: the server's hf backend (server/hf_backend.py:
+transformers' Llama over the same weight arena as the case4 rows, its StaticCache + CUDA graph
+on a GPU, device sampling through Backend.generate). A mixin of runner.Bench."""
 from __future__ import annotations
 
 import traceback
@@ -35,6 +37,48 @@ def hf_config_from(cfg):
 
 
 class HFRows:
+    def row_case4_hf(self, item: dict, row: dict) -> None:
+        """case4-hf/<attn>: Backend.generate (device sampling) on the hf backend, timed as case4's rows."""
+        from case4_errors import BadInput
+        from server.hf_backend import _ATTN_IMPL, HFBackend, _register, _xformers_attention, check_attn, hf_model_of
+        attn = item["system"].split("/", 1)[1]
+        try:
+            check_attn(attn)
+        except BadInput as e:  # flash2 / xformers without their package: the row says so
+            raise RowSkipped(str(e)) from None
+        if attn == "xformers":
+            _register("case4_xformers", _xformers_attention)
+        model = self.case4_model(item["shape"], item["dtype"])  # the case4 rows' arena: no second copy
+        cfg, steps = model.cfg, int(item["steps"])
+        if item["prompt"] + steps + self.args.warmup_steps >= cfg.max_seq_len:
+            raise RowSkipped(f"prompt + steps exceed the context of {cfg.max_seq_len}")
+        ids = prompt_ids(cfg, item["prompt"], self.args.seed)
+        be = HFBackend(hf_model_of(model, _ATTN_IMPL[attn], attn), sessions=1, graph_mode="exact")
+        try:
+            row["backend"] = "hf"
+            self.decode_once(be, ids, "exact", "device", self.args.warmup_steps)  # warm-up (and the capture)
+            runs = []
+            for r in range(self.args.repeats):
+                if runs and self.deadline.expired():
+                    row["note"] = f"stopped after {len(runs)} repeats: time budget"
+                    break
+                runs.append(self.decode_once(be, ids, "exact", "device", steps))
+            st = be.status()
+        finally:
+            be.close()
+            del be
+        per_run = [r["total_ms"] / steps for r in runs]
+        ms = median(per_run)
+        row.update(repeats=len(runs), ms_per_token=rnd(ms), tok_s=rnd(1e3 / ms, 2),
+                   ttft_ms=rnd(median([r["ttft_ms"] for r in runs]), 3),
+                   ms_per_token_runs=[rnd(x) for x in per_run], first_tokens=runs[0]["tokens"][:16],
+                   tokens_identical_across_repeats=all(r["tokens"] == runs[0]["tokens"] for r in runs),
+                   graphs_note=st["graphs_note"],
+                   latency_note="device sampling: all steps in one call, p50/p99 per token not observable")
+        if st.get("graph_error"):
+            row["note"] = f"graph capture failed, eager static cache: {st['graph_error']}"
+        self.add_bytes(row, cfg, steps)
+
     def build_hf(self, cfg, dtype: str):
         from transformers import LlamaForCausalLM
         hcfg = hf_config_from(cfg)

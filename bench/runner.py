@@ -19,7 +19,7 @@ import torch
 
 import floors  # bench/floors.py
 import report  # bench/report.py
-from common import (CASE4_DECODE, ROW_KEYS, Deadline, FakeContextLost, RowSkipped, call_filtered, cuda_alive,
+from common import (CASE4_DECODE, CASE4_HF, ROW_KEYS, Deadline, FakeContextLost, RowSkipped, call_filtered, cuda_alive,
                     free_memory, now_s, rnd, test_hook)
 from rows_case4 import Case4Rows
 from rows_ceilings import CeilingRows
@@ -156,6 +156,8 @@ class Bench(CeilingRows, Case4Rows, HFRows):
             return self.row_gemm
         if system in CASE4_DECODE:
             return self.row_case4
+        if system in CASE4_HF:
+            return self.row_case4_hf
         return {"case4/prefill": self.row_prefill, "case4/reference": self.row_reference,
                 "hf/eager": self.row_hf, "hf/static-compile": self.row_hf}[system]
 

@@ -24,6 +24,8 @@ from conductor.outputs import prepare_output_dir
 from conductor.run import DEMO_PROMPT, ProcessOptions, Request, Run
 
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+ATTNS = ("sdpa", "flash2", "xformers", "eager")  # server/hf_backend.py ATTNS (checked there again, with the packages)
+QUANTS = ("none", "int8")
 
 ENV_HELP = """environment defaults (a flag on the command line wins):
   CASE4_USE_CUSTOM=1       --backend cuda
@@ -31,6 +33,9 @@ ENV_HELP = """environment defaults (a flag on the command line wins):
   CASE4_KV_ONLY=1          --graph-mode none
   CASE4_BG_CAPTURE=0|1     --no-bg-capture / --bg-capture
   CASE4_SKIP_PRECAPTURE=1  --precapture 0
+  CASE4_ATTN=NAME          --attn NAME (hf backend)
+  CASE4_QUANT=int8|none    --quant (int8: hf backend, bitsandbytes)
+  CASE4_FORCE_FLASH=1      --force-flash (hf backend)
   CASE4_HOME               model cache (default ~/.cache/case4)
 
 exit codes: 0 ok, 2 bad input, 1 internal failure, 130 interrupted / 143 terminated (partial output kept),
@@ -51,14 +56,24 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     if _env("CASE4_DISABLE_EXT") == "1":
         backend = "reference"
     a = p.add_argument
-    a("--model", default="smollm2", help="HF folder, hub id in the local cache, 'smollm2' "
-      "(built-in, default) or synthetic:<shape>")
+    a("--model", "--model-name", dest="model", default="smollm2", help="HF folder, hub id in the local "
+      "cache, 'smollm2' (built-in, default) or synthetic:<shape> (--model-name: the seed's name for it)")
     a("--sampling", choices=("client", "device"), default="client",
       help="client: logits through shared memory to the client's sampler (default); "
            "device: the server samples (kv_generate)")
     a("--graph-mode", choices=("exact", "dynamic", "none"),
       default="none" if _env("CASE4_KV_ONLY") == "1" else "exact")
-    a("--backend", choices=("auto", "cuda", "reference"), default=backend)
+    a("--backend", choices=("auto", "cuda", "reference", "hf"), default=backend,
+      help="auto: cuda where the custom kernels cover the model on a GPU, reference where they do not "
+           "or on a CPU, hf for what neither covers (docs/decisions.md)")
+    a("--attn", default=_env("CASE4_ATTN"), metavar="{sdpa,flash2,xformers,eager}",
+      help="hf backend: transformers' attention implementation (default sdpa; flash2 / xformers need "
+           "their package: no fallback)")
+    a("--quant", default=_env("CASE4_QUANT"), metavar="{none,int8}",
+      help="int8: bitsandbytes LLM.int8() weights (hf backend, GPU)")
+    a("--force-flash", action="store_true", default=_env("CASE4_FORCE_FLASH") == "1",
+      help="hf backend: single-token decode attention through Case4's decode attention kernel "
+           "(torch op sdp_single_q); prefill keeps SDPA (GPU)")
     a("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
       help="auto: float16 on a GPU, float32 on the CPU")
     a("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -84,6 +99,10 @@ def check_model_options(args) -> None:
         args.window = args.precapture
     if args.max_seq is not None and args.max_seq < 2:
         raise BadInput(f"--max-seq must be >= 2, got {args.max_seq}")
+    if args.attn is not None and args.attn not in ATTNS:
+        raise BadInput(f"--attn must be one of {', '.join(ATTNS)}, got '{args.attn}'")
+    if args.quant is not None and args.quant not in QUANTS:
+        raise BadInput(f"--quant must be one of {', '.join(QUANTS)}, got '{args.quant}'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +157,8 @@ def process_options(args) -> ProcessOptions:
     return ProcessOptions(model=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                           graph_mode=args.graph_mode, gemm=args.gemm, seed=args.seed, max_seq=args.max_seq,
                           window=args.window, precapture=args.precapture, bg_capture=args.bg_capture,
-                          timeout=args.timeout, trace=getattr(args, "trace", False))
+                          timeout=args.timeout, trace=getattr(args, "trace", False), attn=args.attn,
+                          quant=args.quant, force_flash=args.force_flash)
 
 
 def request(args, params: SamplingParams) -> Request:

@@ -58,6 +58,9 @@ class ProcessOptions:
     timeout: float = 300.0     # seconds any one request may take
     trace: bool = False        # keep request intervals for the Chrome trace
     sessions: int = 1          # KV sessions on the server (serve's slots)
+    attn: str | None = None    # hf backend: attention implementation (None: sdpa)
+    quant: str | None = None   # int8: bitsandbytes (hf backend)
+    force_flash: bool = False  # hf backend: decode attention through sdp_single_q
 
 
 @dataclass
@@ -90,7 +93,8 @@ class Processes:
         sopts = {"model": o.model, "backend": o.backend, "dtype": o.dtype, "device": o.device,
                  "graph_mode": o.graph_mode, "gemm": o.gemm, "seed": o.seed, "max_seq": o.max_seq,
                  "shm": self.shm_name, "slots": SLOTS, "sessions": o.sessions,
-                 "factory": os.environ.get("CASE4_SERVER_FACTORY")}
+                 "factory": os.environ.get("CASE4_SERVER_FACTORY"),
+                 "attn": o.attn, "quant": o.quant, "force_flash": o.force_flash}
         self.link = Link(context())  # the decode loop's direct server <-> client channel
         self.loop_ids = itertools.count(1)
         self.server = Peer("server", server_main, ({**sopts, "link": self.link},))
@@ -306,7 +310,8 @@ class Generation:
             self.graphs_note = "off (--graph-mode none)"
             return False
         if not P.info["graphs_available"]:
-            self.graphs_note = f"unavailable on the {P.info['backend']} backend (eager steps)"
+            self.graphs_note = (P.info["status"].get("graphs_note") if P.info["backend"] == "hf"
+                                else f"unavailable on the {P.info['backend']} backend (eager steps)")
             return True  # replay_seq still works: it runs the step eagerly
         try:
             if o.bg_capture:

@@ -54,6 +54,14 @@ SERVER_OPS: dict[str, dict] = {
                     "loop": (int, REQUIRED), "eager": (bool, False), "timeout_s": (float, 300.0)},
     "status": {"trace": (bool, False)},
     "stop": {},
+    # the seed's graph-mode API (README "Seed compatibility"): `generate` feeds the whole sequence
+    # input_ids (len == seq_len) and leaves the last position's logits in the ring; when the session
+    # already holds input_ids[:-1] (the previous generate) only the last token is stepped.
+    # `prep_next` makes graphs ready for positions prev_seq_len..next_seq_len-1 (behind the position
+    # the capture thread deletes them); a backend without per-length graphs answers ok with a note
+    "generate": {"session": (int, 0), "seq_len": (int, REQUIRED), "input_ids": (_LIST, REQUIRED)},
+    "prep_next": {"session": (int, 0), "prev_seq_len": (int, REQUIRED), "next_seq_len": (int, REQUIRED),
+                  "timeout_s": (float, 60.0)},
 }
 # the seed's long names
 SERVER_ALIASES = {

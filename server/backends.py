@@ -1,8 +1,14 @@
 """Which backend the server runs (docs/architecture.md "Backend"): `reference` (pure torch,
 server/reference_backend.py), `cuda` (custom kernels + CUDA graphs, server/cuda_backend.py),
-or `auto`: `cuda` when a GPU and the built extension are present and the kernels cover the
-model (`cuda_refusal`), else `reference` (and it says why, in one stderr line). The interface
-both implement is server/backend.py; docs/decisions.md says which architecture takes which.
+`hf` (transformers' AutoModelForCausalLM with its own caches, server/hf_backend.py), or `auto`:
+  - an architecture (or config field) that config.py does not parse -> `hf`;
+  - else `cuda` when the kernels cover the model (`cuda_refusal`) and a GPU and the built
+    extension are present;
+  - else `reference` (our oracle, and fast enough on a CPU for the shapes it covers);
+  - an hf-only option (--attn other than sdpa, --force-flash, --quant int8) -> `hf`.
+It says which and why in one stderr line. The interface they implement is server/backend.py;
+docs/decisions.md says which architecture takes which. `load_backend(opts)` is the server's one
+way from its options to (model, backend).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from server.model.config import ModelConfig
 from server.model.resolve import LoadedModel
 from server.reference_backend import ReferenceBackend
 
-BACKENDS = ("auto", "cuda", "reference")
+BACKENDS = ("auto", "cuda", "reference", "hf")
 GRAPH_MODES = ("exact", "dynamic", "none")
 
 
@@ -45,6 +51,11 @@ def cuda_refusal(cfg: ModelConfig) -> str | None:
     return None
 
 
+def _auto(choice: str, why: str) -> str:
+    print(f"[case4] backend auto -> {choice} ({why})", file=sys.stderr, flush=True)
+    return choice
+
+
 def pick_backend(name: str, cfg: ModelConfig | None = None) -> str:
     """The backend `name` stands for on this machine and for `cfg` (when given)."""
     if name not in BACKENDS:
@@ -53,12 +64,10 @@ def pick_backend(name: str, cfg: ModelConfig | None = None) -> str:
         return name
     why = cuda_refusal(cfg) if cfg is not None else None
     if why is not None:  # before probing the GPU: the model decides, whatever the machine
-        print(f"[case4] backend auto -> reference ({why})", file=sys.stderr, flush=True)
-        return "reference"
+        return _auto("reference", why)
     ok, why = cuda_available()
     if not ok:
-        print(f"[case4] backend auto -> reference ({why})", file=sys.stderr, flush=True)
-        return "reference"
+        return _auto("reference", why)
     return "cuda"
 
 
@@ -67,6 +76,8 @@ def make_backend(name: str, model: LoadedModel, sessions: int = 1, device=None, 
     name = pick_backend(name, model.cfg)
     if graph_mode not in GRAPH_MODES:
         raise BadInput(f"--graph-mode must be one of {', '.join(GRAPH_MODES)}, got '{graph_mode}'")
+    if name == "hf":
+        raise BadInput("--backend hf loads its model through transformers: use load_backend")
     if name == "reference":
         return ReferenceBackend(model, sessions)
     why = cuda_refusal(model.cfg)
@@ -78,3 +89,48 @@ def make_backend(name: str, model: LoadedModel, sessions: int = 1, device=None, 
         raise BadInput("the cuda backend needs the model on a CUDA device (--device cuda)")
     from server.cuda_backend import CudaBackend  # loads the extension: only when it is asked for
     return CudaBackend(model, sessions=sessions, graph_mode=graph_mode, gemm=gemm)
+
+
+def _hf_options(opts: dict) -> list[str]:
+    """The options only the hf backend implements, as the user gave them."""
+    out = []
+    if opts.get("attn") not in (None, "sdpa"):
+        out.append(f"--attn {opts['attn']}")
+    if opts.get("force_flash"):
+        out.append("--force-flash")
+    if opts.get("quant") not in (None, "none"):
+        out.append(f"--quant {opts['quant']}")
+    return out
+
+
+def load_backend(opts: dict, device: str, dtype: str):
+    """(model, backend) for the server's options: the backend `auto` stands for, its model
+    loaded the way that backend reads it (our weight arena, or transformers' module)."""
+    from server.model.config import ConfigError
+    from server.model.resolve import load_config, resolve_model
+    name, sessions, max_seq = opts.get("backend", "auto"), opts.get("sessions", 1), opts.get("max_seq")
+    if name not in BACKENDS:
+        raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, got '{name}'")
+    hf_only = _hf_options(opts)
+    if name == "auto":
+        if hf_only:
+            name = _auto("hf", f"{' '.join(hf_only)} is an option of the hf backend")
+        else:
+            try:
+                load_config(opts["model"], max_seq)  # reads config.json only
+            except ConfigError as e:  # neither custom path covers it: transformers runs it
+                name = _auto("hf", f"{e}; transformers runs it")
+    elif name != "hf" and hf_only:
+        raise BadInput(f"{' '.join(hf_only)} applies to --backend hf only (got --backend {name})")
+    if name == "hf":
+        from server.hf_backend import HFBackend, load_hf_model
+        model = load_hf_model(opts["model"], dtype=dtype, device=device, seed=opts.get("seed", 0),
+                              max_seq=max_seq, attn=opts.get("attn") or "sdpa", quant=opts.get("quant") or "none",
+                              force_flash=bool(opts.get("force_flash")))
+        return model, HFBackend(model, sessions=sessions, graph_mode=opts.get("graph_mode", "exact"),
+                                force_flash=bool(opts.get("force_flash")))
+    model = resolve_model(opts["model"], dtype=dtype, device=device, seed=opts.get("seed", 0),
+                          max_seq=max_seq, sessions=sessions)
+    backend = make_backend(name, model, sessions=sessions, device=device,
+                           graph_mode=opts.get("graph_mode", "exact"), gemm=opts.get("gemm", "custom"))
+    return model, backend

@@ -36,18 +36,12 @@ def load(opts: dict):
     if opts.get("factory"):
         mod, fn = opts["factory"].split(":")
         return getattr(importlib.import_module(mod), fn)(opts)
-    from server.backends import make_backend
-    from server.model.resolve import resolve_model
+    from server.backends import load_backend
     device = _resolve_device(opts.get("device", "auto"))
     dtype = opts.get("dtype", "auto")
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
-    model = resolve_model(opts["model"], dtype=dtype, device=device, seed=opts.get("seed", 0),
-                          max_seq=opts.get("max_seq"), sessions=opts.get("sessions", 1))
-    backend = make_backend(opts.get("backend", "auto"), model, sessions=opts.get("sessions", 1),
-                           device=device, graph_mode=opts.get("graph_mode", "exact"),
-                           gemm=opts.get("gemm", "custom"))
-    return model, backend
+    return load_backend(opts, device, dtype)
 
 
 class Server:
@@ -55,6 +49,7 @@ class Server:
         self.model, self.backend, self.channel, self.link = model, backend, channel, link
         self.cfg = backend.cfg
         self.step = 0  # shared-memory step counter (every logits write gets the next one)
+        self.legacy_ids: dict[int, list[int]] = {}  # session -> the ids its last `generate` fed
 
     def _logits_reply(self, session: int, logits, params: SamplingParams | None) -> dict:
         step = self.step
@@ -105,9 +100,50 @@ class Server:
             raise
         return {"steps": len(times), "seq_len": b.seq_len(s), "aborted": msg == ABORT, "t": times}
 
+    # -- the seed's graph-mode RPCs (README "Seed compatibility")
+    def generate(self, a: dict) -> dict:
+        """`generate {seq_len, input_ids}`: the logits of the last of input_ids (in the ring).
+        One step when the session holds input_ids[:-1] from the previous generate, else a prefill."""
+        b, s, T, ids = self.backend, a["session"], a["seq_len"], a["input_ids"]
+        if len(ids) != T:
+            raise BadInput(f"generate: seq_len {T} must equal len(input_ids) = {len(ids)}")
+        prev = self.legacy_ids.get(s)
+        if T >= 2 and prev is not None and prev == ids[:-1] and b.seq_len(s) == T - 1:
+            logits, path = b.replay(s, T - 1, ids[-1]), "step"
+        else:
+            logits, path = b.prefill(s, ids), "prefill"
+        self.legacy_ids[s] = list(ids)
+        return {**self._logits_reply(s, logits, None), "path": path}
+
+    def prep_next(self, a: dict) -> dict:
+        """`prep_next {prev_seq_len, next_seq_len}`: graphs ready for the positions in between."""
+        b, s, prev, nxt = self.backend, a["session"], a["prev_seq_len"], a["next_seq_len"]
+        cur = b.seq_len(s)
+        if prev != cur:
+            raise BadInput(f"prep_next: prev_seq_len {prev} does not match session {s}'s position {cur}")
+        if not prev < nxt <= self.cfg.max_seq_len:
+            raise BadInput(f"prep_next: next_seq_len must be in ({prev}, {self.cfg.max_seq_len}], got {nxt}")
+        mode = getattr(b, "graph_mode", None)
+        if not getattr(b, "supports_graphs", False) or mode != "exact":
+            why = (f"graph mode {mode}: one graph serves every length" if getattr(b, "supports_graphs", False)
+                   else f"the {b.name} backend has no per-length graphs")
+            return {"ok": True, "captured": 0, "note": f"nothing to prepare ({why})"}
+        n = nxt - prev  # the capture thread captures `window` ahead and deletes graphs behind the position
+        window = max(n, getattr(b, "bg_windows", {}).get(s, 0))
+        b.bg_capture_start(s, window)
+        stats = b.wait_precapture(s, n, float(a["timeout_s"])) or {}
+        return {"ok": True, "captured": n, "window": window, "note": f"graphs for seq_len {prev}..{nxt - 1} ready",
+                "graphs": stats}
+
     # -- ops
     def handle(self, op: str, a: dict) -> dict:
         b = self.backend
+        if op in ("kv_init", "replay_seq", "kv_step", "kv_generate", "decode_loop"):
+            self.legacy_ids.pop(a["session"], None)  # the session no longer holds what generate fed
+        if op == "generate":
+            return self.generate(a)
+        if op == "prep_next":
+            return self.prep_next(a)
         if op in ("replay_seq", "kv_step", "kv_generate", "decode_loop") and b.seq_len(a["session"]) == 0:
             # a prefill leaves seq_len >= 1: at 0 these would decode from position 0 with no prompt
             raise BadInput(f"{op}: session {a['session']} has no prompt yet (send kv_init first)")

@@ -1,11 +1,12 @@
 """The LLaMA-family variants users run (issue 28 item 3), each on a tiny random HF model built
 here with transformers: Llama-3.x RoPE scaling (llama3, linear, dynamic), Qwen2 (q/k/v bias,
-tied and untied), Mistral and Qwen2 with a sliding window shorter than the sequence.
+tied and untied), Mistral and Qwen2 with a sliding window shorter than the sequence, and plain
+Llama-2 (default RoPE).
 
 For each: the RoPE inv_freq equals transformers' own bit for bit, the ReferenceDecoder's
 per-position logits (one prefill, and prefill + decode steps through the KV cache) match HF's
-forward in fp32, and `bash run_ipc.sh --backend reference` reproduces HF greedy generation
-token for token. The cuda backend's coverage (server/backends.py `cuda_refusal`) and
+forward in fp32, and `bash run_ipc.sh` reproduces HF greedy generation token for token on the
+reference backend and on the hf backend (transformers inside the server, its own KV cache). The cuda backend's coverage (server/backends.py `cuda_refusal`) and
 `--backend auto`'s choice are checked without a GPU."""
 import json
 import os
@@ -38,6 +39,7 @@ CASES = {
     "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False)),
     "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
     "mistral-window": ("mistral", dict(sliding_window=8)),
+    "llama2": ("llama", dict()),
 }
 PROMPT = "Sliding windows!"  # 16 bytes + BOS: with 12 generated tokens, far past a window of 8
 N = 12
@@ -200,7 +202,9 @@ def _run_ipc(folder: Path, out: Path, *flags):
 
 @pytest.mark.parametrize("name,backend", [("llama3", "reference"), ("linear", "reference"), ("dynamic", "reference"),
                                           ("qwen2-tied", "reference"), ("qwen2-untied", "auto"),
-                                          ("mistral-window", "reference")])
+                                          ("mistral-window", "reference"), ("llama2", "reference"),
+                                          ("llama3", "hf"), ("qwen2-untied", "hf"), ("mistral-window", "hf"),
+                                          ("llama2", "hf")])
 def test_run_ipc_matches_hf_greedy(hf_models, tmp_path, name, backend):
     folder, hf = hf_models[name]
     r = _run_ipc(folder, tmp_path, "--backend", backend)

@@ -1,6 +1,8 @@
 // bindings.cpp -- pybind11 module `custom_kernels._case4_cuda`.
 // No libtorch: Python hands raw device pointers (ints). Every call releases the GIL. Errors: PrecaptureTimeout
 // (RuntimeError) and BadArgument (ValueError) by type (check.h), anything else RuntimeError.
+#include <cmath>
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -120,6 +122,29 @@ static void k_attention(uintptr_t qkv, uintptr_t k_cache, uintptr_t v_cache, uin
     launch_attention(a, dtype, test_launch(stream, pdl));
 }
 
+// sdp_single_q (the seed's decode op; hf backend --force-flash, custom_kernels/torch_ops.py): one query over
+// a session's K/V rows 0..pos of one layer, q/k already rotated (transformers applied RoPE). qkv = [q (Hq*D),
+// K_pos (Hkv*D), V_pos (Hkv*D)]; the caches are [Hkv, max_seq, D] with rows 0..pos-1 filled (the kernel
+// rewrites row pos from qkv). The kernel scales by 1/sqrt(D): another scale is refused, not ignored.
+static void k_sdp_single_q(uintptr_t qkv, uintptr_t k_cache, uintptr_t v_cache, int Hq, int Hkv, int D, int max_seq,
+                           int pos, float scale, uintptr_t part_acc, uintptr_t part_ml, int max_splits,
+                           uintptr_t counters, uintptr_t ctx, int dtype, uintptr_t stream) {
+    const float want = 1.f / std::sqrt((float)D);
+    if (std::fabs(scale - want) > 1e-6f * want)
+        throw BadArgument("sdp_single_q: the kernel scales by 1/sqrt(head_dim); another scale is not supported");
+    if (pos < 0 || pos >= max_seq || (pos + kSplitLen) / kSplitLen > max_splits)
+        throw BadArgument("sdp_single_q: pos must be in [0, max_seq) with max_splits >= ceil((pos + 1) / SPLIT_LEN)");
+    AttnArgs a;
+    a.qkv = (const void *)qkv; a.k_cache = (void *)k_cache; a.v_cache = (void *)v_cache;
+    a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.max_seq = max_seq; a.pos = pos;
+    a.grid_splits = (pos + kSplitLen) / kSplitLen;
+    a.part_acc = (float *)part_acc; a.part_ml = (float *)part_ml; a.max_splits = max_splits;
+    a.counters = (int *)counters; a.ctx = (void *)ctx;
+    a.sm_count = device_sm_count();
+    a.prerotated = 1;
+    launch_attention(a, dtype, test_launch((uintptr_t)stream, kPdlOff));
+}
+
 static void k_sample(uintptr_t logits, int V, int pos, float temperature, int top_k, float top_p,
                      unsigned long long seed, uintptr_t params_dev, uintptr_t token_dev, uintptr_t stream, int pdl) {
     // params_dev: scratch for one SampleParams (set here), token_dev: the int output
@@ -197,6 +222,9 @@ PYBIND11_MODULE(_case4_cuda, m) {
     m.def("greedy_lm", &k_greedy_lm, nogil, arg("W"), arg("N"), arg("K"), arg("x"), arg("norm_w"), arg("eps"),
           arg("logits"), arg("part"), arg("params_dev"), arg("token_dev"), arg("dtype"), arg("stream"),
           arg("max_blocks"), arg("pdl") = 1);
+    m.def("sdp_single_q", &k_sdp_single_q, nogil, arg("qkv"), arg("k_cache"), arg("v_cache"), arg("Hq"), arg("Hkv"),
+          arg("D"), arg("max_seq"), arg("pos"), arg("scale"), arg("part_acc"), arg("part_ml"), arg("max_splits"),
+          arg("counters"), arg("ctx"), arg("dtype"), arg("stream"));
     m.def("sample", &k_sample, nogil, arg("logits"), arg("V"), arg("pos"), arg("temperature"), arg("top_k"),
           arg("top_p"), arg("seed"), arg("params_dev"), arg("token_dev"), arg("stream"), arg("pdl") = 1);
     m.def("qgemv", &k_qgemv, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"), arg("K"),
