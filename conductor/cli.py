@@ -31,6 +31,8 @@ ENV_HELP = """environment defaults (a flag on the command line wins):
   CASE4_KV_ONLY=1          --graph-mode none
   CASE4_BG_CAPTURE=0|1     --no-bg-capture / --bg-capture
   CASE4_SKIP_PRECAPTURE=1  --precapture 0
+  CASE4_QUANT=none|int8|int4  --quant
+  CASE4_GROUP_SIZE=32|64|128   --group-size
   CASE4_HOME               model cache (default ~/.cache/case4)
 
 exit codes: 0 ok, 2 bad input, 1 internal failure, 130 interrupted / 143 terminated (partial output kept),
@@ -69,6 +71,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     a("--bg-capture", action=argparse.BooleanOptionalAction,
       default=_env("CASE4_BG_CAPTURE") != "0", help="background graph capture (default on)")
     a("--max-seq", type=int, default=None, help="context to plan for (KV cache size)")
+    # no argparse choices: a bad value (flag or environment) is one BadInput line (check_model_options)
+    a("--quant", default=_env("CASE4_QUANT"), metavar="none|int8|int4",
+      help="weight-only quantization of every projection and the lm_head at load (docs/quantization.md); "
+           "default none, except a GGUF file (and the built-in smollm2): its own blocks as they are")
+    a("--group-size", default=_env("CASE4_GROUP_SIZE"), metavar="32|64|128",
+      help="inputs per quantization scale (int4 default 128, int8 default one scale per row)")
     a("--timeout", type=float, default=300.0, help="seconds any one request may take")
 
 
@@ -84,6 +92,26 @@ def check_model_options(args) -> None:
         args.window = args.precapture
     if args.max_seq is not None and args.max_seq < 2:
         raise BadInput(f"--max-seq must be >= 2, got {args.max_seq}")
+    check_quant_options(args)
+
+
+def check_quant_options(args) -> None:
+    """--quant / --group-size (or CASE4_QUANT / CASE4_GROUP_SIZE): values checked here, their fit to
+    the model's dimensions when it loads (server/model/weights.py quant_schemes)."""
+    from server.model.quant import GROUP_SIZES, MODES
+    if args.quant is not None and args.quant not in MODES:
+        raise BadInput(f"--quant must be one of {', '.join(MODES)}, got '{args.quant}'")
+    if args.group_size is None:
+        return
+    try:
+        args.group_size = int(args.group_size)
+    except (TypeError, ValueError):
+        raise BadInput(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                       f"got '{args.group_size}'") from None
+    if args.group_size not in GROUP_SIZES:
+        raise BadInput(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {args.group_size}")
+    if args.quant in (None, "none"):
+        raise BadInput(f"--group-size {args.group_size} needs --quant int8 or int4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +166,8 @@ def process_options(args) -> ProcessOptions:
     return ProcessOptions(model=args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                           graph_mode=args.graph_mode, gemm=args.gemm, seed=args.seed, max_seq=args.max_seq,
                           window=args.window, precapture=args.precapture, bg_capture=args.bg_capture,
-                          timeout=args.timeout, trace=getattr(args, "trace", False))
+                          timeout=args.timeout, trace=getattr(args, "trace", False), quant=args.quant,
+                          group_size=args.group_size)
 
 
 def request(args, params: SamplingParams) -> Request:

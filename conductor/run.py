@@ -57,6 +57,8 @@ class ProcessOptions:
     bg_capture: bool = True
     timeout: float = 300.0     # seconds any one request may take
     trace: bool = False        # keep request intervals for the Chrome trace
+    quant: str | None = None   # none | int8 | int4; None: none (a GGUF: its own blocks)
+    group_size: int | None = None  # int4/int8 group; None: the mode's default
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Processes:
         o = opts
         sopts = {"model": o.model, "backend": o.backend, "dtype": o.dtype, "device": o.device,
                  "graph_mode": o.graph_mode, "gemm": o.gemm, "seed": o.seed, "max_seq": o.max_seq,
+                 "quant": o.quant, "group_size": o.group_size,
                  "shm": self.shm_name, "slots": SLOTS, "factory": os.environ.get("CASE4_SERVER_FACTORY")}
         self.link = Link(context())  # the decode loop's direct server <-> client channel
         self.loop_ids = itertools.count(1)

@@ -31,10 +31,13 @@ def cuda_available() -> tuple[bool, str]:
     return True, ""
 
 
-def cuda_refusal(cfg: ModelConfig) -> str | None:
+def cuda_refusal(cfg: ModelConfig, quant: str = "none") -> str | None:
     """Why the cuda kernels cannot run `cfg` (one line naming the field), or None when they can.
     They read RoPE from the arena's tables (so every RoPE type of config.py is theirs), but they
-    add no bias and attend to the whole prefix."""
+    add no bias and attend to the whole prefix. Quantized weights (`quant`, ModelWeights.quant):
+    not yet (the int8/int4 kernels of issue 26 land separately)."""
+    if quant != "none":
+        return f"--quant {quant}: the cuda kernels have no quantized GEMV yet"
     if cfg.qkv_bias:
         return (f"{cfg.arch} adds q/k/v_proj biases (self_attn.q_proj.bias, ...), which the cuda kernels "
                 "do not")
@@ -45,13 +48,13 @@ def cuda_refusal(cfg: ModelConfig) -> str | None:
     return None
 
 
-def pick_backend(name: str, cfg: ModelConfig | None = None) -> str:
+def pick_backend(name: str, cfg: ModelConfig | None = None, quant: str = "none") -> str:
     """The backend `name` stands for on this machine and for `cfg` (when given)."""
     if name not in BACKENDS:
         raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, got '{name}'")
     if name != "auto":
         return name
-    why = cuda_refusal(cfg) if cfg is not None else None
+    why = cuda_refusal(cfg, quant) if cfg is not None else None
     if why is not None:  # before probing the GPU: the model decides, whatever the machine
         print(f"[case4] backend auto -> reference ({why})", file=sys.stderr, flush=True)
         return "reference"
@@ -64,12 +67,13 @@ def pick_backend(name: str, cfg: ModelConfig | None = None) -> str:
 
 def make_backend(name: str, model: LoadedModel, sessions: int = 1, device=None, graph_mode: str = "exact",
                  gemm: str = "custom") -> Backend:
-    name = pick_backend(name, model.cfg)
+    quant = getattr(model.weights, "quant", "none")
+    name = pick_backend(name, model.cfg, quant)
     if graph_mode not in GRAPH_MODES:
         raise BadInput(f"--graph-mode must be one of {', '.join(GRAPH_MODES)}, got '{graph_mode}'")
     if name == "reference":
         return ReferenceBackend(model, sessions)
-    why = cuda_refusal(model.cfg)
+    why = cuda_refusal(model.cfg, quant)
     if why is not None:
         raise BadInput(f"--backend cuda cannot run this model: {why}; use --backend reference or auto")
     if not torch.cuda.is_available():

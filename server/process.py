@@ -43,7 +43,8 @@ def load(opts: dict):
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     model = resolve_model(opts["model"], dtype=dtype, device=device, seed=opts.get("seed", 0),
-                          max_seq=opts.get("max_seq"), sessions=opts.get("sessions", 1))
+                          max_seq=opts.get("max_seq"), sessions=opts.get("sessions", 1),
+                          quant=opts.get("quant"), group=opts.get("group_size"))
     backend = make_backend(opts.get("backend", "auto"), model, sessions=opts.get("sessions", 1),
                            device=device, graph_mode=opts.get("graph_mode", "exact"),
                            gemm=opts.get("gemm", "custom"))

