@@ -25,7 +25,6 @@ from conductor.run import DEMO_PROMPT, ProcessOptions, Request, Run
 
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 ATTNS = ("sdpa", "flash2", "xformers", "eager")  # server/hf_backend.py ATTNS (checked there again, with the packages)
-QUANTS = ("none", "int8")
 
 ENV_HELP = """environment defaults (a flag on the command line wins):
   CASE4_USE_CUSTOM=1       --backend cuda
@@ -34,7 +33,8 @@ ENV_HELP = """environment defaults (a flag on the command line wins):
   CASE4_BG_CAPTURE=0|1     --no-bg-capture / --bg-capture
   CASE4_SKIP_PRECAPTURE=1  --precapture 0
   CASE4_ATTN=NAME          --attn NAME (hf backend)
-  CASE4_QUANT=int8|none    --quant (int8: hf backend, bitsandbytes)
+  CASE4_QUANT=none|int8|int4  --quant (hf backend: int8 through bitsandbytes)
+  CASE4_GROUP_SIZE=32|64|128   --group-size
   CASE4_FORCE_FLASH=1      --force-flash (hf backend)
   CASE4_HOME               model cache (default ~/.cache/case4)
 
@@ -69,8 +69,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     a("--attn", default=_env("CASE4_ATTN"), metavar="{sdpa,flash2,xformers,eager}",
       help="hf backend: transformers' attention implementation (default sdpa; flash2 / xformers need "
            "their package: no fallback)")
-    a("--quant", default=_env("CASE4_QUANT"), metavar="{none,int8}",
-      help="int8: bitsandbytes LLM.int8() weights (hf backend, GPU)")
     a("--force-flash", action="store_true", default=_env("CASE4_FORCE_FLASH") == "1",
       help="hf backend: single-token decode attention through Case4's decode attention kernel "
            "(torch op sdp_single_q); prefill keeps SDPA (GPU)")
@@ -84,6 +82,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     a("--bg-capture", action=argparse.BooleanOptionalAction,
       default=_env("CASE4_BG_CAPTURE") != "0", help="background graph capture (default on)")
     a("--max-seq", type=int, default=None, help="context to plan for (KV cache size)")
+    # no argparse choices: a bad value (flag or environment) is one BadInput line (check_model_options)
+    a("--quant", default=_env("CASE4_QUANT"), metavar="none|int8|int4",
+      help="weight-only quantization of every projection and the lm_head at load (docs/quantization.md); "
+           "default none, except a GGUF file (and the built-in smollm2): its own blocks as they are; "
+           "hf backend: int8 through bitsandbytes")
+    a("--group-size", default=_env("CASE4_GROUP_SIZE"), metavar="32|64|128",
+      help="inputs per quantization scale (int4 default 128, int8 default one scale per row)")
     a("--timeout", type=float, default=300.0, help="seconds any one request may take")
 
 
@@ -101,8 +106,26 @@ def check_model_options(args) -> None:
         raise BadInput(f"--max-seq must be >= 2, got {args.max_seq}")
     if args.attn is not None and args.attn not in ATTNS:
         raise BadInput(f"--attn must be one of {', '.join(ATTNS)}, got '{args.attn}'")
-    if args.quant is not None and args.quant not in QUANTS:
-        raise BadInput(f"--quant must be one of {', '.join(QUANTS)}, got '{args.quant}'")
+    check_quant_options(args)
+
+
+def check_quant_options(args) -> None:
+    """--quant / --group-size (or CASE4_QUANT / CASE4_GROUP_SIZE): values checked here, their fit to
+    the model's dimensions when it loads (server/model/weights.py quant_schemes)."""
+    from server.model.quant import GROUP_SIZES, MODES
+    if args.quant is not None and args.quant not in MODES:
+        raise BadInput(f"--quant must be one of {', '.join(MODES)}, got '{args.quant}'")
+    if args.group_size is None:
+        return
+    try:
+        args.group_size = int(args.group_size)
+    except (TypeError, ValueError):
+        raise BadInput(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                       f"got '{args.group_size}'") from None
+    if args.group_size not in GROUP_SIZES:
+        raise BadInput(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {args.group_size}")
+    if args.quant in (None, "none"):
+        raise BadInput(f"--group-size {args.group_size} needs --quant int8 or int4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +181,7 @@ def process_options(args) -> ProcessOptions:
                           graph_mode=args.graph_mode, gemm=args.gemm, seed=args.seed, max_seq=args.max_seq,
                           window=args.window, precapture=args.precapture, bg_capture=args.bg_capture,
                           timeout=args.timeout, trace=getattr(args, "trace", False), attn=args.attn,
-                          quant=args.quant, force_flash=args.force_flash)
+                          quant=args.quant, group_size=args.group_size, force_flash=args.force_flash)
 
 
 def request(args, params: SamplingParams) -> Request:

@@ -59,7 +59,8 @@ class ProcessOptions:
     trace: bool = False        # keep request intervals for the Chrome trace
     sessions: int = 1          # KV sessions on the server (serve's slots)
     attn: str | None = None    # hf backend: attention implementation (None: sdpa)
-    quant: str | None = None   # int8: bitsandbytes (hf backend)
+    quant: str | None = None   # none | int8 | int4; None: none (a GGUF: its own blocks); hf: int8 = bitsandbytes
+    group_size: int | None = None  # int4/int8 group; None: the mode's default
     force_flash: bool = False  # hf backend: decode attention through sdp_single_q
 
 
@@ -94,7 +95,8 @@ class Processes:
                  "graph_mode": o.graph_mode, "gemm": o.gemm, "seed": o.seed, "max_seq": o.max_seq,
                  "shm": self.shm_name, "slots": SLOTS, "sessions": o.sessions,
                  "factory": os.environ.get("CASE4_SERVER_FACTORY"),
-                 "attn": o.attn, "quant": o.quant, "force_flash": o.force_flash}
+                 "attn": o.attn, "quant": o.quant, "group_size": o.group_size,
+                 "force_flash": o.force_flash}
         self.link = Link(context())  # the decode loop's direct server <-> client channel
         self.loop_ids = itertools.count(1)
         self.server = Peer("server", server_main, ({**sopts, "link": self.link},))

@@ -33,6 +33,9 @@ def hf_model_for(model, dtype: torch.dtype, device):
     hf_logging.set_verbosity_error()
     if model.folder is not None:
         return AutoModelForCausalLM.from_pretrained(str(model.folder), dtype=dtype).to(device).eval()
+    if getattr(model, "gguf", None) is not None:  # transformers' own GGUF load (dequantized)
+        return AutoModelForCausalLM.from_pretrained(str(model.gguf.parent), gguf_file=model.gguf.name,
+                                                    dtype=dtype).to(device).eval()
     from server.model.config import hf_config_dict
     cfg = LlamaConfig(**hf_config_dict(model.cfg))
     hf = LlamaForCausalLM(cfg).to(dtype=dtype)

@@ -5,7 +5,9 @@ server/reference_backend.py), `cuda` (custom kernels + CUDA graphs, server/cuda_
   - else `cuda` when the kernels cover the model (`cuda_refusal`) and a GPU and the built
     extension are present;
   - else `reference` (our oracle, and fast enough on a CPU for the shapes it covers);
-  - an hf-only option (--attn other than sdpa, --force-flash, --quant int8) -> `hf`.
+  - an hf-only option (--attn other than sdpa, --force-flash) -> `hf`.
+`--quant int8|int4` is ours on cuda and reference (gemv_quant.cu, docs/quantization.md); on hf,
+int8 goes through bitsandbytes.
 It says which and why in one stderr line. The interface they implement is server/backend.py;
 docs/decisions.md says which architecture takes which. `load_backend(opts)` is the server's one
 way from its options to (model, backend).
@@ -39,8 +41,8 @@ def cuda_available() -> tuple[bool, str]:
 
 def cuda_refusal(cfg: ModelConfig) -> str | None:
     """Why the cuda kernels cannot run `cfg` (one line naming the field), or None when they can.
-    They read RoPE from the arena's tables (so every RoPE type of config.py is theirs), but they
-    add no bias and attend to the whole prefix."""
+    They read RoPE from the arena's tables (so every RoPE type of config.py is theirs) and run
+    int8/int4 weights (gemv_quant.cu), but they add no bias and attend to the whole prefix."""
     if cfg.qkv_bias:
         return (f"{cfg.arch} adds q/k/v_proj biases (self_attn.q_proj.bias, ...), which the cuda kernels "
                 "do not")
@@ -98,8 +100,6 @@ def _hf_options(opts: dict) -> list[str]:
         out.append(f"--attn {opts['attn']}")
     if opts.get("force_flash"):
         out.append("--force-flash")
-    if opts.get("quant") not in (None, "none"):
-        out.append(f"--quant {opts['quant']}")
     return out
 
 
@@ -130,7 +130,8 @@ def load_backend(opts: dict, device: str, dtype: str):
         return model, HFBackend(model, sessions=sessions, graph_mode=opts.get("graph_mode", "exact"),
                                 force_flash=bool(opts.get("force_flash")))
     model = resolve_model(opts["model"], dtype=dtype, device=device, seed=opts.get("seed", 0),
-                          max_seq=max_seq, sessions=sessions)
+                          max_seq=max_seq, sessions=sessions, quant=opts.get("quant"),
+                          group=opts.get("group_size"))
     backend = make_backend(name, model, sessions=sessions, device=device,
                            graph_mode=opts.get("graph_mode", "exact"), gemm=opts.get("gemm", "custom"))
     return model, backend

@@ -8,6 +8,10 @@ checked against HF transformers on real weights, and the CUDA kernels against it
 dtype at the same points as HF (after each linear, norm and residual add). With
 `compute_dtype` = the model dtype it is a fast torch path (cuBLAS GEMMs + SDPA on the GPU)
 that the CUDA backend uses for prefill.
+
+Quantized models (server/model/quant.py): a QuantLinear matrix enters each product as its exact
+fp32 dequantized values (`dequantize`, computed per use: no dense copy is kept), so the oracle's
+weights are the quantized model's own, with nothing rounded on the way.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from case4_errors import BadInput
+from server.model.quant import QuantLinear, dequantize
 from server.model.weights import ModelWeights
 from server.kv import KVArena
 
@@ -33,8 +38,10 @@ class ReferenceDecoder:
         """Round to the model dtype (where HF would hold the value in it), keep computing in cdt."""
         return t if self.dtype == self.cdt else t.to(self.dtype).to(self.cdt)
 
-    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def _lin(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T (+ b), rounded once, as HF's nn.Linear (bias included before the rounding)."""
+        if isinstance(w, QuantLinear):
+            w = dequantize(w)
         return self._r(F.linear(x, w.to(self.cdt), None if b is None else b.to(self.cdt)))
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

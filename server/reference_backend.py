@@ -89,5 +89,6 @@ class ReferenceBackend(Backend):
         return {"backend": self.name, "device": str(w.device), "model": self.model.name,
                 "dtype": str(w.dtype).replace("torch.", ""), "graphs": None,
                 "graphs_note": "CUDA graphs are unavailable on the reference backend",
-                "memory": {"weights_bytes": w.arena.numel() * w.arena.element_size(), "kv_bytes": self.kv.nbytes()},
+                "quant": w.quant, "group": w.group,
+                "memory": {"weights_bytes": w.nbytes(), "quant_bytes": w.quant_bytes(), "kv_bytes": self.kv.nbytes()},
                 "positions": list(self.kv.seq_len)}

