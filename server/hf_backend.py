@@ -43,6 +43,9 @@ ATTNS = ("sdpa", "flash2", "xformers", "eager")
 QUANTS = ("none", "int8")
 # --attn -> transformers' attn_implementation (xformers and force-flash register their own below)
 _ATTN_IMPL = {"sdpa": "sdpa", "eager": "eager", "flash2": "flash_attention_2", "xformers": "case4_xformers"}
+# the name --force-flash registers: transformers treats any implementation whose name contains "flash"
+# as a flash-attention kernel to fetch from the hub (is_flash_attention_requested), so ours must not
+FORCE_FLASH_IMPL = "case4_single_q"
 _ATTN_PACKAGE = {"flash2": ("flash_attn", "flash-attn"), "xformers": ("xformers", "xformers")}
 
 
@@ -209,8 +212,8 @@ def load_hf_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: 
         register_sdp_single_q()  # BadInput without a GPU or the extension
         if attn != "sdpa":
             raise BadInput(f"--force-flash replaces sdpa's single-query decode: it needs --attn sdpa, got {attn}")
-        _register("case4_force_flash", _force_flash_attention)
-        impl = "case4_force_flash"
+        _register(FORCE_FLASH_IMPL, _force_flash_attention)
+        impl = FORCE_FLASH_IMPL
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()

@@ -200,3 +200,13 @@ def test_bench_case4_hf_rows(tmp_path):
     for attn, pkg in (("flash2", "flash-attn"), ("xformers", "xformers")):
         if importlib.util.find_spec(pkg.replace("-", "_")) is None:
             assert f"needs the '{pkg}' package" in rows[f"case4-hf/{attn}"]["skipped"]
+
+
+def test_our_attention_names_are_not_taken_for_flash_attention():
+    """transformers routes any attention implementation whose name contains "flash" to its flash-attention
+    loader (which looked for a hub kernel named `case4_force_flash` on the GPU image and raised); the
+    names we register must stay ordinary attention functions."""
+    from transformers.utils.generic import is_flash_attention_requested
+    from server.hf_backend import _ATTN_IMPL, FORCE_FLASH_IMPL
+    for name in (FORCE_FLASH_IMPL, _ATTN_IMPL["xformers"]):
+        assert not is_flash_attention_requested(requested_attention_implementation=name), name

@@ -49,11 +49,14 @@ def ptrs(ql: QuantLinear):
 
 
 def check(out, ref, tol, what):
-    """‖out − ref‖ / ‖ref‖ < tol, every element written; else name the first wrong rows."""
+    """‖out − ref‖ / max(‖ref‖, ½√N) < tol, every element written; else name the first wrong rows. The
+    inputs make outputs O(1) (random_quant), so ½√N is the norm of a typical output vector: a single row
+    that cancels to near 0 (the [1x64] bf16 case measured 2.9e-2 relative to its own tiny norm on an H100)
+    is judged on that scale, while a wrong row still errs by O(1)."""
     out, ref = out.double().cpu(), ref.double().cpu()
     bad_nan = (~torch.isfinite(out)).nonzero().flatten()
     assert bad_nan.numel() == 0, f"{what}: {bad_nan.numel()} unwritten/non-finite rows, first {bad_nan[:8].tolist()}"
-    e = float((out - ref).norm() / ref.norm())
+    e = float((out - ref).norm() / max(float(ref.norm()), 0.5 * math.sqrt(ref.numel())))
     if e >= tol:
         err = (out - ref).abs() / ref.abs().mean()
         rows = (err > 8 * tol).nonzero().flatten()
@@ -78,11 +81,17 @@ def _cases():
                 yield N, K, mode, G
 
 
-@pytest.mark.parametrize("N,K,mode,G", list(_cases()), ids=lambda v: str(v))
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_qgemv_modes(N, K, mode, G, dtype):
-    if dtype == "bfloat16" and N * K > 4096 * 11008:
-        pytest.skip("bf16: the shapes up to 7B's gate|up and down suffice (the same kernels, another input type)")
+def _dtype_cases():
+    """fp16 at every shape; bf16 at the shapes up to 7B's gate|up and down (the same kernels, another input
+    type): generated, not skipped, so a GPU run that skips anything is a real problem."""
+    for c in _cases():
+        yield ("float16", *c)
+        if c[0] * c[1] <= 4096 * 11008:
+            yield ("bfloat16", *c)
+
+
+@pytest.mark.parametrize("dtype,N,K,mode,G", list(_dtype_cases()), ids=lambda v: str(v))
+def test_qgemv_modes(dtype, N, K, mode, G):
     ext = load_extension()
     dt = DT[dtype]
     g = torch.Generator(device="cuda").manual_seed(N * 31 + K * 7 + G + QMODE[mode])
@@ -157,12 +166,10 @@ def test_qgemv_embedding_gather(mode, G):
     check(out, dequantize(ql).double() @ xn, TOL["float16"], f"{mode} gather")
 
 
-@pytest.mark.parametrize("mode,G", [("int8", 4096), ("int4", 128), ("int4", 32)])
-@pytest.mark.parametrize("N,K", [(32000, 4096), (49152, 576), (1001, 512)])
+@pytest.mark.parametrize("mode,G,N,K", [(m, G, N, K) for m, G in (("int8", 4096), ("int4", 128), ("int4", 32))
+                                         for N, K in ((32000, 4096), (49152, 576), (1001, 512)) if K % G == 0])
 def test_qgemv_argmax_partials(mode, G, N, K):
     """lm_head's per-block argmax partials: their best is the largest stored logit, its lowest row on ties."""
-    if K % G:
-        pytest.skip("group does not divide K")
     ext = load_extension()
     g = torch.Generator(device="cuda").manual_seed(N + G)
     ql = random_quant(mode, N, K, G, g)
@@ -358,8 +365,10 @@ def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n):
 
 def test_quant_prefill_dequant_scratch():
     """Prefill on quantized weights (each matrix dequantized into the scratch when the forward reaches it) against
-    the same torch path on a copy of the weights dequantized up front: the same logits (both round the exact
-    values once to fp16), through the prefill graph and eagerly."""
+    the fp16 reference decoder on a copy of the weights dequantized up front. Both round the same exact values
+    once to fp16, but sum in other orders (cuBLAS + our attention against torch's matmul + SDPA): the fp16
+    prefill tests' bound (tests/gpu/test_step.py, 1e-2; an H100 run measured 2.2e-3 here), and the same
+    argmax unless the top two are within that bound."""
     import dataclasses
     from server.cuda_backend import CudaBackend
     from server.kv import KVArena
@@ -380,7 +389,8 @@ def test_quant_prefill_dequant_scratch():
             got = be.prefill(0, ids)
             want = ref.prefill(0, ids).float().cpu()
             e = float((got.double() - want.double()).norm() / want.double().norm())
-            assert e < 1e-3, f"prefill of {n} tokens: rel err {e:.2e} against the up-front dequantized weights"
-            assert int(got.argmax()) == int(want.argmax())
+            assert e < 1e-2, f"prefill of {n} tokens: rel err {e:.2e} against the up-front dequantized weights"
+            a, b = int(got.argmax()), int(want.argmax())
+            assert a == b or abs(float(want[a] - want[b])) < 1e-2 * float(want.abs().max()), (n, a, b)
     finally:
         be.close()
