@@ -10,8 +10,9 @@ dtype at the same points as HF (after each linear, norm and residual add). With
 that the CUDA backend uses for prefill.
 
 Quantized models (server/model/quant.py): a QuantLinear matrix enters each product as its exact
-fp32 dequantized values (`dequantize`, computed per use: no dense copy is kept), so the oracle's
-weights are the quantized model's own, with nothing rounded on the way.
+fp32 dequantized values (`dequantize`), so the oracle's weights are the quantized model's own, with
+nothing rounded on the way. Up to DENSE_CACHE_BYTES of them (SmolLM2: 0.5 GB) are dequantized once
+and kept; larger models dequantize each matrix per use (no dense copy of a 7B model).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from server.model.weights import ModelWeights
 from server.kv import KVArena
 
 
+DENSE_CACHE_BYTES = 2 << 30
+
+
 class ReferenceDecoder:
     def __init__(self, weights: ModelWeights, kv: KVArena, compute_dtype: torch.dtype = torch.float32):
         self.w = weights
@@ -32,6 +36,10 @@ class ReferenceDecoder:
         self.dtype = weights.dtype
         self.cdt = compute_dtype
         self.stages: dict[str, torch.Tensor] | None = None  # filled when recording
+        qls = weights.quant_linears()
+        self.dense: dict[int, torch.Tensor] = {}  # id(QuantLinear) -> its dequantized values, when they fit
+        if sum(q.n * q.k * 4 for q in qls) <= DENSE_CACHE_BYTES:
+            self.dense = {id(q): dequantize(q) for q in qls}
 
     # -- helpers ------------------------------------------------------------------------
     def _r(self, t: torch.Tensor) -> torch.Tensor:
@@ -41,7 +49,7 @@ class ReferenceDecoder:
     def _lin(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T (+ b), rounded once, as HF's nn.Linear (bias included before the rounding)."""
         if isinstance(w, QuantLinear):
-            w = dequantize(w)
+            w = self.dense[id(w)] if id(w) in self.dense else dequantize(w)
         return self._r(F.linear(x, w.to(self.cdt), None if b is None else b.to(self.cdt)))
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
