@@ -113,7 +113,9 @@ class Metrics:
             for d in itls:
                 self.itl.observe(d)
 
-    def text(self, queue_depth: int, running: int, slots: int = 1, cached: int = 0) -> str:
+    def text(self, queue_depth: int, running: int, slots: int = 1, cached: int = 0,
+             graphs: dict | None = None) -> str:
+        g = graphs or {}  # the server's graph counters after the last generation (none: reference, hf eager)
         with self.lock:
             out = ["# TYPE case4_requests_total counter"]
             out += [f'case4_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
@@ -123,7 +125,10 @@ class Metrics:
                     "# TYPE case4_requests_running gauge", f"case4_requests_running {running}",
                     "# TYPE case4_kv_slots gauge", f"case4_kv_slots {slots}",
                     "# TYPE case4_kv_slots_in_use gauge", f"case4_kv_slots_in_use {running}",
-                    "# TYPE case4_prompt_cached_tokens_total counter", f"case4_prompt_cached_tokens_total {cached}"]
+                    "# TYPE case4_prompt_cached_tokens_total counter", f"case4_prompt_cached_tokens_total {cached}",
+                    "# TYPE case4_graphs_captured_total counter", f"case4_graphs_captured_total {g.get('captured', 0)}",
+                    "# TYPE case4_graph_misses_total counter", f"case4_graph_misses_total {g.get('misses', 0)}",
+                    "# TYPE case4_graph_replays_total counter", f"case4_graph_replays_total {g.get('replays', 0)}"]
             out += self.ttft.text("case4_time_to_first_token_seconds")
             out += self.itl.text("case4_inter_token_latency_seconds")
         return "\n".join(out) + "\n"
@@ -184,6 +189,7 @@ class Engine:
         self.sched = Scheduler(slots, max_queue, schedule, quantum)
         self.closed = False  # the children stopped (close_procs)
         self.cached_total = 0  # prompt tokens served from the slots' KV
+        self.graphs: dict = {}  # the server's graph counters after the last generation (refresh_graphs)
         self.metrics = Metrics()
         self.thread = threading.Thread(target=self.work, name="case4-serve-worker", daemon=True)
         self.exit_code = 0  # a failed start: 2 (bad input, e.g. no such model) or 1; the server then exits
@@ -347,9 +353,19 @@ class Engine:
         t = gen.t_tok[:n_out]
         self.metrics.generation(len(gen.prompt_ids), n_out, ttft, [b - a for a, b in zip(t, t[1:])])
         self.cached_total += gen.cached
+        self.refresh_graphs()
         return {"finish_reason": reason, "prompt_tokens": len(gen.prompt_ids), "completion_tokens": n_out,
                 "cached_tokens": gen.cached, "logprobs": job.take_logprobs(n_out) if job.logprobs is not None else None,
                 "all_logprobs": gen.logprobs[:n_out] if job.logprobs is not None else None}
+
+    def refresh_graphs(self) -> None:
+        """The server's graph counters for /metrics, read here in the worker (the one thread that talks
+        to the server), after each generation: /metrics answers from this copy without a round trip."""
+        try:
+            g = (self.procs.status() or {}).get("graphs")
+            self.graphs = g if isinstance(g, dict) else {}  # the hf backend names its graph kind instead
+        except Exception:  # noqa: BLE001 - a dead server is reported by the next request and /health
+            pass
 
     def stop_token_count(self, job: Job) -> int:
         """Tokens up to the one that completed the stop string: the text came in batches, so
@@ -665,7 +681,8 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(engine.metrics.text(engine.sched.queue_depth(), engine.running,
-                                                     len(engine.sched.slots), engine.cached_total),
+                                                     len(engine.sched.slots), engine.cached_total,
+                                                     engine.graphs),
                                  media_type="text/plain; version=0.0.4")
 
     return app

@@ -246,6 +246,8 @@ def test_errors_have_openai_shape(server, model_dir):
     assert [x.id for x in c.models.list().data] == [m]
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
     assert "case4_time_to_first_token_seconds_bucket" in metrics and "case4_queue_depth 0" in metrics
+    # the reference backend has no graphs: the counters are there, at 0 (the cuda backend's come from its status)
+    assert "case4_graphs_captured_total 0" in metrics and "case4_graph_misses_total 0" in metrics
 
 
 def _tokens_out(srv) -> int:
@@ -336,3 +338,10 @@ def test_stop_text_cuts_at_the_first_stop(pieces, stops, out):
             got += st.feed(p)
     got += "" if st.matched else st.flush()
     assert got == out and st.matched == (out != "".join(pieces))
+
+
+def test_metrics_text_carries_the_servers_graph_counters():
+    from conductor.serve import Metrics
+    txt = Metrics().text(0, 0, 4, 0, {"captured": 1999, "misses": 3, "replays": 99900})
+    for line in ("case4_graphs_captured_total 1999", "case4_graph_misses_total 3", "case4_graph_replays_total 99900"):
+        assert line in txt.splitlines()
