@@ -98,7 +98,8 @@ class Bench(CeilingRows, Case4Rows, HFRows, TorchQuantRows):
         ms = row["ms_per_token"]
         row["achieved_GBps"] = rnd(b / (ms / 1e3) / 1e9, 2) if ms else None
         if self.copy_GBps:
-            row["bw_fraction"] = rnd(row["achieved_GBps"] / self.copy_GBps, 5) if ms else None
+            # 5 significant digits (a CPU smoke run's fraction is far below 1e-5)
+            row["bw_fraction"] = float(f"{b / (ms / 1e3) / 1e9 / self.copy_GBps:.5g}") if ms else None
             row["floor_ms_per_token"] = rnd(floors.floor_ms(b, self.copy_GBps), 4)
 
     def emit(self, row: dict, echo: bool = True) -> None:
