@@ -101,13 +101,15 @@ def test_plan_filters_and_order():
     import decode
     from common import gpu_slug
     from plan import build_plan
-    a = decode.parse_args(["--device", "cuda", "--systems", "case4/*/device,hf/eager", "--shapes", "smollm2-135m"])
+    a = decode.parse_args(["--device", "cuda", "--systems", "case4/*/device,hf/eager", "--shapes", "smollm2-135m",
+                           "--quant", "none", "--big-quant", ""])
     plan = build_plan(a)
     assert [p["system"] for p in plan] == ["case4/exact/device", "case4/dynamic/device", "case4/none/device",
                                            "hf/eager"]
     a = decode.parse_args(["--device", "cuda"])
     shapes = [s for s in dict.fromkeys((p["shape"], p["dtype"]) for p in build_plan(a))]
-    assert shapes == [("llama2-7b", "float16"), ("smollm2-135m", "float16"), ("llama2-7b", "bfloat16")]
+    assert shapes == [("llama2-7b", "float16"), ("llama2-70b", "float16"), ("smollm2-135m", "float16"),
+                      ("llama2-7b", "bfloat16")]   # 70B: int4 only (--big-quant), right after the 7B rows
     q = decode.parse_args(["--device", "cuda", "--quick"])
     assert q.steps == 64 and q.repeats == 1 and q.ttft_prompt_list == [512]
     assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
