@@ -68,12 +68,6 @@ class _Int4:
         return (self.w, self.sz)
 
 
-def _int4_apply(group):
-    def apply(x, w, sz):
-        return torch.ops.aten._weight_int4pack_mm(x, w, group, sz)
-    return apply
-
-
 def quant_tensor_bytes(mats) -> int:
     """Bytes of the quantized matrices a step reads (every weight tensor of every matrix)."""
     return sum(t.numel() * t.element_size() for m in mats for t in m.tensors())
@@ -107,11 +101,15 @@ class TorchQuantModel:
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)     # the step's input token
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)     # its position
         self.hist = torch.zeros(max_seq + 1, dtype=torch.long, device=dev)  # hist[p + 1]: the token after p
-        apply = _Int8.apply if Lin is _Int8 else None
         eps = float(cfg.rms_norm_eps)
+        # groups are per matrix name (every layer's matrix of a name has the same K): Python constants
+        groups = {k: getattr(self.layers[0][k], "group", None) for k in ("qkv", "o", "gu", "down")}
+        groups["lm_head"] = getattr(self.lm_head, "group", None)
 
-        def lin(x, m):
-            return (apply or _int4_apply(m.group))(x, *m.tensors())
+        def lin(x, w, s, name):
+            if Lin is _Int8:
+                return _Int8.apply(x, w, s)
+            return torch.ops.aten._weight_int4pack_mm(x, w, groups[name], s)
 
         def rms(x, w):
             xf = x.float()
@@ -121,10 +119,10 @@ class TorchQuantModel:
             a, b = t.float().chunk(2, dim=-1)
             return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1).to(t.dtype)
 
-        def layer(x, pos, lw, kc, vc, cos_t, sin_t):
-            h = rms(x, lw["attn_norm"])
-            qkv = lin(h, lw["qkv"])
-            q, k, v = qkv.split((Hq * D, Hkv * D, Hkv * D), dim=-1)
+        def layer(x, pos, attn_norm, qkv_w, qkv_s, o_w, o_s, mlp_norm, gu_w, gu_s, down_w, down_s, kc, vc,
+                  cos_t, sin_t):
+            h = rms(x, attn_norm)
+            q, k, v = lin(h, qkv_w, qkv_s, "qkv").split((Hq * D, Hkv * D, Hkv * D), dim=-1)
             cos, sin = cos_t[pos][:, None, :], sin_t[pos][:, None, :]
             q = rope(q.view(1, Hq, 1, D), cos, sin)
             k = rope(k.view(1, Hkv, 1, D), cos, sin)
@@ -132,25 +130,24 @@ class TorchQuantModel:
             vc.index_copy_(2, pos, v.view(1, Hkv, 1, D))
             mask = (torch.arange(kc.shape[2], device=kc.device) <= pos).view(1, 1, 1, -1)
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=Hq != Hkv)
-            x = x + lin(a.reshape(1, Hq * D), lw["o"])
-            g, u = lin(rms(x, lw["mlp_norm"]), lw["gu"]).chunk(2, dim=-1)
-            return x + lin(F.silu(g) * u, lw["down"])
+            x = x + lin(a.reshape(1, Hq * D), o_w, o_s, "o")
+            g, u = lin(rms(x, mlp_norm), gu_w, gu_s, "gu").chunk(2, dim=-1)
+            return x + lin(F.silu(g) * u, down_w, down_s, "down")
 
-        def head(x):
-            return torch.argmax(lin(rms(x, self.final_norm), self.lm_head).float(), dim=-1)
+        def head(x, norm, w, s):
+            return torch.argmax(lin(rms(x, norm), w, s, "lm_head").float(), dim=-1)
 
-        # one compile per function: the layers share shapes, dtypes and groups (lw's leaves are inputs)
-        self._layer_c = torch.compile(
-            lambda x, pos, tensors, kc, vc, cos_t, sin_t: layer(x, pos, _rebuild(self.layers[0], tensors), kc, vc,
-                                                                cos_t, sin_t), dynamic=False)
+        # one compile per function: the layers share shapes, dtypes and groups (their tensors are inputs)
+        self._layer_c = torch.compile(layer, dynamic=False)
         self._head_c = torch.compile(head, dynamic=False)
         self.graph = None
 
     def _step(self):
         x = self.embed[self.tok]                         # [1, H]: one row read
         for lw, kc, vc in zip(self.layers, self.k, self.v):
-            x = self._layer_c(x, self.pos, _flatten(lw), kc, vc, self.cos, self.sin)
-        nxt = self._head_c(x)
+            x = self._layer_c(x, self.pos, lw["attn_norm"], *lw["qkv"].tensors(), *lw["o"].tensors(), lw["mlp_norm"],
+                              *lw["gu"].tensors(), *lw["down"].tensors(), kc, vc, self.cos, self.sin)
+        nxt = self._head_c(x, self.final_norm, *self.lm_head.tensors())
         self.hist.index_copy_(0, self.pos + 1, nxt)
         self.tok.copy_(nxt)
         self.pos.add_(1)
@@ -185,33 +182,6 @@ class TorchQuantModel:
         ms = (now_s() - t0) * 1e3
         n = len(ids)
         return ms, self.hist[n + 1:n + 1 + steps].tolist()
-
-
-def _flatten(lw: dict) -> tuple:
-    return tuple(v if torch.is_tensor(v) else v.tensors() for v in (lw[k] for k in _KEYS))
-
-
-def _rebuild(like: dict, tensors: tuple) -> dict:
-    """A layer dict whose tensors are the compiled function's inputs (the shared Lin objects give the group)."""
-    out = {}
-    for k, t in zip(_KEYS, tensors):
-        if torch.is_tensor(t):
-            out[k] = t
-        else:
-            out[k] = _View(like[k], t)
-    return out
-
-
-class _View:
-    def __init__(self, like, tensors):
-        self.group = getattr(like, "group", None)
-        self._t = tensors
-
-    def tensors(self):
-        return self._t
-
-
-_KEYS = ("attn_norm", "qkv", "o", "mlp_norm", "gu", "down")
 
 
 class TorchQuantRows:
