@@ -14,6 +14,11 @@ keeps the rows that matter most):
                                (torch.compile mode="reduce-overhead", fullgraph=True)
   case4/reference              the pure-torch reference backend (few steps: it is slow)
 
+With --quant (default on a GPU: int8,int4:128) the case4 rows above (and a 512-token case4/prefill) run again
+on weights drawn quantized (a `quant` field in each row, bytes per token from the quantized tensors), beside
+two peers built from PyTorch's own operators: torch/int8-compile and torch/int4-tinygemm (rows_torch_quant.py);
+--big-quant (default on a GPU: llama2-70b:int4:128) adds a shape that only fits quantized (issue 26).
+
 Every row is measured in its own try/except: a failure is recorded in the row as
 {"error": ...} and the run goes on. If the CUDA context dies (a sticky error such as an
 illegal address), the remaining rows run in fresh child processes of this script.
