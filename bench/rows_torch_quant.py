@@ -2,8 +2,8 @@
 that nothing is installed on the GPU machine:
 
   torch/int8-compile    int8 weights [N, K] + one fp16 scale a row, dequantized inside the matmul
-                        (`F.linear(x, w.to(x.dtype)) * s`, gpt-fast's int8 weight-only form, which inductor
-                        fuses into one GEMV), activations in the shape's dtype (fp16)
+                        (`sum(x * w.float(), -1) * s`: gpt-fast's int8 weight-only linear written as the batch-1
+                        GEMV, which inductor fuses into one reduction kernel), activations in the shape's dtype
   torch/int4-tinygemm   torch.ops.aten._weight_int4pack_mm (tinygemm) on weights packed by
                         aten._convert_weight_to_int4pack (CUDA layout since torch 2.5: uint8 [N, K/2] in,
                         int32 [N/8, K/(16 * inner_k_tiles), 32, inner_k_tiles/2] out), groups of 128 along K,
@@ -46,7 +46,10 @@ class _Int8:
 
     @staticmethod
     def apply(x, w, s):
-        return F.linear(x, w.to(x.dtype)) * s.to(x.dtype)
+        """x [1, K] times w^T: written as the batch-1 GEMV it is, so inductor emits one reduction kernel that
+        converts the int8 in registers (F.linear(x, w.to(x.dtype)) may instead materialize the fp16 weight
+        and call cuBLAS, reading 3 bytes a weight, depending on the torch version's mixed-mm fusion)."""
+        return ((x.float() * w.float()).sum(-1) * s.float()).to(x.dtype).view(1, -1)
 
 
 class _Int4:
