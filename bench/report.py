@@ -374,7 +374,8 @@ def png(meta: dict, rows: list[dict], path: Path) -> Path | None:
                 if floor_of.get(q):
                     ftoks = 1e3 / floors.floor_ms(floor_of[q], cg)
                     ax.axvline(ftoks, color=QUANT_COLORS.get(str(q).split(":")[0], "k"), ls="--", lw=1)
-                    ax.text(ftoks, -0.6, f" floor {q or dtype} {ftoks:,.0f}", fontsize=6, va="bottom", rotation=0)
+                    ax.text(ftoks, 1.0, f" floor {q or dtype} {ftoks:,.0f}", fontsize=6, va="bottom",
+                            transform=ax.get_xaxis_transform())   # x in data, y on the axes' top edge
                     vmax = max(vmax, ftoks)
         ax.set_xlim(0, vmax * 1.15)
         ax.set_title(title, fontsize=9)
