@@ -255,3 +255,24 @@ def test_issue26_verdicts():
             dict(row("case4/prefill", None, "int4:g128"), prompt=512, ttft_ms=27.0)]
     got = [verdict for _, _, verdict in report.targets26({}, rows)]
     assert got == ["PASS", "PASS", "FAIL", "PASS", "PASS", "FAIL", "n/a"], report.targets26({}, rows)
+
+
+def test_torch_int8_peer_math(monkeypatch):
+    """The torch/int8-compile peer's linear against a float64 oracle on fresh random inputs, and its decode
+    step run eagerly on CPU (torch.compile left out: the GPU row compiles it) writing the KV cache and the
+    greedy token history; the int4 peer's tinygemm exists only on CUDA."""
+    import torch
+    import rows_torch_quant as tq
+    g = torch.Generator().manual_seed(1234)
+    lin = tq._Int8(48, 64, g, "cpu")
+    x = torch.randn(1, 64, generator=g)
+    oracle = x.double() @ (lin.w.double() * lin.s.double()[:, None]).T
+    assert torch.allclose(tq._Int8.apply(x, *lin.tensors()).double(), oracle, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    m = tq.TorchQuantModel(floors.shape_config("tiny"), "torch/int8-compile", 64, 0, "cpu")
+    assert tq.quant_tensor_bytes(m.mats) == sum(mm.w.numel() + 2 * mm.s.numel() for mm in m.mats)
+    m.tok.fill_(7)
+    for _ in range(3):
+        m._step()
+    assert int(m.pos) == 3 and all(0 <= t < 512 for t in m.hist[1:4].tolist())
+    assert m.k[0][:, :, :3].abs().sum() > 0 and m.k[0][:, :, 3:].abs().sum() == 0
