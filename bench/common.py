@@ -17,10 +17,13 @@ import torch
 CASE4_DECODE = [f"case4/{m}/{s}" for m in ("exact", "dynamic", "none") for s in ("device", "client")]
 # the server's hf backend (transformers inside Case4's server, its own caches), one row per --attn
 CASE4_HF = [f"case4-hf/{a}" for a in ("sdpa", "eager", "flash2", "xformers")]
-ALL_SYSTEMS = ["copy", "gemm"] + CASE4_DECODE + CASE4_HF + ["case4/prefill", "hf/eager", "hf/static-compile", "case4/reference"]
+# weight-only quantized peers built from PyTorch's own operators (bench/rows_torch_quant.py; issue 26)
+TORCH_QUANT = ["torch/int8-compile", "torch/int4-tinygemm"]
+ALL_SYSTEMS = (["copy", "gemm"] + CASE4_DECODE + CASE4_HF + ["case4/prefill", "hf/eager", "hf/static-compile"]
+               + TORCH_QUANT + ["case4/reference"])
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "float16": "float16", "bf16": "bfloat16",
                  "bfloat16": "bfloat16", "fp32": "float32", "float": "float32", "float32": "float32"}
-ROW_KEYS = ("system", "shape", "dtype", "prompt", "steps", "repeats", "tok_s", "ms_per_token", "p50_ms",
+ROW_KEYS = ("system", "shape", "dtype", "quant", "prompt", "steps", "repeats", "tok_s", "ms_per_token", "p50_ms",
             "p99_ms", "ttft_ms", "bw_fraction", "bytes_per_token", "achieved_GBps", "floor_ms_per_token")
 SESSION = 0
 

@@ -14,6 +14,11 @@ keeps the rows that matter most):
                                (torch.compile mode="reduce-overhead", fullgraph=True)
   case4/reference              the pure-torch reference backend (few steps: it is slow)
 
+With --quant (default on a GPU: int8,int4:128) the case4 rows above (and a 512-token case4/prefill) run again
+on weights drawn quantized (a `quant` field in each row, bytes per token from the quantized tensors), beside
+two peers built from PyTorch's own operators: torch/int8-compile and torch/int4-tinygemm (rows_torch_quant.py);
+--big-quant (default on a GPU: llama2-70b:int4:128) adds a shape that only fits quantized (issue 26).
+
 Every row is measured in its own try/except: a failure is recorded in the row as
 {"error": ...} and the run goes on. If the CUDA context dies (a sticky error such as an
 illegal address), the remaining rows run in fresh child processes of this script.
@@ -52,7 +57,7 @@ import torch  # noqa: E402
 import floors  # noqa: E402  (bench/floors.py)
 import report  # noqa: E402  (bench/report.py)
 from common import ALL_SYSTEMS, Deadline, device_name, gpu_slug, now_s, rnd  # noqa: E402
-from plan import build_plan, parse_shapes  # noqa: E402
+from plan import build_plan, parse_big_quant, parse_quant, parse_shapes  # noqa: E402
 from runner import Bench, child_main, run_in_children, start_watchdog  # noqa: E402
 
 
@@ -81,7 +86,8 @@ def main(argv=None) -> int:
         "cuda": getattr(torch.version, "cuda", None), "transformers": _version("transformers"),
         "device": dev, "host": platform.node(), "python": platform.python_version(),
         "reference_copy_GBps": floors.REFERENCE_COPY_GBPS,
-        "args": {k: v for k, v in vars(args).items() if k not in ("shape_list", "ttft_prompt_list")},
+        "args": {k: v for k, v in vars(args).items()
+                 if k not in ("shape_list", "ttft_prompt_list", "quant_list", "big_quant_list")},
         "shapes": [f"{s}:{d}" for s, d in args.shape_list],
     }
     meta["floors"] = {}
@@ -97,6 +103,18 @@ def main(argv=None) -> int:
                     floors.bytes_per_token(cfg, d, args.prompt, args.steps), floors.REFERENCE_COPY_GBPS), 4)}
         except Exception as e:
             meta["floors"][f"{s}:{d}"] = {"error": repr(e)}
+    qshapes = list(dict.fromkeys(s for s, _ in args.shape_list))
+    for s, q in [(s, q) for s in qshapes for q in args.quant_list] + list(args.big_quant_list):
+        d = next((d for s2, d in args.shape_list if s2 == s), "float16")
+        key = f"{s}:{d}:{q['quant']}"
+        try:   # from the shapes (floors.quant_matrix_bytes); each row's own bytes come from its built tensors
+            cfg = floors.shape_config(s)
+            w = floors.quant_matrix_bytes(cfg, q["quant_mode"], q["quant_group"]) + floors.dense_bytes_per_token(cfg, d)
+            b = w + floors.mean_kv_bytes(cfg, d, args.prompt, args.steps)
+            meta["floors"][key] = {"weight_bytes_per_token": w, "bytes_per_token": int(b),
+                                   "floor_ms_at_reference_copy": rnd(floors.floor_ms(b, floors.REFERENCE_COPY_GBPS), 4)}
+        except Exception as e:
+            meta["floors"][key] = {"error": repr(e)}
 
     bench = Bench(args, deadline, copy_GBps=args.copy_GBps)
     lock = threading.Lock()
@@ -157,7 +175,18 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", default=None,
                     help="comma list of synthetic shapes, each optionally :fp16/:bf16/:fp32 "
                          "(default GPU: llama2-7b:fp16,smollm2-135m:fp16,llama2-7b:bf16; CPU: tiny)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="rows not started after this are skipped")
+    ap.add_argument("--quant", default=None,
+                    help="quantized rows (issue 26), comma list of int8 | int8:G | int4 | int4:G (G 32/64/128; int8 "
+                         "without G: one scale a row; int4 without G: 128), 'none' for none: case4/<mode>/<sampling> "
+                         "and a 512-token case4/prefill per mode, plus the torch/int8-compile and torch/int4-tinygemm "
+                         "peers (default GPU: int8,int4:128; CPU: none)")
+    ap.add_argument("--big-quant", default=None,
+                    help="shape:quant rows of a model that only fits quantized, device sampling only "
+                         "(default GPU: llama2-70b:int4:128; CPU: none)")
+    ap.add_argument("--peer-shapes", default=None,
+                    help="shapes that get the torch/* quantized peers (default GPU: llama2-7b; CPU: all)")
+    ap.add_argument("--quant-ttft-prompt", type=int, default=512, help="prompt of the quantized case4/prefill rows")
+    ap.add_argument("--budget-s", type=float, default=None, help="rows not started after this are skipped (default 420; 480 with quantized rows)")
     ap.add_argument("--row-grace-s", type=float, default=90.0,
                     help="watchdog: exit (writing results) at budget + this, if a row hangs")
     ap.add_argument("--prompt", type=int, default=32, help="prompt length of the decode rows")
@@ -216,6 +245,18 @@ def parse_args(argv=None):
         a.ttft_prompts = "512" if q else "128,512,2048"
     a.ttft_prompt_list = [int(x) for x in a.ttft_prompts.split(",") if x.strip()]
     a.shape_list = parse_shapes(a.shapes, a.device, q)
+    gpu = a.device.startswith("cuda")
+    if a.quant is None:
+        a.quant = "int8,int4:128" if gpu else "none"
+    if a.big_quant is None:
+        a.big_quant = "llama2-70b:int4:128" if gpu and not q else ""
+    a.quant_list = parse_quant(a.quant)
+    a.big_quant_list = parse_big_quant(a.big_quant)
+    if a.peer_shapes is None and gpu:
+        a.peer_shapes = "llama2-7b"
+    a.peer_shapes = None if a.peer_shapes is None else [s.strip() for s in a.peer_shapes.split(",") if s.strip()]
+    if a.budget_s is None:   # the quantized rows (7B int8/int4, the torch peers' compile, 70B) need room
+        a.budget_s = 420.0 if not (a.quant_list or a.big_quant_list) or q else 480.0
     if a.copy_GBps and not a.child_plan:
         a.skip_copy = True
     if a.steps < 2:

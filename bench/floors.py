@@ -52,6 +52,31 @@ def weight_bytes_per_token(cfg, dtype: str) -> int:
     return cfg.decode_weight_bytes(dtype_bytes(dtype))
 
 
+def dense_bytes_per_token(cfg, dtype: str) -> int:
+    """What a step of a quantized model still reads in the model dtype: every norm, the QKV bias, one
+    embedding row (every projection and the lm_head are quantized: docs/quantization.md)."""
+    mats = sum(n * k for n, k in _matrix_shapes(cfg).values())
+    return weight_bytes_per_token(cfg, dtype) - mats * dtype_bytes(dtype)
+
+
+def quant_matrix_bytes(cfg, mode: str, group: int | None = None) -> int:
+    """Bytes of every projection and the lm_head quantized as `resolve_model(quant=mode, group=group)`
+    lays them out (server/model/quant.py): int8 q [n, k] + fp16 scale [n, k/G]; int4 q [n, k/2] + fp16
+    scale and minimum [n, k/G]. Computed from the shapes, not from built tensors."""
+    from server.model.weights import quant_schemes
+    total = 0
+    for name, (n, k) in _matrix_shapes(cfg).items():
+        m, g = quant_schemes(cfg, mode, group, "floors")[name]
+        q = n * k if m == "int8" else n * k // 2
+        total += q + n * (k // g) * 2 * (1 if m == "int8" else 2)
+    return total
+
+
+def _matrix_shapes(cfg) -> dict:
+    from server.model.weights import matrix_shapes
+    return matrix_shapes(cfg)
+
+
 def all_params_bytes(cfg, dtype: str) -> int:
     """Every parameter once (full embedding table; lm_head only when untied): the checkpoint size."""
     return cfg.weight_elements() * dtype_bytes(dtype)

@@ -42,6 +42,45 @@ def parse_shapes(spec: str | None, device: str, quick: bool) -> list[tuple[str, 
     return out
 
 
+def parse_quant(spec: str | None) -> list[dict]:
+    """`--quant` 'int8,int4:128' -> [{quant: label, quant_mode, quant_group}]; '' / 'none': no quantized rows.
+    int8 without a group: one scale per output row (label 'int8'); int4 without a group: 128 (label
+    'int4:g128'). quant_group is what resolve_model(group=) gets: None for the mode's default (int4's 128
+    then falls back to 64/32 on a matrix whose input 128 does not divide, as the server does)."""
+    from server.model.quant import GROUP_SIZES
+    out = []
+    for part in [p.strip() for p in (spec or "").split(",") if p.strip() and p.strip() != "none"]:
+        mode, _, g = part.partition(":")
+        if mode not in ("int8", "int4"):
+            bad_input(f"unknown quant mode {mode!r} in --quant (use int8, int4, int8:G or int4:G)")
+        try:
+            group = int(g.lstrip("g")) if g else None
+        except ValueError:
+            group = -1
+        if group is not None and group not in GROUP_SIZES:
+            bad_input(f"--quant {part}: the group size must be one of {', '.join(map(str, GROUP_SIZES))}")
+        if mode == "int4":
+            label = f"int4:g{group or 128}"
+            group = None if group in (None, 128) else group
+        else:
+            label = "int8" if group is None else f"int8:g{group}"
+        if label not in [q["quant"] for q in out]:
+            out.append(dict(quant=label, quant_mode=mode, quant_group=group))
+    return out
+
+
+def parse_big_quant(spec: str | None) -> list[tuple[str, dict]]:
+    """`--big-quant` 'llama2-70b:int4:128' -> [(shape, quant item fields)]."""
+    from server.model.config import SYNTHETIC_SHAPES
+    out = []
+    for part in [p.strip() for p in (spec or "").split(",") if p.strip()]:
+        name, _, q = part.partition(":")
+        if name not in SYNTHETIC_SHAPES:
+            bad_input(f"unknown shape {name!r} in --big-quant")
+        out += [(name, x) for x in parse_quant(q or "int4")]
+    return out
+
+
 def system_selected(system: str, patterns: list[str] | None) -> bool:
     if not patterns:
         return True
@@ -57,6 +96,8 @@ def build_plan(args) -> list[dict]:
         if system_selected(system, pats):
             plan.append(dict(system=system, shape=shape, dtype=dtype, prompt=prompt, **extra))
 
+    big_rows = list(args.big_quant_list)
+    quantized = set()   # quantized rows once per shape name: its first dtype (fp16 on a GPU) is the activations'
     for shape, dtype in args.shape_list:
         for sysname in CASE4_DECODE:
             add(sysname, shape, dtype, args.prompt, steps=args.steps)
@@ -64,8 +105,28 @@ def build_plan(args) -> list[dict]:
             add(sysname, shape, dtype, args.prompt, steps=args.steps)
         for p in args.ttft_prompt_list:
             add("case4/prefill", shape, dtype, p)
+        if shape not in quantized:   # issue 26: the same rows with quantized weights, in the same run
+            quantized.add(shape)
+            for q in args.quant_list:
+                for sysname in CASE4_DECODE:
+                    add(sysname, shape, dtype, args.prompt, steps=args.steps, **q)
+                add("case4/prefill", shape, dtype, args.quant_ttft_prompt, **q)
+            if args.peer_shapes is None or shape in args.peer_shapes:
+                for q in args.quant_list:
+                    peer = {"int8": "torch/int8-compile", "int4": "torch/int4-tinygemm"}[q["quant_mode"]]
+                    add(peer, shape, dtype, args.prompt, steps=args.steps, **q)
         add("hf/eager", shape, dtype, args.prompt, steps=args.hf_steps or args.steps)
         add("hf/static-compile", shape, dtype, args.prompt, steps=args.hf_steps or args.steps)
+        if big_rows:  # after the first shape (7B): e.g. Llama-2-70B int4 on one card, device sampling
+            for big, q in big_rows:
+                for sysname in ("case4/exact/device", "case4/dynamic/device"):
+                    add(sysname, big, "float16", args.prompt, steps=args.steps, **q)
+            big_rows = []
+    quantized = set()
     for shape, dtype in args.shape_list:  # the slow oracle last
         add("case4/reference", shape, dtype, args.prompt, steps=args.reference_steps)
+        if shape not in quantized:
+            quantized.add(shape)
+            for q in args.quant_list:
+                add("case4/reference", shape, dtype, args.prompt, steps=args.reference_steps, **q)
     return plan

@@ -17,6 +17,16 @@ class Case4Rows:
         return call_filtered(make_backend, name, model, sessions=1, device=self.device, graph_mode=mode,
                              gemm=self.args.gemm)
 
+    @staticmethod
+    def quant_fields(model, row: dict) -> dict:
+        """A quantized row's layout (quant_group: the group every matrix shares, 0 where they differ) and
+        resident weight bytes (both arenas); returns add_bytes' quant_bytes: what its matrices hold."""
+        w = model.weights
+        if not row.get("quant"):
+            return {}
+        row.update(quant_mode=w.quant, quant_group=w.group, resident_weight_bytes=int(w.nbytes()))
+        return {"quant_bytes": int(w.quant_bytes())}
+
     def graph_stats(self, be) -> dict:
         try:
             st = be.status() or {}
@@ -73,7 +83,7 @@ class Case4Rows:
         _, mode, sampling = item["system"].split("/")
         if self.args.case4_backend == "cuda" and not self.device.startswith("cuda"):
             raise RowSkipped("needs a CUDA device (the cuda backend)")
-        model = self.case4_model(item["shape"], item["dtype"])
+        model = self.case4_model(item["shape"], item["dtype"], item)
         cfg = model.cfg
         steps = int(item["steps"])
         if item["prompt"] + steps + self.args.warmup_steps >= cfg.max_seq_len:
@@ -104,7 +114,7 @@ class Case4Rows:
             row["latency_note"] = "device sampling: all steps in one call, p50/p99 per token not observable"
         if mode in ("exact", "dynamic"):  # dynamic: the capture of its one (or K-step) graph
             self.add_graph_fields(row, g0, g1, runs)
-        self.add_bytes(row, cfg, steps)
+        self.add_bytes(row, cfg, steps, **self.quant_fields(model, row))
 
     def add_graph_fields(self, row: dict, g0: dict, g1: dict, runs: list[dict]) -> None:
         row["graphs"] = g1 or None
@@ -136,7 +146,7 @@ class Case4Rows:
     def row_prefill(self, item: dict, row: dict) -> None:
         if self.args.case4_backend == "cuda" and not self.device.startswith("cuda"):
             raise RowSkipped("needs a CUDA device (the cuda backend)")
-        model = self.case4_model(item["shape"], item["dtype"])
+        model = self.case4_model(item["shape"], item["dtype"], item)
         if item["prompt"] + 1 >= model.cfg.max_seq_len:
             raise RowSkipped(f"prompt exceeds the context of {model.cfg.max_seq_len}")
         ids = prompt_ids(model.cfg, item["prompt"], self.args.seed)
@@ -154,10 +164,11 @@ class Case4Rows:
                     break
         row.update(repeats=len(times), ttft_ms=rnd(median(times), 3), ttft_min_ms=rnd(min(times), 3),
                    note="be.prefill incl. last-position logits to host + argmax")
+        self.quant_fields(model, row)
 
     # ------------------------------------------------------------------ reference backend
     def row_reference(self, item: dict, row: dict) -> None:
-        model = self.case4_model(item["shape"], item["dtype"])
+        model = self.case4_model(item["shape"], item["dtype"], item)
         from server.backends import make_backend
         steps = int(item["steps"])
         ids = prompt_ids(model.cfg, item["prompt"], self.args.seed)
@@ -169,4 +180,4 @@ class Case4Rows:
         row.update(repeats=1, ms_per_token=rnd(ms), tok_s=rnd(1e3 / ms, 2), ttft_ms=rnd(run["ttft_ms"], 3),
                    p50_ms=rnd(percentile(run["per_tok"], 50)), p99_ms=rnd(percentile(run["per_tok"], 99)),
                    first_tokens=run["tokens"][:16], note="be.step per token + host argmax")
-        self.add_bytes(row, model.cfg, steps)
+        self.add_bytes(row, model.cfg, steps, **self.quant_fields(model, row))

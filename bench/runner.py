@@ -19,16 +19,17 @@ import torch
 
 import floors  # bench/floors.py
 import report  # bench/report.py
-from common import (CASE4_DECODE, CASE4_HF, ROW_KEYS, Deadline, FakeContextLost, RowSkipped, call_filtered, cuda_alive,
+from common import (CASE4_DECODE, CASE4_HF, ROW_KEYS, TORCH_QUANT, Deadline, FakeContextLost, RowSkipped, call_filtered, cuda_alive,
                     free_memory, now_s, rnd, test_hook)
 from rows_case4 import Case4Rows
 from rows_ceilings import CeilingRows
 from rows_hf import HFRows
+from rows_torch_quant import TorchQuantRows
 
 DECODE_PY = Path(__file__).resolve().parent / "decode.py"  # the entry point the child processes run
 
 
-class Bench(CeilingRows, Case4Rows, HFRows):
+class Bench(CeilingRows, Case4Rows, HFRows, TorchQuantRows):
     def __init__(self, args, deadline: Deadline, copy_GBps: float | None = None, rows_file: Path | None = None):
         self.args = args
         self.device = args.device
@@ -42,16 +43,25 @@ class Bench(CeilingRows, Case4Rows, HFRows):
         self.current = None                 # the item being measured (for the watchdog)
         self.gemm_TFLOPs = None
 
-    # -- model cache: one Case4 model per (shape, dtype), shared by the case4 rows
-    def case4_model(self, shape: str, dtype: str):
-        key = (shape, dtype)
+    # -- model cache: one Case4 model per (shape, dtype, quant), shared by the case4 rows
+    def case4_model(self, shape: str, dtype: str, item: dict | None = None):
+        """The synthetic model of a row; a quantized row's (item quant_mode / quant_group) is drawn quantized
+        in place (resolve_model(quant=, group=): no fp16 copy of its matrices). A model that cannot fit the
+        device (check_fits) skips the row, saying what it needs."""
+        item = item or {}
+        key = (shape, dtype, item.get("quant"))
         if self._model_key == key and self._model is not None:
             return self._model
         self.drop_model()
+        from server.model.memory import ModelTooLarge
         from server.model.resolve import resolve_model
         t0 = now_s()
-        self._model = call_filtered(resolve_model, f"synthetic:{shape}", dtype=dtype, device=self.device,
-                                    seed=self.args.seed, max_seq=self.args.max_seq)
+        try:
+            self._model = call_filtered(resolve_model, f"synthetic:{shape}", dtype=dtype, device=self.device,
+                                        seed=self.args.seed, max_seq=self.args.max_seq, quant=item.get("quant_mode"),
+                                        group=item.get("quant_group"))
+        except ModelTooLarge as e:   # check_fits (e.g. 70B without enough memory): the row says so
+            raise RowSkipped(str(e)) from None
         self._model_key = key
         self._model_load_s = now_s() - t0
         return self._model
@@ -68,19 +78,28 @@ class Bench(CeilingRows, Case4Rows, HFRows):
     # -- row bookkeeping
     def base_row(self, item: dict) -> dict:
         row = {k: None for k in ROW_KEYS}
-        row.update({k: item.get(k) for k in ("system", "shape", "dtype", "prompt", "steps")})
+        row.update({k: item.get(k) for k in ("system", "shape", "dtype", "quant", "prompt", "steps")})
         return row
 
-    def add_bytes(self, row: dict, cfg, steps: int) -> None:
+    def add_bytes(self, row: dict, cfg, steps: int, quant_bytes: int | None = None) -> None:
+        """bytes_per_token, achieved_GBps, bw_fraction, floor_ms_per_token. `quant_bytes`: a quantized
+        row's matrix bytes, summed from the tensors it actually reads (ModelWeights.quant_bytes(), or a
+        torch peer's own); the norms, one embedding row and the KV cache stay in the model dtype."""
         if row.get("ms_per_token") is None or cfg is None:
             return
-        b = floors.bytes_per_token(cfg, row["dtype"], row["prompt"], steps)
+        if quant_bytes is not None:
+            w = quant_bytes + floors.dense_bytes_per_token(cfg, row["dtype"])
+            row["quant_matrix_bytes"] = int(quant_bytes)
+        else:
+            w = floors.weight_bytes_per_token(cfg, row["dtype"])
+        b = w + floors.mean_kv_bytes(cfg, row["dtype"], row["prompt"], steps)
         row["bytes_per_token"] = int(b)
-        row["weight_bytes_per_token"] = floors.weight_bytes_per_token(cfg, row["dtype"])
+        row["weight_bytes_per_token"] = int(w)
         ms = row["ms_per_token"]
         row["achieved_GBps"] = rnd(b / (ms / 1e3) / 1e9, 2) if ms else None
         if self.copy_GBps:
-            row["bw_fraction"] = rnd(row["achieved_GBps"] / self.copy_GBps, 5) if ms else None
+            # 5 significant digits (a CPU smoke run's fraction is far below 1e-5)
+            row["bw_fraction"] = float(f"{b / (ms / 1e3) / 1e9 / self.copy_GBps:.5g}") if ms else None
             row["floor_ms_per_token"] = rnd(floors.floor_ms(b, self.copy_GBps), 4)
 
     def emit(self, row: dict, echo: bool = True) -> None:
@@ -145,6 +164,8 @@ class Bench(CeilingRows, Case4Rows, HFRows):
         big = item["shape"] not in ("tiny", "tiny-mha", "tiny-partial", "smollm2-135m")
         if item["system"] == "hf/static-compile" and self.device.startswith("cuda"):
             return 150.0 if big else 70.0
+        if item["system"] in TORCH_QUANT and self.device.startswith("cuda"):
+            return 60.0 if big else 30.0   # inductor compiles one layer and the head, then one CUDA graph
         if item["system"] == "hf/eager" and self.device.startswith("cuda"):
             return 40.0 if big else 15.0
         return 0.0
@@ -158,6 +179,8 @@ class Bench(CeilingRows, Case4Rows, HFRows):
             return self.row_case4
         if system in CASE4_HF:
             return self.row_case4_hf
+        if system in TORCH_QUANT:
+            return self.row_torch_quant
         return {"case4/prefill": self.row_prefill, "case4/reference": self.row_reference,
                 "hf/eager": self.row_hf, "hf/static-compile": self.row_hf}[system]
 
@@ -241,9 +264,10 @@ def start_watchdog(args, bench: Bench, plan: list[dict], t_start: float, write, 
                         row = bench.base_row(cur)
                         row["error"] = f"hung: still running when the watchdog fired at {hard:.0f} s"
                         bench.rows.append(row)
-                    started = {(r.get("system"), r.get("shape"), r.get("dtype"), r.get("prompt")) for r in bench.rows}
+                    started = {(r.get("system"), r.get("shape"), r.get("dtype"), r.get("quant"), r.get("prompt"))
+                               for r in bench.rows}
                     for it in plan:
-                        if (it["system"], it["shape"], it["dtype"], it["prompt"]) not in started:
+                        if (it["system"], it["shape"], it["dtype"], it.get("quant"), it["prompt"]) not in started:
                             row = bench.base_row(it)
                             row["skipped"] = "watchdog: the run was stopped"
                             bench.rows.append(row)

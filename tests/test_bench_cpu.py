@@ -101,13 +101,15 @@ def test_plan_filters_and_order():
     import decode
     from common import gpu_slug
     from plan import build_plan
-    a = decode.parse_args(["--device", "cuda", "--systems", "case4/*/device,hf/eager", "--shapes", "smollm2-135m"])
+    a = decode.parse_args(["--device", "cuda", "--systems", "case4/*/device,hf/eager", "--shapes", "smollm2-135m",
+                           "--quant", "none", "--big-quant", ""])
     plan = build_plan(a)
     assert [p["system"] for p in plan] == ["case4/exact/device", "case4/dynamic/device", "case4/none/device",
                                            "hf/eager"]
     a = decode.parse_args(["--device", "cuda"])
     shapes = [s for s in dict.fromkeys((p["shape"], p["dtype"]) for p in build_plan(a))]
-    assert shapes == [("llama2-7b", "float16"), ("smollm2-135m", "float16"), ("llama2-7b", "bfloat16")]
+    assert shapes == [("llama2-7b", "float16"), ("llama2-70b", "float16"), ("smollm2-135m", "float16"),
+                      ("llama2-7b", "bfloat16")]   # 70B: int4 only (--big-quant), right after the 7B rows
     q = decode.parse_args(["--device", "cuda", "--quick"])
     assert q.steps == 64 and q.repeats == 1 and q.ttft_prompt_list == [512]
     assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
@@ -163,3 +165,114 @@ def test_bench_budget_and_lost_context(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads(sorted(out2.glob("*.json"))[0].read_text())
     assert all(r.get("skipped") for r in doc["rows"]), doc["rows"]
+
+
+# ----------------------------------------------------------------------------- quantized rows (issue 26)
+
+def _independent_weight_bytes(mode: str, group, prompt: int, steps: int):
+    """What a quantized tiny step reads, summed from the built QuantLinear tensors themselves (not
+    ModelWeights.quant_bytes()) plus the norms and one embedding row in fp32, and the mean KV bytes."""
+    from server.model.quant import QuantLinear
+    from server.model.resolve import resolve_model
+    m = resolve_model("synthetic:tiny", dtype="float32", device="cpu", seed=0, quant=mode, group=group)
+    w, cfg = m.weights, m.cfg
+    mats = [getattr(lw, k) for lw in w.layers for k in ("w_qkv", "w_o", "w_gu", "w_down")] + [w.lm_head]
+    assert all(isinstance(x, QuantLinear) and x.mode == mode for x in mats)
+    qbytes = sum(t.numel() * t.element_size() for x in mats for t in (x.q, x.scale, x.minv) if t is not None)
+    H, L = cfg.hidden_size, cfg.num_layers
+    weights = qbytes + ((2 * L + 1) * H + H) * 4
+    kv_pos = L * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    kv = kv_pos * ((prompt + prompt + steps - 1) / 2 + 2)
+    return weights, weights + kv, w.nbytes()
+
+
+def test_bench_cpu_quant_rows(tmp_path):
+    """--quant int8,int4:32 on CPU: quantized reference-backend rows with a quant field whose bytes per token
+    are those of the quantized tensors (checked against a sum over the QuantLinear tensors), and the torch
+    peers as skipped rows with their reason."""
+    p = run_bench(tmp_path, "--quant", "int8,int4:32", "--quant-ttft-prompt", "16", "--case4-backend", "reference",
+                  "--systems", "case4/none/*,case4/prefill,case4/reference,torch/*")
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = load_result(tmp_path)
+    check_schema(doc)
+    rows = doc["rows"][2:]
+    fp = {r["system"]: r for r in rows if r["quant"] is None}
+    for label, mode, group in (("int8", "int8", None), ("int4:g32", "int4", 32)):
+        q = {r["system"]: r for r in rows if r["quant"] == label}
+        assert {"case4/none/device", "case4/none/client", "case4/prefill", "case4/reference"} <= set(q), q.keys()
+        w, b, resident = _independent_weight_bytes(mode, group, 32, 4)
+        for s in ("case4/none/device", "case4/none/client"):
+            r = q[s]
+            assert r["quant_mode"] == mode and r["tok_s"] > 0
+            assert r["weight_bytes_per_token"] == w and r["bytes_per_token"] == int(b)
+            assert r["bytes_per_token"] < fp[s]["bytes_per_token"]
+            want = b / (r["ms_per_token"] / 1e3) / 1e9 / doc["copy_GBps"]
+            assert abs(r["bw_fraction"] / want - 1) < 0.02   # copy_GBps and ms_per_token are rounded
+            assert r["resident_weight_bytes"] == resident
+        assert doc["floors"][f"tiny:float32:{label}"]["weight_bytes_per_token"] == w   # from the shapes alone
+        assert q["case4/prefill"]["ttft_ms"] > 0
+        peer = q["torch/int8-compile" if mode == "int8" else "torch/int4-tinygemm"]
+        assert "GPU only" in peer["skipped"] and peer["tok_s"] is None
+    md = sorted(tmp_path.glob("*.md"))[0].read_text()
+    assert "| case4/none/device | int4:g32 |" in md and "| case4/none/device | none |" in md
+
+
+def test_quant_plan_and_bad_input():
+    import decode
+    from plan import build_plan
+    a = decode.parse_args(["--device", "cuda"])
+    assert [q["quant"] for q in a.quant_list] == ["int8", "int4:g128"] and a.budget_s == 480
+    plan = build_plan(a)
+    key = [(p["system"], p["shape"], p["dtype"], p.get("quant"), p["prompt"]) for p in plan]
+    assert len(key) == len(set(key))
+    assert ("case4/exact/device", "llama2-7b", "float16", "int4:g128", 32) in key
+    assert ("case4/prefill", "llama2-7b", "float16", "int4:g128", 512) in key
+    assert ("case4/dynamic/client", "smollm2-135m", "float16", "int8", 32) in key
+    assert not any(p.get("quant") and p["dtype"] == "bfloat16" for p in plan)   # quantized once per shape
+    peers = [(p["system"], p["shape"]) for p in plan if p["system"].startswith("torch/")]
+    assert peers == [("torch/int8-compile", "llama2-7b"), ("torch/int4-tinygemm", "llama2-7b")]
+    big = [i for i, p in enumerate(plan) if p["shape"] == "llama2-70b"]
+    assert [plan[i]["system"] for i in big] == ["case4/exact/device", "case4/dynamic/device"]
+    assert big[0] < next(i for i, p in enumerate(plan) if p["shape"] == "smollm2-135m")   # right after 7B
+    assert decode.parse_args(["--device", "cpu"]).quant_list == []
+    for bad in (["--quant", "int3"], ["--quant", "int4:100"]):
+        p = subprocess.run([sys.executable, str(BENCH / "decode.py"), "--device", "cpu", *bad],
+                           capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+        assert p.returncode == 2 and "--quant" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_issue26_verdicts():
+    """The issue-26 verdicts from rows built by hand (ratios and fractions on both sides of each bar)."""
+    import report
+
+    def row(system, tok_s, quant=None, shape="llama2-7b", bw=None, **kw):
+        return dict(system=system, shape=shape, dtype="float16", quant=quant, prompt=32, tok_s=tok_s,
+                    ms_per_token=1e3 / tok_s if tok_s else None, bw_fraction=bw, **kw)
+    rows = [row("case4/exact/device", 200.0, bw=0.97), row("case4/exact/device", 380.0, "int8", bw=0.91),
+            row("case4/dynamic/device", 500.0, "int4:g128", bw=0.70), row("torch/int4-tinygemm", 180.0, "int4:g128"),
+            row("case4/exact/device", 72.0, "int4:g128", "llama2-70b", 0.85, resident_weight_bytes=36.5e9),
+            dict(row("case4/prefill", None), prompt=512, ttft_ms=20.0),
+            dict(row("case4/prefill", None, "int4:g128"), prompt=512, ttft_ms=27.0)]
+    got = [verdict for _, _, verdict in report.targets26({}, rows)]
+    assert got == ["PASS", "PASS", "FAIL", "PASS", "PASS", "FAIL", "n/a"], report.targets26({}, rows)
+
+
+def test_torch_int8_peer_math(monkeypatch):
+    """The torch/int8-compile peer's linear against a float64 oracle on fresh random inputs, and its decode
+    step run eagerly on CPU (torch.compile left out: the GPU row compiles it) writing the KV cache and the
+    greedy token history; the int4 peer's tinygemm exists only on CUDA."""
+    import torch
+    import rows_torch_quant as tq
+    g = torch.Generator().manual_seed(1234)
+    lin = tq._Int8(48, 64, g, "cpu")
+    x = torch.randn(1, 64, generator=g)
+    oracle = x.double() @ (lin.w.double() * lin.s.double()[:, None]).T
+    assert torch.allclose(tq._Int8.apply(x, *lin.tensors()).double(), oracle, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    m = tq.TorchQuantModel(floors.shape_config("tiny"), "torch/int8-compile", 64, 0, "cpu")
+    assert tq.quant_tensor_bytes(m.mats) == sum(mm.w.numel() + 2 * mm.s.numel() for mm in m.mats)
+    m.tok.fill_(7)
+    for _ in range(3):
+        m._step()
+    assert int(m.pos) == 3 and all(0 <= t < 512 for t in m.hist[1:4].tolist())
+    assert m.k[0][:, :, :3].abs().sum() > 0 and m.k[0][:, :, 3:].abs().sum() == 0
