@@ -1,8 +1,10 @@
 """The `Backend` interface the server process drives (docs/architecture.md "Backend"),
 declared in code, and the argument checks every backend shares.
 
-Implementations: `ReferenceBackend` (server/reference_backend.py, pure torch, any device)
-and `CudaBackend` (server/cuda_backend.py, custom kernels + CUDA graphs). The factory that
+Implementations: `ReferenceBackend` (server/reference_backend.py, pure torch, any device),
+`HFBackend` (server/hf_backend.py, transformers' model) and `CudaBackend`
+(server/cuda_backend.py, custom kernels + CUDA graphs); the first two share
+`TorchLogitsBackend` below. The factory that
 picks one is server/backends.py. This module imports neither, so a backend can import it
 without an import circle.
 """
@@ -12,10 +14,11 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from case4_errors import BadInput
+from case4_errors import BadInput, GraphsUnavailable
 from case4_sampling import SamplingParams
 from server.kv import KVArena
 from server.model.resolve import LoadedModel
+from server.reference_sampler import device_sample
 
 
 class Backend(ABC):
@@ -133,3 +136,40 @@ class Backend(ABC):
         if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.cfg.vocab_size:
             raise BadInput(f"token {token!r} out of range [0, {self.cfg.vocab_size})")
         return token
+
+
+class TorchLogitsBackend(Backend):
+    """A backend that keeps each session's last logits as a torch tensor in `self.last` and has no
+    background graph capture (reference, hf): device sampling is server/reference_sampler.py on those
+    logits, and `generate` is step + sample per token."""
+    no_bg_capture = "background graph capture is unavailable"  # each subclass says why, in one line
+
+    def sample(self, session: int, params: SamplingParams, position: int) -> int:
+        logits = self.last[self.kv.check_session(session)]
+        if logits is None:
+            raise BadInput(f"sample: session {session} has no logits yet (prefill it first)")
+        return device_sample(logits, params, position)
+
+    def generate(self, session: int, start_token: int, steps: int, params: SamplingParams,
+                 stop_ids=()) -> list[int]:
+        out, tok = [], self.check_token(start_token)
+        for _ in range(steps):
+            pos = self.seq_len(session)  # the position of the fed token keys the draw
+            self.step(session, tok)
+            tok = self.sample(session, params, pos)
+            out.append(tok)
+            if tok in stop_ids:
+                break
+        return out
+
+    def _no_bg(self, *_a, **_k):
+        raise GraphsUnavailable(self.no_bg_capture)
+
+    def bg_capture_start(self, session: int, window: int) -> dict:
+        self._no_bg()
+
+    def wait_precapture(self, session: int, count: int, timeout_s: float = 60.0) -> dict:
+        self._no_bg()
+
+    def bg_capture_stop(self, session: int = -1) -> dict:
+        self._no_bg()

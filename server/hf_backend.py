@@ -30,14 +30,12 @@ from pathlib import Path
 
 import torch
 
-from case4_errors import BadInput, GraphsUnavailable
-from case4_sampling import SamplingParams
-from server.backend import Backend
+from case4_errors import BadInput
+from server.backend import TorchLogitsBackend
 from server.model.config import ConfigError, ModelConfig, config_from_hf, hf_config_dict, with_max_seq
 from server.model.resolve import (DEFAULT_MAX_SEQ, ModelError, _eos_ids, _read_config, _tokenizer_dir,
                                   resolve_folder, resolve_model)
 from server.model.weights import hf_state_dict, parse_dtype
-from server.reference_sampler import device_sample
 
 ATTNS = ("sdpa", "flash2", "xformers", "eager")
 QUANTS = ("none", "int8")
@@ -285,8 +283,10 @@ class _Graph:
         self.out = None   # [1, 1, V] logits the graph writes
 
 
-class HFBackend(Backend):
+class HFBackend(TorchLogitsBackend):
     name = "hf"
+    no_bg_capture = ("the hf backend has no background graph capture (its one graph per session is captured "
+                     "on the fly: --precapture 0 --no-bg-capture)")
     WARMUP_STEPS = 2  # eager steps on the static cache before a session's capture
 
     def __init__(self, model: HFModel, sessions: int = 1, graph_mode: str = "exact", force_flash: bool = False):
@@ -396,24 +396,6 @@ class HFBackend(Backend):
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         g.graph = graph
 
-    def sample(self, session: int, params: SamplingParams, position: int) -> int:
-        logits = self.last[self.kv.check_session(session)]
-        if logits is None:
-            raise BadInput(f"sample: session {session} has no logits yet (prefill it first)")
-        return device_sample(logits, params, position)
-
-    def generate(self, session: int, start_token: int, steps: int, params: SamplingParams,
-                 stop_ids=()) -> list[int]:
-        out, tok = [], self.check_token(start_token)
-        for _ in range(steps):
-            pos = self.seq_len(session)  # the position of the fed token keys the draw
-            self.step(session, tok)
-            tok = self.sample(session, params, pos)
-            out.append(tok)
-            if tok in stop_ids:
-                break
-        return out
-
     def reset(self, session: int) -> None:
         s = self.kv.check_session(session)
         self.kv.seq_len[s] = 0
@@ -425,20 +407,6 @@ class HFBackend(Backend):
             c.reset()  # zeroes in place: a captured graph keeps its tensors
         else:
             self.caches[s] = None
-
-    # -- graphs: transformers' graph is per session and captured on the fly, not ahead
-    def _no_bg(self, *_a, **_k):
-        raise GraphsUnavailable("the hf backend has no background graph capture (its one graph per session "
-                                "is captured on the fly: --precapture 0 --no-bg-capture)")
-
-    def bg_capture_start(self, session: int, window: int) -> dict:
-        self._no_bg()
-
-    def wait_precapture(self, session: int, count: int, timeout_s: float = 60.0) -> dict:
-        self._no_bg()
-
-    def bg_capture_stop(self, session: int = -1) -> dict:
-        self._no_bg()
 
     def status(self) -> dict:
         p = next(self.hf.parameters())

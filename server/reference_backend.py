@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from case4_errors import BadInput, GraphsUnavailable
-from case4_sampling import SamplingParams
-from server.backend import Backend
+from server.backend import TorchLogitsBackend
 from server.kv import KVArena
 from server.model.resolve import LoadedModel
 from server.reference import ReferenceDecoder
-from server.reference_sampler import device_sample
 
 
-class ReferenceBackend(Backend):
+class ReferenceBackend(TorchLogitsBackend):
     name = "reference"
+    no_bg_capture = "CUDA graphs are unavailable on the reference backend (use --backend cuda on a GPU)"
 
     def __init__(self, model: LoadedModel, sessions: int = 1):
         super().__init__(model, sessions)
@@ -50,39 +48,9 @@ class ReferenceBackend(Backend):
         self.check_position(session, seq_len)
         return self.step(session, token)
 
-    def sample(self, session: int, params: SamplingParams, position: int) -> int:
-        logits = self.last[self.kv.check_session(session)]
-        if logits is None:
-            raise BadInput(f"sample: session {session} has no logits yet (prefill it first)")
-        return device_sample(logits, params, position)
-
-    def generate(self, session: int, start_token: int, steps: int, params: SamplingParams,
-                 stop_ids=()) -> list[int]:
-        out, tok = [], self.check_token(start_token)
-        for _ in range(steps):
-            pos = self.seq_len(session)  # the position of the fed token keys the draw
-            self.step(session, tok)
-            tok = self.sample(session, params, pos)
-            out.append(tok)
-            if tok in stop_ids:
-                break
-        return out
-
     def reset(self, session: int) -> None:
         self.kv.seq_len[self.kv.check_session(session)] = 0
         self.last[session] = None
-
-    def _no_graphs(self, *_a, **_k):
-        raise GraphsUnavailable("CUDA graphs are unavailable on the reference backend (use --backend cuda on a GPU)")
-
-    def bg_capture_start(self, session: int, window: int) -> dict:
-        self._no_graphs()
-
-    def wait_precapture(self, session: int, count: int, timeout_s: float = 60.0) -> dict:
-        self._no_graphs()
-
-    def bg_capture_stop(self, session: int = -1) -> dict:
-        self._no_graphs()
 
     def status(self) -> dict:
         w = self.model.weights
