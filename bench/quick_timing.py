@@ -92,7 +92,7 @@ def gemv_bw(ext, pdl=1):
 def qgemv_bw(ext, pdl=3):
     """The quantized gemv (gemv_quant.cu) on the 7B shapes: int8 one scale a row, int4 in groups of 128; GB/s of
     the bytes it reads (q + scales + minimums + the input + the output), over > L2 worth of weights."""
-    from quant_models import random_quant
+    from server.model.quant import empty_quant, random_quant
     rows = []
     st = torch.cuda.current_stream().cuda_stream
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -100,7 +100,8 @@ def qgemv_bw(ext, pdl=3):
         for name, N, K, mode in [("qkv 7B", 12288, 4096, 0), ("o 7B", 4096, 4096, 1), ("gate|up 7B", 11008, 4096, 2),
                                  ("down 7B", 4096, 11008, 1), ("lm_head 7B", 32000, 4096, 3)]:
             nmat = 2 if mode == 2 else 1
-            qls = [random_quant(qmode, nmat * N, K, G, g) for _ in range(4)]
+            qls = [random_quant(empty_quant(nmat * N, K, qmode, G or K, "cuda"), 1 / math.sqrt(K), g)
+                   for _ in range(4)]
             x = torch.randn(K, device="cuda").half()
             out = torch.zeros(N, device="cuda", dtype=torch.float32 if mode == 3 else torch.float16)
             nw = torch.ones(K, device="cuda").half()
@@ -370,7 +371,7 @@ def main():
     ap.add_argument("--timeline-prompts", default="32", help="prompt lengths of the timeline (T of its steps)")
     ap.add_argument("--quant", default="",
                     help="quantized decode rows mode:group,... (e.g. int8:0,int4:128; group 0: one scale a row), "
-                         "each with random QuantLinear weights on the GPU (bench/quant_models.py), dynamic and exact "
+                         "each with the server's synthetic quantized weights (synthetic:<shape> --quant), dynamic and exact "
                          "graphs, PDL 3; floor from the quantized bytes")
     ap.add_argument("--options", default="default",
                     help="EngineOptions sets (name=value+...) to run the timeline with, comma-separated (A/B)")
@@ -441,14 +442,18 @@ def main():
             print(r, flush=True)
             report["decode"].append({**r, "tokens": toks})  # the JSON keeps them: A/B of two builds (ab_builds.sh)
         for spec in filter(None, a.quant.split(",")):
-            from quant_models import quant_weight_bytes, quantize_random
+            from floors import dense_bytes_per_token
+            from server.model.weights import quant_schemes
             qmode, _, G = spec.partition(":")
-            quantize_random(w, qmode, int(G or 0))
-            qb = quant_weight_bytes(w)
+            # the server's own synthetic quantized weights (drawn in place), as `synthetic:<shape> --quant`
+            schemes = quant_schemes(cfg, qmode, int(G) if G and G != "0" else None, f"synthetic:{shape}")
+            qw = synthetic_weights(cfg, "float16", "cuda", 0, schemes=schemes)
+            qmodel = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=qw, tokenizer_dir=None, eos_ids=())
+            qb = qw.quant_bytes() + dense_bytes_per_token(cfg, "float16")
             qfloor = qb / (report["copy_GBps"] * 1e9) * 1e3
             for mode in ("dynamic", "exact"):
                 try:
-                    r = time_backend(model, mode, "custom", a.steps, parse_options(ext, "default", "3"))
+                    r = time_backend(qmodel, mode, "custom", a.steps, parse_options(ext, "default", "3"))
                 except Exception as e:
                     r = {"mode": mode, "gemm": "custom", "error": f"{type(e).__name__}: {e}", "tokens": None}
                 r.pop("tokens", None)
@@ -458,6 +463,7 @@ def main():
                     r["bw_fraction"] = round(qfloor / r["ms_per_token"], 4)
                 print(r, flush=True)
                 report["decode"].append(r)
+            del qmodel, qw
         del model, w
         torch.cuda.empty_cache()
     if a.ttft:
