@@ -394,3 +394,60 @@ def test_quant_prefill_dequant_scratch():
             assert a == b or abs(float(want[a] - want[b])) < 1e-2 * float(want.abs().max()), (n, a, b)
     finally:
         be.close()
+
+
+def test_builtin_gguf_on_cuda_matches_dequant_oracle():
+    """The built-in model as the README's first command runs it on a GPU: the real SmolLM2 GGUF with its own Q4_1
+    layers (int4 G32) and Q8_0 lm_head (int8 G32), every matrix read by the quantized kernels. Teacher-forced over
+    the committed text (tests/data/quant_text.txt) against the fp32 reference on the file's exact dequantized
+    values: test_step.py's fp16 bound per step and the same argmax except at fp16 near-ties; then greedy through
+    device sampling == the host argmax of our own steps, and exact graphs == eager bitwise."""
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    from server.cuda_backend import CudaBackend
+    from server.model.resolve import resolve_model
+    from tests.gpu.test_step import near_tie, rel as rel_step
+    model = resolve_model("smollm2", "float16", "cuda", max_seq=1024)
+    assert isinstance(model.weights.layers[0].w_qkv, QuantLinear) and model.weights.layers[0].w_qkv.mode == "int4"
+    assert isinstance(model.weights.lm_head, QuantLinear) and model.weights.lm_head.mode == "int8"
+    text = (Path(__file__).resolve().parents[1] / "data" / "quant_text.txt").read_text()
+    ids = AutoTokenizer.from_pretrained(str(model.tokenizer_dir))(text)["input_ids"][:264]
+    prompt, feed = ids[:8], ids[8:]
+    be = CudaBackend(model, sessions=1, graph_mode="none")
+    try:
+        assert be.status()["quant"] == "int4+int8"
+        ref = dequant_oracle(model)
+        be.prefill(0, prompt)
+        want = ref.prefill(0, prompt)
+        be.kv.kv[0].copy_(ref.kv.kv[0])
+        torch.cuda.synchronize()
+        worst, ties, agree = 0.0, 0, 0
+        for tok in feed:
+            out, want = be.step(0, tok).clone(), ref.step(0, tok)
+            worst = max(worst, rel_step(out, want))
+            a = int(out.argmax())
+            if a == int(want.argmax()):
+                agree += 1
+            else:
+                ties += near_tie(want, a)
+        print(f"built-in GGUF: worst rel err {worst:.2e}, argmax agree {agree}/{len(feed)}, near-ties {ties}")
+        assert worst < 2e-2, f"logits off the oracle: worst rel err {worst:.2e}"
+        assert agree + ties == len(feed), "an argmax disagreement that is not an fp16 near-tie"
+        tok = int(be.prefill(0, prompt).argmax())
+        host, t = [], tok
+        for _ in range(48):
+            t = int(be.step(0, t).argmax())
+            host.append(t)
+        be.prefill(0, prompt)
+        assert be.generate(0, tok, 48, _greedy()) == host
+    finally:
+        be.close()
+    be = CudaBackend(model, sessions=1, graph_mode="exact")
+    try:
+        tok = int(be.prefill(0, prompt).argmax())
+        be.bg_capture_start(0, 64)
+        be.wait_precapture(0, 32, 120.0)
+        assert be.generate(0, tok, 48, _greedy()) == host
+        assert be.status()["graphs"]["failures"] == 0
+    finally:
+        be.close()
