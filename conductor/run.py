@@ -191,7 +191,9 @@ class Generation:
             self.tokens.append(int(tok))
             self.t_tok.append(ti)
         self.pieces.append(text)
-        if text and self.on_text is not None:
+        # tokens whose text is still empty (a byte token inside a UTF-8 character, or an id with no text) go on
+        # too: a serve request that asked for logprobs streams them as they come (conductor/serve.py on_text)
+        if token_ids and self.on_text is not None:
             self.on_text(text)
 
     def prompt_tokens(self) -> list[int]:
