@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import sys
 import threading
 import time
@@ -745,9 +746,17 @@ def main(argv=None) -> int:
     def failed_start():  # the model did not load: no point in answering 503 forever
         server.should_exit = True
     engine.on_failed_start = failed_start
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again through the handlers it found:
+    # with Python's own, a Ctrl-C ended in a KeyboardInterrupt traceback and a SIGTERM killed the orchestrator
+    # before it stopped its children. These handlers only note the signal; the stop is the normal way out.
+    stopped_by: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda n, _f: stopped_by.append(signal.Signals(n).name))
     engine.start()
     try:
         server.run()
     finally:
         engine.close()
+    if stopped_by:
+        log(f"serve: stopped ({stopped_by[0]})")
     return engine.exit_code

@@ -67,16 +67,20 @@ class Server:
     def child_pid(self, name: str) -> int:
         return int(re.search(rf"{name} pid (\d+)", self.log.read_text()).group(1))
 
-    def stop(self):
-        """Ctrl-C: the children stop and the shared memory is unlinked (checked where Linux shows it)."""
+    def stop(self, sig=signal.SIGINT):
+        """Ctrl-C (or SIGTERM): serve says it stopped, with no traceback; the children stop and the shared memory is
+        unlinked (checked where Linux shows it)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-                raise AssertionError("serve did not stop on SIGINT within 30 s") from None
+                raise AssertionError(f"serve did not stop on {sig.name} within 30 s") from None
+            log = self.log.read_text()
+            assert "Traceback" not in log, log[-3000:]
+            assert f"serve: stopped ({sig.name})" in log, log[-3000:]
         shm = re.search(r"shm (\S+)", self.log.read_text())
         if shm and Path("/dev/shm").is_dir():
             assert not (Path("/dev/shm") / shm.group(1)).exists(), "shared memory left behind"

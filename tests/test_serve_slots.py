@@ -33,7 +33,7 @@ def one(model_dir, tmp_path_factory):  # noqa: F811
     s = Server(model_dir, tmp_path_factory.mktemp("one") / "serve.log", "--slots", "1", "--schedule", "fcfs",
                "--sampling", "device")
     yield s
-    s.stop()
+    s.stop(signal.SIGTERM)  # a service manager's stop
 
 
 @pytest.fixture(scope="module")
