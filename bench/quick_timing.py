@@ -96,7 +96,7 @@ def qgemv_bw(ext, pdl=3):
     rows = []
     st = torch.cuda.current_stream().cuda_stream
     g = torch.Generator(device="cuda").manual_seed(0)
-    for qmode, G in (("int8", 0), ("int4", 128)):
+    for (qmode, G), blocks in [(q, b) for q in (("int8", 0), ("int4", 128), ("int4", 32)) for b in (2, 3)]:
         for name, N, K, mode in [("qkv 7B", 12288, 4096, 0), ("o 7B", 4096, 4096, 1), ("gate|up 7B", 11008, 4096, 2),
                                  ("down 7B", 4096, 11008, 1), ("lm_head 7B", 32000, 4096, 3)]:
             nmat = 2 if mode == 2 else 1
@@ -110,7 +110,7 @@ def qgemv_bw(ext, pdl=3):
                 ext.qgemv(ql.q.data_ptr(), ql.scale.data_ptr(), ql.minv.data_ptr() if ql.minv is not None else 0,
                           8 if qmode == "int8" else 4, ql.group, N, K, x.data_ptr(),
                           nw.data_ptr() if mode in (0, 2, 3) else 0, 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4,
-                          pdl=pdl)
+                          pdl=pdl, min_blocks=blocks)
             for ql in qls:
                 run(ql)
             torch.cuda.synchronize()
@@ -122,7 +122,7 @@ def qgemv_bw(ext, pdl=3):
             e1.record(); e1.synchronize()
             us = e0.elapsed_time(e1) * 1e3 / it
             byts = qls[0].nbytes() + K * 2 + N * (4 if mode == 3 else 2)
-            rows.append({"kernel": f"{qmode} G={qls[0].group} {name}", "pdl": pdl, "N": N, "K": K, "us": round(us, 2),
+            rows.append({"kernel": f"{qmode} G={qls[0].group} {blocks}/SM {name}", "pdl": pdl, "N": N, "K": K, "us": round(us, 2),
                          "GB/s": round(byts / us / 1e3, 1), "bytes": byts})
             del qls
     return rows
@@ -451,14 +451,18 @@ def main():
             qmodel = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=qw, tokenizer_dir=None, eos_ids=())
             qb = qw.quant_bytes() + dense_bytes_per_token(cfg, "float16")
             qfloor = qb / (report["copy_GBps"] * 1e9) * 1e3
-            for mode in ("dynamic", "exact"):
+            q_first = None  # this spec's first row's tokens: every variant must give the same greedy tokens
+            for mode, opt in (("dynamic", "default"), ("exact", "default"), ("dynamic", "qgemv_blocks=3"),
+                              ("exact", "qgemv_blocks=3")):
                 try:
-                    r = time_backend(qmodel, mode, "custom", a.steps, parse_options(ext, "default", "3"))
+                    r = time_backend(qmodel, mode, "custom", a.steps, parse_options(ext, opt, "3"))
                 except Exception as e:
                     r = {"mode": mode, "gemm": "custom", "error": f"{type(e).__name__}: {e}", "tokens": None}
-                r.pop("tokens", None)
-                r.update({"shape": shape, "quant": f"{qmode} G={G or 'K'}", "pdl": 3, "options": f"quant {spec}",
-                          "weight_bytes": qb, "floor_ms": round(qfloor, 3), "tokens_equal_first_row": None})
+                toks = r.pop("tokens", None)
+                q_first = toks if q_first is None else q_first
+                r.update({"shape": shape, "quant": f"{qmode} G={G or 'K'}", "pdl": 3, "options": f"quant {spec} {opt}",
+                          "weight_bytes": qb, "floor_ms": round(qfloor, 3),
+                          "tokens_equal_first_row": None if toks is None else toks == q_first})
                 if r.get("ms_per_token"):
                     r["bw_fraction"] = round(qfloor / r["ms_per_token"], 4)
                 print(r, flush=True)

@@ -6,6 +6,9 @@ The oracle is server.model.quant.dequantize (the layout's definition) in float64
 normed input twice). Each failure names the matrix, the mode and the first wrong rows, so a wrong tile, chunk
 or group shows as a row pattern.
 
+The gemv is compiled for 2 or 3 blocks a SM (EngineOptions.qgemv_blocks): every gemv test runs both, and they must
+give the same bits.
+
 The dequantization kernel (prefill's scratch) must equal dequantize(ql).to(dtype) bit for bit: both compute
 q * scale (+ minv) exactly in fp32 and round once. It shares the unpacking code with the gemv, so a wrong nibble
 order shows there first, element by element.
@@ -116,16 +119,21 @@ def test_qgemv_modes(dtype, N, K, mode, G):
                 out, ref = torch.full((N,), float("nan"), device="cuda", dtype=dt), y * torch.sigmoid(y) * u
             else:
                 out, ref = torch.full((N,), float("nan"), device="cuda", dtype=torch.float32), y
-            ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5,
-                      out.data_ptr(), om, DTI[dtype], stream(), 0, MAX_BLOCKS)
-            torch.cuda.synchronize()
-            check(out, ref, TOL[dtype], f"{mode} G={G} [{N}x{K}] {dtype} mode {om} norm {norm}")
+            outs = []
+            for mb in (2, 3):
+                o = out.clone()
+                ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5,
+                          o.data_ptr(), om, DTI[dtype], stream(), 0, MAX_BLOCKS, min_blocks=mb)
+                torch.cuda.synchronize()
+                check(o, ref, TOL[dtype], f"{mode} G={G} [{N}x{K}] {dtype} mode {om} norm {norm} blocks {mb}")
+                outs.append(o)
+            assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8)), "2 and 3 blocks a SM differ"
 
 
 @pytest.mark.parametrize("mode,G", [("int8", 4096), ("int8", 32), ("int4", 32), ("int4", 128)])
 def test_qgemv_deterministic_and_pdl_levels(mode, G):
-    """Bitwise the same result on every run and at every PDL level (the preload before the wait included), with
-    a grid that loops (max_blocks small: each warp takes several pairs)."""
+    """Bitwise the same result on every run, at every PDL level (the preload before the wait included), with a grid
+    that loops (max_blocks small: each warp takes several pairs), and compiled for 2 or 3 blocks a SM."""
     ext = load_extension()
     N, K = 11008, 4096
     g = torch.Generator(device="cuda").manual_seed(G + QMODE[mode])
@@ -134,10 +142,11 @@ def test_qgemv_deterministic_and_pdl_levels(mode, G):
     nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).half()
     q, s, m = ptrs(ql)
     outs = []
-    for pdl, mb in ((0, MAX_BLOCKS), (1, MAX_BLOCKS), (3, MAX_BLOCKS), (3, MAX_BLOCKS), (3, 7), (1, 0)):
+    for pdl, mb, blocks in ((0, MAX_BLOCKS, 2), (1, MAX_BLOCKS, 2), (3, MAX_BLOCKS, 2), (3, MAX_BLOCKS, 2), (3, 7, 2),
+                            (1, 0, 2), (3, MAX_BLOCKS, 3), (0, 7, 3)):
         out = torch.full((N,), float("nan"), device="cuda", dtype=torch.float16)
         ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), SWIGLU, 0,
-                  stream(), 0, mb, pdl=pdl)
+                  stream(), 0, mb, pdl=pdl, min_blocks=blocks)
         torch.cuda.synchronize()
         outs.append(out.cpu())
     for i, o in enumerate(outs[1:], 1):
@@ -227,6 +236,9 @@ def test_bad_layouts_are_refused():
         ext.qgemv(q, s, m, 4, 96, 64, 256, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS)
     with pytest.raises(ValueError, match="K must be a multiple of 32"):
         ext.qgemv(q, s, m, 4, 16, 64, 240, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS)
+    with pytest.raises(ValueError, match="min_blocks must be 2 or 3"):
+        ext.qgemv(q, s, m, 4, 64, 64, 256, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS,
+                  min_blocks=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,19 +290,22 @@ def _greedy():
     return SamplingParams()
 
 
-E2E = [("tiny", "int8", 128), ("tiny", "int4", 32), ("tiny", "int4", 128),
-       ("smollm2-135m", "int8", 576), ("smollm2-135m", "int4", 64), ("smollm2-135m", "int8", 32)]
+# blocks: EngineOptions.qgemv_blocks (2, the default, or 3 blocks a SM)
+E2E = [("tiny", "int8", 128, 2), ("tiny", "int4", 32, 2), ("tiny", "int4", 128, 2),
+       ("smollm2-135m", "int8", 576, 2), ("smollm2-135m", "int4", 64, 2), ("smollm2-135m", "int8", 32, 2),
+       ("smollm2-135m", "int4", 32, 3), ("smollm2-135m", "int8", 576, 3)]
 
 
-@pytest.mark.parametrize("shape,mode,G", E2E)
-def test_quant_step_matches_dequant_oracle(shape, mode, G):
+@pytest.mark.parametrize("shape,mode,G,blocks", E2E)
+def test_quant_step_matches_dequant_oracle(shape, mode, G, blocks):
     """Teacher-forced 64 steps after a shared prefill (the oracle's KV rows copied in, so each step is compared on
     its own): logits within test_step.py's fp16 bound of the oracle's, the same argmax except at fp16 near-ties;
     then greedy through device sampling == greedy through the host argmax of our own steps."""
     from server.cuda_backend import CudaBackend
     from tests.gpu.test_step import near_tie, rel as rel_step
     model = quant_model(shape, mode, G)
-    be = CudaBackend(model, sessions=1, graph_mode="none")
+    be = CudaBackend(model, sessions=1, graph_mode="none",
+                     options=load_extension().EngineOptions(qgemv_blocks=blocks))
     try:
         assert be.status()["quant"] == mode
         ref = dequant_oracle(model)
@@ -309,7 +324,7 @@ def test_quant_step_matches_dequant_oracle(shape, mode, G):
                 agree += 1
             else:
                 ties += near_tie(want, a)
-        print(f"{shape} {mode} G={G}: worst rel err {worst:.2e}, argmax agree {agree}/64, near-ties {ties}")
+        print(f"{shape} {mode} G={G} blocks {blocks}: worst rel err {worst:.2e}, argmax agree {agree}/64, near-ties {ties}")
         assert worst < 2e-2, f"logits off the oracle: worst rel err {worst:.2e}"
         assert agree + ties == 64, "an argmax disagreement that is not an fp16 near-tie"
         # device sampling (lm_head's argmax partials + finish) == host argmax of the eager steps
