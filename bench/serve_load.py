@@ -134,11 +134,20 @@ async def one_request(http, url: str, model: str, ids: list[int], max_tokens: in
             "tpot": (end - t0 - ttft) / max(1, n - 1), "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
+async def open_connections(http, url: str, n: int) -> None:
+    """n keep-alive connections opened before the clock starts (as an OpenAI client keeps its own): the TTFT is
+    then the server's, not TCP's set-up (a fresh connection's first request measured up to 40 ms more on a CPU,
+    where Nagle's algorithm meets the peer's delayed ACK)."""
+    await asyncio.gather(*(http.get(url + "/health") for _ in range(n)))
+
+
 async def level(url: str, model: str, clients: int, rounds: int, a, rng: random.Random) -> dict:
     """`clients` concurrent clients, each sending `rounds` requests one after the other."""
     import httpx
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(a.request_timeout), limits=limits) as http:
+        await open_connections(http, url, clients)
+
         async def client(c: int) -> list[dict]:
             out = []
             for _ in range(rounds):
@@ -171,6 +180,7 @@ async def prompt_cache(url: str, model: str, a, rng: random.Random) -> dict:
     import httpx
     cold, warm, cached = [], [], []
     async with httpx.AsyncClient(timeout=httpx.Timeout(a.request_timeout)) as http:
+        await open_connections(http, url, 1)
         for _ in range(a.cache_repeats):
             base = [rng.randrange(a.vocab_lo, a.vocab_hi) for _ in range(a.cache_prompt)]
             more = [rng.randrange(a.vocab_lo, a.vocab_hi) for _ in range(a.cache_new)]
@@ -202,6 +212,49 @@ def device_label(health: dict) -> str:
     return dev
 
 
+def cli_baseline(a, out: Path) -> dict:
+    """The CLI (run_ipc.sh's orchestrator) on the same model and options, in the same run: its per-token p50 for
+    the levels' request shape (--prompt-tokens, --max-tokens) and its TTFT for a prompt as long as the prompt-cache
+    phase's cold one. Issue 27 compares one client's inter-token p50 to the first (<= 3 %) and the cold TTFT to
+    the prefill time (within 2 ms)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+
+    def run(prompt_len: int, max_tokens: int, tag: str) -> dict:
+        cmd = [sys.executable, str(ROOT / "orchestrator.py"), "--model", a.model, "--backend", a.backend,
+               "--prompt-len", str(prompt_len), "--max-tokens", str(max_tokens), "--ignore-eos", "--quiet",
+               "--output-dir", str(out), "--run-name", tag, *a.server_args]
+        print(f"[serve_load] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                           timeout=a.request_timeout)
+        if r.returncode != 0:
+            raise SystemExit(f"serve_load: the CLI baseline failed ({r.returncode}): {r.stderr[-2000:]}")
+        return json.loads((out / f"{tag}_metrics.json").read_text())
+
+    dec = run(a.prompt_tokens, a.max_tokens, "cli-decode")
+    pre = run(a.cache_prompt + a.cache_new, 2, "cli-prefill")
+    res = {"decode_p50_ms": round(dec["p50_ms"], 3), "prompt_tokens": a.cache_prompt + a.cache_new,
+           "ttft_ms": round(pre["ttft_ms"], 3)}
+    print(f"[serve_load] CLI baseline: per token p50 {res['decode_p50_ms']} ms ({a.max_tokens} tokens), TTFT "
+          f"{res['ttft_ms']} ms ({res['prompt_tokens']}-token prompt)", file=sys.stderr, flush=True)
+    return res
+
+
+def against_cli(run: dict, base: dict) -> dict:
+    """One run's numbers next to the CLI's: one client's inter-token p50 over the CLI's per-token p50, and the cold
+    prompt-cache TTFT minus the CLI's TTFT for the same prompt length."""
+    one = next((lv for lv in run["levels"] if lv["clients"] == 1), None)
+    out = {}
+    if one and one.get("itl_p50_ms") and base["decode_p50_ms"]:
+        out["itl_1_client_over_cli"] = round(one["itl_p50_ms"] / base["decode_p50_ms"], 4)
+    cold = run.get("prompt_cache", {}).get("cold_ttft_ms")
+    if cold is not None:
+        out["cold_ttft_minus_cli_ms"] = round(cold - base["ttft_ms"], 3)
+    return out
+
+
 def slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:60]
 
@@ -231,6 +284,8 @@ def main(argv=None) -> int:
     a("--start-timeout", type=float, default=1800.0)
     a("--out", default="/tmp/serve_load", help="folder for the JSON")
     a("--commit-results", action="store_true", help="also write it into bench/results/")
+    a("--no-cli-baseline", dest="cli_baseline", action="store_false",
+      help="skip the CLI runs on the same model and options that the one-client and cold-prompt rows are compared to")
     a("server_args", nargs="*", help="more serve options after --, e.g. -- --max-seq 2048 --graph-mode exact")
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",") if c]
@@ -262,6 +317,11 @@ def main(argv=None) -> int:
         finally:
             if srv:
                 srv.stop()
+    if args.cli_baseline and args.url is None:
+        result["cli_baseline"] = base = cli_baseline(args, out / "cli")
+        for run in result["runs"]:
+            run["against_cli"] = against_cli(run, base)
+            print(f"[serve_load] {run['schedule']}: {run['against_cli']}", file=sys.stderr, flush=True)
     name = (f"serve-{slug(result.get('device', 'unknown'))}-{slug(Path(args.model).name)}-"
             f"{datetime.now().strftime('%Y%m%d')}.json")
     (out / name).write_text(json.dumps(result, indent=1) + "\n")

@@ -272,3 +272,9 @@ def test_the_load_bench_runs_with_no_failures(tmp_path):
     assert all(lv["tok_per_s"] > 0 and lv["ttft_p50_ms"] > 0 for lv in run["levels"])
     assert run["prompt_cache"]["cached_tokens"] == [40]  # the second turn reused the first turn's prompt
     assert "device: cpu" in r.stderr
+    # the CLI on the same model in the same run, and the rows issue 27 compares to it
+    base = res["cli_baseline"]
+    assert base["prompt_tokens"] == 56 and base["decode_p50_ms"] > 0 and base["ttft_ms"] > 0
+    cmp = run["against_cli"]
+    assert cmp["itl_1_client_over_cli"] > 0
+    assert cmp["cold_ttft_minus_cli_ms"] == round(run["prompt_cache"]["cold_ttft_ms"] - base["ttft_ms"], 3)
