@@ -67,44 +67,16 @@ __device__ __forceinline__ unsigned lop_or(unsigned a, unsigned mask, unsigned o
     return r;
 }
 
-// The integer values of one 16-byte chunk (KPC of them, in input order) as floats.
-template <int QM>
-__device__ __forceinline__ void unpack_q(const uint4 &w, float (&f)[QTraits<QM>::kpc]) {
-    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-    if constexpr (QM == 4) {
-#pragma unroll
-        for (int d = 0; d < 4; ++d) {  // word d: inputs 8d + e at bits 4e..4e+3
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float2 p = magic_pair<0x6400>(lop_or(ws[d] >> (4 * e), 0x000F000Fu, 0x64006400u));  // inputs e, e + 4
-                f[8 * d + e] = p.x;
-                f[8 * d + e + 4] = p.y;
-            }
-        }
-    } else {
-#pragma unroll
-        for (int d = 0; d < 4; ++d) {  // word d: inputs 4d + b in byte b; int8 -> uint8 + 128 (flip the sign bit)
-            const unsigned u = ws[d] ^ 0x80808080u;
-            // bytes (b0, 0x64, b2, 0x64) and (b1, 0x64, b3, 0x64): the halves 1024 + q + 128
-            const float2 p02 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4240));
-            const float2 p13 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4341));
-            f[4 * d + 0] = p02.x;
-            f[4 * d + 2] = p02.y;
-            f[4 * d + 1] = p13.x;
-            f[4 * d + 3] = p13.y;
-        }
-    }
-}
-
-// The 8 integer values of inputs 8j..8j+7 of a 16-byte chunk (the chunk's input vector j) as floats: unpack_q's
-// f[8j..8j+7], for a dot product taken one input vector at a time (16 floats live instead of 64)
+// The 8 integer values of inputs 8j..8j+7 of a 16-byte chunk (its input vector j) as floats. int4: word j holds
+// inputs 8j + e at bits 4e..4e+3; int8: words 2j and 2j + 1 hold inputs 8j + 4h + b in byte b, made uint8 + 128
+// (the sign bit flipped), then the bytes (b0, 0x64, b2, 0x64) and (b1, 0x64, b3, 0x64) are the halves 1024 + q + 128.
 template <int QM>
 __device__ __forceinline__ void unpack_q8(const uint4 &w, int j, float (&f)[8]) {
     const unsigned ws[4] = {w.x, w.y, w.z, w.w};
     if constexpr (QM == 4) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const float2 p = magic_pair<0x6400>(lop_or(ws[j] >> (4 * e), 0x000F000Fu, 0x64006400u));
+            const float2 p = magic_pair<0x6400>(lop_or(ws[j] >> (4 * e), 0x000F000Fu, 0x64006400u));  // e, e + 4
             f[e] = p.x;
             f[e + 4] = p.y;
         }
@@ -122,6 +94,13 @@ __device__ __forceinline__ void unpack_q8(const uint4 &w, int j, float (&f)[8]) 
     }
 }
 
+// The integer values of one 16-byte chunk (KPC of them, in input order) as floats.
+template <int QM>
+__device__ __forceinline__ void unpack_q(const uint4 &w, float (&f)[QTraits<QM>::kpc]) {
+#pragma unroll
+    for (int j = 0; j < QTraits<QM>::vpc; ++j) unpack_q8<QM>(w, j, *reinterpret_cast<float(*)[8]>(f + 8 * j));
+}
+
 template <typename T> __device__ __forceinline__ float2 to_f2(unsigned v);
 template <> __device__ __forceinline__ float2 to_f2<half>(unsigned v) {
     return __half22float2(*reinterpret_cast<const __half2 *>(&v));
@@ -130,21 +109,24 @@ template <> __device__ __forceinline__ float2 to_f2<__nv_bfloat16>(unsigned v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v));
 }
 
+// the staged input's vector j of chunk c (8 values) as floats
+template <typename T, int VPC>
+__device__ __forceinline__ void load_x8(const uint4 *xs, int c, int j, float (&xf)[8]) {
+    const uint4 v = xs[xswz<VPC>(c * VPC + j)];
+    const unsigned vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+        const float2 p = to_f2<T>(vs[h]);
+        xf[2 * h] = p.x;
+        xf[2 * h + 1] = p.y;
+    }
+}
 // the staged input of chunk c as floats
 template <typename T, int QM>
 __device__ __forceinline__ void load_x(const uint4 *xs, int c, float (&xf)[QTraits<QM>::kpc]) {
     constexpr int VPC = QTraits<QM>::vpc;
 #pragma unroll
-    for (int j = 0; j < VPC; ++j) {
-        const uint4 v = xs[xswz<VPC>(c * VPC + j)];
-        const unsigned vs[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-            const float2 p = to_f2<T>(vs[h]);
-            xf[8 * j + 2 * h] = p.x;
-            xf[8 * j + 2 * h + 1] = p.y;
-        }
-    }
+    for (int j = 0; j < VPC; ++j) load_x8<T, VPC>(xs, c, j, *reinterpret_cast<float(*)[8]>(xf + 8 * j));
 }
 
 __device__ __forceinline__ float ld_half(const void *p, size_t i) {
@@ -264,14 +246,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, MINB) qgemv_kernel(QGemvArgs 
 #pragma unroll
                     for (int j = 0; j < VPC; ++j) {
                         float xf[8], qf[8];
-                        const uint4 v = xs[xswz<VPC>(c * VPC + j)];
-                        const unsigned vs[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                        for (int h = 0; h < 4; ++h) {
-                            const float2 p = to_f2<T>(vs[h]);
-                            xf[2 * h] = p.x;
-                            xf[2 * h + 1] = p.y;
-                        }
+                        load_x8<T, VPC>(xs, c, j, xf);
                         unpack_q8<QM>(wa[u], j, qf);
 #pragma unroll
                         for (int k = 0; k < 8; ++k) da = fmaf(qf[k], xf[k], da);
