@@ -57,6 +57,20 @@ def parse_options(ext, spec, pdl=None):
     return ext.EngineOptions(**kw)
 
 
+def kernel_us(run, items, it=50) -> float:
+    """Mean µs of run(item) over `it` launches rotating over `items` (more than L2 holds), after one warm-up
+    launch each; timed with CUDA events on the current stream."""
+    for item in items:
+        run(item)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for i in range(it):
+        run(items[i % len(items)])
+    e1.record(); e1.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / it
+
+
 def gemv_bw(ext, pdl=1):
     rows = []
     st = torch.cuda.current_stream().cuda_stream
@@ -72,16 +86,7 @@ def gemv_bw(ext, pdl=1):
         def run(W):
             ext.gemv(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4,
                      pdl=pdl)
-        for W in Ws:
-            run(W)
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        it = 50
-        e0.record()
-        for i in range(it):
-            run(Ws[i % len(Ws)])
-        e1.record(); e1.synchronize()
-        us = e0.elapsed_time(e1) * 1e3 / it
+        us = kernel_us(run, Ws)
         byts = nmat * N * K * 2 + K * 2 + N * (4 if mode == 3 else 2)
         rows.append({"kernel": name, "pdl": pdl, "N": N, "K": K, "us": round(us, 2), "GB/s": round(byts / us / 1e3, 1),
                      "bytes": byts})
@@ -90,8 +95,9 @@ def gemv_bw(ext, pdl=1):
 
 
 def qgemv_bw(ext, pdl=3):
-    """The quantized gemv (gemv_quant.cu) on the 7B shapes: int8 one scale a row, int4 in groups of 128; GB/s of
-    the bytes it reads (q + scales + minimums + the input + the output), over > L2 worth of weights."""
+    """The quantized gemv (gemv_quant.cu) on the 7B shapes: int8 one scale a row, int4 in groups of 128 and 32, each
+    compiled for 2 and 3 blocks a SM (EngineOptions.qgemv_blocks); GB/s of the bytes it reads (q + scales +
+    minimums + the input + the output), over > L2 worth of weights."""
     from server.model.quant import empty_quant, random_quant
     rows = []
     st = torch.cuda.current_stream().cuda_stream
@@ -111,16 +117,7 @@ def qgemv_bw(ext, pdl=3):
                           8 if qmode == "int8" else 4, ql.group, N, K, x.data_ptr(),
                           nw.data_ptr() if mode in (0, 2, 3) else 0, 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4,
                           pdl=pdl, min_blocks=blocks)
-            for ql in qls:
-                run(ql)
-            torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            it = 50
-            e0.record()
-            for i in range(it):
-                run(qls[i % len(qls)])
-            e1.record(); e1.synchronize()
-            us = e0.elapsed_time(e1) * 1e3 / it
+            us = kernel_us(run, qls)
             byts = qls[0].nbytes() + K * 2 + N * (4 if mode == 3 else 2)
             rows.append({"kernel": f"{qmode} G={qls[0].group} {blocks}/SM {name}", "pdl": pdl, "N": N, "K": K, "us": round(us, 2),
                          "GB/s": round(byts / us / 1e3, 1), "bytes": byts})
@@ -142,20 +139,12 @@ def attn_bw(ext, pdl=1):
         cnt = torch.zeros(Hkv, dtype=torch.int32, device="cuda")
         ctx = torch.empty(Hq * D, device="cuda").half()
         for T in (511, 2047):
-            def run(i):
-                kc, vc = caches[i % 4]
+            def run(kv):
+                kc, vc = kv
                 ext.attention(qkv.data_ptr(), kc.data_ptr(), vc.data_ptr(), cos.data_ptr(), sin.data_ptr(), D, Hq, Hkv,
                               D, max_seq, T, pa.data_ptr(), pm.data_ptr(), ms, cnt.data_ptr(), ctx.data_ptr(), 0, st, 0,
                               pdl=pdl)
-            for i in range(4):
-                run(i)
-            torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for i in range(50):
-                run(i)
-            e1.record(); e1.synchronize()
-            us = e0.elapsed_time(e1) * 1e3 / 50
+            us = kernel_us(run, caches)
             byts = 2 * Hkv * (T + 1) * D * 2
             rows.append({"kernel": f"attention {name} T={T + 1}", "us": round(us, 2), "GB/s": round(byts / us / 1e3, 1),
                          "bytes": byts})

@@ -70,7 +70,7 @@ class SlotGen(Generation):
     def start(self) -> None:
         """Pre-fill what the slot lacks (at least the last prompt token: its logits give the
         first token), then the first token."""
-        P, ids = self.procs, self.prompt_ids
+        ids = self.prompt_ids
         keep = min(common_prefix(self.slot.held, ids), len(ids) - 1)
         self.slot.held = []  # from here on the session's content is this generation's
         self.cached, self.t0 = keep, time.perf_counter()

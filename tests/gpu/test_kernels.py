@@ -37,6 +37,21 @@ GEMV_SHAPES = [(960, 576), (576, 576), (1536, 576), (576, 1536), (49152, 576),
                (1001, 512), (1001, 136)]
 
 
+def gemv_case(Wd, xin, N, mode, dt, g):
+    """(out, ref) of one gemv epilogue (GemvMode) on the float64 matrix Wd ([N] or [2N] rows for SwiGLU) and
+    input xin: out poisoned with NaN (RESID: a random residual, drawn from g), ref in float64."""
+    y = Wd[:N] @ xin
+    if mode == STORE:
+        return torch.full((N,), float("nan"), device="cuda", dtype=dt), y
+    if mode == RESID:
+        base = torch.randn(N, device="cuda", generator=g).to(dt)
+        return base.clone(), y + base.double()
+    if mode == SWIGLU:
+        u = Wd[N:] @ xin
+        return torch.full((N,), float("nan"), device="cuda", dtype=dt), y * torch.sigmoid(y) * u
+    return torch.full((N,), float("nan"), device="cuda", dtype=torch.float32), y
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("N,K", GEMV_SHAPES)
 def test_gemv_modes(N, K, dtype):
@@ -49,18 +64,7 @@ def test_gemv_modes(N, K, dtype):
     xn = xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * nw.double()
     for mode in (STORE, RESID, SWIGLU, F32):
         for norm in (False, True):
-            xin = xn if norm else xd
-            y = Wd[:N] @ xin
-            if mode == STORE:
-                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=dt), y
-            elif mode == RESID:
-                base = torch.randn(N, device="cuda", generator=g).to(dt)
-                out, ref = base.clone(), y + base.double()
-            elif mode == SWIGLU:
-                u = Wd[N:] @ xin
-                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=dt), y * torch.sigmoid(y) * u
-            else:
-                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=torch.float32), y
+            out, ref = gemv_case(Wd, xn if norm else xd, N, mode, dt, g)
             ext.gemv(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5, out.data_ptr(), mode,
                      DTI[dtype], stream(), 0, 132 * 4)
             torch.cuda.synchronize()

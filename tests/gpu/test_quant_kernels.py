@@ -20,6 +20,7 @@ import torch
 
 from custom_kernels.ext import load_extension
 from server.model.quant import QuantLinear, dequantize, pack_int4
+from tests.gpu.test_kernels import gemv_case
 
 pytestmark = pytest.mark.gpu
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,18 +108,7 @@ def test_qgemv_modes(dtype, N, K, mode, G):
     q, s, m = ptrs(ql)
     for om in (STORE, RESID, SWIGLU, F32):
         for norm in (False, True):
-            xin = xn if norm else xd
-            y = Wd[:N] @ xin
-            if om == STORE:
-                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=dt), y
-            elif om == RESID:
-                base = torch.randn(N, device="cuda", generator=g).to(dt)
-                out, ref = base.clone(), y + base.double()
-            elif om == SWIGLU:
-                u = Wd[N:] @ xin
-                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=dt), y * torch.sigmoid(y) * u
-            else:
-                out, ref = torch.full((N,), float("nan"), device="cuda", dtype=torch.float32), y
+            out, ref = gemv_case(Wd, xn if norm else xd, N, om, dt, g)
             outs = []
             for mb in (2, 3):
                 o = out.clone()
@@ -302,7 +292,7 @@ def test_quant_step_matches_dequant_oracle(shape, mode, G, blocks):
     its own): logits within test_step.py's fp16 bound of the oracle's, the same argmax except at fp16 near-ties;
     then greedy through device sampling == greedy through the host argmax of our own steps."""
     from server.cuda_backend import CudaBackend
-    from tests.gpu.test_step import near_tie, rel as rel_step
+    from tests.gpu.test_step import shared_prefill, teacher_forced
     model = quant_model(shape, mode, G)
     be = CudaBackend(model, sessions=1, graph_mode="none",
                      options=load_extension().EngineOptions(qgemv_blocks=blocks))
@@ -311,22 +301,8 @@ def test_quant_step_matches_dequant_oracle(shape, mode, G, blocks):
         ref = dequant_oracle(model)
         V = model.cfg.vocab_size
         ids = _ids(V, 8, 1)
-        be.prefill(0, ids)
-        want = ref.prefill(0, ids)
-        be.kv.kv[0].copy_(ref.kv.kv[0])
-        torch.cuda.synchronize()
-        worst, ties, agree = 0.0, 0, 0
-        for tok in _ids(V, 64, 2):
-            out, want = be.step(0, tok).clone(), ref.step(0, tok)
-            worst = max(worst, rel_step(out, want))
-            a = int(out.argmax())
-            if a == int(want.argmax()):
-                agree += 1
-            else:
-                ties += near_tie(want, a)
-        print(f"{shape} {mode} G={G} blocks {blocks}: worst rel err {worst:.2e}, argmax agree {agree}/64, near-ties {ties}")
-        assert worst < 2e-2, f"logits off the oracle: worst rel err {worst:.2e}"
-        assert agree + ties == 64, "an argmax disagreement that is not an fp16 near-tie"
+        shared_prefill(be, ref, 0, ids)
+        teacher_forced(be, ref, _ids(V, 64, 2), f"{shape} {mode} G={G} blocks {blocks}")
         # device sampling (lm_head's argmax partials + finish) == host argmax of the eager steps
         tok = int(be.prefill(0, ids).argmax())
         host, t = [], tok
@@ -421,7 +397,7 @@ def test_builtin_gguf_on_cuda_matches_dequant_oracle():
     from transformers import AutoTokenizer
     from server.cuda_backend import CudaBackend
     from server.model.resolve import resolve_model
-    from tests.gpu.test_step import near_tie, rel as rel_step
+    from tests.gpu.test_step import shared_prefill, teacher_forced
     model = resolve_model("smollm2", "float16", "cuda", max_seq=1024)
     assert isinstance(model.weights.layers[0].w_qkv, QuantLinear) and model.weights.layers[0].w_qkv.mode == "int4"
     assert isinstance(model.weights.lm_head, QuantLinear) and model.weights.lm_head.mode == "int8"
@@ -432,22 +408,8 @@ def test_builtin_gguf_on_cuda_matches_dequant_oracle():
     try:
         assert be.status()["quant"] == "int4+int8"
         ref = dequant_oracle(model)
-        be.prefill(0, prompt)
-        want = ref.prefill(0, prompt)
-        be.kv.kv[0].copy_(ref.kv.kv[0])
-        torch.cuda.synchronize()
-        worst, ties, agree = 0.0, 0, 0
-        for tok in feed:
-            out, want = be.step(0, tok).clone(), ref.step(0, tok)
-            worst = max(worst, rel_step(out, want))
-            a = int(out.argmax())
-            if a == int(want.argmax()):
-                agree += 1
-            else:
-                ties += near_tie(want, a)
-        print(f"built-in GGUF: worst rel err {worst:.2e}, argmax agree {agree}/{len(feed)}, near-ties {ties}")
-        assert worst < 2e-2, f"logits off the oracle: worst rel err {worst:.2e}"
-        assert agree + ties == len(feed), "an argmax disagreement that is not an fp16 near-tie"
+        shared_prefill(be, ref, 0, prompt)
+        teacher_forced(be, ref, feed, "built-in GGUF")
         tok = int(be.prefill(0, prompt).argmax())
         host, t = [], tok
         for _ in range(48):

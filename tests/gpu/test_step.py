@@ -42,6 +42,25 @@ def shared_prefill(be, ref, session, ids):
     return want
 
 
+def teacher_forced(be, ref, feed, what: str, step=None, tol: float = TOL["float16"]) -> None:
+    """After a shared prefill: each token of `feed` through the backend (`step`: a token -> logits function, by
+    default its eager step on session 0) and the oracle; the logits within `tol` of the oracle's at every step and
+    the same argmax unless it is an fp16 near-tie of the oracle's logits."""
+    step = step or (lambda t: be.step(0, t))
+    worst, agree, ties = 0.0, 0, 0
+    for tok in feed:
+        out, want = step(tok).clone(), ref.step(0, tok)
+        worst = max(worst, rel(out, want))
+        a = int(out.argmax())
+        if a == int(want.argmax()):
+            agree += 1
+        else:
+            ties += near_tie(want, a)
+    print(f"{what}: worst rel err {worst:.2e}, argmax agree {agree}/{len(feed)}, near-ties {ties}")
+    assert worst < tol, f"{what}: logits off the oracle: worst rel err {worst:.2e}"
+    assert agree + ties == len(feed), f"{what}: an argmax disagreement that is not an fp16 near-tie"
+
+
 def ulp(v: float, dtype="float16") -> float:
     import math
     mant = 10 if dtype == "float16" else 7
