@@ -95,14 +95,13 @@ def gemv_bw(ext, pdl=1):
 
 
 def qgemv_bw(ext, pdl=3):
-    """The quantized gemv (gemv_quant.cu) on the 7B shapes: int8 one scale a row, int4 in groups of 128 and 32, each
-    compiled for 2 and 3 blocks a SM (EngineOptions.qgemv_blocks); GB/s of the bytes it reads (q + scales +
-    minimums + the input + the output), over > L2 worth of weights."""
+    """The quantized gemv (gemv_quant.cu) on the 7B shapes: int8 one scale a row, int4 in groups of 128 and 32; GB/s
+    of the bytes it reads (q + scales + minimums + the input + the output), over > L2 worth of weights."""
     from server.model.quant import empty_quant, random_quant
     rows = []
     st = torch.cuda.current_stream().cuda_stream
     g = torch.Generator(device="cuda").manual_seed(0)
-    for (qmode, G), blocks in [(q, b) for q in (("int8", 0), ("int4", 128), ("int4", 32)) for b in (2, 3)]:
+    for qmode, G in (("int8", 0), ("int4", 128), ("int4", 32)):
         for name, N, K, mode in [("qkv 7B", 12288, 4096, 0), ("o 7B", 4096, 4096, 1), ("gate|up 7B", 11008, 4096, 2),
                                  ("down 7B", 4096, 11008, 1), ("lm_head 7B", 32000, 4096, 3)]:
             nmat = 2 if mode == 2 else 1
@@ -116,10 +115,10 @@ def qgemv_bw(ext, pdl=3):
                 ext.qgemv(ql.q.data_ptr(), ql.scale.data_ptr(), ql.minv.data_ptr() if ql.minv is not None else 0,
                           8 if qmode == "int8" else 4, ql.group, N, K, x.data_ptr(),
                           nw.data_ptr() if mode in (0, 2, 3) else 0, 1e-5, out.data_ptr(), mode, 0, st, 1, 132 * 4,
-                          pdl=pdl, min_blocks=blocks)
+                          pdl=pdl)
             us = kernel_us(run, qls)
             byts = qls[0].nbytes() + K * 2 + N * (4 if mode == 3 else 2)
-            rows.append({"kernel": f"{qmode} G={qls[0].group} {blocks}/SM {name}", "pdl": pdl, "N": N, "K": K, "us": round(us, 2),
+            rows.append({"kernel": f"{qmode} G={qls[0].group} {name}", "pdl": pdl, "N": N, "K": K, "us": round(us, 2),
                          "GB/s": round(byts / us / 1e3, 1), "bytes": byts})
             del qls
     return rows
@@ -441,8 +440,7 @@ def main():
             qb = qw.quant_bytes() + dense_bytes_per_token(cfg, "float16")
             qfloor = qb / (report["copy_GBps"] * 1e9) * 1e3
             q_first = None  # this spec's first row's tokens: every variant must give the same greedy tokens
-            for mode, opt in (("dynamic", "default"), ("exact", "default"), ("dynamic", "qgemv_blocks=3"),
-                              ("exact", "qgemv_blocks=3")):
+            for mode, opt in (("dynamic", "default"), ("exact", "default")):
                 try:
                     r = time_backend(qmodel, mode, "custom", a.steps, parse_options(ext, opt, "3"))
                 except Exception as e:

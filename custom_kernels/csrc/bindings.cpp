@@ -161,9 +161,8 @@ static void k_sample(uintptr_t logits, int V, int pos, float temperature, int to
 // gather (x is then the table), `part`: kGemvF32's per-block argmax partials; returns the grid size
 static int k_qgemv(uintptr_t q, uintptr_t scale, uintptr_t minv, int qmode, int group, int N, int K, uintptr_t x,
                    uintptr_t norm_w, float eps, uintptr_t out, int mode, int dtype, uintptr_t stream, int round_logits,
-                   int max_blocks, int pdl, uintptr_t tok, uintptr_t x_out, uintptr_t part, int min_blocks) {
+                   int max_blocks, int pdl, uintptr_t tok, uintptr_t x_out, uintptr_t part) {
     QGemvArgs a;
-    a.min_blocks = (signed char)min_blocks;
     a.q = (const void *)q; a.scale = (const void *)scale; a.minv = (const void *)minv; a.qmode = (signed char)qmode;
     a.group = group; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w; a.eps = eps;
     a.out = (void *)out; a.mode = (signed char)mode; a.round_logits = (signed char)round_logits;
@@ -230,8 +229,7 @@ PYBIND11_MODULE(_case4_cuda, m) {
           arg("top_p"), arg("seed"), arg("params_dev"), arg("token_dev"), arg("stream"), arg("pdl") = 1);
     m.def("qgemv", &k_qgemv, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"), arg("K"),
           arg("x"), arg("norm_w"), arg("eps"), arg("out"), arg("mode"), arg("dtype"), arg("stream"),
-          arg("round_logits"), arg("max_blocks"), arg("pdl") = 1, arg("tok") = 0, arg("x_out") = 0, arg("part") = 0,
-          arg("min_blocks") = 2);
+          arg("round_logits"), arg("max_blocks"), arg("pdl") = 1, arg("tok") = 0, arg("x_out") = 0, arg("part") = 0);
     m.def("dequant", &k_dequant, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"),
           arg("K"), arg("out"), arg("dtype"), arg("stream"));
     m.def("gemv_rope_fits", &gemv_rope_fits);
@@ -245,26 +243,24 @@ PYBIND11_MODULE(_case4_cuda, m) {
     // the Engine's options by name (step.h EngineOptions: defaults, meanings, performance.md entries)
     py::class_<EngineOptions>(m, "EngineOptions")
         .def(py::init([](int pdl, bool rope_in_qkv, bool o_in_attention, bool attn_per_kv_head, bool lm_head_seq_len,
-                         bool lm_head_l2_ahead, int qgemv_blocks, int step_skip) {
+                         bool lm_head_l2_ahead, int step_skip) {
                  EngineOptions o;
                  o.pdl = pdl; o.rope_in_qkv = rope_in_qkv; o.o_in_attention = o_in_attention;
                  o.attn_per_kv_head = attn_per_kv_head; o.lm_head_seq_len = lm_head_seq_len;
-                 o.lm_head_l2_ahead = lm_head_l2_ahead; o.qgemv_blocks = qgemv_blocks; o.step_skip = step_skip;
+                 o.lm_head_l2_ahead = lm_head_l2_ahead; o.step_skip = step_skip;
                  return o;
              }),
              py::kw_only(), arg("pdl") = EngineOptions{}.pdl, arg("rope_in_qkv") = EngineOptions{}.rope_in_qkv,
              arg("o_in_attention") = EngineOptions{}.o_in_attention,
              arg("attn_per_kv_head") = EngineOptions{}.attn_per_kv_head,
              arg("lm_head_seq_len") = EngineOptions{}.lm_head_seq_len,
-             arg("lm_head_l2_ahead") = EngineOptions{}.lm_head_l2_ahead,
-             arg("qgemv_blocks") = EngineOptions{}.qgemv_blocks, arg("step_skip") = EngineOptions{}.step_skip)
+             arg("lm_head_l2_ahead") = EngineOptions{}.lm_head_l2_ahead, arg("step_skip") = EngineOptions{}.step_skip)
         .def_readwrite("pdl", &EngineOptions::pdl)
         .def_readwrite("rope_in_qkv", &EngineOptions::rope_in_qkv)
         .def_readwrite("o_in_attention", &EngineOptions::o_in_attention)
         .def_readwrite("attn_per_kv_head", &EngineOptions::attn_per_kv_head)
         .def_readwrite("lm_head_seq_len", &EngineOptions::lm_head_seq_len)
         .def_readwrite("lm_head_l2_ahead", &EngineOptions::lm_head_l2_ahead)
-        .def_readwrite("qgemv_blocks", &EngineOptions::qgemv_blocks)
         .def_readwrite("step_skip", &EngineOptions::step_skip)
         .def("__repr__", [](const EngineOptions &o) {
             return "EngineOptions(pdl=" + std::to_string(o.pdl) + ", rope_in_qkv=" + (o.rope_in_qkv ? "True" : "False") +
@@ -272,7 +268,6 @@ PYBIND11_MODULE(_case4_cuda, m) {
                    ", attn_per_kv_head=" + (o.attn_per_kv_head ? "True" : "False") +
                    ", lm_head_seq_len=" + (o.lm_head_seq_len ? "True" : "False") +
                    ", lm_head_l2_ahead=" + (o.lm_head_l2_ahead ? "True" : "False") +
-                   ", qgemv_blocks=" + std::to_string(o.qgemv_blocks) +
                    ", step_skip=" + std::to_string(o.step_skip) + ")";
         });
 

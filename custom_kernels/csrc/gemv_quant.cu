@@ -18,10 +18,6 @@
 // the same points as gemv.cu) is staged once per block in shared memory in the model dtype, swizzled so that a
 // warp's 16-byte reads of consecutive chunks hit distinct banks; both rows of a pair use each converted input.
 // Sums are in a fixed order (per lane in chunk order, then the warp's butterfly): every run gives the same bits.
-// Occupancy (QGemvArgs::min_blocks, EngineOptions::qgemv_blocks): __launch_bounds__ for 2 blocks a SM (<= 128
-// registers; the measured default) or 3 (<= 80: 24 warps, 1.5x the bytes in flight; performance.md entry 40). The
-// two scales (and minimums) of a pair share a register (fp16 bits) and a chunk is multiplied one input vector
-// at a time, so that 3 blocks fit without spills; both give the same bits.
 //
 // Epilogues as gemv.cu's GemvMode: store (QKV), residual add in place (O, down), SwiGLU over gate|up, fp32
 // logits with the per-block argmax partials greedy sampling reads (lm_head). Weights (and their scales) are
@@ -67,38 +63,33 @@ __device__ __forceinline__ unsigned lop_or(unsigned a, unsigned mask, unsigned o
     return r;
 }
 
-// The 8 integer values of inputs 8j..8j+7 of a 16-byte chunk (its input vector j) as floats. int4: word j holds
-// inputs 8j + e at bits 4e..4e+3; int8: words 2j and 2j + 1 hold inputs 8j + 4h + b in byte b, made uint8 + 128
-// (the sign bit flipped), then the bytes (b0, 0x64, b2, 0x64) and (b1, 0x64, b3, 0x64) are the halves 1024 + q + 128.
-template <int QM>
-__device__ __forceinline__ void unpack_q8(const uint4 &w, int j, float (&f)[8]) {
-    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-    if constexpr (QM == 4) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float2 p = magic_pair<0x6400>(lop_or(ws[j] >> (4 * e), 0x000F000Fu, 0x64006400u));  // e, e + 4
-            f[e] = p.x;
-            f[e + 4] = p.y;
-        }
-    } else {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const unsigned u = ws[2 * j + h] ^ 0x80808080u;
-            const float2 p02 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4240));
-            const float2 p13 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4341));
-            f[4 * h + 0] = p02.x;
-            f[4 * h + 2] = p02.y;
-            f[4 * h + 1] = p13.x;
-            f[4 * h + 3] = p13.y;
-        }
-    }
-}
-
 // The integer values of one 16-byte chunk (KPC of them, in input order) as floats.
 template <int QM>
 __device__ __forceinline__ void unpack_q(const uint4 &w, float (&f)[QTraits<QM>::kpc]) {
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+    if constexpr (QM == 4) {
 #pragma unroll
-    for (int j = 0; j < QTraits<QM>::vpc; ++j) unpack_q8<QM>(w, j, *reinterpret_cast<float(*)[8]>(f + 8 * j));
+        for (int d = 0; d < 4; ++d) {  // word d: inputs 8d + e at bits 4e..4e+3
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 p = magic_pair<0x6400>(lop_or(ws[d] >> (4 * e), 0x000F000Fu, 0x64006400u));  // inputs e, e + 4
+                f[8 * d + e] = p.x;
+                f[8 * d + e + 4] = p.y;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int d = 0; d < 4; ++d) {  // word d: inputs 4d + b in byte b; int8 -> uint8 + 128 (flip the sign bit)
+            const unsigned u = ws[d] ^ 0x80808080u;
+            // bytes (b0, 0x64, b2, 0x64) and (b1, 0x64, b3, 0x64): the halves 1024 + q + 128
+            const float2 p02 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4240));
+            const float2 p13 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4341));
+            f[4 * d + 0] = p02.x;
+            f[4 * d + 2] = p02.y;
+            f[4 * d + 1] = p13.x;
+            f[4 * d + 3] = p13.y;
+        }
+    }
 }
 
 template <typename T> __device__ __forceinline__ float2 to_f2(unsigned v);
@@ -109,32 +100,29 @@ template <> __device__ __forceinline__ float2 to_f2<__nv_bfloat16>(unsigned v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v));
 }
 
-// the staged input's vector j of chunk c (8 values) as floats
-template <typename T, int VPC>
-__device__ __forceinline__ void load_x8(const uint4 *xs, int c, int j, float (&xf)[8]) {
-    const uint4 v = xs[xswz<VPC>(c * VPC + j)];
-    const unsigned vs[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int h = 0; h < 4; ++h) {
-        const float2 p = to_f2<T>(vs[h]);
-        xf[2 * h] = p.x;
-        xf[2 * h + 1] = p.y;
-    }
-}
 // the staged input of chunk c as floats
 template <typename T, int QM>
 __device__ __forceinline__ void load_x(const uint4 *xs, int c, float (&xf)[QTraits<QM>::kpc]) {
     constexpr int VPC = QTraits<QM>::vpc;
 #pragma unroll
-    for (int j = 0; j < VPC; ++j) load_x8<T, VPC>(xs, c, j, *reinterpret_cast<float(*)[8]>(xf + 8 * j));
+    for (int j = 0; j < VPC; ++j) {
+        const uint4 v = xs[xswz<VPC>(c * VPC + j)];
+        const unsigned vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            const float2 p = to_f2<T>(vs[h]);
+            xf[8 * j + 2 * h] = p.x;
+            xf[8 * j + 2 * h + 1] = p.y;
+        }
+    }
 }
 
 __device__ __forceinline__ float ld_half(const void *p, size_t i) {
     return __half2float(__ldg(reinterpret_cast<const __half *>(p) + i));
 }
 
-template <typename T, int MODE, bool NORM, int QM, int MINB>
-__global__ void __launch_bounds__(kQWarps * kWarp, MINB) qgemv_kernel(QGemvArgs a) {
+template <typename T, int MODE, bool NORM, int QM>
+__global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) {
     using Tr = QTraits<QM>;
     constexpr int KPC = Tr::kpc, VPC = Tr::vpc, U = kQUnroll;
     extern __shared__ uint4 xs[];               // K / 8 vectors of T (swizzled), then K / KPC fp32 chunk sums
@@ -154,7 +142,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, MINB) qgemv_kernel(QGemvArgs 
         else { ra = 2 * p; rb = 2 * p + 1 < a.N ? 2 * p + 1 : -1; }
     };
     uint4 wa[U], wb[U];
-    unsigned sab[U], mab[U];  // the chunks' scales (and int4 minimums) of rows a (low half) and b (high half), fp16 bits
+    float sa[U], sb[U], ma[U], mb[U];  // the chunks' scales and minimums (int4)
     auto load = [&](int ra, int rb, int base) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -163,13 +151,11 @@ __global__ void __launch_bounds__(kQWarps * kWarp, MINB) qgemv_kernel(QGemvArgs 
             const int g = in ? c * KPC / a.group : 0;
             wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
             wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
-            const unsigned short *S = reinterpret_cast<const unsigned short *>(a.scale);
-            sab[u] = (in ? (unsigned)__ldg(S + (size_t)ra * ng + g) : 0u) |
-                     ((in && rb >= 0 ? (unsigned)__ldg(S + (size_t)rb * ng + g) : 0u) << 16);
+            sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
+            sb[u] = in && rb >= 0 ? ld_half(a.scale, (size_t)rb * ng + g) : 0.f;
             if constexpr (QM == 4) {
-                const unsigned short *M = reinterpret_cast<const unsigned short *>(a.minv);
-                mab[u] = (in ? (unsigned)__ldg(M + (size_t)ra * ng + g) : 0u) |
-                         ((in && rb >= 0 ? (unsigned)__ldg(M + (size_t)rb * ng + g) : 0u) << 16);
+                ma[u] = in ? ld_half(a.minv, (size_t)ra * ng + g) : 0.f;
+                mb[u] = in && rb >= 0 ? ld_half(a.minv, (size_t)rb * ng + g) : 0.f;
             }
         }
     };
@@ -240,29 +226,22 @@ __global__ void __launch_bounds__(kQWarps * kWarp, MINB) qgemv_kernel(QGemvArgs 
             for (int u = 0; u < U; ++u) {
                 const int c = base + u * kWarp + lane;
                 if (c < nchunk) {
-                    // one input vector at a time; each row's products are summed in input order, as unpack_q + load_x
-                    // over the whole chunk would (the same bits), with fewer registers live
+                    float xf[KPC], qf[KPC];
+                    load_x<T, QM>(xs, c, xf);
                     float da = 0.f, db = 0.f;
+                    unpack_q<QM>(wa[u], qf);
 #pragma unroll
-                    for (int j = 0; j < VPC; ++j) {
-                        float xf[8], qf[8];
-                        load_x8<T, VPC>(xs, c, j, xf);
-                        unpack_q8<QM>(wa[u], j, qf);
+                    for (int k = 0; k < KPC; ++k) da = fmaf(qf[k], xf[k], da);
+                    unpack_q<QM>(wb[u], qf);
 #pragma unroll
-                        for (int k = 0; k < 8; ++k) da = fmaf(qf[k], xf[k], da);
-                        unpack_q8<QM>(wb[u], j, qf);
-#pragma unroll
-                        for (int k = 0; k < 8; ++k) db = fmaf(qf[k], xf[k], db);
-                    }
-                    const float2 s2 = __half22float2(*reinterpret_cast<const __half2 *>(&sab[u]));
+                    for (int k = 0; k < KPC; ++k) db = fmaf(qf[k], xf[k], db);
                     if constexpr (QM == 4) {
                         const float sx = xsum[c];
-                        const float2 m2 = __half22float2(*reinterpret_cast<const __half2 *>(&mab[u]));
-                        acc_a += fmaf(s2.x, da, m2.x * sx);
-                        acc_b += fmaf(s2.y, db, m2.y * sx);
+                        acc_a += fmaf(sa[u], da, ma[u] * sx);
+                        acc_b += fmaf(sb[u], db, mb[u] * sx);
                     } else {
-                        acc_a += s2.x * da;
-                        acc_b += s2.y * db;
+                        acc_a += sa[u] * da;
+                        acc_b += sb[u] * db;
                     }
                 }
             }
@@ -306,17 +285,12 @@ static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 b
 
 static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
-template <typename T, int MODE, int QM, int MINB>
-static void set_attr_q1() {
-    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, false, QM, MINB>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, q_smem_limit));
-    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, true, QM, MINB>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, q_smem_limit));
-}
 template <typename T, int MODE, int QM>
 static void set_attr_q() {
-    set_attr_q1<T, MODE, QM, 2>();
-    set_attr_q1<T, MODE, QM, 3>();
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, false, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          q_smem_limit));
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, true, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          q_smem_limit));
 }
 template <typename T, int QM>
 static void init_q() {
@@ -349,19 +323,14 @@ void check_quant(const QuantMat &m, int N, int K, const char *who) {
     need(reinterpret_cast<uintptr_t>(m.q) % 16 == 0, "quantized weights must be 16-byte aligned");
 }
 
-template <typename T, int MODE, int QM, int MINB>
-static void launch_q4(const QGemvArgs &a, const Launch &L, int grid, size_t smem) {
-    if (a.norm_w) launch_pdl(L, qgemv_kernel<T, MODE, true, QM, MINB>, grid, kQWarps * kWarp, smem, a);
-    else launch_pdl(L, qgemv_kernel<T, MODE, false, QM, MINB>, grid, kQWarps * kWarp, smem, a);
-}
 template <typename T, int MODE, int QM>
 static int launch_q3(const QGemvArgs &a, const Launch &L) {
     const int pairs = MODE == kGemvSwiglu ? a.N : (a.N + 1) / 2;
     const int groups = (pairs + kQWarps - 1) / kQWarps;
     const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
     const size_t smem = qsmem(a.K, QM);
-    if (a.min_blocks == 3) launch_q4<T, MODE, QM, 3>(a, L, grid, smem);
-    else launch_q4<T, MODE, QM, 2>(a, L, grid, smem);
+    if (a.norm_w) launch_pdl(L, qgemv_kernel<T, MODE, true, QM>, grid, kQWarps * kWarp, smem, a);
+    else launch_pdl(L, qgemv_kernel<T, MODE, false, QM>, grid, kQWarps * kWarp, smem, a);
     return grid;
 }
 template <typename T, int QM>
@@ -381,7 +350,6 @@ int launch_qgemv(const QGemvArgs &args, int dtype, const Launch &L) {
     check_quant(m, args.N, args.K, "qgemv");
     if (qsmem(args.K, args.qmode) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
     if (args.amax_part && args.mode != kGemvF32) throw BadArgument("qgemv: amax_part needs the fp32 logits mode");
-    if (args.min_blocks != 2 && args.min_blocks != 3) throw BadArgument("qgemv: min_blocks must be 2 or 3");
     QGemvArgs a = args;
     a.preload = L.pdl == kPdlPreload ? 1 : 0;
     a.trace = L.slot("qgemv%d m%d N %d", args.qmode, args.mode, args.N);

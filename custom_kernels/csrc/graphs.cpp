@@ -31,8 +31,6 @@ Engine::Engine(const Plan &plan, GraphMode mode, const EngineOptions &options)
         throw BadArgument("graph mode must be none, exact or dynamic");
     if (opts_.pdl < kPdlOff || opts_.pdl > kPdlPreload)
         throw BadArgument("pdl must be 0 (plain launches), 1 (PDL), 2 (+ L2 prefetch) or 3 (+ register preload)");
-    if (opts_.qgemv_blocks != 2 && opts_.qgemv_blocks != 3)
-        throw BadArgument("qgemv_blocks must be 2 or 3 (blocks a SM the quantized gemv is compiled for)");
     plan_.validate();
     gemv_init(plan_.dtype);
     if (plan_.quant) qgemv_init(plan_.dtype);

@@ -161,7 +161,6 @@ struct QGemvArgs {
     signed char qmode = 4;       // 8 | 4
     signed char round_logits = 1;
     signed char preload = 0;     // set by the launcher (kPdlPreload): each warp's first chunk before the wait
-    signed char min_blocks = 2;  // blocks a SM the kernel is compiled for: 2 or 3 (EngineOptions::qgemv_blocks)
 };
 void qgemv_init(int dtype);
 // BadArgument naming `who` unless the kernels can take m as an [N, K] matrix (mode, pointers, K and the group a

@@ -84,8 +84,6 @@ struct EngineOptions {
     bool lm_head_seq_len = true;    // lm_small_kernel writes seq_len, finish lets the next step launch right after
                                     // its wait (else finish writes it; log entry 35)
     bool lm_head_l2_ahead = true;   // lm_small_kernel's L2 look-ahead (GemvLmArgs::l2_ahead; log entry 35)
-    int qgemv_blocks = 2;           // quantized gemv compiled for 2 or 3 blocks a SM (gemv_quant.cu; the same
-                                    // results; log entry 40)
     int step_skip = 0;              // timing ablation only (wrong results; see step.cu): 0 = the normal step
 };
 

@@ -6,9 +6,6 @@ The oracle is server.model.quant.dequantize (the layout's definition) in float64
 normed input twice). Each failure names the matrix, the mode and the first wrong rows, so a wrong tile, chunk
 or group shows as a row pattern.
 
-The gemv is compiled for 2 or 3 blocks a SM (EngineOptions.qgemv_blocks): every gemv test runs both, and they must
-give the same bits.
-
 The dequantization kernel (prefill's scratch) must equal dequantize(ql).to(dtype) bit for bit: both compute
 q * scale (+ minv) exactly in fp32 and round once. It shares the unpacking code with the gemv, so a wrong nibble
 order shows there first, element by element.
@@ -109,21 +106,16 @@ def test_qgemv_modes(dtype, N, K, mode, G):
     for om in (STORE, RESID, SWIGLU, F32):
         for norm in (False, True):
             out, ref = gemv_case(Wd, xn if norm else xd, N, om, dt, g)
-            outs = []
-            for mb in (2, 3):
-                o = out.clone()
-                ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5,
-                          o.data_ptr(), om, DTI[dtype], stream(), 0, MAX_BLOCKS, min_blocks=mb)
-                torch.cuda.synchronize()
-                check(o, ref, TOL[dtype], f"{mode} G={G} [{N}x{K}] {dtype} mode {om} norm {norm} blocks {mb}")
-                outs.append(o)
-            assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8)), "2 and 3 blocks a SM differ"
+            ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5,
+                      out.data_ptr(), om, DTI[dtype], stream(), 0, MAX_BLOCKS)
+            torch.cuda.synchronize()
+            check(out, ref, TOL[dtype], f"{mode} G={G} [{N}x{K}] {dtype} mode {om} norm {norm}")
 
 
 @pytest.mark.parametrize("mode,G", [("int8", 4096), ("int8", 32), ("int4", 32), ("int4", 128)])
 def test_qgemv_deterministic_and_pdl_levels(mode, G):
-    """Bitwise the same result on every run, at every PDL level (the preload before the wait included), with a grid
-    that loops (max_blocks small: each warp takes several pairs), and compiled for 2 or 3 blocks a SM."""
+    """Bitwise the same result on every run and at every PDL level (the preload before the wait included), with
+    a grid that loops (max_blocks small: each warp takes several pairs)."""
     ext = load_extension()
     N, K = 11008, 4096
     g = torch.Generator(device="cuda").manual_seed(G + QMODE[mode])
@@ -132,11 +124,10 @@ def test_qgemv_deterministic_and_pdl_levels(mode, G):
     nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).half()
     q, s, m = ptrs(ql)
     outs = []
-    for pdl, mb, blocks in ((0, MAX_BLOCKS, 2), (1, MAX_BLOCKS, 2), (3, MAX_BLOCKS, 2), (3, MAX_BLOCKS, 2), (3, 7, 2),
-                            (1, 0, 2), (3, MAX_BLOCKS, 3), (0, 7, 3)):
+    for pdl, mb in ((0, MAX_BLOCKS), (1, MAX_BLOCKS), (3, MAX_BLOCKS), (3, MAX_BLOCKS), (3, 7), (1, 0)):
         out = torch.full((N,), float("nan"), device="cuda", dtype=torch.float16)
         ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), SWIGLU, 0,
-                  stream(), 0, mb, pdl=pdl, min_blocks=blocks)
+                  stream(), 0, mb, pdl=pdl)
         torch.cuda.synchronize()
         outs.append(out.cpu())
     for i, o in enumerate(outs[1:], 1):
@@ -226,9 +217,6 @@ def test_bad_layouts_are_refused():
         ext.qgemv(q, s, m, 4, 96, 64, 256, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS)
     with pytest.raises(ValueError, match="K must be a multiple of 32"):
         ext.qgemv(q, s, m, 4, 16, 64, 240, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS)
-    with pytest.raises(ValueError, match="min_blocks must be 2 or 3"):
-        ext.qgemv(q, s, m, 4, 64, 64, 256, x.data_ptr(), 0, 1e-5, out.data_ptr(), STORE, 0, stream(), 0, MAX_BLOCKS,
-                  min_blocks=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,29 +268,26 @@ def _greedy():
     return SamplingParams()
 
 
-# blocks: EngineOptions.qgemv_blocks (2, the default, or 3 blocks a SM)
-E2E = [("tiny", "int8", 128, 2), ("tiny", "int4", 32, 2), ("tiny", "int4", 128, 2),
-       ("smollm2-135m", "int8", 576, 2), ("smollm2-135m", "int4", 64, 2), ("smollm2-135m", "int8", 32, 2),
-       ("smollm2-135m", "int4", 32, 3), ("smollm2-135m", "int8", 576, 3)]
+E2E = [("tiny", "int8", 128), ("tiny", "int4", 32), ("tiny", "int4", 128),
+       ("smollm2-135m", "int8", 576), ("smollm2-135m", "int4", 64), ("smollm2-135m", "int8", 32)]
 
 
-@pytest.mark.parametrize("shape,mode,G,blocks", E2E)
-def test_quant_step_matches_dequant_oracle(shape, mode, G, blocks):
+@pytest.mark.parametrize("shape,mode,G", E2E)
+def test_quant_step_matches_dequant_oracle(shape, mode, G):
     """Teacher-forced 64 steps after a shared prefill (the oracle's KV rows copied in, so each step is compared on
     its own): logits within test_step.py's fp16 bound of the oracle's, the same argmax except at fp16 near-ties;
     then greedy through device sampling == greedy through the host argmax of our own steps."""
     from server.cuda_backend import CudaBackend
     from tests.gpu.test_step import shared_prefill, teacher_forced
     model = quant_model(shape, mode, G)
-    be = CudaBackend(model, sessions=1, graph_mode="none",
-                     options=load_extension().EngineOptions(qgemv_blocks=blocks))
+    be = CudaBackend(model, sessions=1, graph_mode="none")
     try:
         assert be.status()["quant"] == mode
         ref = dequant_oracle(model)
         V = model.cfg.vocab_size
         ids = _ids(V, 8, 1)
         shared_prefill(be, ref, 0, ids)
-        teacher_forced(be, ref, _ids(V, 64, 2), f"{shape} {mode} G={G} blocks {blocks}")
+        teacher_forced(be, ref, _ids(V, 64, 2), f"{shape} {mode} G={G}")
         # device sampling (lm_head's argmax partials + finish) == host argmax of the eager steps
         tok = int(be.prefill(0, ids).argmax())
         host, t = [], tok
