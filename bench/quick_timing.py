@@ -361,6 +361,9 @@ def main():
                     help="quantized decode rows mode:group,... (e.g. int8:0,int4:128; group 0: one scale a row), "
                          "each with the server's synthetic quantized weights (synthetic:<shape> --quant), dynamic and exact "
                          "graphs, PDL 3; floor from the quantized bytes")
+    ap.add_argument("--quant-options", default="default",
+                    help="EngineOptions sets of the quantized rows (name=value+..., comma-separated; A/B), each in "
+                         "dynamic and exact graphs")
     ap.add_argument("--options", default="default",
                     help="EngineOptions sets (name=value+...) to run the timeline with, comma-separated (A/B)")
     a = ap.parse_args()
@@ -440,7 +443,7 @@ def main():
             qb = qw.quant_bytes() + dense_bytes_per_token(cfg, "float16")
             qfloor = qb / (report["copy_GBps"] * 1e9) * 1e3
             q_first = None  # this spec's first row's tokens: every variant must give the same greedy tokens
-            for mode, opt in (("dynamic", "default"), ("exact", "default")):
+            for opt, mode in ((o, m) for o in a.quant_options.split(",") for m in ("dynamic", "exact")):
                 try:
                     r = time_backend(qmodel, mode, "custom", a.steps, parse_options(ext, opt, "3"))
                 except Exception as e:
