@@ -84,6 +84,8 @@ class SlotGen(Generation):
                                            "sample": p.to_dict() if self.device else None},
                      label=f"prefill {len(ids) - keep}")
         self.T = rep["seq_len"]
+        if first:  # the positions the server actually reused (it may pre-fill all again: plan_keep)
+            self.cached = rep.get("kept", keep)
         if self.device:
             tok = rep["token"]
             text = P.call(P.client, "detokenize", {"ids": [tok], "stream": True, "session": self.session,

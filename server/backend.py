@@ -47,6 +47,13 @@ class Backend(ABC):
             logits = self.step(session, t)
         return logits
 
+    def plan_keep(self, session: int, ids: list[int], keep: int) -> int:
+        """How many of the `keep` cached positions serve's prompt cache should reuse: `keep` (pre-fill
+        only the rest, prefill_from), or 0 where a cold prefill of the whole prompt is the faster way
+        (CudaBackend: a prompt that a prefill graph covers). Never wrong either way: both give the same
+        KV and logits up to the prefill's summation order."""
+        return keep
+
     def rewind(self, session: int, n: int) -> None:
         """Forget the positions from n on (their rows are overwritten by what comes next)."""
         self.kv.seq_len[session] = n

@@ -15,6 +15,7 @@ GPU tests and the timing tool use) are its own, set at construction (custom_kern
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -221,6 +222,38 @@ class CudaBackend(Backend):
                     self.step(0, tok)
             self.engine.sync()
             self.reset(s)
+        if self.prefill_graphs is not None:
+            self._time_prefills(sorted(buckets))
+
+    def _time_prefills(self, buckets: list[int]) -> None:
+        """Start-up, after the warm-up: one replay of each prefill graph and one eager prefill of the
+        smallest bucket on session 0 (wall time to the logits on the host), for serve's prompt cache
+        (plan_keep: PrefillGraphs.recompute_cheaper)."""
+        pg, V = self.prefill_graphs, self.cfg.vocab_size
+        for n in buckets:
+            ids = [(7 * i + 1) % V for i in range(n)]
+            t0 = time.perf_counter()
+            self.prefill(0, ids)
+            pg.replay_ms[n] = (time.perf_counter() - t0) * 1e3
+        n = min(buckets) if buckets else 0
+        if n > 1:
+            ids = [(5 * i + 3) % V for i in range(n)]
+            self.prefill(0, ids[:1])  # the session holds ids[:1]: the continuation below is eager
+            for _ in range(2):  # the second run is timed (the first loads its kernels)
+                t0 = time.perf_counter()
+                self.prefill_from(0, ids, 1)
+                pg.eager_ms = (time.perf_counter() - t0) * 1e3
+        self.engine.sync()
+        self.reset(0)
+
+    def plan_keep(self, session: int, ids: list[int], keep: int) -> int:
+        """0 (pre-fill the whole prompt again, in its graph) where that is measured to be faster than the
+        eager continuation from `keep` (PrefillGraphs.recompute_cheaper), else keep."""
+        ids = self.check_keep(session, ids, keep)  # a bad keep is the caller's error either way
+        pg = self.prefill_graphs
+        if pg is not None and keep > 0 and pg.recompute_cheaper(session, len(ids), len(ids) - keep):
+            return 0
+        return keep
 
     # -- positions ---------------------------------------------------------------------------
     def seq_len(self, session: int) -> int:

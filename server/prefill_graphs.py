@@ -19,6 +19,10 @@ once per (session, bucket) and replayed: the host cost is one replay.
     pauses that thread around a capture made here (CudaBackend.prefill).
 
 Continuation prompts (start > 0) and prompts longer than max_seq's bucket run eagerly.
+Serve's prompt cache runs a continuation only when that is the faster way (`recompute_cheaper`): start-up times
+one replay of each bucket and one eager prefill (`replay_ms`, `eager_ms`); an eager continuation is bound by
+the host, so a cached prefix of a prompt that a graph covers is usually pre-filled again whole, in its graph
+(H100, 7B, 512-token prompt: graph 19-23 ms, eager continuation of 16 tokens 29-50 ms; docs/serve.md).
 Kept apart from the model code (server/reference.py), as the decode graphs are
 (custom_kernels/csrc/graphs.cpp).
 """
@@ -36,6 +40,23 @@ class PrefillGraphs:
         self.graphs: dict[tuple[int, int], tuple] = {}  # (session, bucket) -> (graph, tok, last, out)
         self.pool = None
         self.replays = 0
+        self.replay_ms: dict[int, float] = {}  # bucket -> one replay's wall time (start-up, session 0)
+        self.eager_ms: float | None = None     # one eager prefill of MIN_BUCKET tokens (start-up)
+
+    def recompute_cheaper(self, session: int, n: int, new: int) -> bool:
+        """Serve's prompt cache, a prompt of n tokens whose first n - new the session holds: True when the
+        graph of the whole prompt is expected to beat the eager continuation of the new tokens. The eager
+        path costs its host time (eager_ms, nearly constant) or, for long continuations, about the GPU time
+        of its own bucket's graph, whichever is larger. Unmeasured (no timings yet, no graph for this
+        session and bucket, or one new token: a decode step) -> False."""
+        b = self.bucket(n)
+        if new <= 1 or b is None or (session, b) not in self.graphs or self.eager_ms is None:
+            return False
+        full = self.replay_ms.get(b)
+        part = self.replay_ms.get(self.bucket(new) or 0)
+        if full is None:
+            return False
+        return full < max(self.eager_ms, part or 0.0)
 
     def bucket(self, n: int) -> int | None:
         b = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())

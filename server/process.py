@@ -151,17 +151,23 @@ class Server:
             # params are checked before the backend steps; it validates session, prompt and token ids
             s = a["session"]
             params = None if a["sample"] is None else SamplingParams.from_dict(a["sample"])
+            kept = None
             if op == "kv_init":
-                keep = a["keep"]
-                if keep:  # serve's prompt cache: the session already holds input_ids[:keep]
-                    logits = b.prefill_from(s, a["input_ids"], keep)
+                # serve's prompt cache: the session already holds input_ids[:keep]; the backend may
+                # pre-fill the whole prompt instead where that is faster (plan_keep); "kept" says which
+                kept = b.plan_keep(s, a["input_ids"], a["keep"]) if a["keep"] else 0
+                if kept:
+                    logits = b.prefill_from(s, a["input_ids"], kept)
                 else:
                     logits = b.prefill(s, a["input_ids"])
             elif op == "replay_seq":
                 logits = b.replay(s, a["seq_len"], a["token"])
             else:
                 logits = b.step(s, a["token"])
-            return self._logits_reply(s, logits, params)
+            out = self._logits_reply(s, logits, params)
+            if kept is not None:
+                out["kept"] = kept
+            return out
         if op == "kv_generate":
             s, steps = a["session"], a["steps"]
             if steps < 1:

@@ -149,6 +149,49 @@ def test_prompt_cache_prefills_only_the_new_tokens_and_changes_nothing(one, mode
     assert again.choices[0].text == cold.choices[0].text
 
 
+def test_a_backend_that_prefills_the_whole_prompt_again_reports_no_cached_tokens(model_dir, oracle, tmp_path,
+                                                                                monkeypatch):  # noqa: F811
+    """Backend.plan_keep may answer 0 (the cuda backend, where a prompt's prefill graph beats the eager
+    continuation): the whole prompt is pre-filled again, usage says 0 cached tokens, the text is the same."""
+    monkeypatch.setenv("CASE4_SERVER_FACTORY", "tests.serve_factories:recompute_prefix")
+    s = Server(model_dir, tmp_path / "serve.log", "--slots", "1")
+    try:
+        m, c = str(model_dir), client(s)
+        ids1 = [256] + list(b"Turn one?")
+        r1 = c.completions.create(model=m, prompt=ids1, max_tokens=8, temperature=0)
+        ids2 = ids1 + oracle(ids1, 8)[0] + list(b" Two.")
+        warm = c.completions.create(model=m, prompt=ids2, max_tokens=8, temperature=0)
+        assert r1.usage.completion_tokens == 8 and warm.usage.prompt_tokens_details.cached_tokens == 0
+        from client.tokenizer import ByteTokenizer
+        assert warm.choices[0].text == ByteTokenizer().decode(oracle(ids2, 8)[0])
+    finally:
+        s.stop()
+
+
+def recompute_cheaper_case(replay_ms: dict, eager_ms, graphs=((0, 16), (0, 512), (0, 2048))):
+    from server.prefill_graphs import PrefillGraphs
+    pg = PrefillGraphs(None, 4096)
+    pg.replay_ms, pg.eager_ms = dict(replay_ms), eager_ms
+    pg.graphs = {k: None for k in graphs}
+    return pg
+
+
+def test_the_prompt_cache_recomputes_only_where_the_graph_is_measured_faster():
+    """PrefillGraphs.recompute_cheaper with the H100 7B figures of docs/serve.md: a 512-token prompt's graph
+    (~20 ms) beats a 16-token eager continuation (host-bound, ~29 ms); a 2048-token one (~70 ms) does not;
+    a long continuation costs at least its own bucket's graph; nothing unmeasured recomputes."""
+    pg = recompute_cheaper_case({16: 4.0, 512: 20.0, 2048: 70.0}, 29.0)
+    assert pg.recompute_cheaper(0, 512, 16)            # 20 < max(29, 4)
+    assert pg.recompute_cheaper(0, 500, 400)           # bucket 512: 20 < max(29, 20)
+    assert not pg.recompute_cheaper(0, 2000, 16)       # 70 > 29
+    assert not pg.recompute_cheaper(0, 2000, 1500)     # equal costs (both the 2048 graph's): keep the cache
+    assert not pg.recompute_cheaper(0, 512, 1)         # one new token: a decode step
+    assert not pg.recompute_cheaper(1, 512, 16)        # no graph for session 1's bucket
+    assert not pg.recompute_cheaper(0, 5000, 16)       # beyond max_seq's bucket
+    assert not recompute_cheaper_case({16: 4.0, 512: 20.0}, None).recompute_cheaper(0, 512, 16)  # no eager timing
+    assert not recompute_cheaper_case({16: 4.0}, 29.0).recompute_cheaper(0, 512, 16)  # bucket not timed
+
+
 def test_chat_logprobs_equal_a_float64_log_softmax(one, model_dir, oracle):  # noqa: F811
     """With --sampling device a logprobs request is decoded on the host path (the client
     process reads the logits); the values are the log-softmax of the raw logits."""

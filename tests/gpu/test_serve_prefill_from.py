@@ -61,3 +61,28 @@ def test_prefill_from_one_token_is_the_decode_step():
         assert b.seq_len(0) == 31 and torch.equal(again, stepped)
     finally:
         b.close()
+
+
+def test_start_up_times_the_prefill_paths_and_plan_keep_follows_them():
+    """Start-up times one replay of every prefill graph and one eager continuation (PrefillGraphs.replay_ms,
+    eager_ms); plan_keep recomputes a held prefix exactly where recompute_cheaper says so, and either path gives
+    a cold prefill's logits. Printed: the figures docs/serve.md "Prompt cache" quotes."""
+    b = make("llama2-7b")
+    try:
+        pg = b.prefill_graphs
+        assert set(pg.replay_ms) == set(pg.buckets(2048)) and pg.eager_ms and pg.eager_ms > 0
+        print("\nprefill graph replay ms:", {k: round(v, 2) for k, v in sorted(pg.replay_ms.items())},
+              "eager continuation ms:", round(pg.eager_ms, 2))
+        V = b.cfg.vocab_size
+        r = random.Random(3)
+        for n, keep in ((512, 496), (2000, 1984), (300, 299)):
+            ids = [r.randrange(V) for _ in range(n)]
+            cold = b.prefill(0, ids).clone()
+            b.prefill(1, ids[:keep])
+            kept = b.plan_keep(1, ids, keep)
+            assert kept == (0 if pg.recompute_cheaper(1, n, n - keep) else keep)
+            warm = (b.prefill_from(1, ids, kept) if kept else b.prefill(1, ids)).clone()
+            print(f"prompt {n}, held {keep}: kept {kept}")
+            assert b.seq_len(1) == n and rel(warm, cold) < 2e-2 and int(warm.argmax()) == int(cold.argmax())
+    finally:
+        b.close()
