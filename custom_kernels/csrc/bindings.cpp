@@ -96,13 +96,16 @@ static Launch test_launch(uintptr_t stream, int pdl) {
     return L;
 }
 
+// bias != 0: the bias gemv (GemvBiasArgs: normed kGemvStore, out = round(W x + bias))
 static void k_gemv(uintptr_t W, int N, int K, uintptr_t x, uintptr_t norm_w, float eps, uintptr_t out, int mode,
-                   int dtype, uintptr_t stream, int round_logits, int max_blocks, int pdl) {
-    GemvArgs a;
+                   int dtype, uintptr_t stream, int round_logits, int max_blocks, int pdl, uintptr_t bias) {
+    GemvBiasArgs a;
     a.W = (const void *)W; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w;
     a.eps = eps; a.out = (void *)out; a.mode = mode; a.round_logits = round_logits; a.max_blocks = max_blocks;
+    a.bias = (const void *)bias;
     gemv_init(dtype);
-    launch_gemv(a, dtype, test_launch(stream, pdl));
+    if (bias) launch_gemv_bias(a, dtype, test_launch(stream, pdl));
+    else launch_gemv(a, dtype, test_launch(stream, pdl));
 }
 
 static void k_attention(uintptr_t qkv, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cos, uintptr_t sin, int R,
@@ -214,7 +217,8 @@ PYBIND11_MODULE(_case4_cuda, m) {
 
     using py::arg;
     m.def("gemv", &k_gemv, nogil, arg("W"), arg("N"), arg("K"), arg("x"), arg("norm_w"), arg("eps"), arg("out"),
-          arg("mode"), arg("dtype"), arg("stream"), arg("round_logits"), arg("max_blocks"), arg("pdl") = 1);
+          arg("mode"), arg("dtype"), arg("stream"), arg("round_logits"), arg("max_blocks"), arg("pdl") = 1,
+          arg("bias") = 0);
     m.def("attention", &k_attention, nogil, arg("qkv"), arg("k_cache"), arg("v_cache"), arg("cos"), arg("sin"),
           arg("R"), arg("Hq"), arg("Hkv"), arg("D"), arg("max_seq"), arg("pos"), arg("part_acc"), arg("part_ml"),
           arg("max_splits"), arg("counters"), arg("ctx"), arg("dtype"), arg("stream"), arg("pos_dev"),
