@@ -161,15 +161,17 @@ static void k_sample(uintptr_t logits, int V, int pos, float temperature, int to
 }
 
 // quantized gemv (gemv_quant.cu): W given as (q, scale, minv, qmode 8|4, group); `tok` / `x_out`: the embedding
-// gather (x is then the table), `part`: kGemvF32's per-block argmax partials; returns the grid size
+// gather (x is then the table), `part`: kGemvF32's per-block argmax partials, `bias`: kGemvStore's (QGemvArgs::bias);
+// returns the grid size
 static int k_qgemv(uintptr_t q, uintptr_t scale, uintptr_t minv, int qmode, int group, int N, int K, uintptr_t x,
                    uintptr_t norm_w, float eps, uintptr_t out, int mode, int dtype, uintptr_t stream, int round_logits,
-                   int max_blocks, int pdl, uintptr_t tok, uintptr_t x_out, uintptr_t part) {
+                   int max_blocks, int pdl, uintptr_t tok, uintptr_t x_out, uintptr_t part, uintptr_t bias) {
     QGemvArgs a;
     a.q = (const void *)q; a.scale = (const void *)scale; a.minv = (const void *)minv; a.qmode = (signed char)qmode;
     a.group = group; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w; a.eps = eps;
     a.out = (void *)out; a.mode = (signed char)mode; a.round_logits = (signed char)round_logits;
     a.max_blocks = max_blocks; a.tok = (const int *)tok; a.x_out = (void *)x_out; a.amax_part = (int2 *)part;
+    a.bias = (const void *)bias;
     qgemv_init(dtype);
     return launch_qgemv(a, dtype, test_launch(stream, pdl));
 }
@@ -233,7 +235,8 @@ PYBIND11_MODULE(_case4_cuda, m) {
           arg("top_p"), arg("seed"), arg("params_dev"), arg("token_dev"), arg("stream"), arg("pdl") = 1);
     m.def("qgemv", &k_qgemv, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"), arg("K"),
           arg("x"), arg("norm_w"), arg("eps"), arg("out"), arg("mode"), arg("dtype"), arg("stream"),
-          arg("round_logits"), arg("max_blocks"), arg("pdl") = 1, arg("tok") = 0, arg("x_out") = 0, arg("part") = 0);
+          arg("round_logits"), arg("max_blocks"), arg("pdl") = 1, arg("tok") = 0, arg("x_out") = 0, arg("part") = 0,
+          arg("bias") = 0);
     m.def("dequant", &k_dequant, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"),
           arg("K"), arg("out"), arg("dtype"), arg("stream"));
     m.def("gemv_rope_fits", &gemv_rope_fits);

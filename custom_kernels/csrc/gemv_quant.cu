@@ -259,8 +259,9 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
                     const int r = h ? rb : ra;
                     const float acc = h ? acc_b : acc_a;
                     if (r < 0) continue;
-                    if (MODE == kGemvStore) {
-                        reinterpret_cast<T *>(a.out)[r] = from_f<T>(acc);
+                    if (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
+                        reinterpret_cast<T *>(a.out)[r] =
+                            from_f<T>(a.bias ? acc + to_f(reinterpret_cast<const T *>(a.bias)[r]) : acc);
                     } else if (MODE == kGemvResid) {
                         T *o = reinterpret_cast<T *>(a.out);
                         o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
@@ -350,6 +351,7 @@ int launch_qgemv(const QGemvArgs &args, int dtype, const Launch &L) {
     check_quant(m, args.N, args.K, "qgemv");
     if (qsmem(args.K, args.qmode) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
     if (args.amax_part && args.mode != kGemvF32) throw BadArgument("qgemv: amax_part needs the fp32 logits mode");
+    if (args.bias && args.mode != kGemvStore) throw BadArgument("qgemv: a bias is for the store mode (QKV)");
     QGemvArgs a = args;
     a.preload = L.pdl == kPdlPreload ? 1 : 0;
     a.trace = L.slot("qgemv%d m%d N %d", args.qmode, args.mode, args.N);

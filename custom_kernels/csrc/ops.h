@@ -150,9 +150,9 @@ struct QuantMat {
     int group = 0;
 };
 // The quantized gemv's kernel parameter (<= 128 bytes, as GemvArgs): the GemvMode epilogues of gemv.cu with the same
-// rounding points (store, residual add in place, SwiGLU over gate|up rows [0, N) | [N, 2N), fp32 logits with the
-// optional per-block argmax partials), the optional RMSNorm of the input and the optional embedding gather (tok:
-// x is the table, block 0 copies the row to x_out).
+// rounding points (store, optionally with a bias, residual add in place, SwiGLU over gate|up rows [0, N) | [N, 2N),
+// fp32 logits with the optional per-block argmax partials), the optional RMSNorm of the input and the optional
+// embedding gather (tok: x is the table, block 0 copies the row to x_out).
 struct QGemvArgs {
     const void *q = nullptr, *scale = nullptr, *minv = nullptr;
     const void *x = nullptr;
@@ -169,6 +169,9 @@ struct QGemvArgs {
     signed char qmode = 4;       // 8 | 4
     signed char round_logits = 1;
     signed char preload = 0;     // set by the launcher (kPdlPreload): each warp's first chunk before the wait
+    // kGemvStore, optional: out[n] = round(W x + bias[n]) ([N] dtype, as GemvBiasArgs); last, so that the other
+    // fields keep their offsets (112 bytes in all)
+    const void *bias = nullptr;
 };
 void qgemv_init(int dtype);
 // BadArgument naming `who` unless the kernels can take m as an [N, K] matrix (mode, pointers, K and the group a
