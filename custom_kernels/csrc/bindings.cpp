@@ -53,6 +53,7 @@ static Plan plan_from_dict(const py::dict &d) {
     p.max_seq = d["max_seq"].cast<int>(); p.sessions = d["sessions"].cast<int>();
     p.eps = d["eps"].cast<float>();
     p.round_logits = d.contains("round_logits") ? d["round_logits"].cast<int>() : 1;
+    p.qkv_bias = d.contains("qkv_bias") && d["qkv_bias"].cast<bool>();  // then every layer has "b_qkv" (validate)
     p.embed = ptr<const void *>(d, "embed");
     p.final_norm = ptr<const void *>(d, "final_norm");
     matrix_from(d["lm_head"], &p.lm_head, &p.q_lm_head, "lm_head");
@@ -67,6 +68,7 @@ static Plan plan_from_dict(const py::dict &d) {
         matrix_from(l["w_o"], &lp.w_o, &lp.q_o, "w_o");
         matrix_from(l["w_gu"], &lp.w_gu, &lp.q_gu, "w_gu");
         matrix_from(l["w_down"], &lp.w_down, &lp.q_down, "w_down");
+        lp.b_qkv = l.contains("b_qkv") ? ptr<const void *>(l, "b_qkv") : nullptr;  // 0 or absent: no bias
         p.quant = p.quant || lp.q_qkv.mode || lp.q_o.mode || lp.q_gu.mode || lp.q_down.mode;
         p.layers.push_back(lp);
     }
