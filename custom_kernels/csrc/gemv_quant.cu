@@ -346,12 +346,12 @@ static int launch_q2(const QGemvArgs &a, const Launch &L) {
 }
 
 int launch_qgemv(const QGemvArgs &args, int dtype, const Launch &L) {
+    if (args.bias && args.mode != kGemvStore) throw BadArgument("qgemv: a bias is for the store mode (QKV)");
     QuantMat m;
     m.q = args.q; m.scale = args.scale; m.minv = args.minv; m.mode = args.qmode; m.group = args.group;
     check_quant(m, args.N, args.K, "qgemv");
     if (qsmem(args.K, args.qmode) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
     if (args.amax_part && args.mode != kGemvF32) throw BadArgument("qgemv: amax_part needs the fp32 logits mode");
-    if (args.bias && args.mode != kGemvStore) throw BadArgument("qgemv: a bias is for the store mode (QKV)");
     QGemvArgs a = args;
     a.preload = L.pdl == kPdlPreload ? 1 : 0;
     a.trace = L.slot("qgemv%d m%d N %d", args.qmode, args.mode, args.N);

@@ -162,6 +162,7 @@ struct QGemvArgs {
     void *out = nullptr;
     int2 *amax_part = nullptr;
     unsigned long long *trace = nullptr;  // set by the launcher
+    const void *bias = nullptr;  // kGemvStore, optional: out[n] = round(W x + bias[n]) ([N] dtype, as GemvBiasArgs)
     int N = 0, K = 0, group = 0;
     int max_blocks = 0;          // grid cap (SMs * blocks per SM); 0: one pair of rows per warp
     float eps = 1e-5f;
@@ -169,9 +170,6 @@ struct QGemvArgs {
     signed char qmode = 4;       // 8 | 4
     signed char round_logits = 1;
     signed char preload = 0;     // set by the launcher (kPdlPreload): each warp's first chunk before the wait
-    // kGemvStore, optional: out[n] = round(W x + bias[n]) ([N] dtype, as GemvBiasArgs); last, so that the other
-    // fields keep their offsets (112 bytes in all)
-    const void *bias = nullptr;
 };
 void qgemv_init(int dtype);
 // BadArgument naming `who` unless the kernels can take m as an [N, K] matrix (mode, pointers, K and the group a

@@ -318,9 +318,9 @@ static int mat_gemv(const Step &c, const void *w, const QuantMat &q, const GemvA
         return launch_gemv(f, c.p.dtype, c.L);
     }
     QGemvArgs a;
+    a.bias = bias;
     a.q = q.q; a.scale = q.scale; a.minv = q.minv; a.qmode = (signed char)q.mode; a.group = q.group;
     a.x = g.x; a.tok = g.tok; a.x_out = g.x_out; a.norm_w = g.norm_w; a.out = g.out; a.amax_part = g.amax_part;
-    a.bias = bias;
     a.N = g.N; a.K = g.K; a.max_blocks = g.max_blocks; a.eps = g.eps; a.mode = g.mode; a.round_logits = g.round_logits;
     return launch_qgemv(a, c.p.dtype, c.L);
 }
