@@ -41,11 +41,9 @@ def cuda_available() -> tuple[bool, str]:
 
 def cuda_refusal(cfg: ModelConfig) -> str | None:
     """Why the cuda kernels cannot run `cfg` (one line naming the field), or None when they can.
-    They read RoPE from the arena's tables (so every RoPE type of config.py is theirs) and run
-    int8/int4 weights (gemv_quant.cu), but they add no bias and attend to the whole prefix."""
-    if cfg.qkv_bias:
-        return (f"{cfg.arch} adds q/k/v_proj biases (self_attn.q_proj.bias, ...), which the cuda kernels "
-                "do not")
+    They read RoPE from the arena's tables (so every RoPE type of config.py is theirs), run
+    int8/int4 weights (gemv_quant.cu) and add Qwen2's q/k/v biases in the QKV gemv, but they
+    attend to the whole prefix (no sliding window)."""
     if cfg.sliding_window is not None and cfg.max_seq_len > cfg.sliding_window:
         return (f"config field 'sliding_window': the cuda kernels have no attention window and the served "
                 f"context --max-seq {cfg.max_seq_len} exceeds sliding_window {cfg.sliding_window} "

@@ -177,13 +177,17 @@ class CudaBackend(Backend):
             self.ring_host = torch.empty(ring_len, dtype=torch.int32, pin_memory=True)
             torch.cuda.synchronize(dev)  # start-up only: the zero fills are done before our streams run
             # the matrices as the plan takes them (an int, or a dict for a QuantLinear: matrix_entry)
+            # q/k/v biases (Qwen2): each layer's fused [qkv_rows] bias in the arena, added by the QKV gemv; the plan's
+            # qkv_bias says the model has them, and Plan::validate checks that every layer's pointer is there
             layers = [{"attn_norm": lw.attn_norm.data_ptr(), "mlp_norm": lw.mlp_norm.data_ptr(),
-                       **{k: matrix_entry(getattr(lw, k)) for k in MATRICES}} for lw in w.layers]
+                       **{k: matrix_entry(getattr(lw, k)) for k in MATRICES},
+                       **({"b_qkv": w.b_qkv[l].data_ptr()} if w.b_qkv else {})} for l, lw in enumerate(w.layers)]
             plan = {
                 "dtype": str(dt).replace("torch.", ""), "V": V, "H": H, "I": I, "L": cfg.num_layers,
                 "Hq": cfg.num_heads, "Hkv": cfg.num_kv_heads, "D": D, "R": cfg.rotary_dim,
                 "max_seq": cfg.max_seq_len, "sessions": sessions, "eps": float(cfg.rms_norm_eps),
-                "round_logits": 1, "embed": w.embed.data_ptr(), "final_norm": w.final_norm.data_ptr(),
+                "round_logits": 1, "qkv_bias": bool(cfg.qkv_bias),
+                "embed": w.embed.data_ptr(), "final_norm": w.final_norm.data_ptr(),
                 "lm_head": matrix_entry(w.lm_head), "rope_cos": w.rope_cos.data_ptr(),
                 "rope_sin": w.rope_sin.data_ptr(), "layers": layers,
                 "kv": self.kv.kv.data_ptr(), "max_splits": self.max_splits, "ring_len": ring_len, "gemm": gemm,

@@ -1,8 +1,8 @@
 """The reference decoder: pure torch, exactly the math of the decode step on our buffer
 layout (weight arena views, KV arena with sessions; docs/architecture.md "Reference decoder"), for
 every architecture of server/model/config.py's table: Qwen2's q/k/v biases and Mistral's / Qwen2's
-sliding window included (the cuda backend has neither; server/backends.py). It is the oracle: it is
-checked against HF transformers on real weights, and the CUDA kernels against it.
+sliding window included (the cuda backend has the biases, not the window; server/backends.py). It is
+the oracle: it is checked against HF transformers on real weights, and the CUDA kernels against it.
 
 `compute_dtype=torch.float32` (the oracle) upcasts weights per op and rounds to the model
 dtype at the same points as HF (after each linear, norm and residual add). With

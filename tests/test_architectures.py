@@ -165,14 +165,18 @@ def _cfg(name: str, max_seq=None):
 def test_cuda_coverage():
     for name in ("llama3", "linear", "dynamic"):  # RoPE lives in the tables the kernels read
         assert cuda_refusal(_cfg(name)) is None
-    assert "self_attn.q_proj.bias" in cuda_refusal(_cfg("qwen2-untied"))
+    for name in ("qwen2-tied", "qwen2-untied"):  # the QKV gemv adds the q/k/v biases
+        assert _cfg(name).qkv_bias and cuda_refusal(_cfg(name)) is None
+    why = cuda_refusal(_cfg("qwen2-window"))  # a Qwen2 window shorter than the context: the window, not the bias
+    assert "'sliding_window'" in why and "sliding_window 8" in why and "bias" not in why
+    assert cuda_refusal(_cfg("qwen2-window", max_seq=8)) is None
     why = cuda_refusal(_cfg("mistral-window"))
     assert "'sliding_window'" in why and "--max-seq 64" in why and "sliding_window 8" in why
     assert cuda_refusal(_cfg("mistral-window", max_seq=8)) is None  # the window changes nothing
     assert "sliding_window" in cuda_refusal(_cfg("mistral-window", max_seq=9))
 
 
-@pytest.mark.parametrize("name,words", [("qwen2-tied", "q/k/v_proj biases"), ("mistral-window", "sliding_window 8")])
+@pytest.mark.parametrize("name,words", [("qwen2-window", "sliding_window 8"), ("mistral-window", "sliding_window 8")])
 def test_auto_picks_reference_saying_why_even_with_a_gpu(monkeypatch, capsys, name, words):
     import server.backends as backends
     monkeypatch.setattr(backends, "cuda_available", lambda: (True, ""))  # a GPU and a built extension
@@ -181,14 +185,25 @@ def test_auto_picks_reference_saying_why_even_with_a_gpu(monkeypatch, capsys, na
     assert len(err) == 1 and err[0].startswith("[case4] backend auto -> reference (") and words in err[0], err
     assert pick_backend("auto", _cfg("llama3")) == "cuda"
     assert pick_backend("auto", _cfg("mistral-window", max_seq=8)) == "cuda"
+    assert pick_backend("auto", _cfg("qwen2-tied")) == "cuda" and pick_backend("auto", _cfg("qwen2-untied")) == "cuda"
     assert capsys.readouterr().err == ""
 
 
 def test_cuda_backend_refuses_in_one_line(hf_models):
-    model = resolve_model(str(hf_models["qwen2-untied"][0]))
-    with pytest.raises(BadInput, match=r"^--backend cuda cannot run this model: Qwen2ForCausalLM adds q/k/v_proj "
-                                       r"biases .*; use --backend reference or auto$"):
+    model = resolve_model(str(hf_models["qwen2-window"][0]))
+    with pytest.raises(BadInput, match=r"^--backend cuda cannot run this model: config field 'sliding_window': .*"
+                                       r"sliding_window 8.*; use --backend reference or auto$"):
         make_backend("cuda", model)
+
+
+def test_cuda_backend_takes_qwen2_biases(hf_models):
+    """The q/k/v biases are no reason to refuse: on a CPU-only machine (or with the model on the CPU) the refusal
+    is the missing GPU / the model's device, never the bias."""
+    model = resolve_model(str(hf_models["qwen2-untied"][0]))
+    assert model.cfg.qkv_bias and model.weights.b_qkv
+    with pytest.raises(BadInput, match=r"CUDA") as e:
+        make_backend("cuda", model)
+    assert "bias" not in str(e.value)
 
 
 # -- end to end: the three processes --------------------------------------------------------
@@ -201,7 +216,7 @@ def _run_ipc(folder: Path, out: Path, *flags):
 
 
 @pytest.mark.parametrize("name,backend", [("llama3", "reference"), ("linear", "reference"), ("dynamic", "reference"),
-                                          ("qwen2-tied", "reference"), ("qwen2-untied", "auto"),
+                                          ("qwen2-tied", "reference"), ("qwen2-window", "auto"),
                                           ("mistral-window", "reference"), ("llama2", "reference"),
                                           ("llama3", "hf"), ("qwen2-untied", "hf"), ("mistral-window", "hf"),
                                           ("llama2", "hf")])
@@ -213,7 +228,7 @@ def test_run_ipc_matches_hf_greedy(hf_models, tmp_path, name, backend):
     assert toks == _hf_greedy(hf, _prompt_ids(folder), N)
     if backend == "auto":
         lines = [l for l in r.stderr.splitlines() if "backend auto" in l]
-        assert lines == [lines[0]] and "-> reference (Qwen2ForCausalLM adds q/k/v_proj biases" in lines[0], r.stderr
+        assert lines == [lines[0]] and "-> reference (config field 'sliding_window'" in lines[0], r.stderr
 
 
 def test_run_ipc_cuda_refuses_a_window_it_cannot_serve(hf_models, tmp_path):

@@ -53,6 +53,7 @@ static Plan plan_from_dict(const py::dict &d) {
     p.max_seq = d["max_seq"].cast<int>(); p.sessions = d["sessions"].cast<int>();
     p.eps = d["eps"].cast<float>();
     p.round_logits = d.contains("round_logits") ? d["round_logits"].cast<int>() : 1;
+    p.qkv_bias = d.contains("qkv_bias") && d["qkv_bias"].cast<bool>();  // then every layer has "b_qkv" (validate)
     p.embed = ptr<const void *>(d, "embed");
     p.final_norm = ptr<const void *>(d, "final_norm");
     matrix_from(d["lm_head"], &p.lm_head, &p.q_lm_head, "lm_head");
@@ -67,6 +68,7 @@ static Plan plan_from_dict(const py::dict &d) {
         matrix_from(l["w_o"], &lp.w_o, &lp.q_o, "w_o");
         matrix_from(l["w_gu"], &lp.w_gu, &lp.q_gu, "w_gu");
         matrix_from(l["w_down"], &lp.w_down, &lp.q_down, "w_down");
+        lp.b_qkv = l.contains("b_qkv") ? ptr<const void *>(l, "b_qkv") : nullptr;  // 0 or absent: no bias
         p.quant = p.quant || lp.q_qkv.mode || lp.q_o.mode || lp.q_gu.mode || lp.q_down.mode;
         p.layers.push_back(lp);
     }
@@ -96,13 +98,16 @@ static Launch test_launch(uintptr_t stream, int pdl) {
     return L;
 }
 
+// bias != 0: the bias gemv (GemvBiasArgs: normed kGemvStore, out = round(W x + bias))
 static void k_gemv(uintptr_t W, int N, int K, uintptr_t x, uintptr_t norm_w, float eps, uintptr_t out, int mode,
-                   int dtype, uintptr_t stream, int round_logits, int max_blocks, int pdl) {
-    GemvArgs a;
+                   int dtype, uintptr_t stream, int round_logits, int max_blocks, int pdl, uintptr_t bias) {
+    GemvBiasArgs a;
     a.W = (const void *)W; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w;
     a.eps = eps; a.out = (void *)out; a.mode = mode; a.round_logits = round_logits; a.max_blocks = max_blocks;
+    a.bias = (const void *)bias;
     gemv_init(dtype);
-    launch_gemv(a, dtype, test_launch(stream, pdl));
+    if (bias) launch_gemv_bias(a, dtype, test_launch(stream, pdl));
+    else launch_gemv(a, dtype, test_launch(stream, pdl));
 }
 
 static void k_attention(uintptr_t qkv, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cos, uintptr_t sin, int R,
@@ -158,15 +163,17 @@ static void k_sample(uintptr_t logits, int V, int pos, float temperature, int to
 }
 
 // quantized gemv (gemv_quant.cu): W given as (q, scale, minv, qmode 8|4, group); `tok` / `x_out`: the embedding
-// gather (x is then the table), `part`: kGemvF32's per-block argmax partials; returns the grid size
+// gather (x is then the table), `part`: kGemvF32's per-block argmax partials, `bias`: kGemvStore's (QGemvArgs::bias);
+// returns the grid size
 static int k_qgemv(uintptr_t q, uintptr_t scale, uintptr_t minv, int qmode, int group, int N, int K, uintptr_t x,
                    uintptr_t norm_w, float eps, uintptr_t out, int mode, int dtype, uintptr_t stream, int round_logits,
-                   int max_blocks, int pdl, uintptr_t tok, uintptr_t x_out, uintptr_t part) {
+                   int max_blocks, int pdl, uintptr_t tok, uintptr_t x_out, uintptr_t part, uintptr_t bias) {
     QGemvArgs a;
     a.q = (const void *)q; a.scale = (const void *)scale; a.minv = (const void *)minv; a.qmode = (signed char)qmode;
     a.group = group; a.N = N; a.K = K; a.x = (const void *)x; a.norm_w = (const void *)norm_w; a.eps = eps;
     a.out = (void *)out; a.mode = (signed char)mode; a.round_logits = (signed char)round_logits;
     a.max_blocks = max_blocks; a.tok = (const int *)tok; a.x_out = (void *)x_out; a.amax_part = (int2 *)part;
+    a.bias = (const void *)bias;
     qgemv_init(dtype);
     return launch_qgemv(a, dtype, test_launch(stream, pdl));
 }
@@ -214,7 +221,8 @@ PYBIND11_MODULE(_case4_cuda, m) {
 
     using py::arg;
     m.def("gemv", &k_gemv, nogil, arg("W"), arg("N"), arg("K"), arg("x"), arg("norm_w"), arg("eps"), arg("out"),
-          arg("mode"), arg("dtype"), arg("stream"), arg("round_logits"), arg("max_blocks"), arg("pdl") = 1);
+          arg("mode"), arg("dtype"), arg("stream"), arg("round_logits"), arg("max_blocks"), arg("pdl") = 1,
+          arg("bias") = 0);
     m.def("attention", &k_attention, nogil, arg("qkv"), arg("k_cache"), arg("v_cache"), arg("cos"), arg("sin"),
           arg("R"), arg("Hq"), arg("Hkv"), arg("D"), arg("max_seq"), arg("pos"), arg("part_acc"), arg("part_ml"),
           arg("max_splits"), arg("counters"), arg("ctx"), arg("dtype"), arg("stream"), arg("pos_dev"),
@@ -229,7 +237,8 @@ PYBIND11_MODULE(_case4_cuda, m) {
           arg("top_p"), arg("seed"), arg("params_dev"), arg("token_dev"), arg("stream"), arg("pdl") = 1);
     m.def("qgemv", &k_qgemv, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"), arg("K"),
           arg("x"), arg("norm_w"), arg("eps"), arg("out"), arg("mode"), arg("dtype"), arg("stream"),
-          arg("round_logits"), arg("max_blocks"), arg("pdl") = 1, arg("tok") = 0, arg("x_out") = 0, arg("part") = 0);
+          arg("round_logits"), arg("max_blocks"), arg("pdl") = 1, arg("tok") = 0, arg("x_out") = 0, arg("part") = 0,
+          arg("bias") = 0);
     m.def("dequant", &k_dequant, nogil, arg("q"), arg("scale"), arg("minv"), arg("qmode"), arg("group"), arg("N"),
           arg("K"), arg("out"), arg("dtype"), arg("stream"));
     m.def("gemv_rope_fits", &gemv_rope_fits);

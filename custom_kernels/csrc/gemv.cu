@@ -203,12 +203,18 @@ __device__ __forceinline__ void amax_tail(const GemvArgs &a, float best, int bes
 // FO: the kernels after a fused attention + O (AttnArgs::o_parts; parameter GemvFoArgs): gate|up's input is
 // x + O from the fixed-point sums (GemvFoArgs::o_sum), down's residual is read from GemvFoArgs::resid and down
 // zeroes the sums. A template flag, so that the other kernels' code is unchanged.
-template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false, bool FO = false>
+// BIAS: the normed QKV of a model with q/k/v biases (parameter GemvBiasArgs): out = round(acc + bias[row]); lane 0
+// reads its first row's bias before the wait (a weight), the others' after the dot product. Also a template flag.
+template <typename T, int MODE, bool NORM, int U, int WARPS, bool ROPE = false, bool FO = false, bool BIAS = false>
 __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 64 registers
-    gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs, std::conditional_t<FO, GemvFoArgs, GemvArgs>> a) {
+    gemv_kernel(std::conditional_t<ROPE, GemvRopeArgs,
+                                   std::conditional_t<FO, GemvFoArgs,
+                                                      std::conditional_t<BIAS, GemvBiasArgs, GemvArgs>>> a) {
     static_assert(!ROPE || (MODE == kGemvStore && WARPS == kGemvWarpsOneRow), "fused RoPE: QKV in 16-warp blocks");
     static_assert(!FO || (MODE == kGemvSwiglu && NORM && U == kUnrollSmall) || (MODE == kGemvResid && !NORM),
                   "O's sums: gate|up (normed, K <= 1024); separate residual: down");
+    static_assert(!BIAS || (MODE == kGemvStore && NORM && !ROPE && !FO),
+                  "bias: the normed QKV store (RoPE in attention)");
     // the (normed) input: K/8 vectors of T, or with F32X K fp32 values ([2][K/8] float4, dot8); with NORM,
     // then K/8 vectors of the norm weights
     extern __shared__ uint4 xs[];
@@ -265,6 +271,9 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
             rs = a.rope_sin[j];
         }
     }
+    float bias0 = 0.f;  // BIAS: the first row's bias (a read-only weight: before the wait)
+    if constexpr (BIAS)
+        if (first_loaded && lane == 0) bias0 = to_f(reinterpret_cast<const T *>(a.bias)[row0]);
     pdl_trigger();
     pdl_wait();
     ktrace(a.trace, 1);
@@ -345,7 +354,10 @@ __global__ void __launch_bounds__(WARPS * kWarp, 4 * kGemvWarps / WARPS)  // <= 
             const float acc = row_dot<T, F32X, UR>(W + (size_t)row * nvec, xs, nvec, lane, wa, first, pol);
             if (lane == 0) {
                 if (MODE == kGemvStore) {
-                    if (ROPE) yq = round_t<T>(acc);
+                    if constexpr (ROPE) yq = round_t<T>(acc);
+                    else if constexpr (BIAS)  // fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
+                        reinterpret_cast<T *>(a.out)[row] =
+                            from_f<T>(acc + (first ? bias0 : to_f(reinterpret_cast<const T *>(a.bias)[row])));
                     else reinterpret_cast<T *>(a.out)[row] = from_f<T>(acc);
                 } else if (MODE == kGemvResid) {
                     T *o = reinterpret_cast<T *>(a.out);
@@ -464,12 +476,21 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp, 4) lm_small_kernel(GemvLmA
 }
 
 static_assert(sizeof(GemvLmArgs) <= 128, "lm_head's kernel parameter: at most 128 bytes");
+// the gemv kernel parameters' sizes as docs/kernels.md gives them (each <= 128 bytes: ops.h GemvArgs)
+static_assert(sizeof(GemvArgs) == 88 && sizeof(GemvRopeArgs) == 128 && sizeof(GemvFoArgs) == 104 &&
+                  sizeof(GemvBiasArgs) == 96, "gemv kernel parameter sizes (docs/kernels.md)");
 
 template <typename T, int MODE, bool NORM, int W>
 static void set_attr_w() {
     if constexpr (MODE == kGemvSwiglu && NORM)
         CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, true, kUnrollSmall, W, false, true>,
                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+    if constexpr (MODE == kGemvStore && NORM) {  // the bias QKV (launch_bias)
+        CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, true, kUnrollSmall, W, false, false, true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+        CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, true, kUnrollLarge, W, false, false, true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
+    }
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollSmall, W>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxSmem));
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<T, MODE, NORM, kUnrollLarge, W>,
@@ -512,6 +533,15 @@ static void launch_fo(bool large, int grid, size_t smem, const Launch &L, const 
     }
 }
 
+// the normed QKV with a bias (kGemvStore)
+template <typename T, int W>
+static void launch_bias(bool large, int grid, size_t smem, const Launch &L, const GemvBiasArgs &b) {
+    if (large)
+        launch_pdl(L, gemv_kernel<T, kGemvStore, true, kUnrollLarge, W, false, false, true>, grid, W * kWarp, smem, b);
+    else
+        launch_pdl(L, gemv_kernel<T, kGemvStore, true, kUnrollSmall, W, false, false, true>, grid, W * kWarp, smem, b);
+}
+
 template <typename T, int MODE, int W>
 static void launch_w(bool norm, bool large, int grid, size_t smem, const Launch &L, const GemvArgs &b) {
     if (norm) {
@@ -523,11 +553,11 @@ static void launch_w(bool norm, bool large, int grid, size_t smem, const Launch 
     }
 }
 
-// rope / fo: the derived arguments of the fused-RoPE QKV or of a kernel after a fused O (at most one; a is then
-// their GemvArgs part)
+// rope / fo / lm / bias: the derived arguments of the fused-RoPE QKV, of a kernel after a fused O, of lm_head or of
+// the QKV with a bias (at most one; a is then their GemvArgs part)
 template <typename T, int MODE>
 static int launch_mode(const GemvArgs &a, const Launch &L, const GemvRopeArgs *rope, const GemvFoArgs *fo,
-                       const GemvLmArgs *lm) {
+                       const GemvLmArgs *lm, const GemvBiasArgs *bias) {
     const bool one_row = one_row_per_warp(a.N, a.max_blocks);
     const int W = one_row ? kGemvWarpsOneRow : kGemvWarps;
     const int groups = (a.N + W - 1) / W;
@@ -545,6 +575,8 @@ static int launch_mode(const GemvArgs &a, const Launch &L, const GemvRopeArgs *r
         throw std::runtime_error("gemv: a separate residual is for the down projection");
     if (fo && MODE != kGemvSwiglu && MODE != kGemvResid)
         throw std::runtime_error("gemv: after a fused O only gate|up and down");
+    if (bias && (MODE != kGemvStore || !norm || !bias->bias))
+        throw std::runtime_error("gemv: a bias is for the normed QKV store (kGemvStore, norm_w) and needs its pointer");
     GemvArgs b = a;
     b.prefetch = L.pdl == kPdlL2 ? 1 : L.pdl == kPdlPreload ? 2 : 0;
     b.trace = L.slot("gemv m%d N %d K %d", MODE, a.N, a.K);
@@ -560,7 +592,14 @@ static int launch_mode(const GemvArgs &a, const Launch &L, const GemvRopeArgs *r
         launch_pdl(L, lm_small_kernel<T>, lgrid, kGemvWarps * kWarp, (size_t)a.K * (4 + sizeof(T)), l);
         return lgrid;
     }
-    if (rope) {
+    if (bias) {
+        if constexpr (MODE == kGemvStore) {
+            GemvBiasArgs c = *bias;
+            static_cast<GemvArgs &>(c) = b;
+            if (one_row) launch_bias<T, kGemvWarpsOneRow>(large, grid, smem, L, c);
+            else launch_bias<T, kGemvWarps>(large, grid, smem, L, c);
+        }
+    } else if (rope) {
         if constexpr (MODE == kGemvStore) {
             if (!norm || !gemv_rope_fits(a.N, a.K, rope->rope_d, rope->rope_d, a.max_blocks) || rope->rope_d <= 0 ||
                 rope->rope_rows % rope->rope_d != 0 || rope->rope_rows > a.N || !rope->rope_cos || !rope->rope_sin)
@@ -587,23 +626,24 @@ static int launch_mode(const GemvArgs &a, const Launch &L, const GemvRopeArgs *r
 
 template <typename T>
 static int launch_t(const GemvArgs &a, const Launch &L, const GemvRopeArgs *rope, const GemvFoArgs *fo,
-                    const GemvLmArgs *lm) {
+                    const GemvLmArgs *lm, const GemvBiasArgs *bias) {
     switch (a.mode) {
-        case kGemvStore: return launch_mode<T, kGemvStore>(a, L, rope, fo, lm);
-        case kGemvResid: return launch_mode<T, kGemvResid>(a, L, rope, fo, lm);
-        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, L, rope, fo, lm);
-        case kGemvF32: return launch_mode<T, kGemvF32>(a, L, rope, fo, lm);
+        case kGemvStore: return launch_mode<T, kGemvStore>(a, L, rope, fo, lm, bias);
+        case kGemvResid: return launch_mode<T, kGemvResid>(a, L, rope, fo, lm, bias);
+        case kGemvSwiglu: return launch_mode<T, kGemvSwiglu>(a, L, rope, fo, lm, bias);
+        case kGemvF32: return launch_mode<T, kGemvF32>(a, L, rope, fo, lm, bias);
         default: throw std::runtime_error("gemv: bad mode");
     }
 }
 
 static int launch_any(const GemvArgs &a, int dtype, const Launch &L, const GemvRopeArgs *rope,
-                      const GemvFoArgs *fo = nullptr, const GemvLmArgs *lm = nullptr) {
+                      const GemvFoArgs *fo = nullptr, const GemvLmArgs *lm = nullptr,
+                      const GemvBiasArgs *bias = nullptr) {
     if (a.K % 8 != 0) throw std::runtime_error("gemv: K must be a multiple of 8");
     if ((size_t)a.K * 2 * (a.norm_w ? 2 : 1) > (size_t)kGemvMaxSmem)
         throw std::runtime_error("gemv: K too large for shared memory");
     if (a.amax_part && a.mode != kGemvF32) throw std::runtime_error("gemv: amax_part needs the fp32 logits mode");
-    return dtype == kF16 ? launch_t<half>(a, L, rope, fo, lm) : launch_t<__nv_bfloat16>(a, L, rope, fo, lm);
+    return dtype == kF16 ? launch_t<half>(a, L, rope, fo, lm, bias) : launch_t<__nv_bfloat16>(a, L, rope, fo, lm, bias);
 }
 
 int launch_gemv(const GemvArgs &a, int dtype, const Launch &L) { return launch_any(a, dtype, L, nullptr); }
@@ -611,6 +651,9 @@ int launch_gemv_rope(const GemvRopeArgs &a, int dtype, const Launch &L) { return
 int launch_gemv_fo(const GemvFoArgs &a, int dtype, const Launch &L) { return launch_any(a, dtype, L, nullptr, &a); }
 int launch_gemv_lm(const GemvLmArgs &a, int dtype, const Launch &L) {
     return launch_any(a, dtype, L, nullptr, nullptr, &a);
+}
+int launch_gemv_bias(const GemvBiasArgs &a, int dtype, const Launch &L) {
+    return launch_any(a, dtype, L, nullptr, nullptr, nullptr, &a);
 }
 
 }  // namespace case4

@@ -259,8 +259,9 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
                     const int r = h ? rb : ra;
                     const float acc = h ? acc_b : acc_a;
                     if (r < 0) continue;
-                    if (MODE == kGemvStore) {
-                        reinterpret_cast<T *>(a.out)[r] = from_f<T>(acc);
+                    if (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
+                        reinterpret_cast<T *>(a.out)[r] =
+                            from_f<T>(a.bias ? acc + to_f(reinterpret_cast<const T *>(a.bias)[r]) : acc);
                     } else if (MODE == kGemvResid) {
                         T *o = reinterpret_cast<T *>(a.out);
                         o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
@@ -345,6 +346,7 @@ static int launch_q2(const QGemvArgs &a, const Launch &L) {
 }
 
 int launch_qgemv(const QGemvArgs &args, int dtype, const Launch &L) {
+    if (args.bias && args.mode != kGemvStore) throw BadArgument("qgemv: a bias is for the store mode (QKV)");
     QuantMat m;
     m.q = args.q; m.scale = args.scale; m.minv = args.minv; m.mode = args.qmode; m.group = args.group;
     check_quant(m, args.N, args.K, "qgemv");

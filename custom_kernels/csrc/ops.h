@@ -50,7 +50,7 @@ struct Launch {
 
 // ------------------------------------------------------------------ gemv.cu
 enum GemvMode : int {
-    kGemvStore = 0,   // out[n] = round(W x)                         (QKV)
+    kGemvStore = 0,   // out[n] = round(W x)                         (QKV; + bias[n] before the rounding: GemvBiasArgs)
     kGemvResid = 1,   // out[n] = round(round(W x) + out[n])          (O, down: residual add in place)
     kGemvSwiglu = 2,  // out[n] = round(silu(round(Wg x)) * round(Wu x)); W has 2N rows (gate | up)
     kGemvF32 = 3,     // out[n] = float(W x) (optionally rounded through the dtype)  (lm_head)
@@ -59,8 +59,8 @@ enum GemvMode : int {
 // Kernel parameter: at most 128 bytes, so that nvcc reads every field at a fixed constant offset (in the PTX,
 // a larger parameter struct, e.g. 136 or 152 bytes, is addressed through a register). So the per-launch
 // switches are bytes, and what only some kernels need lives in the derived structs below (GemvRopeArgs: 128
-// bytes, GemvFoArgs: 104). Measured (performance.md log entry 31): the step with O fused into attention
-// 0.345-0.346 ms/token packed, 0.353-0.354 with int fields (GemvRopeArgs 152, GemvFoArgs 136 bytes).
+// bytes, GemvFoArgs: 104, GemvBiasArgs: 96). Measured (performance.md log entry 31): the step with O fused into
+// attention 0.345-0.346 ms/token packed, 0.353-0.354 with int fields (GemvRopeArgs 152, GemvFoArgs 136 bytes).
 struct GemvArgs {
     const void *W = nullptr;     // [N (x2 for swiglu), K] row-major, dtype
     const void *x = nullptr;     // input [K] dtype; with `tok`, the embedding table base [V, K]
@@ -103,6 +103,13 @@ struct GemvRopeArgs : GemvArgs {
     int pos = 0;
     const int *pos_dev = nullptr;
 };
+// kGemvStore with a bias (QKV of a model with q/k/v_proj biases, Qwen2): out[n] = round(W x + bias[n]), the
+// bias added in fp32 to the fp32 sum before the one rounding (HF's nn.Linear, server/reference.py _lin). Normed
+// input only (the QKV's). A struct of its own, like GemvRopeArgs (which is at the 128-byte limit, so a bias model
+// takes RoPE in attention): the other gemvs' kernel parameter stays GemvArgs, and so does their code.
+struct GemvBiasArgs : GemvArgs {
+    const void *bias = nullptr;  // [N] dtype
+};
 // The QKV gemv ([N, K]) can apply RoPE itself (launch_gemv_rope) for these shapes: every dim rotated (R = D),
 // partners 8-aligned, a head a whole number of 16-row blocks, one row per warp (N <= 8 * max_blocks), K <= 1024
 bool gemv_rope_fits(int N, int K, int D, int R, int max_blocks);
@@ -113,6 +120,7 @@ void gemv_init(int dtype);
 int launch_gemv(const GemvArgs &a, int dtype, const Launch &L);  // returns the grid size
 int launch_gemv_rope(const GemvRopeArgs &a, int dtype, const Launch &L);  // QKV + RoPE (gemv_rope_fits)
 int launch_gemv_fo(const GemvFoArgs &a, int dtype, const Launch &L);  // gate|up or down after a fused O
+int launch_gemv_bias(const GemvBiasArgs &a, int dtype, const Launch &L);  // normed QKV + bias (kGemvStore)
 // lm_head (kGemvF32). seq_len_dev (lm_small_kernel only): block 0 writes seq_len_dev := T + 1 after its wait, when
 // every earlier kernel of the step has completed (T = pos or *pos_dev, read before the wait like attention's), so
 // that finish can let the next step launch as soon as it passes its own wait (FinishArgs::seq_advanced).
@@ -142,9 +150,9 @@ struct QuantMat {
     int group = 0;
 };
 // The quantized gemv's kernel parameter (<= 128 bytes, as GemvArgs): the GemvMode epilogues of gemv.cu with the same
-// rounding points (store, residual add in place, SwiGLU over gate|up rows [0, N) | [N, 2N), fp32 logits with the
-// optional per-block argmax partials), the optional RMSNorm of the input and the optional embedding gather (tok:
-// x is the table, block 0 copies the row to x_out).
+// rounding points (store, optionally with a bias, residual add in place, SwiGLU over gate|up rows [0, N) | [N, 2N),
+// fp32 logits with the optional per-block argmax partials), the optional RMSNorm of the input and the optional
+// embedding gather (tok: x is the table, block 0 copies the row to x_out).
 struct QGemvArgs {
     const void *q = nullptr, *scale = nullptr, *minv = nullptr;
     const void *x = nullptr;
@@ -154,6 +162,7 @@ struct QGemvArgs {
     void *out = nullptr;
     int2 *amax_part = nullptr;
     unsigned long long *trace = nullptr;  // set by the launcher
+    const void *bias = nullptr;  // kGemvStore, optional: out[n] = round(W x + bias[n]) ([N] dtype, as GemvBiasArgs)
     int N = 0, K = 0, group = 0;
     int max_blocks = 0;          // grid cap (SMs * blocks per SM); 0: one pair of rows per warp
     float eps = 1e-5f;

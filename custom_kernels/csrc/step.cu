@@ -7,7 +7,8 @@
 // point), gate|up adding O to x (into xn), down adding xn (and zeroing the sums).
 // plus gemv[final norm + lm_head -> fp32 logits] and finish[sampling, seq_len += 1] (seq_len advanced by lm_head
 // instead where it is lm_small_kernel: GemvLmArgs).
-// The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x).
+// The embedding gather is fused into layer 0's QKV gemv (it also fills the residual x). A model with q/k/v biases
+// (Plan::qkv_bias, Qwen2) adds them in the QKV gemv's store (GemvBiasArgs; QGemvArgs::bias) and rotates in attention.
 // cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues.
 // One function per layer's kernels (custom_layer, cublas_layer) and one for the head (custom_head, cublas_head);
 // step_pos chooses every launch's position (T, or seq_len_dev[s] when dynamic). The options (EngineOptions,
@@ -44,6 +45,7 @@ void Plan::validate() const {
     for (const LayerPtrs &l : layers) {
         need(mat(l.w_qkv, l.q_qkv) && mat(l.w_o, l.q_o) && mat(l.w_gu, l.q_gu) && mat(l.w_down, l.q_down),
              "layer matrices: one of an fp16 pointer or a quantized matrix each");
+        need((l.b_qkv != nullptr) == qkv_bias, "q/k/v biases: every layer's b_qkv pointer iff plan.qkv_bias");
         any = any || l.q_qkv.mode || l.q_o.mode || l.q_gu.mode || l.q_down.mode;
     }
     need(any == quant, "plan.quant must say whether any matrix is quantized");
@@ -172,7 +174,8 @@ static Custom custom_plan(const Step &c) {
     u.b_o = (size_t)p.H * p.Hq * p.D * e;
     u.b_gu = (size_t)2 * p.I * p.H * e;
     u.b_down = (size_t)p.H * p.I * e;
-    u.rope_in_qkv = c.o.rope_in_qkv && gemv_rope_fits(p.qkv_rows(), p.H, p.D, p.R, u.max_blocks);
+    // a bias model's QKV is the bias gemv (GemvBiasArgs: GemvRopeArgs is at the 128-byte limit), RoPE in attention
+    u.rope_in_qkv = c.o.rope_in_qkv && !p.qkv_bias && gemv_rope_fits(p.qkv_rows(), p.H, p.D, p.R, u.max_blocks);
     u.o_parts = p.o_sum && p.xn && c.o.o_in_attention && !c.o.attn_per_kv_head
                     ? attn_o_parts(p.H, p.Hq, p.Hkv, p.D) : 0;
     return u;
@@ -217,6 +220,11 @@ static void custom_layer(const Step &c, const Custom &u, int l) {
             r.pos = c.pos.pos;
             r.pos_dev = c.pos.dev;
             launch_gemv_rope(r, p.dtype, c.L);
+        } else if (w.b_qkv) {  // out = round(W x + b) (never rope_in_qkv: custom_plan)
+            GemvBiasArgs b;
+            static_cast<GemvArgs &>(b) = g;
+            b.bias = w.b_qkv;
+            launch_gemv_bias(b, p.dtype, c.L);
         } else {
             launch_gemv(g, p.dtype, c.L);
         }
@@ -294,14 +302,23 @@ static int custom_head(const Step &c, const Custom &u, bool *seq_advanced) {
 // + SwiGLU, down + residual, then norm + lm_head; every quantized matrix through launch_qgemv (gemv_quant.cu), an
 // unquantized one (a GGUF tensor kept in fp16) through launch_gemv with the same epilogue. None of the fp16
 // path's fusions that read a weight matrix outside a gemv (O in attention) or rotate in the gemv (RoPE) apply:
-// attention rotates q and k itself. Returns the grid (the number of argmax partials for kGemvF32).
-static int mat_gemv(const Step &c, const void *w, const QuantMat &q, const GemvArgs &g) {
+// attention rotates q and k itself. `bias` (kGemvStore, the QKV of a bias model): added before the rounding
+// (QGemvArgs::bias, or the fp16 bias gemv). Returns the grid (the number of argmax partials for kGemvF32).
+static int mat_gemv(const Step &c, const void *w, const QuantMat &q, const GemvArgs &g, const void *bias = nullptr) {
     if (!q.mode) {
+        if (bias) {
+            GemvBiasArgs b;
+            static_cast<GemvArgs &>(b) = g;
+            b.W = w;
+            b.bias = bias;
+            return launch_gemv_bias(b, c.p.dtype, c.L);
+        }
         GemvArgs f = g;
         f.W = w;
         return launch_gemv(f, c.p.dtype, c.L);
     }
     QGemvArgs a;
+    a.bias = bias;
     a.q = q.q; a.scale = q.scale; a.minv = q.minv; a.qmode = (signed char)q.mode; a.group = q.group;
     a.x = g.x; a.tok = g.tok; a.x_out = g.x_out; a.norm_w = g.norm_w; a.out = g.out; a.amax_part = g.amax_part;
     a.N = g.N; a.K = g.K; a.max_blocks = g.max_blocks; a.eps = g.eps; a.mode = g.mode; a.round_logits = g.round_logits;
@@ -324,7 +341,7 @@ static void quant_layer(const Step &c, int l) {
     g.tok = l == 0 ? p.token_dev + c.s : nullptr;
     g.x_out = l == 0 ? p.x : nullptr;
     g.norm_w = w.attn_norm; g.out = p.qkv; g.mode = kGemvStore;
-    if (run_kernel(c, 1)) mat_gemv(c, w.w_qkv, w.q_qkv, g);
+    if (run_kernel(c, 1)) mat_gemv(c, w.w_qkv, w.q_qkv, g, w.b_qkv);
     if (run_kernel(c, 2)) launch_attention(attn_args(c, l), p.dtype, c.L);  // RoPE, K/V row T, ctx
     g = base();  // O + residual (in place on x)
     g.N = p.H; g.K = p.Hq * p.D; g.x = p.ctx; g.out = p.x; g.mode = kGemvResid;
@@ -353,12 +370,14 @@ static int quant_head(const Step &c) {
     return part ? grid : 0;
 }
 
-// y[N] = W[N, K] x[K] through cuBLAS (W row-major = column-major [K, N], so op T)
-static void blas_gemv(cublasHandle_t h, int dtype, const void *W, const void *x, void *y, int N, int K) {
+// y[N] = W[N, K] x[K] through cuBLAS (W row-major = column-major [K, N], so op T); accumulate: y = W x + y, in fp32
+// before the one rounding (beta = 1: the QKV of a bias model, y holding the bias)
+static void blas_gemv(cublasHandle_t h, int dtype, const void *W, const void *x, void *y, int N, int K,
+                      bool accumulate = false) {
     const float one = 1.f, zero = 0.f;
     const cudaDataType_t t = dtype == kF16 ? CUDA_R_16F : CUDA_R_16BF;
-    CASE4_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, 1, K, &one, W, t, K, x, t, K, &zero, y, t, N,
-                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CASE4_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, 1, K, &one, W, t, K, x, t, K,
+                                    accumulate ? &one : &zero, y, t, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 // Layer l of the cuBLAS path (A/B): RMSNorm, cublasGemmEx per linear and elementwise epilogues
@@ -368,7 +387,11 @@ static void cublas_layer(const Step &c, int l, cublasHandle_t h) {
     cudaStream_t st = c.L.st;
     launch_rmsnorm(l == 0 ? p.embed : p.x, l == 0 ? p.token_dev + c.s : nullptr, l == 0 ? p.x : nullptr,
                    w.attn_norm, p.xn, p.H, p.eps, p.dtype, st);
-    blas_gemv(h, p.dtype, w.w_qkv, p.xn, p.qkv, p.qkv_rows(), p.H);
+    // q/k/v biases: qkv := b, then qkv = W x + qkv (cuBLAS's epilogue adds in fp32 and rounds once, as HF's addmm)
+    if (w.b_qkv)
+        CASE4_CUDA_CHECK(cudaMemcpyAsync(p.qkv, w.b_qkv, (size_t)p.qkv_rows() * p.elem(), cudaMemcpyDeviceToDevice,
+                                         st));
+    blas_gemv(h, p.dtype, w.w_qkv, p.xn, p.qkv, p.qkv_rows(), p.H, w.b_qkv != nullptr);
     launch_attention(attn_args(c, l), p.dtype, c.L);
     blas_gemv(h, p.dtype, w.w_o, p.ctx, p.tmp, p.H, p.Hq * p.D);
     launch_resid_add(p.tmp, p.x, p.H, p.dtype, st);

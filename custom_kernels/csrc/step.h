@@ -14,6 +14,7 @@ namespace case4 {
 struct LayerPtrs {
     const void *attn_norm, *w_qkv, *w_o, *mlp_norm, *w_gu, *w_down;
     QuantMat q_qkv, q_o, q_gu, q_down;
+    const void *b_qkv = nullptr;  // [qkv_rows] dtype: the q/k/v biases (Plan::qkv_bias), added by the QKV gemv
 };
 
 struct Plan {
@@ -22,6 +23,9 @@ struct Plan {
     int V = 0, H = 0, I = 0, L = 0, Hq = 0, Hkv = 0, D = 0, R = 0, max_seq = 0, sessions = 1;
     float eps = 1e-5f;
     int round_logits = 1;
+    // the q/k/v projections add a bias (Qwen2): every layer's b_qkv is set (none is otherwise). The QKV gemv adds
+    // it before its one rounding (GemvBiasArgs, QGemvArgs::bias, cuBLAS beta = 1), and RoPE runs in attention
+    bool qkv_bias = false;
     // weights (views of the weight arena)
     const void *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
     const float *rope_cos = nullptr, *rope_sin = nullptr;

@@ -90,13 +90,15 @@ class ModelWeights:
 
     def pointers(self) -> dict:
         """Raw device pointers for the extension: ints, except that a QuantLinear field is a dict
-        {"mode", "group", "q", "scale", "minv" (0 for int8)}."""
+        {"mode", "group", "q", "scale", "minv" (0 for int8)}; a layer's "b_qkv" only where the model has
+        q/k/v biases (as the cuda backend's plan)."""
         return {
             "embed": self.embed.data_ptr(), "final_norm": self.final_norm.data_ptr(),
             "lm_head": _ptr(self.lm_head), "rope_cos": self.rope_cos.data_ptr(),
             "rope_sin": self.rope_sin.data_ptr(),
-            "layers": [{k: _ptr(getattr(lw, k)) for k in LayerWeights.__dataclass_fields__}
-                       for lw in self.layers],
+            "layers": [{**{k: _ptr(getattr(lw, k)) for k in LayerWeights.__dataclass_fields__},
+                        **({"b_qkv": self.b_qkv[l].data_ptr()} if self.b_qkv else {})}
+                       for l, lw in enumerate(self.layers)],
         }
 
     def quant_linears(self) -> list[QuantLinear]:

@@ -72,6 +72,65 @@ def test_gemv_modes(N, K, dtype):
             assert e < GEMV_TOL[dtype], f"mode {mode} norm {norm}: rel err {e:.2e}"
 
 
+# (N, K, max_blocks) of the QKV with a bias (GemvBiasArgs): Qwen2.5-0.5B (K <= 1024: fp32 input, one row per warp in
+# 16-warp blocks), Qwen2-7B (K > 1024, 8-warp blocks, some warps with a second row: its bias is read after the dot
+# product, the first row's before the wait), rows not a multiple of a block's 8 or 16 warps (N = 1001), and a
+# 7-block grid (every warp loops over many rows)
+BIAS_SHAPES = [(1152, 896, 528), (4608, 3584, 528), (1001, 640, 528), (1001, 136, 528), (1001, 640, 7),
+               (1536, 1536, 7)]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("N,K,max_blocks", BIAS_SHAPES)
+def test_gemv_bias(N, K, max_blocks, dtype):
+    """The normed QKV store with a bias: out = round(W x + b), b added in fp32 to the fp32 sum before the one
+    rounding (server/reference.py _lin, HF's nn.Linear). Against float64 (gemv_case) within the gemv bound, with a
+    bias (~N(0, 2)) that puts the output without it far outside that bound; at PDL levels 1 and 3 (the first row's
+    bias read before the wait either way, the weights preloaded at 3). Where the fp32-logits mode runs this kernel's
+    dot product (K > 576: gemv_kernel, not lm_small_kernel; same unroll, input staging and summation order), bit for
+    bit round(acc + b) from that mode's unrounded fp32 acc: the single rounding itself."""
+    ext = load_extension()
+    dt, g = DT[dtype], torch.Generator(device="cuda").manual_seed(N * 11 + K + max_blocks)
+    W = (torch.randn(N, K, device="cuda", generator=g) / math.sqrt(K)).to(dt)
+    x = torch.randn(K, device="cuda", generator=g).to(dt)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(dt)
+    b = (2 * torch.randn(N, device="cuda", generator=g)).to(dt)
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * nw.double()
+    for pdl in (1, 3):
+        out, y = gemv_case(W.double(), xn, N, STORE, dt, g)
+        ext.gemv(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), STORE, DTI[dtype], stream(),
+                 0, max_blocks, pdl=pdl, bias=b.data_ptr())
+        torch.cuda.synchronize()
+        e = rel(out, y + b.double())
+        assert e < GEMV_TOL[dtype], f"pdl {pdl}: rel err {e:.2e}"
+        e0 = rel(out, y)
+        assert e0 > 20 * GEMV_TOL[dtype], f"pdl {pdl}: the bias changes the output by only {e0:.2e}"
+        if K > 576:
+            acc = torch.full((N,), float("nan"), device="cuda", dtype=torch.float32)
+            ext.gemv(W.data_ptr(), N, K, x.data_ptr(), nw.data_ptr(), 1e-5, acc.data_ptr(), F32, DTI[dtype],
+                     stream(), 0, max_blocks, pdl=pdl)
+            torch.cuda.synchronize()
+            want = (acc + b.float()).to(dt)  # fp32 add, one round-to-nearest-even to the dtype
+            diff = (out.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
+            assert diff.numel() == 0, (f"pdl {pdl}: {diff.numel()} rows not round(acc + b), first {diff[:8].tolist()}: "
+                                       f"got {out[diff[0]].item()} want {want[diff[0]].item()}")
+
+
+def test_gemv_bias_refused_outside_the_normed_store():
+    """The bias gemv is the normed QKV store: another mode, or no norm, is refused (RuntimeError), not ignored."""
+    ext = load_extension()
+    N, K = 64, 256
+    W = torch.randn(2 * N, K, device="cuda").half()
+    x, nw = torch.randn(K, device="cuda").half(), torch.ones(K, device="cuda").half()
+    b = torch.ones(N, device="cuda").half()
+    out = torch.empty(N, device="cuda").half()
+    for mode, norm in ((RESID, nw.data_ptr()), (SWIGLU, nw.data_ptr()), (STORE, 0)):
+        with pytest.raises(RuntimeError, match="bias"):
+            ext.gemv(W.data_ptr(), N, K, x.data_ptr(), norm, 1e-5, out.data_ptr(), mode, 0, stream(), 0, 132 * 4,
+                     bias=b.data_ptr())
+
+
 def rope64(x, pos, cos, sin, R):
     """x [heads, D] float64, HF half rotation of the first R dims."""
     c, s = cos[pos].double(), sin[pos].double()

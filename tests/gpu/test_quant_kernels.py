@@ -112,6 +112,53 @@ def test_qgemv_modes(dtype, N, K, mode, G):
             check(out, ref, TOL[dtype], f"{mode} G={G} [{N}x{K}] {dtype} mode {om} norm {norm}")
 
 
+# (N, K, mode, G) of a quantized QKV with a bias (QGemvArgs::bias): Qwen2.5-0.5B's (K 896: int8 per row, int4 in
+# groups of 128 and 32), Qwen2-7B's (4608 x 3584), and odd rows (a warp's pair with one row: N = 1001, 37)
+QBIAS = [(1152, 896, "int8", 896), (1152, 896, "int4", 128), (1152, 896, "int4", 32), (4608, 3584, "int8", 3584),
+         (4608, 3584, "int4", 128), (1001, 512, "int8", 32), (1001, 512, "int4", 64), (37, 256, "int4", 32)]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("N,K,mode,G", QBIAS, ids=lambda v: str(v))
+def test_qgemv_bias(dtype, N, K, mode, G):
+    """The quantized store with a bias: out = round(W x + b), b added in fp32 to the fp32 sum before the one rounding
+    (as the fp16 bias gemv and server/reference.py _lin). Against float64 (gemv_case on the dequantized matrix) within
+    the quantized gemv's bound, normed and not, with a bias (~N(0, 2)) that puts the output without it far outside
+    that bound; and bit for bit round(acc + b) from the same kernel's unrounded fp32 acc (mode F32, round_logits 0:
+    the same pairs, chunks and summation order). A bias in another mode is refused."""
+    ext = load_extension()
+    dt = DT[dtype]
+    g = torch.Generator(device="cuda").manual_seed(N * 13 + K * 3 + G + QMODE[mode])
+    ql = random_quant(mode, N, K, G, g)
+    Wd = dequantize(ql).double()
+    x = torch.randn(K, device="cuda", generator=g).to(dt)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(dt)
+    b = (2 * torch.randn(N, device="cuda", generator=g)).to(dt)
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean() + 1e-5) * nw.double()
+    q, s, m = ptrs(ql)
+    for norm in (True, False):
+        what = f"{mode} G={G} [{N}x{K}] {dtype} bias norm {norm}"
+        out, y = gemv_case(Wd, xn if norm else xd, N, STORE, dt, g)
+        ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5, out.data_ptr(),
+                  STORE, DTI[dtype], stream(), 0, MAX_BLOCKS, pdl=3, bias=b.data_ptr())
+        torch.cuda.synchronize()
+        check(out, y + b.double(), TOL[dtype], what)
+        e0 = float((out.double().cpu() - y.cpu()).norm() / y.cpu().norm())
+        assert e0 > 20 * TOL[dtype], f"{what}: the bias changes the output by only {e0:.2e}"
+        acc = torch.full((N,), float("nan"), device="cuda", dtype=torch.float32)
+        ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr() if norm else 0, 1e-5, acc.data_ptr(), F32,
+                  DTI[dtype], stream(), 0, MAX_BLOCKS, pdl=3)
+        torch.cuda.synchronize()
+        want = (acc + b.float()).to(dt)  # fp32 add, one round-to-nearest-even to the dtype
+        diff = (out.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
+        assert diff.numel() == 0, (f"{what}: {diff.numel()} rows not round(acc + b), first {diff[:8].tolist()}: got "
+                                   f"{out[diff[0]].item()} want {want[diff[0]].item()}")
+    with pytest.raises(ValueError, match="a bias is for the store mode"):
+        ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(), RESID, DTI[dtype],
+                  stream(), 0, MAX_BLOCKS, bias=b.data_ptr())
+
+
 @pytest.mark.parametrize("mode,G", [("int8", 4096), ("int8", 32), ("int4", 32), ("int4", 128)])
 def test_qgemv_deterministic_and_pdl_levels(mode, G):
     """Bitwise the same result on every run and at every PDL level (the preload before the wait included), with
