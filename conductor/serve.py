@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import signal
 import sys
@@ -690,9 +689,6 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     return app
 
 
-SERVE_SWITCH_S = float(os.environ.get("CASE4_SERVE_SWITCH_US", "500")) / 1e6  # GIL switch interval (main)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from conductor.cli import add_model_options
     p = argparse.ArgumentParser(prog="case4 serve", description="An OpenAI-compatible HTTP server over "
@@ -756,12 +752,6 @@ def main(argv=None) -> int:
     stopped_by: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda n, _f: stopped_by.append(signal.Signals(n).name))
-    # Two threads of this process share the GIL: uvicorn's event loop (HTTP, the SSE writes) and the worker, whose
-    # IPC reads spin on a poll for up to 10 ms on a many-core host (ipc/peers.py SPIN_S). Python hands the GIL to
-    # a waiting thread only after its switch interval (5 ms by default), so a token the worker had just handed to
-    # the loop could wait that long to be written. A shorter interval bounds that wait (A/B: CASE4_SERVE_SWITCH_US,
-    # read once; docs/serve.md "Latency").
-    sys.setswitchinterval(SERVE_SWITCH_S)
     engine.start()
     try:
         server.run()

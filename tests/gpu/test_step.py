@@ -311,7 +311,9 @@ def test_prefill_graphs_match_eager(shape):
                 assert abs(float(want[a] - want[b])) < 1e-2 * float(want.abs().max()), (n, a, b)
         st = be.graph_stats()
         assert st["prefill_replays"] - st0["prefill_replays"] == 5, (st0, st)  # 700 ran eagerly
-        assert st["prefill_graphs"] - st0["prefill_graphs"] == 2, (st0, st)  # session 1: buckets 16, 64
+        # start-up captured every session's buckets up to max_seq's (CudaBackend._warmup): nothing new here
+        assert st0["prefill_graphs"] == 2 * len(be.prefill_graphs.buckets(998)), st0
+        assert st["prefill_graphs"] == st0["prefill_graphs"], (st0, st)
     finally:
         be.close()
 
