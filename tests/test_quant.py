@@ -186,6 +186,28 @@ def test_reference_runs_the_dequantized_model(tiny_hf_folder, quant, group):
     torch.testing.assert_close(outs[0][1:], ref[3:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_tied_folder_without_lm_head_weight_quantizes_its_table(tiny_hf_folder, quant):
+    """A tied HF folder as transformers saves it (no lm_head.weight): `--quant` makes the lm_head its own
+    quantized matrix from the embedding table (it failed: "tensor 'lm_head.weight' is missing"), the same
+    values as from a folder that stores the copy."""
+    from safetensors.torch import load_file, save_file
+    folder, _ = tiny_hf_folder
+    import dataclasses
+    cfg = dataclasses.replace(SYNTHETIC_SHAPES["tiny"], tie_word_embeddings=True)  # the stored copy is ignored
+    sch = quant_schemes(cfg, quant, None, str(folder))
+    with_copy = load_hf_folder(folder, cfg, "float32", "cpu", sch)
+    f = next(folder.glob("*.safetensors"))
+    sd = load_file(str(f))
+    assert "lm_head.weight" in sd
+    sd.pop("lm_head.weight")
+    save_file(sd, str(f))
+    without = load_hf_folder(folder, cfg, "float32", "cpu", sch)
+    assert torch.equal(dequantize(without.lm_head), dequantize(with_copy.lm_head))
+    err = (dequantize(without.lm_head) - without.embed.float()).abs().max().item()
+    assert 0 < err < (0.05 if quant == "int8" else 0.5)  # the table, quantized
+
+
 def test_quantized_model_on_a_cpu_machine_runs_on_reference(capsys):
     """The cuda kernels run int8/int4 (gemv_quant.cu; tests/gpu/test_quant_kernels.py), so the quant
     mode does not decide the backend: on a machine without a GPU auto says why it picks reference."""

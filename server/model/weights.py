@@ -304,8 +304,8 @@ def _hf_sources(cfg: ModelConfig, name: str) -> list[str]:
         return ["model.embed_tokens.weight"]
     if name == "final_norm":
         return ["model.norm.weight"]
-    if name == "lm_head":
-        return ["lm_head.weight"]
+    if name == "lm_head":  # read only when it is its own matrix: untied, or tied and quantized (from the table)
+        return ["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
     l, k = name.split(".")
     p = f"model.layers.{l}."
     return {
