@@ -237,7 +237,12 @@ def test_completion_logprobs_shape(rr, model_dir, oracle):  # noqa: F811
                                   top_logprobs=3)  # top_logprobs without logprobs
 
 
-def test_a_killed_client_process_ends_every_running_stream(model_dir, tmp_path):  # noqa: F811
+def test_a_killed_client_process_ends_every_running_stream(model_dir, tmp_path, oracle):  # noqa: F811
+    # Greedy, and the oracle shows neither prompt reaches EOS within 400 tokens: a sampled stream
+    # could end on its own before the kill (CI once saw finish_reason "stop" here).
+    prompts = [[256] + list(f"Run {i}".encode()) for i in range(2)]
+    for ids in prompts:
+        assert 257 not in oracle(ids, 400)[0]
     srv = Server(model_dir, tmp_path / "serve.log", "--slots", "2")
     try:
         m = str(model_dir)
@@ -245,7 +250,8 @@ def test_a_killed_client_process_ends_every_running_stream(model_dir, tmp_path):
 
         def stream(i):
             with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
-                              json={"model": m, "prompt": f"x{i}", "max_tokens": 400, "stream": True}) as r:
+                              json={"model": m, "prompt": prompts[i], "max_tokens": 400, "temperature": 0,
+                                    "stream": True}) as r:
                 out[i] = [ln for ln in r.iter_lines() if ln]
         ts = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
         for t in ts:
