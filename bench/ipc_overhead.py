@@ -44,6 +44,7 @@ class NoopBackend:
         return self.logits
 
     def replay(self, s, seq_len, token): return self.step(s, token)
+    def plan_keep(self, s, ids, keep): return 0  # serve's prompt cache: every prompt pre-filled whole
     def status(self): return {"backend": "noop", "device": "cpu", "dtype": "float32"}
     def close(self): pass
 

@@ -67,6 +67,9 @@ class ServerProc:
         env = dict(os.environ)
         if a.threads:  # torch's intra-op threads in the server (a shared CPU: oversubscribed threads spin)
             env["OMP_NUM_THREADS"] = str(a.threads)
+        self.stages = log.with_suffix(".stages.jsonl")  # each streamed request's first-token stages (serve.py)
+        self.stages.unlink(missing_ok=True)
+        env["CASE4_SERVE_STAGES"] = str(self.stages)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), cwd=ROOT, env=env)
         deadline = time.monotonic() + a.start_timeout
         while True:
@@ -200,6 +203,91 @@ async def prompt_cache(url: str, model: str, a, rng: random.Random) -> dict:
     return out
 
 
+# serve.py's stages on a request's way to its first event (its "sent", when the event loop is back from writing
+# it, may come after the client has it: it is reported apart, as "loop > sent")
+STAGES = ("asgi", "parsed", "worker", "prefilled.in", "prefilled.out", "prefilled", "sampled.in", "sampled.out",
+          "sampled", "queued", "loop")
+
+
+def raw_first_token(sock, host: str, model: str, ids: list[int], max_tokens: int = 8) -> tuple[float, float]:
+    """One streamed completion over a kept-alive socket, as lean as a client gets (the request's bytes made before
+    the clock starts, no HTTP library): (send time, time the first SSE event arrived), perf_counter s. serve sends
+    the first token's event even when its text is empty; max_tokens > 1, so that the decode loop starts behind the
+    first token as in any real request."""
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
+    req = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    t0 = time.perf_counter()
+    sock.sendall(req)
+    buf, first = b"", None
+    while not buf.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
+        got = sock.recv(1 << 16)
+        if not got:
+            raise ConnectionError("the server closed the connection")
+        buf += got
+        if first is None and b"data: {" in buf:
+            first = time.perf_counter()
+        if not buf.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(f"HTTP {buf[:200]!r}")
+    if b'"error"' in buf or b"data: [DONE]" not in buf:
+        raise ConnectionError(f"the stream failed: {buf[-300:]!r}")
+    return t0, first
+
+
+def lean_ttft(url: str, model: str, a, rng: random.Random, stages: Path | None) -> dict:
+    """Issue 27's TTFT, the server's own: --ttft-repeats cold prompts (and as many second turns) of the prompt
+    cache phase's lengths, each timed by `raw_first_token`, so that the HTTP client's own cost (httpx's ~0.6-0.9 ms
+    to build and send a 512-id request and parse the event, on a 2-core VM) is not in it; with the server's
+    CASE4_SERVE_STAGES file (the bench started it), the median time of each stage on the way."""
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    n0 = sum(1 for _ in stages.open()) if stages and stages.exists() else 0
+    cold, warm, spans = [], [], []  # spans: the cold requests' (send, first event)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(a.ttft_repeats):
+            base = [rng.randrange(a.vocab_lo, a.vocab_hi) for _ in range(a.cache_prompt)]
+            more = [rng.randrange(a.vocab_lo, a.vocab_hi) for _ in range(a.cache_new)]
+            fresh = [rng.randrange(a.vocab_lo, a.vocab_hi) for _ in range(a.cache_prompt + a.cache_new)]
+            t0, t1 = raw_first_token(sock, u.netloc, model, fresh)
+            cold.append(t1 - t0)
+            spans.append((t0, t1))
+            raw_first_token(sock, u.netloc, model, base)  # the first turn
+            t0, t1 = raw_first_token(sock, u.netloc, model, base + more)
+            warm.append(t1 - t0)
+            time.sleep(0.02)
+    out = {"repeats": a.ttft_repeats, "cold_ttft_ms": ms(pct(cold, 50)), "cold_ttft_p10_ms": ms(pct(cold, 10)),
+           "cold_ttft_p90_ms": ms(pct(cold, 90)), "warm_ttft_ms": ms(pct(warm, 50))}
+    if stages and stages.exists():
+        lines = [json.loads(ln) for ln in stages.read_text().splitlines()[n0:]]
+        cold_lines = lines[0::3]  # cold, first turn, second turn per repeat
+        if len(cold_lines) == len(spans):
+            segs: dict[str, list[float]] = {}
+            for (t0, t1), st in zip(spans, cold_lines):
+                prev, name = t0, "send"
+                for k in (*STAGES, "first event"):
+                    t = t1 if k == "first event" else st.get(k)
+                    if t is None:
+                        continue
+                    segs.setdefault(f"{name} > {k}", []).append(t - prev)
+                    prev, name = t, k
+                if "sent" in st:
+                    segs.setdefault("loop > sent", []).append(st["sent"] - st["loop"])
+            out["cold_stages_ms"] = {k: ms(pct(v, 50)) for k, v in segs.items()}
+            # what serve adds to the CLI's own way to the first token (worker > sampled is that way: kv_init, then
+            # the sample op), request by request: HTTP in, the hand-offs between threads, the event out
+            out["serve_overhead_ms"] = ms(pct([(t1 - t0) - (st["sampled"] - st["worker"])
+                                               for (t0, t1), st in zip(spans, cold_lines)], 50))
+    print(f"[serve_load] lean client: {out['cold_ttft_ms']} ms cold TTFT ({a.cache_prompt + a.cache_new} tokens; "
+          f"p10 {out['cold_ttft_p10_ms']} p90 {out['cold_ttft_p90_ms']}), second turn {out['warm_ttft_ms']} ms",
+          file=sys.stderr, flush=True)
+    if "cold_stages_ms" in out:
+        print("[serve_load] cold stages (median ms): " + ", ".join(f"{k} {v}" for k, v in out["cold_stages_ms"].items())
+              + f"; serve's own part {out['serve_overhead_ms']} ms", file=sys.stderr, flush=True)
+    return out
+
+
 def device_label(health: dict) -> str:
     dev = health.get("device") or "unknown"
     if dev == "cpu" or dev.startswith("cpu"):
@@ -252,6 +340,9 @@ def against_cli(run: dict, base: dict) -> dict:
     cold = run.get("prompt_cache", {}).get("cold_ttft_ms")
     if cold is not None:
         out["cold_ttft_minus_cli_ms"] = round(cold - base["ttft_ms"], 3)
+    lean = run.get("lean_ttft", {}).get("cold_ttft_ms")
+    if lean is not None:
+        out["lean_cold_ttft_minus_cli_ms"] = round(lean - base["ttft_ms"], 3)
     return out
 
 
@@ -277,6 +368,7 @@ def main(argv=None) -> int:
       "with --cache-new 16 the measured prompts are 512 tokens, the decode bench's case4/prefill 512 row)")
     a("--cache-new", type=int, default=16, help="prompt cache: tokens the second turn adds")
     a("--cache-repeats", type=int, default=3)
+    a("--ttft-repeats", type=int, default=10, help="cold and second-turn prompts timed by the lean client (0: none)")
     a("--vocab-lo", type=int, default=3, help="prompt ids are drawn from [lo, hi) (skip special ids)")
     a("--vocab-hi", type=int, default=250)
     a("--threads", type=int, default=0, help="OMP_NUM_THREADS for the server (CPU runs; 0: unset)")
@@ -313,6 +405,8 @@ def main(argv=None) -> int:
             for c in args.clients:
                 run["levels"].append(asyncio.run(level(url, model, c, args.rounds, args, rng)))
             run["prompt_cache"] = asyncio.run(prompt_cache(url, model, args, rng))
+            if args.ttft_repeats > 0:
+                run["lean_ttft"] = lean_ttft(url, model, args, rng, srv.stages if srv else None)
             result["runs"].append(run)
         finally:
             if srv:

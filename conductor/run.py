@@ -87,6 +87,7 @@ class Processes:
         self.info: dict = {}   # the server's start reply (model, backend, vocab, context, ...)
         self.tinfo: dict = {}  # the client's init reply (eos ids, chat template)
         self.events: list[dict] = []  # trace intervals (server / client replies)
+        self.last_t: tuple | None = None  # the last call's reply interval in the peer, us of its perf_counter
         self.shm_name = shm.new_name(os.getpid())
         from client.process import client_main
         from server.process import server_main
@@ -125,6 +126,7 @@ class Processes:
     def call(self, peer: Peer, op: str, args: dict | None = None, label: str | None = None) -> dict:
         """One request, its reply interval kept for the trace."""
         reply = peer.call(op, args, self.opts.timeout, watch=self.watch[peer.name])
+        self.last_t = reply.get("t")  # the peer's (start, end) of the op, us (serve's first-token stages)
         if self.opts.trace and "t" in reply:
             t0, t1 = reply["t"]
             self.events.append({"name": label or op, "ph": "X", "ts": t0, "dur": max(t1 - t0, 0.01),
@@ -175,6 +177,9 @@ class Generation:
         self.session = 0  # the KV session (serve: its slot's)
         self.client_args: dict = {}  # more arguments of the client's sample ops (serve: session, logprobs)
         self.logprobs: list = []  # per token, when client_args asks for them (client/process.py)
+        # how long this process spins on each read of the decode loop's stream (None: ipc/peers.py SPIN_S);
+        # serve's worker sleeps instead in a long loop (conductor/serve_slots.py run_round)
+        self.stream_spin: float | None = None
 
     def cancel(self) -> None:
         """Stop early, from the callback or another thread: the decode loop is asked to end
@@ -273,7 +278,8 @@ class Generation:
         # a stalled child (stopped, wedged) is named within seconds, not after --timeout (docs/ipc.md "Stalls")
         self.stall = StallGuard(P.server, P.client, P.link)
         try:
-            crep = P.client.recv(cid, P.opts.timeout, (P.server,), on_stream=self.on_stream, stall=self.stall)
+            crep = P.client.recv(cid, P.opts.timeout, (P.server,), on_stream=self.on_stream, stall=self.stall,
+                                 spin=self.stream_spin)
         finally:
             self.loop = None
         srep = P.server.recv(sid, P.opts.timeout, (P.client,), stall=self.stall)

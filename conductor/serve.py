@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -37,6 +38,11 @@ MAX_LOGPROBS = 20
 DISCONNECT_POLL_S = 0.5  # how often a queued request checks that its HTTP client is still there
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# CASE4_SERVE_STAGES=FILE: each streamed request's way to its first token, stage by stage, appended to FILE as
+# one JSON line (bench/serve_load.py reads it; docs/serve.md "Latency"). Times are seconds of perf_counter
+# (CLOCK_MONOTONIC, the same clock in every process here and in a client on the host). Read once; when unset
+# a stamp is one test and no ASGI wrapper is installed.
+STAGES_FILE = os.environ.get("CASE4_SERVE_STAGES") or None
 
 
 class ApiError(Exception):
@@ -153,6 +159,16 @@ class Job:
         self.t_arrival = time.perf_counter()
         self.fed = []       # the generation's text so far, as streamed (before the stop strings)
         self.n_stop = None  # tokens when the stop string was found
+        self.stamps: dict | None = {} if STAGES_FILE else None  # stage -> perf_counter s (CASE4_SERVE_STAGES)
+
+    def stamp(self, stage: str, peer_t: tuple | None = None) -> None:
+        """Note when `stage` was reached (the first time only); peer_t: the (start, end) us of the peer's op
+        that just replied, noted as stage.in / stage.out."""
+        if self.stamps is None or stage in self.stamps:
+            return
+        self.stamps[stage] = time.perf_counter()
+        if peer_t:
+            self.stamps[stage + ".in"], self.stamps[stage + ".out"] = peer_t[0] / 1e6, peer_t[1] / 1e6
 
     def put(self, *ev) -> None:
         self.aloop.call_soon_threadsafe(self.events.put_nowait, ev)
@@ -174,7 +190,10 @@ class Job:
         out = self.stop.feed(text)
         # the logprobs of a batch that completes a stop string wait for the exact count (finish)
         lps = self.take_logprobs() if self.logprobs is not None and not self.stop.matched else []
-        if out or lps:
+        # the first token always makes an event, even with no text yet (a byte inside a UTF-8 character, a held-back
+        # stop-string prefix): a stream's first event is its first token, whatever the client, as /metrics' TTFT is
+        if out or lps or len(self.fed) == 1:
+            self.stamp("queued")
             self.put("text", out, lps)
         if self.stop.matched:
             self.n_stop = len(self.gen.tokens)
@@ -267,6 +286,7 @@ class Engine:
 
     def begin(self, job: Job) -> None:
         """Tokenize, check the context, take a slot, pre-fill what it lacks, the first token."""
+        job.stamp("worker")
         if job.cancelled:  # its client went away while it waited
             return
         if self.state != "ready":
@@ -400,7 +420,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     class StreamOptions(BaseModel):
@@ -464,14 +484,18 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
+        e = invalid(e.errors())
+        engine.metrics.request(request.url.path, e.status)
+        return error_response(e)
+
+    def invalid(errors) -> ApiError:
+        """A 400 naming the first field pydantic refused."""
+        err = errors[0] if errors else {}
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         msg = err.get("msg", "invalid request")
         if err.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
-        engine.metrics.request(request.url.path, 400)
-        return error_response(ApiError(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}",
-                                       param=".".join(loc) or None))
+        return ApiError(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}", param=".".join(loc) or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
@@ -525,6 +549,8 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                        max_tokens: int | None, stops: list[str], chat: bool, ids: list[int] | None = None):
         job = Job(req, max_tokens, stops, asyncio.get_running_loop(), logprobs_of(body, chat))
         job.ids = ids
+        if job.stamps is not None:
+            job.stamps.update(asgi=request.scope.get("case4.t_asgi"), parsed=request.scope.get("case4.t_parsed"))
         engine.submit(job)
         while True:  # queued: wait for the start (or an error), noticing a client that left
             try:
@@ -611,7 +637,9 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                 while True:
                     ev = await job.events.get()
                     if ev[0] == "text":
+                        job.stamp("loop")
                         yield chunk(choice(ev[1], None, lps=ev[2] if ev[2] else None))
+                        job.stamp("sent")  # resumed: the chunk went to the socket
                     elif ev[0] == "end":
                         lps = ev[1]["logprobs"] or None
                         yield chunk(choice(None if chat else "", ev[1]["finish_reason"], lps=lps))
@@ -623,6 +651,11 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                         break
                 yield "data: [DONE]\n\n"
                 done = True
+                if job.stamps is not None:
+                    g = job.gen
+                    with open(STAGES_FILE, "a") as f:
+                        f.write(json.dumps({"id": rid, "prompt_tokens": len(g.prompt_ids), "cached": g.cached,
+                                            **job.stamps}) + "\n")
             finally:
                 if not done:  # the client went away: stop the generation at its next token
                     job.cancel()
@@ -633,17 +666,30 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     def common_request(params: SamplingParams, body: Common, **kw) -> Request:
         return Request(params=params, sampling=engine.sampling, ipc="loop", ignore_eos=body.ignore_eos, **kw)
 
+    async def parse(request: HTTPRequest, cls):
+        """The body validated by pydantic straight from its bytes (its Rust JSON parser) rather than by FastAPI's
+        body parameter (json.loads, then its own field-by-field validation); the same 400s."""
+        try:
+            body = cls.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise invalid(e.errors(include_url=False)) from None
+        if STAGES_FILE:
+            request.scope["case4.t_parsed"] = time.perf_counter()
+        return body
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: HTTPRequest):
+    async def chat_completions(request: HTTPRequest):
         authorize(request)
+        body = await parse(request, ChatRequest)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params, stops = check(body)
         req = common_request(params, body, messages=[{"role": m.role, "content": m.text()} for m in body.messages])
         return await generate(request, "/v1/chat/completions", body, req, max_tokens, stops, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: HTTPRequest):
+    async def completions(request: HTTPRequest):
         authorize(request)
+        body = await parse(request, CompletionRequest)
         params, stops = check(body)
         prompt, ids = body.prompt, None
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -686,7 +732,25 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
                                                      engine.graphs),
                                  media_type="text/plain; version=0.0.4")
 
-    return app
+    fast = {"/v1/completions": completions, "/v1/chat/completions": chat_completions}
+
+    async def asgi(scope, receive, send):
+        """The two generation endpoints called straight from uvicorn, the rest through FastAPI: its middleware,
+        routing and dependency solving, with its body parameter, took 0.47 ms from uvicorn's call to the parsed
+        body of a 512-id request on a 2-core VM, 0.22 ms this way (docs/serve.md "Latency").
+        The same handlers, errors and metrics; an unexpected exception is uvicorn's 500 as FastAPI's would be."""
+        h = fast.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if h is None:
+            return await app(scope, receive, send)
+        if STAGES_FILE:
+            scope["case4.t_asgi"] = time.perf_counter()
+        try:
+            response = await h(HTTPRequest(scope, receive))
+        except ApiError as e:
+            engine.metrics.request(scope["path"], e.status)
+            response = error_response(e)
+        await response(scope, receive, send)
+    return asgi
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,6 +83,8 @@ class SlotGen(Generation):
         rep = P.call(P.server, "kv_init", {"session": self.session, "input_ids": ids, "keep": keep,
                                            "sample": p.to_dict() if self.device else None},
                      label=f"prefill {len(ids) - keep}")
+        if first:
+            self.job.stamp("prefilled", P.last_t)
         self.T = rep["seq_len"]
         if first:  # the positions the server actually reused (it may pre-fill all again: plan_keep)
             self.cached = rep.get("kept", keep)
@@ -95,6 +97,8 @@ class SlotGen(Generation):
                                             "position": self.T - 1, "reset": first, **self.client_args})
             tok, text = c["token"], c["text"]
             self.logprobs.extend(c.get("logprobs", ()))
+        if first:
+            self.job.stamp("sampled", P.last_t)
         self.tok = tok
         self.emit([tok], text, time.perf_counter())
 
@@ -220,8 +224,12 @@ class Scheduler:
                 if not g.done:
                     if alone:
                         g.yield_to = self.wants_slot
+                        # the worker only takes the loop's stream batches (~10 ms apart) and the reply at its end:
+                        # a spin there holds the GIL the event loop needs to write the stream (serve.md "Latency")
+                        g.stream_spin = 0.0
                         g.turn(DEVICE_CHUNK if g.device else g.max_new, eager)
                     else:
+                        g.stream_spin = None  # short turns: their replies come within a few steps
                         g.turn(self.quantum, eager)
                 if g.done:
                     self.release(s, g)

@@ -314,18 +314,20 @@ class Peer:
         return rid
 
     def recv(self, rid: int, timeout: float, watch: tuple["Peer", ...] = (), on_stream=None,
-             stall: StallGuard | None = None) -> dict:
+             stall: StallGuard | None = None, spin: float | None = None) -> dict:
         """The reply to request `rid` (0 = the start-up message). Blocks in a plain get();
         the watchdog wakes it if this peer or one in `watch` dies, or after `timeout` s
         without a message: each progress or stream message ({"stream": ...}, handed to
         on_stream, from a long op such as sample_loop) starts the timeout again. With
         `stall` (a running decode loop) the silence allowed is stall.limit(timeout), and
-        its passing raises stall.error(): PeerStalled naming the stalled child."""
+        its passing raises stall.error(): PeerStalled naming the stalled child. spin: how long
+        each read spins before it sleeps (None: SPIN_S)."""
+        spin = SPIN_S if spin is None else spin
         limit = stall.limit(timeout) if stall is not None else timeout
         w = _WATCHDOG.arm(self, (self, *watch), time.monotonic() + limit)
         try:
             while True:
-                msg = spin_get(self.rep, SPIN_S)
+                msg = spin_get(self.rep, spin)
                 if WAKE in msg:
                     if msg[WAKE] == w.token:
                         self._woken(w, rid, limit, stall)  # raises, or re-arms if nothing holds

@@ -238,6 +238,12 @@ def test_errors_have_openai_shape(server, model_dir):
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
     typed = httpx.post(server.url + "/v1/completions", json={"model": m, "prompt": "a", "max_tokens": "many"}, timeout=30)
     assert typed.status_code == 400 and typed.json()["error"]["param"] == "max_tokens"
+    # the generation endpoints validate the body themselves (serve.py `parse`, not FastAPI's): every shape of bad body
+    for url, raw in (("/v1/completions", b""), ("/v1/completions", b"[1, 2]"), ("/v1/chat/completions", b"null"),
+                     ("/v1/chat/completions", b'{"model": "x", "messages": []}')):
+        r = httpx.post(server.url + url, content=raw, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, (url, raw, r.text)
+    assert httpx.get(server.url + "/v1/completions", timeout=30).status_code == 405
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-model", prompt="a", max_tokens=2)
     for kw, param in (({"n": 2}, "n"), ({"logprobs": 21}, "logprobs"), ({"stop": list("abcde")}, "stop")):
@@ -349,3 +355,30 @@ def test_metrics_text_carries_the_servers_graph_counters():
     txt = Metrics().text(0, 0, 4, 0, {"captured": 1999, "misses": 3, "replays": 99900})
     for line in ("case4_graphs_captured_total 1999", "case4_graph_misses_total 3", "case4_graph_replays_total 99900"):
         assert line in txt.splitlines()
+
+
+def test_stage_stamps_follow_each_streamed_request_to_its_first_token(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """CASE4_SERVE_STAGES (docs/serve.md "Latency"): one JSON line per streamed request, its stages in the
+    order a request passes them, on the clock of this process (CLOCK_MONOTONIC), between its send and its end."""
+    monkeypatch.setenv("CASE4_SERVE_STAGES", str(tmp_path / "stages.jsonl"))
+    srv = Server(model_dir, tmp_path / "serve.log")
+    try:
+        spans = []
+        for n in (5, 40):
+            ids = [256] + list(range(65, 65 + n))
+            t0 = time.perf_counter()
+            with httpx.stream("POST", srv.url + "/v1/completions", timeout=60, json={
+                    "model": str(model_dir), "prompt": ids, "max_tokens": 3, "stream": True, "ignore_eos": True}) as r:
+                lines = [ln for ln in r.iter_lines() if ln]
+            spans.append((t0, time.perf_counter(), len(ids)))
+            assert lines[-1] == "data: [DONE]"
+        got = [json.loads(ln) for ln in (tmp_path / "stages.jsonl").read_text().splitlines()]
+        order = ["asgi", "parsed", "worker", "prefilled.in", "prefilled.out", "prefilled", "sampled.in", "sampled.out",
+                 "sampled", "queued", "loop", "sent"]
+        assert len(got) == 2
+        for (t0, t1, n), st in zip(spans, got):
+            assert st["prompt_tokens"] == n
+            ts = [st[k] for k in order]
+            assert t0 <= ts[0] and ts == sorted(ts) and ts[-1] <= t1, st
+    finally:
+        srv.stop()

@@ -312,7 +312,8 @@ def test_the_load_bench_runs_with_no_failures(tmp_path):
     from test_serve import ROOT, _env
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_load.py"), "--model", "synthetic:tiny", "--backend",
                         "reference", "--schedules", "rr", "--clients", "1,3", "--max-tokens", "6", "--cache-prompt", "40",
-                        "--cache-repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                        "--cache-repeats", "1", "--ttft-repeats", "3", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300,
                        env=_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(next(tmp_path.glob("serve-*-tiny-*.json")).read_text())
@@ -327,3 +328,11 @@ def test_the_load_bench_runs_with_no_failures(tmp_path):
     cmp = run["against_cli"]
     assert cmp["itl_1_client_over_cli"] > 0
     assert cmp["cold_ttft_minus_cli_ms"] == round(run["prompt_cache"]["cold_ttft_ms"] - base["ttft_ms"], 3)
+    # the lean client's TTFT, and the stages it passed, from the server's CASE4_SERVE_STAGES file
+    lean = run["lean_ttft"]
+    assert lean["repeats"] == 3 and 0 < lean["cold_ttft_p10_ms"] <= lean["cold_ttft_ms"] <= lean["cold_ttft_p90_ms"]
+    assert cmp["lean_cold_ttft_minus_cli_ms"] == round(lean["cold_ttft_ms"] - base["ttft_ms"], 3)
+    st = lean["cold_stages_ms"]
+    assert list(st)[0] == "send > asgi" and list(st)[-2:] == ["loop > first event", "loop > sent"]
+    assert all(v >= 0 for v in st.values())
+    assert 0 < lean["serve_overhead_ms"] < lean["cold_ttft_ms"]
