@@ -14,6 +14,11 @@ keeps the rows that matter most):
                                (torch.compile mode="reduce-overhead", fullgraph=True)
   case4/reference              the pure-torch reference backend (few steps: it is slow)
 
+With --models (default on a GPU: the built-in smollm2 GGUF) the case4 decode rows and a prefill run on real
+weights too: each GGUF file on its own blocks (quant "gguf": Q4_1/Q4_0/Q8_0 repacked, no rounding) and on the
+same weights dequantized to the model dtype (quant None), shape = the model's name (issue 26: "SmolLM2 GGUF Q4_1
+on the GPU faster than its fp16 row").
+
 With --quant (default on a GPU: int8,int4:128) the case4 rows above (and a 512-token case4/prefill) run again
 on weights drawn quantized (a `quant` field in each row, bytes per token from the quantized tensors), beside
 two peers built from PyTorch's own operators: torch/int8-compile and torch/int4-tinygemm (rows_torch_quant.py);
@@ -57,7 +62,7 @@ import torch  # noqa: E402
 import floors  # noqa: E402  (bench/floors.py)
 import report  # noqa: E402  (bench/report.py)
 from common import ALL_SYSTEMS, Deadline, device_name, gpu_slug, now_s, rnd  # noqa: E402
-from plan import build_plan, parse_big_quant, parse_quant, parse_shapes  # noqa: E402
+from plan import build_plan, builtin_gguf_installed, parse_big_quant, parse_models, parse_quant, parse_shapes  # noqa: E402,E501
 from runner import Bench, child_main, run_in_children, start_watchdog  # noqa: E402
 
 
@@ -186,6 +191,10 @@ def parse_args(argv=None):
     ap.add_argument("--peer-shapes", default=None,
                     help="shapes that get the torch/* quantized peers (default GPU: llama2-7b; CPU: all)")
     ap.add_argument("--quant-ttft-prompt", type=int, default=512, help="prompt of the quantized case4/prefill rows")
+    ap.add_argument("--models", default=None,
+                    help="real GGUF files (or the built-in 'smollm2'), comma-separated: the case4 decode rows and a "
+                         "--quant-ttft-prompt prefill on each file's own blocks (quant 'gguf') and on the same weights "
+                         "dequantized to the model dtype (issue 26); default on a GPU: smollm2 when it is installed")
     ap.add_argument("--budget-s", type=float, default=None, help="rows not started after this are skipped (default 420; 480 with quantized rows)")
     ap.add_argument("--row-grace-s", type=float, default=90.0,
                     help="watchdog: exit (writing results) at budget + this, if a row hangs")
@@ -250,6 +259,9 @@ def parse_args(argv=None):
         a.quant = "int8,int4:128" if gpu else "none"
     if a.big_quant is None:
         a.big_quant = "llama2-70b:int4:128" if gpu and not q else ""
+    if a.models is None:
+        a.models = "smollm2" if gpu and builtin_gguf_installed() else ""
+    a.model_list = parse_models(a.models)
     a.quant_list = parse_quant(a.quant)
     a.big_quant_list = parse_big_quant(a.big_quant)
     if a.peer_shapes is None and gpu:

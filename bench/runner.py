@@ -49,16 +49,19 @@ class Bench(CeilingRows, Case4Rows, HFRows, TorchQuantRows):
         in place (resolve_model(quant=, group=): no fp16 copy of its matrices). A model that cannot fit the
         device (check_fits) skips the row, saying what it needs."""
         item = item or {}
-        key = (shape, dtype, item.get("quant"))
+        key = (shape, dtype, item.get("quant"), item.get("model"))
         if self._model_key == key and self._model is not None:
             return self._model
         self.drop_model()
         from server.model.memory import ModelTooLarge
         from server.model.resolve import resolve_model
         t0 = now_s()
+        # a real file (--models): its own blocks (quant "gguf": resolve_model's quant None) or dequantized ("none")
+        spec = item.get("model") or f"synthetic:{shape}"
+        quant = ("none" if item.get("quant") is None else None) if item.get("model") else item.get("quant_mode")
         try:
-            self._model = call_filtered(resolve_model, f"synthetic:{shape}", dtype=dtype, device=self.device,
-                                        seed=self.args.seed, max_seq=self.args.max_seq, quant=item.get("quant_mode"),
+            self._model = call_filtered(resolve_model, spec, dtype=dtype, device=self.device,
+                                        seed=self.args.seed, max_seq=self.args.max_seq, quant=quant,
                                         group=item.get("quant_group"))
         except ModelTooLarge as e:   # check_fits (e.g. 70B without enough memory): the row says so
             raise RowSkipped(str(e)) from None
@@ -79,6 +82,8 @@ class Bench(CeilingRows, Case4Rows, HFRows, TorchQuantRows):
     def base_row(self, item: dict) -> dict:
         row = {k: None for k in ROW_KEYS}
         row.update({k: item.get(k) for k in ("system", "shape", "dtype", "quant", "prompt", "steps")})
+        if item.get("model"):
+            row["model"] = item["model"]
         return row
 
     def add_bytes(self, row: dict, cfg, steps: int, quant_bytes: int | None = None) -> None:

@@ -102,14 +102,23 @@ def test_plan_filters_and_order():
     from common import gpu_slug
     from plan import build_plan
     a = decode.parse_args(["--device", "cuda", "--systems", "case4/*/device,hf/eager", "--shapes", "smollm2-135m",
-                           "--quant", "none", "--big-quant", ""])
+                           "--quant", "none", "--big-quant", "", "--models", ""])
     plan = build_plan(a)
     assert [p["system"] for p in plan] == ["case4/exact/device", "case4/dynamic/device", "case4/none/device",
                                            "hf/eager"]
-    a = decode.parse_args(["--device", "cuda"])
+    a = decode.parse_args(["--device", "cuda", "--models", ""])
     shapes = [s for s in dict.fromkeys((p["shape"], p["dtype"]) for p in build_plan(a))]
     assert shapes == [("llama2-7b", "float16"), ("llama2-70b", "float16"), ("smollm2-135m", "float16"),
                       ("llama2-7b", "bfloat16")]   # 70B: int4 only (--big-quant), right after the 7B rows
+    from plan import builtin_gguf_installed
+    a = decode.parse_args(["--device", "cuda"])  # the built-in GGUF's rows where it is installed, before the oracle
+    assert a.models == ("smollm2" if builtin_gguf_installed() else "")
+    if a.models:
+        plan = build_plan(a)
+        real = [i for i, p in enumerate(plan) if p.get("model") == "smollm2"]
+        assert {(plan[i]["system"], plan[i].get("quant")) for i in real} >= {("case4/dynamic/device", "gguf"),
+                                                                             ("case4/dynamic/device", None)}
+        assert real[-1] < next(i for i, p in enumerate(plan) if p["system"] == "case4/reference")
     q = decode.parse_args(["--device", "cuda", "--quick"])
     assert q.steps == 64 and q.repeats == 1 and q.ttft_prompt_list == [512]
     assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
@@ -255,6 +264,45 @@ def test_issue26_verdicts():
             dict(row("case4/prefill", None, "int4:g128"), prompt=512, ttft_ms=27.0)]
     got = [verdict for _, _, verdict in report.targets26({}, rows)]
     assert got == ["PASS", "PASS", "FAIL", "PASS", "PASS", "FAIL", "n/a"], report.targets26({}, rows)
+    # --models smollm2: the GGUF's own blocks against the same weights dequantized (best device row of each)
+    for own, deq, want in ((900.0, 800.0, "PASS"), (700.0, 800.0, "FAIL")):
+        more = [row("case4/dynamic/device", own, "gguf", "smollm2"), row("case4/exact/device", deq - 50, None, "smollm2"),
+                row("case4/dynamic/device", deq, None, "smollm2"), row("case4/dynamic/client", 5000.0, "gguf", "smollm2")]
+        (t, measured, verdict), = [x for x in report.targets26({}, rows + more) if x[0].startswith("SmolLM2")]
+        assert verdict == want and f"{own:.1f} tok/s vs case4/dynamic/device {deq:.1f}" in measured, measured
+
+
+def test_bench_cpu_real_gguf_rows(tmp_path):
+    """--models FILE.gguf: the case4 rows and a prefill on the file's own blocks (quant 'gguf', the quantized
+    matrices' bytes) and on its dequantized weights (the dense bytes), both from the same file; a path that is not
+    a GGUF is bad input."""
+    pytest.importorskip("gguf")
+    from test_gguf import write_llama_gguf
+    f = tmp_path / "mini.gguf"
+    write_llama_gguf(f, {"token_embd": "Q8_0"}, tokenizer=True)
+    out = tmp_path / "out"
+    p = run_bench(out, "--case4-backend", "reference", "--models", str(f), "--quant-ttft-prompt", "16",
+                  "--systems", "case4/none/*,case4/prefill", env={"CASE4_HOME": str(tmp_path / "home")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = load_result(out)
+    check_schema(doc)
+    rows = [r for r in doc["rows"] if r.get("shape") == "mini"]
+    assert {(r["system"], r["quant"]) for r in rows} == {(s, q) for s in ("case4/none/device", "case4/none/client",
+                                                                          "case4/prefill") for q in ("gguf", None)}
+    assert all(r["model"] == str(f) and r["dtype"] == "float32" and "error" not in r for r in rows)
+    own = {r["system"]: r for r in rows if r["quant"] == "gguf"}
+    deq = {r["system"]: r for r in rows if r["quant"] is None}
+    for s in ("case4/none/device", "case4/none/client"):
+        assert own[s]["quant_mode"] == "int4" and 0 < own[s]["quant_matrix_bytes"]
+        assert own[s]["bytes_per_token"] < deq[s]["bytes_per_token"] / 4  # 4-bit blocks against fp32 matrices
+        assert own[s]["tok_s"] > 0 and deq[s]["tok_s"] > 0
+    assert own["case4/prefill"]["ttft_ms"] > 0 and deq["case4/prefill"]["ttft_ms"] > 0
+    (tmp_path / "not.gguf").write_text("no")
+    for bad in (str(tmp_path / "not.gguf"), str(tmp_path)):
+        r = subprocess.run([sys.executable, str(BENCH / "decode.py"), "--device", "cpu", "--models", bad, "--skip-copy",
+                            "--skip-gemm", "--systems", "case4/none/device", "--steps", "2", "--out", str(out / "bad")],
+                           capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+        assert r.returncode == 2 and "--models" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_torch_int8_peer_math(monkeypatch):

@@ -27,13 +27,32 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path: Path, types: dict[str, str], seed=0, arch="llama", tied=True) -> dict[str, np.ndarray]:
+def _byte_level_tokens(V: int) -> list[str]:
+    """GPT-2's byte-level BPE symbols for bytes 0..255 (token id = byte value), one merge, placeholders up to V."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    sym = dict(zip(bs, map(chr, cs)))
+    return [sym[i] for i in range(256)] + ["Ġt"] + [f"<extra_{i}>" for i in range(V - 257)]  # one merge: " t"
+
+
+def write_llama_gguf(path: Path, types: dict[str, str], seed=0, arch="llama", tied=True,
+                     tokenizer=False) -> dict[str, np.ndarray]:
     """A tiny llama GGUF: each matrix quantized to types.get(kind, 'Q4_1') (kind: attn_q, ffn_down, ...,
-    token_embd, output). Returns the fp32 HF-order matrices written (before quantization)."""
+    token_embd, output). Returns the fp32 HF-order matrices written (before quantization). tokenizer: a
+    byte-level BPE vocabulary in the metadata (tokenizer.ggml.*), so that the file loads as a whole model."""
     import gguf
     rng = np.random.default_rng(seed)
     H, I, V, L = CFG.hidden_size, CFG.intermediate_size, CFG.vocab_size, CFG.num_layers
     w = gguf.GGUFWriter(str(path), arch)
+    if tokenizer:
+        toks = _byte_level_tokens(V)
+        w.add_tokenizer_model("gpt2"), w.add_token_list(toks), w.add_token_merges(["Ġ t"])
+        w.add_token_types([1] * 256 + [3] * (V - 256))
     w.add_block_count(L), w.add_context_length(512), w.add_embedding_length(H), w.add_feed_forward_length(I)
     w.add_head_count(CFG.num_heads), w.add_head_count_kv(CFG.num_kv_heads), w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5), w.add_vocab_size(V), w.add_rope_dimension_count(CFG.head_dim)
