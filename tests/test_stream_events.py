@@ -27,14 +27,18 @@ def test_generation_hands_on_batches_with_empty_text():
 def test_job_streams_empty_text_tokens_with_their_logprobs_only_when_asked():
     loop = asyncio.new_event_loop()
     try:
-        for logprobs, want in ((0, [("text", "", ["lp300", "lp301"]), ("text", "A", ["lp65"])]),
-                               (None, [("text", "A", [])])):
+        # the first batch always makes an event (a stream's first event is its first token, the TTFT any client
+        # sees: docs/serve.md "Latency"); a later batch with no text only when logprobs are asked
+        for logprobs, want in ((0, [("text", "", ["lp300", "lp301"]), ("text", "A", ["lp65"]), ("text", "", ["lp302"])]),
+                               (None, [("text", "", []), ("text", "A", [])])):
             job = Job(Request(params=SamplingParams(), prompt="x", ignore_eos=True), 16, [], loop, logprobs)
             job.gen = Generation(_procs(), job.req, on_text=job.on_text)
             job.gen.logprobs.extend(["lp300", "lp301"])
             job.gen.emit([300, 301], "", [1.0, 2.0])
             job.gen.logprobs.append("lp65")
             job.gen.emit([65], "A", 3.0)
+            job.gen.logprobs.append("lp302")
+            job.gen.emit([302], "", 4.0)
             loop.run_until_complete(asyncio.sleep(0))  # the queued call_soon_threadsafe puts
             events = []
             while not job.events.empty():
