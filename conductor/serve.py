@@ -422,6 +422,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     class StreamOptions(BaseModel):
         include_usage: bool = False
@@ -749,6 +750,8 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         except ApiError as e:
             engine.metrics.request(scope["path"], e.status)
             response = error_response(e)
+        except ClientDisconnect:  # gone before its body was read: nothing to answer, nothing to log
+            return
         await response(scope, receive, send)
     return asgi
 

@@ -357,6 +357,20 @@ def test_metrics_text_carries_the_servers_graph_counters():
         assert line in txt.splitlines()
 
 
+def test_a_client_gone_mid_body_leaves_no_traceback(server, model_dir):  # noqa: F811
+    """Headers and part of a body, then the connection closes: serve logs nothing (the generation endpoints are
+    called by uvicorn directly, serve.py `asgi`) and answers the next request."""
+    seen = len(server.log.read_text())
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"model\":")
+        time.sleep(0.3)
+    time.sleep(0.5)
+    r = client(server).completions.create(model=str(model_dir), prompt="a", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert "Traceback" not in server.log.read_text()[seen:]
+
+
 def test_stage_stamps_follow_each_streamed_request_to_its_first_token(model_dir, tmp_path, monkeypatch):  # noqa: F811
     """CASE4_SERVE_STAGES (docs/serve.md "Latency"): one JSON line per streamed request, its stages in the
     order a request passes them, on the clock of this process (CLOCK_MONOTONIC), between its send and its end."""
