@@ -93,7 +93,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def check_model_options(args) -> None:
-    """The checks of add_model_options' values (BadInput)."""
+    """The checks of add_model_options' values (BadInput), and of the IPC spin variables."""
+    from ipc.peers import BAD_ENV
+    if BAD_ENV:
+        raise BadInput(BAD_ENV[0])
     if not DEVICE_RE.fullmatch(args.device):
         raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
