@@ -42,6 +42,19 @@ def test_config_json_that_is_a_list(tmp_path, tiny_hf_folder):
     assert f"{folder / 'config.json'}: not a JSON object" in line and "list" in line, line
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("rms_norm_eps", float("nan"), "config field 'rms_norm_eps': must be a finite number, got nan"),  # was: NaN logits, id 0 every token, exit 0
+    ("eos_token_id", "x", "config field 'eos_token_id': must be a token id"),  # was: a ValueError traceback in the server, exit 1
+])
+def test_config_values_of_the_wrong_kind(tmp_path, tiny_hf_folder, field, value, words):
+    import json
+    folder, _ = tiny_hf_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, field: value}))
+    line = error_line(run(tmp_path, folder))
+    assert words in line, line
+
+
 def test_folder_without_tokenizer(tmp_path, tiny_hf_folder):
     folder, _ = tiny_hf_folder
     r = run(tmp_path, folder)  # the same folder with its tokenizer serves
