@@ -104,6 +104,31 @@ def test_corrupt_file(tiny_folder):
         resolve_model(str(folder))
 
 
+def test_config_json_that_is_a_folder(tiny_folder):
+    folder, _ = tiny_folder
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()  # was an IsADirectoryError traceback
+    with pytest.raises(ModelError, match=r"config\.json: cannot be read \(Is a directory\)"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": 5}', '{"weight_map": {"model.norm.weight": 3}}', '[1]'])
+def test_malformed_safetensors_index(tiny_folder, index):
+    folder, _ = tiny_folder
+    (folder / "model.safetensors.index.json").write_text(index)  # was an AttributeError / TypeError traceback
+    with pytest.raises(WeightLoadError, match="index.json: not a valid safetensors index"):
+        resolve_model(str(folder))
+
+
+def test_generation_config_eos_of_the_wrong_kind(tiny_folder):
+    folder, _ = tiny_folder
+    (folder / "generation_config.json").write_text('[1, 2]')  # not an object: ignored, as invalid JSON is
+    resolve_model(str(folder))  # was an AttributeError traceback
+    (folder / "generation_config.json").write_text('{"eos_token_id": "x"}')  # was a ValueError in the server
+    with pytest.raises(ModelError, match="generation_config.json: eos_token_id must be a token id"):
+        resolve_model(str(folder))
+
+
 def test_corrupt_config(tiny_folder):
     folder, _ = tiny_folder
     (folder / "config.json").write_text("{not json")

@@ -139,6 +139,8 @@ def _read_config(folder: Path) -> dict:
         hf = json.loads(f.read_text())
     except ValueError as e:
         raise ModelError(f"{f}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder named config.json, no permission
+        raise ModelError(f"{f}: cannot be read ({e.strerror or e})") from None
     if not isinstance(hf, dict):
         raise ModelError(f"{f}: not a JSON object of config fields (it holds a {type(hf).__name__})")
     return hf
@@ -159,9 +161,11 @@ def _eos_ids(folder: Path, cfg: ModelConfig) -> tuple[int, ...]:
     if gc.exists():
         try:
             e = json.loads(gc.read_text()).get("eos_token_id")
-        except ValueError:
+        except (ValueError, OSError, AttributeError):  # not JSON, unreadable, not an object: no EOS from it
             e = None
         for i in (e if isinstance(e, list) else [e] if e is not None else []):
+            if isinstance(i, bool) or not isinstance(i, int):  # was a ValueError traceback in the server
+                raise ModelError(f"{gc}: eos_token_id must be a token id (an integer) or a list of them, got {e!r}")
             if i not in ids:
                 ids.append(i)
     return tuple(ids)
