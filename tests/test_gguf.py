@@ -189,6 +189,17 @@ def test_bad_gguf_files_exit_2(tmp_path):
     assert f"{junk}: not a readable GGUF file" in line, line
 
 
+def test_case4_home_that_cannot_be_made_exits_2(tmp_path):
+    """The GGUF's tokenizer is converted into $CASE4_HOME/tokenizers: a CASE4_HOME under a file was an
+    OSError traceback from the server process (exit 1)."""
+    good = tmp_path / "good.gguf"
+    write_llama_gguf(good, {})
+    (tmp_path / "home").write_text("a file, not a folder")
+    line = error_line(run_cli(tmp_path, good))
+    assert f"cannot make the model cache folder {tmp_path / 'home' / 'tokenizers'} (Not a directory)" in line, line
+    assert "set CASE4_HOME to a writable folder" in line, line
+
+
 def test_unit_errors(tmp_path):
     from case4_errors import BadInput
     from server.model.gguf import GGUFFile, schemes_for

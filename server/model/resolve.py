@@ -55,7 +55,19 @@ class LoadedModel:
 
 
 def case4_home() -> Path:
-    return Path(os.environ.get("CASE4_HOME", Path.home() / ".cache" / "case4"))
+    return Path(os.environ.get("CASE4_HOME") or Path.home() / ".cache" / "case4")  # empty: the default
+
+
+def cache_dir(sub: str) -> Path:
+    """$CASE4_HOME/<sub>, made if needed; one line naming CASE4_HOME where it cannot be (it was an
+    OSError traceback from the server, exit 1)."""
+    d = case4_home() / sub
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"cannot make the model cache folder {d} ({e.strerror or e}): set CASE4_HOME to a "
+                         f"writable folder") from None
+    return d
 
 
 def _log(msg: str) -> None:
@@ -92,11 +104,10 @@ def smollm2_gguf() -> Path:
 def prepare_smollm2() -> Path:
     """transformers' own load of the built-in GGUF (dequantized, fp32) as an HF folder, built once
     into the cache: the independent oracle of tests and scripts/parity.py (the server runs the GGUF)."""
-    root = case4_home() / "models"
-    target = root / BUILTIN
+    target = case4_home() / "models" / BUILTIN
     if (target / ".complete").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache_dir("models")
     with open(root / f".{BUILTIN}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse
         if (target / ".complete").exists():
@@ -266,6 +277,6 @@ def _resolve_gguf(spec: str, path: Path, dt: torch.dtype, device, max_seq: int |
     check_fits(spec, cfg, dt, device, sessions, schemes)
     if quant is not None:
         _log_groups(schemes, group)
-    tok = tokenizer_dir(f, case4_home() / "tokenizers")
+    tok = tokenizer_dir(f, cache_dir("tokenizers"))
     w = load_gguf(f, cfg, dt, device, schemes)
     return LoadedModel(spec, cfg, w, tok, f.eos_ids(), None, path)
