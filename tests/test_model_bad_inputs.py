@@ -108,3 +108,26 @@ def test_memory_check_boundary(monkeypatch):
     with pytest.raises(mem.ModelTooLarge, match=r"synthetic:tiny in float32 needs .* for 3 sessions x 512 "
                                                 r"positions\) but the CPU has"):
         resolve_model("synthetic:tiny", sessions=3)
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_a_billion_layers_is_refused_before_walking_them(tmp_path, tiny_hf_folder, monkeypatch, quant):
+    """num_hidden_layers 10**9 in config.json: the per-layer walks of quant_schemes and of the arena plan
+    (need_bytes) ran for many minutes, growing to gigabytes, before the memory check could answer; now
+    a floor (4 bits a weight) refuses it at once. The walks are made to fail here, so the test fails fast
+    without the floor."""
+    import json
+
+    import server.model.memory as mem
+    import server.model.weights as weights
+    from server.model.resolve import resolve_model
+
+    def walked(*a, **k):
+        raise AssertionError("walked the layers of a model that cannot fit")
+    monkeypatch.setattr(weights, "_plan", walked)
+    monkeypatch.setattr(weights, "matrix_shapes", walked)
+    folder, _ = tiny_hf_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    with pytest.raises(mem.ModelTooLarge, match=r"needs at least .* GB for its weights alone \(1000000000 layers"):
+        resolve_model(str(folder), quant=quant)

@@ -29,7 +29,7 @@ import torch
 
 from case4_errors import BadInput
 from server.model.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
-from server.model.memory import check_fits
+from server.model.memory import check_fits, check_floor
 from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, quant_schemes, synthetic_weights
 
 BUILTIN = "smollm2"
@@ -256,6 +256,7 @@ def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
         return _resolve_gguf(spec, folder, dt, device, max_seq, sessions, quant, group)
     cfg, folder = load_config(spec, max_seq)
     tok_dir = None if folder is None else _tokenizer_dir(folder)  # synthetic: the client's byte tokenizer
+    check_floor(spec, cfg, device)
     schemes = quant_schemes(cfg, quant or "none", group, str(folder or spec))
     check_fits(spec, cfg, dt, device, sessions, schemes)
     _log_groups(schemes, group)
@@ -273,6 +274,7 @@ def _resolve_gguf(spec: str, path: Path, dt: torch.dtype, device, max_seq: int |
     from server.model.gguf import GGUFFile, load_gguf, schemes_for, tokenizer_dir
     f = GGUFFile(path)
     cfg = with_max_seq(f.cfg, DEFAULT_MAX_SEQ if max_seq is None else max_seq)
+    check_floor(spec, cfg, device)
     schemes = schemes_for(f, quant, group)
     check_fits(spec, cfg, dt, device, sessions, schemes)
     if quant is not None:
