@@ -65,6 +65,14 @@ def test_folder_without_tokenizer(tmp_path, tiny_hf_folder):
     assert f"{folder}: no tokenizer (tokenizer.json or tokenizer.model is missing)" in line, line
 
 
+def test_tokenizer_json_that_is_a_folder(tmp_path, tiny_hf_folder):
+    folder, _ = tiny_hf_folder
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").mkdir()  # transformers' error spanned six lines of stderr
+    line = error_line(run(tmp_path, folder))
+    assert f"cannot load the tokenizer of {folder}: Couldn't instantiate the backend tokenizer" in line, line
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_weights_with_nan_or_inf(tmp_path, tiny_hf_folder, value):
     folder, _ = tiny_hf_folder
