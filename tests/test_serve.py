@@ -313,6 +313,28 @@ def test_a_model_that_does_not_load_exits_2(tmp_path):
     assert len(errors) == 1 and f"model '{tmp_path / 'none'}' does not exist" in errors[0]
 
 
+@pytest.mark.parametrize("case", ["port in use", "unknown host", "stages file"])
+def test_an_address_or_stages_file_that_cannot_be_used_exits_2(tmp_path, case):
+    """Refused before the model loads, one line. Before: uvicorn's bind failed after the start (its ERROR line,
+    'startup failed: handle is closed', exit 3); an unwritable CASE4_SERVE_STAGES was a traceback per stream."""
+    flags, env, words = ["--port", "0"], {}, ""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if case == "port in use":
+            flags, words = ["--port", str(busy.getsockname()[1])], "Address already in use"
+        elif case == "unknown host":
+            flags, words = ["--host", "no.such.host.invalid", "--port", "0"], "cannot listen on --host no.such.host.invalid"
+        else:
+            env, words = {"CASE4_SERVE_STAGES": str(tmp_path / "no" / "f.jsonl")}, "CASE4_SERVE_STAGES: cannot write"
+        r = subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "serve", "--model", "synthetic:tiny",
+                            "--backend", "reference", *flags], capture_output=True, text=True, timeout=120,
+                           env={**_env(), **env}, cwd=ROOT)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("case4: error:"), r.stderr
+    assert words in lines[0], lines[0]
+
+
 def test_smollm2_chat_template_matches_the_cli(smollm2_dir, tmp_path):
     """The built-in model's own template: a one-turn chat equals `--chat` on the CLI, and a
     conversation tokenizes as HF's apply_chat_template."""
