@@ -119,6 +119,13 @@ def test_bad_flags_exit_2(flags, words):
     assert_bad_input(run(*TINY, *flags), words)
 
 
+@pytest.mark.parametrize("name, value", [("CASE4_DISABLE_EXT", "true"), ("CASE4_BG_CAPTURE", "2"),
+                                         ("CASE4_KV_ONLY", "yes")])
+def test_a_switch_of_the_environment_that_is_not_0_or_1_exits_2(name, value):
+    # CASE4_DISABLE_EXT=true, CASE4_KV_ONLY=yes were ignored and CASE4_BG_CAPTURE=2 read as on: the run went on
+    assert_bad_input(run(*TINY, "--prompt", "hi", env={name: value}), f"{name} must be 0 or 1, got '{value}'")
+
+
 @pytest.mark.parametrize("name, value", [("CASE4_IPC_SPIN_US", "abc"), ("CASE4_LOOP_SPIN_US", "-5"),
                                          ("CASE4_LOOP_SPIN_US", "inf")])
 def test_bad_spin_environment_exit_2(name, value):
