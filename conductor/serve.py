@@ -425,6 +425,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)  # as every other part of a body ("yes" was true)
         include_usage: bool = False
 
     class Common(BaseModel):

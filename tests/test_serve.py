@@ -244,6 +244,10 @@ def test_errors_have_openai_shape(server, model_dir):
         r = httpx.post(server.url + url, content=raw, headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, (url, raw, r.text)
     assert httpx.get(server.url + "/v1/completions", timeout=30).status_code == 405
+    # stream_options is strict as the rest of the body: "yes" was taken as true
+    r = httpx.post(server.url + "/v1/completions", timeout=30, json={"model": m, "prompt": "a", "max_tokens": 2,
+                   "stream": True, "stream_options": {"include_usage": "yes"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.include_usage", r.text
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-model", prompt="a", max_tokens=2)
     for kw, param in (({"n": 2}, "n"), ({"logprobs": 21}, "logprobs"), ({"stop": list("abcde")}, "stop")):
