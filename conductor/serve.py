@@ -806,6 +806,8 @@ def main(argv=None) -> int:
             raise BadInput(f"--slots must be in [1, 256], got {args.slots}")
         if args.rr_tokens < 1:
             raise BadInput(f"--rr-tokens must be >= 1, got {args.rr_tokens}")
+        if args.api_key is not None and not args.api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
+            raise BadInput("--api-key is empty: no client could authenticate (give a key, or leave the flag out)")
         if STAGES_FILE:  # written at the end of each stream: an unwritable path was a traceback per request
             try:
                 open(STAGES_FILE, "a").close()

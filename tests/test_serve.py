@@ -317,10 +317,11 @@ def test_a_model_that_does_not_load_exits_2(tmp_path):
     assert len(errors) == 1 and f"model '{tmp_path / 'none'}' does not exist" in errors[0]
 
 
-@pytest.mark.parametrize("case", ["port in use", "unknown host", "stages file"])
+@pytest.mark.parametrize("case", ["port in use", "unknown host", "stages file", "empty api key"])
 def test_an_address_or_stages_file_that_cannot_be_used_exits_2(tmp_path, case):
     """Refused before the model loads, one line. Before: uvicorn's bind failed after the start (its ERROR line,
-    'startup failed: handle is closed', exit 3); an unwritable CASE4_SERVE_STAGES was a traceback per stream."""
+    'startup failed: handle is closed', exit 3); an unwritable CASE4_SERVE_STAGES was a traceback per stream;
+    an empty --api-key made a server that refused every request."""
     flags, env, words = ["--port", "0"], {}, ""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -329,6 +330,8 @@ def test_an_address_or_stages_file_that_cannot_be_used_exits_2(tmp_path, case):
             flags, words = ["--port", str(busy.getsockname()[1])], "Address already in use"
         elif case == "unknown host":
             flags, words = ["--host", "no.such.host.invalid", "--port", "0"], "cannot listen on --host no.such.host.invalid"
+        elif case == "empty api key":  # was accepted: every request then answered 401
+            flags, words = ["--port", "0", "--api-key", ""], "--api-key is empty"
         else:
             env, words = {"CASE4_SERVE_STAGES": str(tmp_path / "no" / "f.jsonl")}, "CASE4_SERVE_STAGES: cannot write"
         r = subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "serve", "--model", "synthetic:tiny",
