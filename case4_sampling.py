@@ -29,6 +29,9 @@ from case4_errors import BadInput
 _M64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 _FAST_M = 1024  # candidates tried before a full sort (exact: the full sort is the fallback)
+# A temperature below this is greedy (vLLM's _SAMPLING_EPS): logits / 1e-45 overflow fp32 to inf, and
+# inf - inf made the softmax NaN, so such a temperature drew the last id of the vocabulary every time.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class SamplingParams:
             raise BadInput(f"top_p must be in (0, 1], got {p!r}")
         if isinstance(s, bool) or not isinstance(s, int) or not -(1 << 63) <= s <= _M64:
             raise BadInput(f"seed must be a 64-bit integer (-2**63 .. 2**64-1), got {s!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # greedy, on every sampling path
 
     @property
     def greedy(self) -> bool:

@@ -39,7 +39,9 @@ class HFTokenizer:
         try:
             self.tok = AutoTokenizer.from_pretrained(folder)
         except Exception as e:
-            raise BadInput(f"cannot load the tokenizer of {folder}: {e}") from None
+            # one line: transformers' messages span several (a tokenizer.json that is a folder: six)
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise BadInput(f"cannot load the tokenizer of {folder}: {why}") from None
         self.bos_id = self.tok.bos_token_id
         self.eos_ids = tuple(i for i in [self.tok.eos_token_id] if i is not None)
         self.has_chat_template = bool(getattr(self.tok, "chat_template", None))

@@ -43,6 +43,10 @@ exit codes: 0 ok, 2 bad input, 1 internal failure, 130 interrupted / 143 termina
 """
 
 
+SWITCHES = ("CASE4_USE_CUSTOM", "CASE4_DISABLE_EXT", "CASE4_KV_ONLY", "CASE4_BG_CAPTURE", "CASE4_SKIP_PRECAPTURE",
+            "CASE4_FORCE_FLASH")  # the environment defaults that are 0|1 (ENV_HELP)
+
+
 def _env(name: str) -> str | None:
     v = os.environ.get(name)
     return v if v not in (None, "") else None
@@ -93,7 +97,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def check_model_options(args) -> None:
-    """The checks of add_model_options' values (BadInput)."""
+    """The checks of add_model_options' values (BadInput), and of the IPC spin variables."""
+    from ipc.peers import BAD_ENV
+    if BAD_ENV:
+        raise BadInput(BAD_ENV[0])
+    for name in SWITCHES:  # CASE4_DISABLE_EXT=true was ignored: the user's switch silently did nothing
+        v = _env(name)
+        if v not in (None, "0", "1"):
+            raise BadInput(f"{name} must be 0 or 1, got '{v}'")
     if not DEVICE_RE.fullmatch(args.device):
         raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if not (args.timeout > 0 and math.isfinite(args.timeout)):

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -425,6 +426,7 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     from starlette.requests import ClientDisconnect
 
     class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)  # as every other part of a body ("yes" was true)
         include_usage: bool = False
 
     class Common(BaseModel):
@@ -777,6 +779,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: an address in use or a host that does not resolve
+    is one line and exit 2 (uvicorn's own bind failed after the start: two lines, its exit code 3)."""
+    sock = None
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(addr)
+    except OSError as e:  # socket.gaierror included
+        if sock is not None:
+            sock.close()
+        raise BadInput(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
+    return sock
+
+
 def main(argv=None) -> int:
     from conductor.cli import check_model_options, process_options
     args = build_parser().parse_args(argv)
@@ -790,6 +809,14 @@ def main(argv=None) -> int:
             raise BadInput(f"--slots must be in [1, 256], got {args.slots}")
         if args.rr_tokens < 1:
             raise BadInput(f"--rr-tokens must be >= 1, got {args.rr_tokens}")
+        if args.api_key is not None and not args.api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
+            raise BadInput("--api-key is empty: no client could authenticate (give a key, or leave the flag out)")
+        if STAGES_FILE:  # written at the end of each stream: an unwritable path was a traceback per request
+            try:
+                open(STAGES_FILE, "a").close()
+            except OSError as e:
+                raise BadInput(f"CASE4_SERVE_STAGES: cannot write {STAGES_FILE} ({e.strerror or e})") from None
+        sock = listen_socket(args.host, args.port)
     except BadInput as e:
         print(f"case4: error: {e}", file=sys.stderr)
         return 2
@@ -806,7 +833,7 @@ def main(argv=None) -> int:
     engine = Engine(opts, args.max_queue, {name, args.model}, args.sampling, args.slots, args.schedule,
                     args.rr_tokens)
     app = build_app(engine, args.api_key, name)
-    log(f"serve: http://{args.host}:{args.port}/v1 (model {name!r}; /health turns 200 once loaded)")
+    log(f"serve: http://{args.host}:{sock.getsockname()[1]}/v1 (model {name!r}; /health turns 200 once loaded)")
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=5))
 
@@ -821,7 +848,7 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda n, _f: stopped_by.append(signal.Signals(n).name))
     engine.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine.close()
     if stopped_by:

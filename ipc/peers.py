@@ -51,16 +51,34 @@ try:
 except AttributeError:  # not Linux
     NCPU = os.cpu_count() or 1
 MANY_CORES = NCPU >= 8
-SPIN_S = 0.0 if NCPU == 1 else \
-    float(os.environ.get("CASE4_IPC_SPIN_US", "10000" if MANY_CORES else "200")) / 1e6
+# A value of CASE4_IPC_SPIN_US / CASE4_LOOP_SPIN_US that is not a number of microseconds >= 0 is
+# noted here (this module loads before any argument is checked) and refused by the CLI's checks
+# (conductor/cli.py check_model_options: exit 2, one line); the default stands meanwhile.
+BAD_ENV: list[str] = []
+
+
+def _spin_us(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        us = float(raw)
+    except ValueError:
+        us = math.nan
+    if not 0 <= us < math.inf:
+        BAD_ENV.append(f"{name} must be a number of microseconds >= 0, got '{raw}'")
+        return default
+    return us
+
+
+SPIN_S = 0.0 if NCPU == 1 else _spin_us("CASE4_IPC_SPIN_US", 10000.0 if MANY_CORES else 200.0) / 1e6
 CHILD_SPIN_S = SPIN_S if MANY_CORES else 0.0
 # The decode loop's reads (server and client waiting on each other over ipc/link.py) spin
 # as long as the orchestrator's: there the orchestrator sleeps (it only takes a batch of
 # tokens every ~10 ms), so the two children are the only busy processes and, on 2 cores,
 # a spinning reader sees the other's message without a cross-CPU wake-up (measured on a
 # 2-core VM, no-op step: ~95-155 us/token without the spin, ~39-56 with 200 us).
-LOOP_SPIN_S = 0.0 if NCPU == 1 else \
-    float(os.environ.get("CASE4_LOOP_SPIN_US", SPIN_S * 1e6)) / 1e6
+LOOP_SPIN_S = 0.0 if NCPU == 1 else _spin_us("CASE4_LOOP_SPIN_US", SPIN_S * 1e6) / 1e6
 
 
 def _spin(q, spin: float) -> bool:

@@ -27,9 +27,9 @@ def _env():
     return env
 
 
-def run(*flags, timeout=300):
+def run(*flags, timeout=300, env=None):
     return subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), *flags], capture_output=True,
-                          timeout=timeout, env=_env(), cwd=ROOT)
+                          timeout=timeout, env={**_env(), **(env or {})}, cwd=ROOT)
 
 
 def assert_bad_input(r, words):
@@ -117,6 +117,20 @@ def test_output_dir_that_cannot_be_created():
 ])
 def test_bad_flags_exit_2(flags, words):
     assert_bad_input(run(*TINY, *flags), words)
+
+
+@pytest.mark.parametrize("name, value", [("CASE4_DISABLE_EXT", "true"), ("CASE4_BG_CAPTURE", "2"),
+                                         ("CASE4_KV_ONLY", "yes")])
+def test_a_switch_of_the_environment_that_is_not_0_or_1_exits_2(name, value):
+    # CASE4_DISABLE_EXT=true, CASE4_KV_ONLY=yes were ignored and CASE4_BG_CAPTURE=2 read as on: the run went on
+    assert_bad_input(run(*TINY, "--prompt", "hi", env={name: value}), f"{name} must be 0 or 1, got '{value}'")
+
+
+@pytest.mark.parametrize("name, value", [("CASE4_IPC_SPIN_US", "abc"), ("CASE4_LOOP_SPIN_US", "-5"),
+                                         ("CASE4_LOOP_SPIN_US", "inf")])
+def test_bad_spin_environment_exit_2(name, value):
+    # read when ipc/peers.py loads: 'abc' was a ValueError traceback (exit 1), -5 and inf were taken as they were
+    assert_bad_input(run(*TINY, "--prompt", "hi", env={name: value}), f"{name} must be a number of microseconds")
 
 
 # ---- stopped early: outputs and summary kept

@@ -208,6 +208,32 @@ def test_bad_gguf_files_exit_2(tmp_path):
     assert f"{junk}: not a readable GGUF file" in line, line
 
 
+@pytest.mark.parametrize("key", ["head_count", "embedding_length"])
+def test_metadata_of_zero_is_refused(tmp_path, monkeypatch, key):
+    """head_count 0 or embedding_length 0 was a ZeroDivisionError traceback (head_dim = H // heads)."""
+    import gguf
+
+    from case4_errors import BadInput
+    from server.model.gguf import GGUFFile
+    orig = getattr(gguf.GGUFWriter, "add_" + key)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_" + key, lambda self, v: orig(self, 0))
+    path = tmp_path / "zero.gguf"
+    write_llama_gguf(path, {})
+    with pytest.raises(BadInput, match=rf"^{path}: metadata 'llama\.(attention\.)?{key}' must be a positive integer, got 0"):
+        GGUFFile(path)
+
+
+def test_case4_home_that_cannot_be_made_exits_2(tmp_path):
+    """The GGUF's tokenizer is converted into $CASE4_HOME/tokenizers: a CASE4_HOME under a file was an
+    OSError traceback from the server process (exit 1)."""
+    good = tmp_path / "good.gguf"
+    write_llama_gguf(good, {})
+    (tmp_path / "home").write_text("a file, not a folder")
+    line = error_line(run_cli(tmp_path, good))
+    assert f"cannot make the model cache folder {tmp_path / 'home' / 'tokenizers'} (Not a directory)" in line, line
+    assert "set CASE4_HOME to a writable folder" in line, line
+
+
 def test_unit_errors(tmp_path):
     from case4_errors import BadInput
     from server.model.gguf import GGUFFile, schemes_for

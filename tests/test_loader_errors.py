@@ -104,6 +104,31 @@ def test_corrupt_file(tiny_folder):
         resolve_model(str(folder))
 
 
+def test_config_json_that_is_a_folder(tiny_folder):
+    folder, _ = tiny_folder
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()  # was an IsADirectoryError traceback
+    with pytest.raises(ModelError, match=r"config\.json: cannot be read \(Is a directory\)"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": 5}', '{"weight_map": {"model.norm.weight": 3}}', '[1]'])
+def test_malformed_safetensors_index(tiny_folder, index):
+    folder, _ = tiny_folder
+    (folder / "model.safetensors.index.json").write_text(index)  # was an AttributeError / TypeError traceback
+    with pytest.raises(WeightLoadError, match="index.json: not a valid safetensors index"):
+        resolve_model(str(folder))
+
+
+def test_generation_config_eos_of_the_wrong_kind(tiny_folder):
+    folder, _ = tiny_folder
+    (folder / "generation_config.json").write_text('[1, 2]')  # not an object: ignored, as invalid JSON is
+    resolve_model(str(folder))  # was an AttributeError traceback
+    (folder / "generation_config.json").write_text('{"eos_token_id": "x"}')  # was a ValueError in the server
+    with pytest.raises(ModelError, match="generation_config.json: eos_token_id must be a token id"):
+        resolve_model(str(folder))
+
+
 def test_corrupt_config(tiny_folder):
     folder, _ = tiny_folder
     (folder / "config.json").write_text("{not json")
@@ -119,11 +144,38 @@ def test_corrupt_config(tiny_folder):
     ("architectures", ["GPT2LMHeadModel"], "architectures"),
     ("num_key_value_heads", 3, "num_key_value_heads"),
     ("hidden_act", "gelu", "hidden_act"),
+    # malformed values: each was a ValueError / AttributeError / TypeError traceback, or loaded and made
+    # every logit NaN (eps NaN or negative, a RoPE factor of 0), or was read wrongly ("no" as true)
+    ("vocab_size", True, "'vocab_size': must be a positive integer"),
+    ("num_hidden_layers", "2", "'num_hidden_layers': must be a positive integer"),
+    ("max_position_embeddings", "4k", "'max_position_embeddings': must be a positive integer"),
+    ("rope_theta", "x", "'rope_theta': must be a finite number"),
+    ("rms_norm_eps", "a", "'rms_norm_eps': must be a finite number"),
+    ("rms_norm_eps", float("nan"), "'rms_norm_eps': must be a finite number"),
+    ("rms_norm_eps", -1e-5, "'rms_norm_eps': must be >= 0"),
+    ("partial_rotary_factor", "half", "'partial_rotary_factor': must be a finite number"),
+    ("rope_parameters", [1, 2], "'rope_parameters': must be an object"),
+    ("rope_scaling", "linear", "'rope_scaling': must be an object"),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 0}, "'rope_parameters.factor'"),
+    ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 1e4, "factor": float("inf")}, "'rope_parameters.factor'"),
+    ("tie_word_embeddings", "no", "'tie_word_embeddings': must be true or false"),
+    ("architectures", "LlamaForCausalLM", "'architectures': must be a list"),
+    ("eos_token_id", "x", "'eos_token_id': must be a token id"),
+    ("eos_token_id", [[1]], "'eos_token_id': must be a token id"),
+    ("bos_token_id", 1.5, "'bos_token_id': must be a token id"),
 ])
 def test_config_refusals(field, value, culprit):
     d = hf_config_dict(TINY)
     d[field] = value
     with pytest.raises(ConfigError, match=culprit):
+        config_from_hf(d)
+
+
+def test_zero_heads_without_head_dim():
+    d = hf_config_dict(TINY)
+    d.pop("head_dim")
+    d["num_attention_heads"] = 0  # was a ZeroDivisionError (head_dim = hidden_size // heads)
+    with pytest.raises(ConfigError, match="'num_heads': must be a positive integer"):
         config_from_hf(d)
 
 

@@ -42,6 +42,19 @@ def test_config_json_that_is_a_list(tmp_path, tiny_hf_folder):
     assert f"{folder / 'config.json'}: not a JSON object" in line and "list" in line, line
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("rms_norm_eps", float("nan"), "config field 'rms_norm_eps': must be a finite number, got nan"),  # was: NaN logits, id 0 every token, exit 0
+    ("eos_token_id", "x", "config field 'eos_token_id': must be a token id"),  # was: a ValueError traceback in the server, exit 1
+])
+def test_config_values_of_the_wrong_kind(tmp_path, tiny_hf_folder, field, value, words):
+    import json
+    folder, _ = tiny_hf_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, field: value}))
+    line = error_line(run(tmp_path, folder))
+    assert words in line, line
+
+
 def test_folder_without_tokenizer(tmp_path, tiny_hf_folder):
     folder, _ = tiny_hf_folder
     r = run(tmp_path, folder)  # the same folder with its tokenizer serves
@@ -50,6 +63,14 @@ def test_folder_without_tokenizer(tmp_path, tiny_hf_folder):
         (folder / f).unlink()
     line = error_line(run(tmp_path, folder))
     assert f"{folder}: no tokenizer (tokenizer.json or tokenizer.model is missing)" in line, line
+
+
+def test_tokenizer_json_that_is_a_folder(tmp_path, tiny_hf_folder):
+    folder, _ = tiny_hf_folder
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").mkdir()  # transformers' error spanned six lines of stderr
+    line = error_line(run(tmp_path, folder))
+    assert f"cannot load the tokenizer of {folder}: Couldn't instantiate the backend tokenizer" in line, line
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -95,3 +116,26 @@ def test_memory_check_boundary(monkeypatch):
     with pytest.raises(mem.ModelTooLarge, match=r"synthetic:tiny in float32 needs .* for 3 sessions x 512 "
                                                 r"positions\) but the CPU has"):
         resolve_model("synthetic:tiny", sessions=3)
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_a_billion_layers_is_refused_before_walking_them(tmp_path, tiny_hf_folder, monkeypatch, quant):
+    """num_hidden_layers 10**9 in config.json: the per-layer walks of quant_schemes and of the arena plan
+    (need_bytes) ran for many minutes, growing to gigabytes, before the memory check could answer; now
+    a floor (4 bits a weight) refuses it at once. The walks are made to fail here, so the test fails fast
+    without the floor."""
+    import json
+
+    import server.model.memory as mem
+    import server.model.weights as weights
+    from server.model.resolve import resolve_model
+
+    def walked(*a, **k):
+        raise AssertionError("walked the layers of a model that cannot fit")
+    monkeypatch.setattr(weights, "_plan", walked)
+    monkeypatch.setattr(weights, "matrix_shapes", walked)
+    folder, _ = tiny_hf_folder
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    with pytest.raises(mem.ModelTooLarge, match=r"needs at least .* GB for its weights alone \(1000000000 layers"):
+        resolve_model(str(folder), quant=quant)

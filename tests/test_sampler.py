@@ -113,6 +113,18 @@ def test_bad_params_are_bad_input(kw):
         SamplingParams.from_dict({"bogus": 1})
 
 
+@pytest.mark.parametrize("t", [1e-300, 1e-45, 1e-40, 9e-6])
+def test_a_temperature_too_small_for_fp32_is_greedy(t):
+    """A positive temperature below 1e-5 (vLLM's threshold) is greedy on both sampling paths: logits / 1e-45
+    overflowed fp32 to inf, the softmax was NaN, and the host drew the last id of the vocabulary every time."""
+    import torch
+    from server.reference_sampler import device_sample
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    p = SamplingParams(t, 0, 1.0, 3)
+    assert p.greedy and p.temperature == 0.0
+    assert sample(x, p, 5) == device_sample(torch.from_numpy(x), p, 5) == int(np.argmax(x))
+
+
 # ---- the two implementations: host (numpy, above) and device (server/reference_sampler.py, the torch
 # reference of custom_kernels/csrc/sampling.cu), on fresh random logits and params every run
 

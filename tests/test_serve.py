@@ -244,6 +244,10 @@ def test_errors_have_openai_shape(server, model_dir):
         r = httpx.post(server.url + url, content=raw, headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, (url, raw, r.text)
     assert httpx.get(server.url + "/v1/completions", timeout=30).status_code == 405
+    # stream_options is strict as the rest of the body: "yes" was taken as true
+    r = httpx.post(server.url + "/v1/completions", timeout=30, json={"model": m, "prompt": "a", "max_tokens": 2,
+                   "stream": True, "stream_options": {"include_usage": "yes"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.include_usage", r.text
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-model", prompt="a", max_tokens=2)
     for kw, param in (({"n": 2}, "n"), ({"logprobs": 21}, "logprobs"), ({"stop": list("abcde")}, "stop")):
@@ -311,6 +315,31 @@ def test_a_model_that_does_not_load_exits_2(tmp_path):
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("case4: error:")]
     assert len(errors) == 1 and f"model '{tmp_path / 'none'}' does not exist" in errors[0]
+
+
+@pytest.mark.parametrize("case", ["port in use", "unknown host", "stages file", "empty api key"])
+def test_an_address_or_stages_file_that_cannot_be_used_exits_2(tmp_path, case):
+    """Refused before the model loads, one line. Before: uvicorn's bind failed after the start (its ERROR line,
+    'startup failed: handle is closed', exit 3); an unwritable CASE4_SERVE_STAGES was a traceback per stream;
+    an empty --api-key made a server that refused every request."""
+    flags, env, words = ["--port", "0"], {}, ""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if case == "port in use":
+            flags, words = ["--port", str(busy.getsockname()[1])], "Address already in use"
+        elif case == "unknown host":
+            flags, words = ["--host", "no.such.host.invalid", "--port", "0"], "cannot listen on --host no.such.host.invalid"
+        elif case == "empty api key":  # was accepted: every request then answered 401
+            flags, words = ["--port", "0", "--api-key", ""], "--api-key is empty"
+        else:
+            env, words = {"CASE4_SERVE_STAGES": str(tmp_path / "no" / "f.jsonl")}, "CASE4_SERVE_STAGES: cannot write"
+        r = subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "serve", "--model", "synthetic:tiny",
+                            "--backend", "reference", *flags], capture_output=True, text=True, timeout=120,
+                           env={**_env(), **env}, cwd=ROOT)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("case4: error:"), r.stderr
+    assert words in lines[0], lines[0]
 
 
 def test_smollm2_chat_template_matches_the_cli(smollm2_dir, tmp_path):

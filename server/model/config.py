@@ -8,6 +8,7 @@ the others refuse); docs/architecture.md, "The model", says where the rest of th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -134,7 +135,8 @@ class ModelConfig:
                 raise ConfigError(f"config field '{field}': {why}")
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim", "max_seq_len"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "must be a positive integer")
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, "must be a positive integer")
         need(self.num_heads % self.num_kv_heads == 0, "num_key_value_heads",
              f"{self.num_kv_heads} does not divide num_attention_heads={self.num_heads}")
         need(self.head_dim % 8 == 0, "head_dim", f"{self.head_dim} is not a multiple of 8")
@@ -144,7 +146,26 @@ class ModelConfig:
         need(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "partial_rotary_factor",
              f"rotary dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
         need(self.rope_theta > 0, "rope_theta", "must be positive")
+        need(self.rms_norm_eps >= 0, "rms_norm_eps", f"must be >= 0, got {self.rms_norm_eps}")
         return self
+
+
+def _number(hf: dict, field: str, default: float, value=None) -> float:
+    """A config field that must be a finite number (ConfigError naming it otherwise): float("x")
+    was a ValueError traceback, and a NaN eps or factor made every logit NaN."""
+    v = hf.get(field, default) if value is None else value
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"config field '{field}': must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _object(hf: dict, field: str) -> dict:
+    v = hf.get(field)
+    if v is not None and not isinstance(v, dict):
+        raise ConfigError(f"config field '{field}': must be an object of RoPE parameters, got {v!r}")
+    return v or {}
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")  # what rope_tables computes (server/model/weights.py)
@@ -157,8 +178,8 @@ def _rope(hf: dict) -> tuple[float, str, tuple[tuple[str, float], ...]]:
     rope_scaling (older config.json files), read as transformers' standardize_rope_params does.
     Each of linear, dynamic and llama3 has attention_factor 1 in transformers, so the cos/sin
     tables are all they change."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
+    params = _object(hf, "rope_parameters")
+    scaling = _object(hf, "rope_scaling")
     kind = lambda d: d.get("rope_type", d.get("type")) or "default"  # noqa: E731
     # the one that asks for scaling decides (rope_parameters first, as transformers >= 5 writes it)
     src, name = (scaling, "rope_scaling") if kind(params) == "default" and scaling else (params, "rope_parameters")
@@ -171,9 +192,10 @@ def _rope(hf: dict) -> tuple[float, str, tuple[tuple[str, float], ...]]:
         theta = 10000.0  # the HF Llama default
     vals: dict[str, float] = {}
     for key in _ROPE_KEYS.get(rtype, ()):
-        if not isinstance(src.get(key), (int, float)):
-            raise ConfigError(f"config field '{name}.{key}': RoPE type '{rtype}' needs a number, got {src.get(key)!r}")
-        vals[key] = float(src[key])
+        v = src.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ConfigError(f"config field '{name}.{key}': RoPE type '{rtype}' needs a positive number, got {v!r}")
+        vals[key] = float(v)
     if rtype == "llama3":
         # transformers: a top-level original_max_position_embeddings wins, then the rope dict's,
         # then max_position_embeddings
@@ -187,7 +209,7 @@ def _rope(hf: dict) -> tuple[float, str, tuple[tuple[str, float], ...]]:
         # the formula at seq_len = max_position_embeddings (rope_tables), and the served context
         # never exceeds it (with_max_seq)
         vals["max_position_embeddings"] = float(hf.get("max_position_embeddings", 2048))
-    return float(theta), rtype, tuple(sorted(vals.items()))
+    return _number(hf, "rope_theta", 10000.0, theta), rtype, tuple(sorted(vals.items()))
 
 
 def _windows(hf: dict, arch: str, num_layers: int) -> tuple[int | None, tuple[int, ...]]:
@@ -214,6 +236,8 @@ def _windows(hf: dict, arch: str, num_layers: int) -> tuple[int | None, tuple[in
 def config_from_hf(hf: dict) -> ModelConfig:
     """Parse an HF `config.json` dict; refuse what the kernels do not implement."""
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"config field 'architectures': must be a list of class names, got {archs!r}")
     by_type = {a.model_type: a.name for a in ARCHITECTURES.values()}
     arch = archs[0] if archs else by_type.get(hf.get("model_type", ""), hf.get("model_type", "<none>"))
     if arch not in ARCHITECTURES:
@@ -226,14 +250,26 @@ def config_from_hf(hf: dict) -> ModelConfig:
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
         if key not in hf:
             raise ConfigError(f"config field '{key}': missing")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "head_dim",
+                "max_position_embeddings"):
+        v = hf.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConfigError(f"config field '{key}': must be a positive integer, got {v!r}")
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    partial = float(hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get(
-        "partial_rotary_factor", 1.0)))
+    head_dim = hf.get("head_dim") or (hf["hidden_size"] // heads if heads else None)
+    partial = _number(hf, "partial_rotary_factor", 1.0, hf.get("partial_rotary_factor", _object(
+        hf, "rope_parameters").get("partial_rotary_factor", 1.0)))
     theta, rope_type, rope_scaling = _rope(hf)
     window, window_layers = _windows(hf, arch, hf["num_hidden_layers"])
-    eos = hf.get("eos_token_id")
+    eos, bos = hf.get("eos_token_id"), hf.get("bos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    for key, ids in (("eos_token_id", eos_ids), ("bos_token_id", () if bos is None else (bos,))):
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise ConfigError(f"config field '{key}': must be a token id (an integer) or a list of them, "
+                              f"got {hf[key]!r}")
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool) and tie is not None:
+        raise ConfigError(f"config field 'tie_word_embeddings': must be true or false, got {tie!r}")
     return ModelConfig(
         arch=arch,
         vocab_size=hf["vocab_size"],
@@ -243,12 +279,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        rotary_dim=int(head_dim * partial),
+        rotary_dim=int(head_dim * partial) if head_dim else 0,
         rope_theta=theta,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
+        rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6),
+        max_seq_len=2048 if hf.get("max_position_embeddings") is None else hf["max_position_embeddings"],
+        tie_word_embeddings=bool(tie),
+        bos_token_id=bos,
         eos_token_ids=eos_ids,
         rope_type=rope_type,
         rope_scaling=rope_scaling,

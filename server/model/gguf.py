@@ -81,6 +81,8 @@ class GGUFFile:
         for k, v in need.items():
             if v is None:
                 raise ConfigError(f"{self.path}: metadata '{a}.{k}' is missing")
+            if not int(v) > 0:  # head_count or embedding_length 0 was a ZeroDivisionError below
+                raise ConfigError(f"{self.path}: metadata '{a}.{k}' must be a positive integer, got {v}")
         H, Hq = int(need["embedding_length"]), int(need["attention.head_count"])
         if "token_embd.weight" not in self.tensors:
             raise WeightLoadError(f"{self.path}: tensor 'token_embd.weight' is missing")

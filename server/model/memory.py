@@ -48,6 +48,18 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def check_floor(spec: str, cfg: ModelConfig, device) -> None:
+    """Before anything walks the layers (quant_schemes, the arena plan of need_bytes): weights that cannot
+    fit even at 4 bits (half a byte each, the smallest of any scheme) are refused at once. A config.json
+    with num_hidden_layers 10**9 made those walks run for many minutes before check_fits could answer."""
+    have, floor = available_bytes(device), cfg.weight_elements() // 2
+    if floor > have:
+        where = f"GPU {torch.device(device)}" if torch.device(device).type == "cuda" else "the CPU"
+        raise ModelTooLarge(f"{spec} needs at least {_gb(floor)} for its weights alone ({cfg.num_layers} layers, "
+                            f"vocabulary {cfg.vocab_size}, even at 4 bits) but {where} has {_gb(have)} "
+                            f"available: use a smaller model")
+
+
 def check_fits(spec: str, cfg: ModelConfig, dtype: torch.dtype, device, sessions: int = 1,
                schemes: dict | None = None) -> None:
     """ModelTooLarge (one line: what it needs, what is there, what to use instead) unless the

@@ -29,7 +29,7 @@ import torch
 
 from case4_errors import BadInput
 from server.model.config import SYNTHETIC_SHAPES, ModelConfig, config_from_hf, with_max_seq
-from server.model.memory import check_fits
+from server.model.memory import check_fits, check_floor
 from server.model.weights import ModelWeights, load_hf_folder, parse_dtype, quant_schemes, synthetic_weights
 
 BUILTIN = "smollm2"
@@ -55,7 +55,19 @@ class LoadedModel:
 
 
 def case4_home() -> Path:
-    return Path(os.environ.get("CASE4_HOME", Path.home() / ".cache" / "case4"))
+    return Path(os.environ.get("CASE4_HOME") or Path.home() / ".cache" / "case4")  # empty: the default
+
+
+def cache_dir(sub: str) -> Path:
+    """$CASE4_HOME/<sub>, made if needed; one line naming CASE4_HOME where it cannot be (it was an
+    OSError traceback from the server, exit 1)."""
+    d = case4_home() / sub
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"cannot make the model cache folder {d} ({e.strerror or e}): set CASE4_HOME to a "
+                         f"writable folder") from None
+    return d
 
 
 def _log(msg: str) -> None:
@@ -92,11 +104,10 @@ def smollm2_gguf() -> Path:
 def prepare_smollm2() -> Path:
     """transformers' own load of the built-in GGUF (dequantized, fp32) as an HF folder, built once
     into the cache: the independent oracle of tests and scripts/parity.py (the server runs the GGUF)."""
-    root = case4_home() / "models"
-    target = root / BUILTIN
+    target = case4_home() / "models" / BUILTIN
     if (target / ".complete").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache_dir("models")
     with open(root / f".{BUILTIN}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse
         if (target / ".complete").exists():
@@ -139,6 +150,8 @@ def _read_config(folder: Path) -> dict:
         hf = json.loads(f.read_text())
     except ValueError as e:
         raise ModelError(f"{f}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder named config.json, no permission
+        raise ModelError(f"{f}: cannot be read ({e.strerror or e})") from None
     if not isinstance(hf, dict):
         raise ModelError(f"{f}: not a JSON object of config fields (it holds a {type(hf).__name__})")
     return hf
@@ -159,9 +172,11 @@ def _eos_ids(folder: Path, cfg: ModelConfig) -> tuple[int, ...]:
     if gc.exists():
         try:
             e = json.loads(gc.read_text()).get("eos_token_id")
-        except ValueError:
+        except (ValueError, OSError, AttributeError):  # not JSON, unreadable, not an object: no EOS from it
             e = None
         for i in (e if isinstance(e, list) else [e] if e is not None else []):
+            if isinstance(i, bool) or not isinstance(i, int):  # was a ValueError traceback in the server
+                raise ModelError(f"{gc}: eos_token_id must be a token id (an integer) or a list of them, got {e!r}")
             if i not in ids:
                 ids.append(i)
     return tuple(ids)
@@ -241,6 +256,7 @@ def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
         return _resolve_gguf(spec, folder, dt, device, max_seq, sessions, quant, group)
     cfg, folder = load_config(spec, max_seq)
     tok_dir = None if folder is None else _tokenizer_dir(folder)  # synthetic: the client's byte tokenizer
+    check_floor(spec, cfg, device)
     schemes = quant_schemes(cfg, quant or "none", group, str(folder or spec))
     check_fits(spec, cfg, dt, device, sessions, schemes)
     _log_groups(schemes, group)
@@ -258,10 +274,11 @@ def _resolve_gguf(spec: str, path: Path, dt: torch.dtype, device, max_seq: int |
     from server.model.gguf import GGUFFile, load_gguf, schemes_for, tokenizer_dir
     f = GGUFFile(path)
     cfg = with_max_seq(f.cfg, DEFAULT_MAX_SEQ if max_seq is None else max_seq)
+    check_floor(spec, cfg, device)
     schemes = schemes_for(f, quant, group)
     check_fits(spec, cfg, dt, device, sessions, schemes)
     if quant is not None:
         _log_groups(schemes, group)
-    tok = tokenizer_dir(f, case4_home() / "tokenizers")
+    tok = tokenizer_dir(f, cache_dir("tokenizers"))
     w = load_gguf(f, cfg, dt, device, schemes)
     return LoadedModel(spec, cfg, w, tok, f.eos_ids(), None, path)

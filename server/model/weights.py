@@ -328,8 +328,11 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise WeightLoadError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightLoadError(f"{index}: not a valid safetensors index (weight_map must map tensor names "
+                                  f"to file names)")
         return {k: folder / v for k, v in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
