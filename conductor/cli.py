@@ -105,6 +105,8 @@ def check_model_options(args) -> None:
         v = _env(name)
         if v not in (None, "0", "1"):
             raise BadInput(f"{name} must be 0 or 1, got '{v}'")
+    if not str(getattr(args, "model", "x") or "").strip():  # --model "" (an unset shell variable) read as "."
+        raise BadInput("--model is empty: give a Hugging Face folder, a .gguf file, 'smollm2' or synthetic:<shape>")
     if not DEVICE_RE.fullmatch(args.device):
         raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if not (args.timeout > 0 and math.isfinite(args.timeout)):

@@ -114,6 +114,7 @@ def test_output_dir_that_cannot_be_created():
     (["--prompt", "hi", "--device", "tpu"], "--device"),
     (["--prompt", "hi", "--timeout", "0"], "--timeout"),
     (["--prompt", "hi", "--timeout", "-5"], "--timeout"),
+    (["--prompt", "hi", "--model", ""], "--model is empty"),  # was ".: no config.json"
 ])
 def test_bad_flags_exit_2(flags, words):
     assert_bad_input(run(*TINY, *flags), words)
