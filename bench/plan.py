@@ -158,7 +158,7 @@ def build_plan(args) -> list[dict]:
             big_rows = []
     model_dtype = "float16" if args.device.startswith("cuda") else "float32"
     for label, spec in getattr(args, "model_list", []):  # real GGUF weights: own blocks, then dequantized
-        for form in ({"quant": "gguf"}, {}):
+        for form in ({"quant": "gguf"}, {"quant_mode": "none"}):  # resolve_model's quant None: the file's blocks
             for sysname in CASE4_DECODE:
                 add(sysname, label, model_dtype, args.prompt, steps=args.steps, model=spec, **form)
             add("case4/prefill", label, model_dtype, args.quant_ttft_prompt, model=spec, **form)

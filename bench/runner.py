@@ -56,12 +56,10 @@ class Bench(CeilingRows, Case4Rows, HFRows, TorchQuantRows):
         from server.model.memory import ModelTooLarge
         from server.model.resolve import resolve_model
         t0 = now_s()
-        # a real file (--models): its own blocks (quant "gguf": resolve_model's quant None) or dequantized ("none")
-        spec = item.get("model") or f"synthetic:{shape}"
-        quant = ("none" if item.get("quant") is None else None) if item.get("model") else item.get("quant_mode")
-        try:
-            self._model = call_filtered(resolve_model, spec, dtype=dtype, device=self.device,
-                                        seed=self.args.seed, max_seq=self.args.max_seq, quant=quant,
+        try:  # a real file (--models) or a synthetic shape
+            self._model = call_filtered(resolve_model, item.get("model") or f"synthetic:{shape}", dtype=dtype,
+                                        device=self.device, seed=self.args.seed, max_seq=self.args.max_seq,
+                                        quant=item.get("quant_mode"),
                                         group=item.get("quant_group"))
         except ModelTooLarge as e:   # check_fits (e.g. 70B without enough memory): the row says so
             raise RowSkipped(str(e)) from None

@@ -177,9 +177,6 @@ class Generation:
         self.session = 0  # the KV session (serve: its slot's)
         self.client_args: dict = {}  # more arguments of the client's sample ops (serve: session, logprobs)
         self.logprobs: list = []  # per token, when client_args asks for them (client/process.py)
-        # how long this process spins on each read of the decode loop's stream (None: ipc/peers.py SPIN_S);
-        # serve's worker sleeps instead in a long loop (conductor/serve_slots.py run_round)
-        self.stream_spin: float | None = None
 
     def cancel(self) -> None:
         """Stop early, from the callback or another thread: the decode loop is asked to end
@@ -264,10 +261,12 @@ class Generation:
         self.stop_reason = "eos" if tok in self.eos else "cancelled" if self.cancelled else "max_tokens"
         self.stop_graphs(use_graphs)
 
-    def decode_loop(self, T: int, tok: int, eager: bool, n: int) -> tuple[int, int]:
+    def decode_loop(self, T: int, tok: int, eager: bool, n: int, spin: float | None = None) -> tuple[int, int]:
         """Up to n tokens in one decode_loop (server) + sample_loop (client) pair: per token
         the two children talk directly (ipc/link.py); this process only takes the client's
-        stream messages, batched (STREAM_US), with the times the tokens were sampled."""
+        stream messages, batched (STREAM_US), with the times the tokens were sampled. spin: how long
+        each read of that stream spins before it sleeps (None: ipc/peers.py SPIN_S; serve's worker passes 0 for
+        a long loop, conductor/serve_slots.py run_round)."""
         P = self.procs
         loop = self.loop = next(P.loop_ids)
         sid = P.server.send("decode_loop", {"session": self.session, "seq_len": T, "token": tok, "loop": loop,
@@ -279,7 +278,7 @@ class Generation:
         self.stall = StallGuard(P.server, P.client, P.link)
         try:
             crep = P.client.recv(cid, P.opts.timeout, (P.server,), on_stream=self.on_stream, stall=self.stall,
-                                 spin=self.stream_spin)
+                                 spin=spin)
         finally:
             self.loop = None
         srep = P.server.recv(sid, P.opts.timeout, (P.client,), stall=self.stall)

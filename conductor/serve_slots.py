@@ -83,10 +83,9 @@ class SlotGen(Generation):
         rep = P.call(P.server, "kv_init", {"session": self.session, "input_ids": ids, "keep": keep,
                                            "sample": p.to_dict() if self.device else None},
                      label=f"prefill {len(ids) - keep}")
-        if first:
-            self.job.stamp("prefilled", P.last_t)
         self.T = rep["seq_len"]
         if first:  # the positions the server actually reused (it may pre-fill all again: plan_keep)
+            self.job.stamp("prefilled", P.last_t)
             self.cached = rep.get("kept", keep)
         if self.device:
             tok = rep["token"]
@@ -102,7 +101,7 @@ class SlotGen(Generation):
         self.tok = tok
         self.emit([tok], text, time.perf_counter())
 
-    def turn(self, n: int, eager: bool) -> None:
+    def turn(self, n: int, eager: bool, spin: float | None = None) -> None:
         """Up to n tokens (fewer when the generation ends or the scheduler takes the slot back)."""
         n = min(n, self.max_new - len(self.tokens))
         if self.refeed:  # feed the last token again (the same step) to get its logits back
@@ -123,7 +122,7 @@ class SlotGen(Generation):
             self.T, self.tok = rep["seq_len"], toks[-1]
             return
         self.cancel_sent = False
-        self.tok, self.T = self.decode_loop(self.T, self.tok, eager, n)
+        self.tok, self.T = self.decode_loop(self.T, self.tok, eager, n, spin)
         # a loop ended by CANCEL: the server fed the last token before it read the end
         self.refeed = self.T == len(self.prompt_ids) + len(self.tokens) and not self.done
 
@@ -225,11 +224,10 @@ class Scheduler:
                     if alone:
                         g.yield_to = self.wants_slot
                         # the worker only takes the loop's stream batches (~10 ms apart) and the reply at its end:
-                        # a spin there holds the GIL the event loop needs to write the stream (serve.md "Latency")
-                        g.stream_spin = 0.0
-                        g.turn(DEVICE_CHUNK if g.device else g.max_new, eager)
+                        # a spin there holds the GIL the event loop needs to write the stream (serve.md "Latency");
+                        # short turns below keep the spin: their replies come within a few steps
+                        g.turn(DEVICE_CHUNK if g.device else g.max_new, eager, spin=0.0)
                     else:
-                        g.stream_spin = None  # short turns: their replies come within a few steps
                         g.turn(self.quantum, eager)
                 if g.done:
                     self.release(s, g)
