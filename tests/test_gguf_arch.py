@@ -37,13 +37,14 @@ CASES = {"qwen2": ("qwen2", dict(tie_word_embeddings=True)),
          "llama3": ("llama", dict(rope_parameters=LLAMA3, tie_word_embeddings=False))}
 
 
-def hf_model(kind: str, seed: int, **extra):
-    """A tiny random HF model (fp32, eval); Qwen2's biases drawn ~N(0, 0.5) (HF initialises them to 0)."""
+def hf_model(kind: str, seed: int, shape: dict = SHAPE, **extra):
+    """A tiny random HF model (fp32, eval) of `shape`; Qwen2's biases drawn ~N(0, 0.5) (HF initialises
+    them to 0)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     torch.manual_seed(seed)
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**{**SHAPE, **extra})
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**{**shape, **extra})
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
