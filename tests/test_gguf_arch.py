@@ -27,7 +27,7 @@ from tests.test_gguf import _byte_level_tokens, error_line, run_cli
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, bos_token_id=256, eos_token_id=257,
-             initializer_range=0.1)
+             initializer_range=0.2)  # 0.2: greedy runs of these tiny models vary (0.1 repeats one token)
 # original_max_position_embeddings 32 with head_dim 16: pair 0 in the high band (wavelength 2 pi < 32 / 4),
 # pair 1 in the medium band (19.9), pairs 2.. in the low one (scaled by 1 / 8)
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
