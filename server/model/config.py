@@ -89,6 +89,9 @@ class ModelConfig:
     qkv_bias: bool = False       # q/k/v projections add a bias (Qwen2)
     sliding_window: int | None = None  # a query at position p sees keys p-window+1..p, on `sliding_layers`
     sliding_layers: tuple[int, ...] = ()
+    # a GGUF's rope_freqs tensor (llama.cpp's Llama-3.1 scaling): pair i's inv_freq is divided by factor i
+    # (ggml's freq_factors), on top of rope_type; R/2 of them, or () for none. No config.json has it.
+    rope_freq_factors: tuple[float, ...] = ()
 
     @property
     def rope_params(self) -> dict[str, float]:
@@ -314,6 +317,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
             d["use_sliding_window"] = True
             d["layer_types"] = ["sliding_attention" if cfg.window_of(l) else "full_attention"
                                 for l in range(cfg.num_layers)]
+    if cfg.rope_freq_factors:  # a GGUF's per-pair factors: no HF RoPE type says exactly that
+        raise ConfigError("per-pair RoPE factors (a GGUF's rope_freqs tensor) have no config.json form")
     if cfg.rotary_dim != cfg.head_dim:
         d["partial_rotary_factor"] = d["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
     return d

@@ -5,9 +5,20 @@ exactly), every other tensor type dequantized by `gguf.quants.dequantize` at loa
 each matrix that is). The tokenizer and chat template come from the file too: transformers
 converts them once into a cache folder the client reads like any other.
 
-llama.cpp's converter permutes the rows of attn_q / attn_k within each head (its RoPE pairs
-adjacent dims; HF's rotates halves); as transformers' GGUF loader does, we undo that on the rows.
-Blocks run along the input dimension, so a row permutation moves whole rows of blocks: exact.
+Two architectures (general.architecture): `llama` (Llama-2/3.x, SmolLM2, Mistral as llama.cpp writes
+them) and `qwen2` (Qwen2, Qwen2.5: q/k/v biases, stored F32, that go to the arena's fused b_qkv as an HF
+folder's do). For `llama`, llama.cpp's converter permutes the rows of attn_q / attn_k within each head
+(its RoPE pairs adjacent dims; HF's rotates halves); as transformers' GGUF loader does, we undo that on
+the rows. Blocks run along the input dimension, so a row permutation moves whole rows of blocks: exact.
+For `qwen2` it permutes nothing (llama.cpp runs it with NEOX RoPE, which is HF's rotate-half; transformers'
+loader has no tensor processor for it either).
+
+A `rope_freqs.weight` tensor (llama.cpp's form of Llama-3.1's "llama3" RoPE scaling) holds one factor per
+rotated pair; ggml's rope divides that pair's frequency by it. It goes to ModelConfig.rope_freq_factors,
+which rope_inv_freq (weights.py) applies, so both backends' cos/sin tables carry it (docs/decisions.md).
+
+Every tensor of the file must be one we read, of the shape the metadata implies: a tensor we would
+ignore (a llama file's attention biases, MoE experts) would silently compute another model.
 """
 from __future__ import annotations
 
@@ -15,6 +26,7 @@ import hashlib
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +36,10 @@ from server.model.config import ConfigError, ModelConfig, config_from_hf
 from server.model.quant import QuantLinear
 from server.model.weights import WeightLoadError, _assemble, matrix_shapes, quant_schemes
 
-ARCHS = ("llama",)     # general.architecture values we read (SmolLM2, Llama-2, Mistral as llama.cpp writes it)
+# general.architecture -> the HF class it is (llama: SmolLM2, Llama-2/3.x, Mistral as llama.cpp writes them)
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+PERMUTED = ("llama",)  # the architectures whose attn_q / attn_k rows llama.cpp's converter permutes
+IGNORED = ("attn_rot_embd",)  # old converters' per-layer inv_freq copies, which llama.cpp ignores too
 REPACKED = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
 BLOCK = 32
 
@@ -50,6 +65,9 @@ class GGUFFile:
             raise ConfigError(f"{self.path}: GGUF architecture '{self.arch}' is not supported "
                               f"(supported: {', '.join(ARCHS)})")
         self.cfg = config_from_hf(self.hf_config())
+        if "rope_freqs.weight" in self.tensors:
+            self.cfg = replace(self.cfg, rope_freq_factors=self._rope_factors())
+        self._check_tensors()
 
     def field(self, key: str, default=None):
         f = self.reader.fields.get(key)
@@ -89,11 +107,8 @@ class GGUFFile:
         V = g("vocab_size") or int(self.tensors["token_embd.weight"].shape[1])
         D = int(g("attention.key_length") or H // Hq)
         R = int(g("rope.dimension_count") or D)
-        if "rope_freqs.weight" in self.tensors:
-            raise ConfigError(f"{self.path}: tensor 'rope_freqs.weight' (Llama-3 RoPE scaling stored as a tensor) "
-                              f"is not supported")
         scaling = g("rope.scaling.type")
-        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": int(V),
+        hf = {"architectures": [ARCHS[a]], "vocab_size": int(V),
               "hidden_size": H, "intermediate_size": int(need["feed_forward_length"]),
               "num_hidden_layers": int(need["block_count"]), "num_attention_heads": Hq,
               "num_key_value_heads": int(g("attention.head_count_kv") or Hq), "head_dim": D,
@@ -110,6 +125,57 @@ class GGUFFile:
                 raise ConfigError(f"{self.path}: metadata '{a}.rope.scaling.type' = '{scaling}' is not supported")
             hf["rope_scaling"] = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
         return hf
+
+    def _rope_factors(self) -> tuple[float, ...]:
+        """rope_freqs.weight: one positive, finite factor per rotated pair (R/2 of them), as llama.cpp
+        requires ({n_rot/2}); ggml divides each pair's frequency by its factor."""
+        t, cfg = self.tensors["rope_freqs.weight"], self.cfg
+        want = cfg.rotary_dim // 2
+        if len(t.shape) != 1 or int(t.shape[0]) != want:
+            raise ConfigError(f"{self.path}: tensor 'rope_freqs.weight' has {int(np.prod(t.shape))} values, expected "
+                              f"{want} (one per rotated pair of the {cfg.rotary_dim} RoPE dimensions)")
+        v = self.dense("rope_freqs.weight")
+        if not bool((torch.isfinite(v) & (v > 0)).all()):
+            raise ConfigError(f"{self.path}: tensor 'rope_freqs.weight' must hold positive finite factors, "
+                              f"got {v.tolist()}")
+        return tuple(float(x) for x in v)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor this architecture reads, with its shape as HF writes it ([rows, inputs])."""
+        c = self.cfg
+        H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
+        out = {"token_embd.weight": (V, H), "output_norm.weight": (H,)}
+        if not c.tie_word_embeddings:
+            out["output.weight"] = (V, H)
+        if c.rope_freq_factors:
+            out["rope_freqs.weight"] = (c.rotary_dim // 2,)
+        for l in range(c.num_layers):
+            p = f"blk.{l}."
+            out.update({p + "attn_norm.weight": (H,), p + "ffn_norm.weight": (H,),
+                        p + "attn_q.weight": (c.q_dim, H), p + "attn_k.weight": (c.kv_dim, H),
+                        p + "attn_v.weight": (c.kv_dim, H), p + "attn_output.weight": (H, c.q_dim),
+                        p + "ffn_gate.weight": (I, H), p + "ffn_up.weight": (I, H), p + "ffn_down.weight": (H, I)})
+            if c.qkv_bias:
+                out.update({p + "attn_q.bias": (c.q_dim,), p + "attn_k.bias": (c.kv_dim,),
+                            p + "attn_v.bias": (c.kv_dim,)})
+        return out
+
+    def _check_tensors(self) -> None:
+        """Before anything is allocated: every tensor the architecture needs is there with its shape,
+        and no tensor is one we would silently ignore."""
+        want = self.expected_shapes()
+        for name, shape in want.items():
+            if name not in self.tensors:
+                why = " (a qwen2 GGUF has q/k/v biases)" if name.endswith(".bias") else ""
+                raise WeightLoadError(f"{self.path}: tensor '{name}' is missing{why}")
+            got = tuple(int(x) for x in reversed(self.tensors[name].shape))  # ggml lists ne0 (the inputs) first
+            if got != shape:
+                raise WeightLoadError(f"{self.path}: tensor '{name}' has shape {got}, expected {shape}")
+        for name in self.tensors:
+            kind = name.split(".")[-2] if "." in name else name  # blk.3.attn_rot_embd.weight -> attn_rot_embd
+            if name not in want and kind not in IGNORED:
+                raise ConfigError(f"{self.path}: tensor '{name}' is not supported in a GGUF of architecture "
+                                  f"'{self.arch}' (ignoring it would compute another model)")
 
     def eos_ids(self) -> tuple[int, ...]:
         ids = []
@@ -135,7 +201,8 @@ class GGUFFile:
         data = np.asarray(t.data)
         n = int(t.shape[-1]) if len(t.shape) > 1 else 1
         data = data.reshape(n, -1)
-        heads = {"attn_q": self.cfg.num_heads, "attn_k": self.cfg.num_kv_heads}.get(name.split(".")[-2])
+        heads = {"attn_q": self.cfg.num_heads, "attn_k": self.cfg.num_kv_heads}.get(name.split(".")[-2]) \
+            if self.arch in PERMUTED else None
         if heads is not None:
             data = data[_unpermute(n, heads)]
         return data
@@ -204,6 +271,7 @@ def _sources(cfg: ModelConfig, name: str) -> list[str]:
     p = f"blk.{l}."
     return {"attn_norm": [p + "attn_norm.weight"], "mlp_norm": [p + "ffn_norm.weight"],
             "w_qkv": [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+            "b_qkv": [p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"],  # qwen2 (cfg.qkv_bias)
             "w_o": [p + "attn_output.weight"], "w_gu": [p + "ffn_gate.weight", p + "ffn_up.weight"],
             "w_down": [p + "ffn_down.weight"]}[k]
 

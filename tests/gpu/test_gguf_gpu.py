@@ -1,0 +1,40 @@
+"""GGUF files beyond plain llama on the cuda backend (tests/test_gguf_arch.py on the CPU): a Qwen2 GGUF (q/k/v
+biases, q/k rows as llama.cpp writes them for qwen2, i.e. not permuted) and a Llama-3.1-style GGUF (architecture
+llama with a rope_freqs tensor: the per-pair factors reach the kernels through the arena's cos/sin tables), each
+as F16 (dequantized into the fp16 arena) and as Q8_0 (the file's blocks repacked into int8 QuantLinears), written
+by tests/test_gguf_arch.py's `write_hf_gguf` from a tiny random HF model built by transformers.
+
+The oracle and the checks are tests/gpu/test_architectures_gpu.py's `_compare`: the fp32 ReferenceDecoder on the
+same weights (tables included), 40 teacher-forced steps within the fp16 bound in every graph mode, then greedy
+through device sampling equal in the three graph modes. That the CPU reference itself equals HF on these files
+is tests/test_gguf_arch.py's business."""
+import pytest
+import torch
+
+from tests.gpu.test_architectures_gpu import LLAMA3, SHAPE, _compare
+from tests.test_gguf_arch import hf_model, llama3_rope_factors, write_hf_gguf
+
+pytestmark = pytest.mark.gpu
+CASES = {"qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
+         "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False)),
+         "llama3": ("llama", dict(rope_parameters=LLAMA3, tie_word_embeddings=False))}
+MAX_SEQ = 128
+
+
+@pytest.mark.parametrize("name,qtype", [("qwen2-tied", "F16"), ("qwen2-untied", "Q8_0"), ("llama3", "F16"),
+                                        ("llama3", "Q8_0")])
+def test_cuda_gguf_matches_reference(tmp_path, monkeypatch, name, qtype):
+    from server.backends import cuda_refusal
+    from server.model.quant import QuantLinear
+    from server.model.resolve import resolve_model
+    monkeypatch.setenv("CASE4_HOME", str(tmp_path / "home"))  # the file's tokenizer is converted there
+    kind, extra = CASES[name]
+    m = hf_model(kind, 200 + len(name), SHAPE, **extra)
+    path = tmp_path / f"{name}-{qtype}.gguf"
+    write_hf_gguf(path, m, qtype, llama3_rope_factors(m.config) if kind == "llama" else None)
+    model = resolve_model(str(path), "float16", "cuda", max_seq=MAX_SEQ)
+    w = model.weights
+    assert cuda_refusal(model.cfg) is None
+    assert bool(w.b_qkv) == (kind == "qwen2") and len(model.cfg.rope_freq_factors) == (32 if kind == "llama" else 0)
+    assert isinstance(w.layers[0].w_qkv, QuantLinear) == (qtype == "Q8_0")
+    _compare(model, f"{name} {qtype}")
