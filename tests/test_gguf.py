@@ -37,7 +37,11 @@ def _byte_level_tokens(V: int) -> list[str]:
             cs.append(256 + n)
             n += 1
     sym = dict(zip(bs, map(chr, cs)))
-    return [sym[i] for i in range(256)] + ["Ġt"] + [f"<extra_{i}>" for i in range(V - 257)]  # one merge: " t"
+    # two merges (" t", " a"): transformers 5.17's GGUF reader takes a one-element merges array for a string
+    return [sym[i] for i in range(256)] + ["Ġt"] + [f"<extra_{i}>" for i in range(V - 258)] + ["Ġa"]
+
+
+MERGES = ["Ġ t", "Ġ a"]
 
 
 def write_llama_gguf(path: Path, types: dict[str, str], seed=0, arch="llama", tied=True,
@@ -51,7 +55,7 @@ def write_llama_gguf(path: Path, types: dict[str, str], seed=0, arch="llama", ti
     w = gguf.GGUFWriter(str(path), arch)
     if tokenizer:
         toks = _byte_level_tokens(V)
-        w.add_tokenizer_model("gpt2"), w.add_token_list(toks), w.add_token_merges(["Ġ t"])
+        w.add_tokenizer_model("gpt2"), w.add_token_list(toks), w.add_token_merges(MERGES)
         w.add_token_types([1] * 256 + [3] * (V - 256))
     w.add_block_count(L), w.add_context_length(512), w.add_embedding_length(H), w.add_feed_forward_length(I)
     w.add_head_count(CFG.num_heads), w.add_head_count_kv(CFG.num_kv_heads), w.add_rope_freq_base(10000.0)

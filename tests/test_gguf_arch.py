@@ -22,7 +22,7 @@ import torch
 
 from server.kv import KVArena
 from server.reference import ReferenceDecoder
-from tests.test_gguf import _byte_level_tokens, error_line, run_cli
+from tests.test_gguf import MERGES, _byte_level_tokens, error_line, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -93,7 +93,7 @@ def write_hf_gguf(path: Path, model, qtype: str = "F32", rope_freqs: list[float]
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch)
     V, H = c.vocab_size, c.hidden_size
-    w.add_tokenizer_model("gpt2"), w.add_token_list(_byte_level_tokens(V)), w.add_token_merges(["Ġ t"])
+    w.add_tokenizer_model("gpt2"), w.add_token_list(_byte_level_tokens(V)), w.add_token_merges(MERGES)
     w.add_token_types([1] * 256 + [3] * (V - 256))
     w.add_block_count(c.num_hidden_layers), w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(H), w.add_feed_forward_length(c.intermediate_size)
