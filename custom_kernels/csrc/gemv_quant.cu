@@ -63,32 +63,40 @@ __device__ __forceinline__ unsigned lop_or(unsigned a, unsigned mask, unsigned o
     return r;
 }
 
+// The integer values of one 32-bit word of q as floats, in input order: int4 8 inputs (input e at bits
+// 4e..4e+3), int8 4 (input b in byte b; int8 -> uint8 + 128 by flipping the sign bit).
+template <int QM> constexpr int kPerWord = QM == 4 ? 8 : 4;
+template <int QM>
+__device__ __forceinline__ void unpack_word(unsigned w, float (&f)[kPerWord<QM>]) {
+    if constexpr (QM == 4) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 p = magic_pair<0x6400>(lop_or(w >> (4 * e), 0x000F000Fu, 0x64006400u));  // inputs e, e + 4
+            f[e] = p.x;
+            f[e + 4] = p.y;
+        }
+    } else {
+        const unsigned u = w ^ 0x80808080u;
+        // bytes (b0, 0x64, b2, 0x64) and (b1, 0x64, b3, 0x64): the halves 1024 + q + 128
+        const float2 p02 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4240));
+        const float2 p13 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4341));
+        f[0] = p02.x;
+        f[2] = p02.y;
+        f[1] = p13.x;
+        f[3] = p13.y;
+    }
+}
+
 // The integer values of one 16-byte chunk (KPC of them, in input order) as floats.
 template <int QM>
 __device__ __forceinline__ void unpack_q(const uint4 &w, float (&f)[QTraits<QM>::kpc]) {
     const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-    if constexpr (QM == 4) {
 #pragma unroll
-        for (int d = 0; d < 4; ++d) {  // word d: inputs 8d + e at bits 4e..4e+3
+    for (int d = 0; d < 4; ++d) {
+        float t[kPerWord<QM>];
+        unpack_word<QM>(ws[d], t);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float2 p = magic_pair<0x6400>(lop_or(ws[d] >> (4 * e), 0x000F000Fu, 0x64006400u));  // inputs e, e + 4
-                f[8 * d + e] = p.x;
-                f[8 * d + e + 4] = p.y;
-            }
-        }
-    } else {
-#pragma unroll
-        for (int d = 0; d < 4; ++d) {  // word d: inputs 4d + b in byte b; int8 -> uint8 + 128 (flip the sign bit)
-            const unsigned u = ws[d] ^ 0x80808080u;
-            // bytes (b0, 0x64, b2, 0x64) and (b1, 0x64, b3, 0x64): the halves 1024 + q + 128
-            const float2 p02 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4240));
-            const float2 p13 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4341));
-            f[4 * d + 0] = p02.x;
-            f[4 * d + 2] = p02.y;
-            f[4 * d + 1] = p13.x;
-            f[4 * d + 3] = p13.y;
-        }
+        for (int e = 0; e < kPerWord<QM>; ++e) f[kPerWord<QM> * d + e] = t[e];
     }
 }
 
@@ -363,7 +371,7 @@ int launch_qgemv(const QGemvArgs &args, int dtype, const Launch &L) {
 // int4 prefill (3.5 read, 13.2 written), so the stores must coalesce. One thread writes one 16-byte vector of
 // outputs (8 inputs of a row, inside one group): int4 reads the one word that holds them, int8 two; consecutive
 // lanes write consecutive vectors (a warp: 512 contiguous bytes). Two vectors a thread per pass (loads first).
-// Same arithmetic as unpack_q + fmaf/mul: the values are the layout's dequantization rounded once (bitwise tested).
+// unpack_word + fmaf/mul, as the gemv: the values are the layout's dequantization rounded once (bitwise tested).
 // H200, 7B matrices (bench/dequant_rate.py, docs/performance.md entry 44): 0.64-0.89 of the copy rate, against
 // 0.38-0.65 for the previous kernel (one thread per 16-byte chunk of q, its outputs 32/64 bytes apart across lanes).
 template <int QM> struct DqWord;
@@ -374,24 +382,14 @@ template <typename T, int QM>
 __device__ __forceinline__ uint4 dq_vec(typename DqWord<QM>::W w, float s, float mn) {
     float v[8];
     if constexpr (QM == 4) {
+        unpack_word<4>(w, v);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {  // inputs e, e + 4 (unpack_q's word layout)
-            const float2 p = magic_pair<0x6400>(lop_or(w >> (4 * e), 0x000F000Fu, 0x64006400u));
-            v[e] = fmaf(p.x, s, mn);
-            v[e + 4] = fmaf(p.y, s, mn);
-        }
+        for (int e = 0; e < 8; ++e) v[e] = fmaf(v[e], s, mn);
     } else {
-        const unsigned ws[2] = {w.x, w.y};
+        unpack_word<8>(w.x, reinterpret_cast<float (&)[4]>(v[0]));
+        unpack_word<8>(w.y, reinterpret_cast<float (&)[4]>(v[4]));
 #pragma unroll
-        for (int d = 0; d < 2; ++d) {
-            const unsigned u = ws[d] ^ 0x80808080u;
-            const float2 p02 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4240));
-            const float2 p13 = magic_pair<0x6480>(__byte_perm(u, 0x64u, 0x4341));
-            v[4 * d + 0] = p02.x * s;
-            v[4 * d + 2] = p02.y * s;
-            v[4 * d + 1] = p13.x * s;
-            v[4 * d + 3] = p13.y * s;
-        }
+        for (int e = 0; e < 8; ++e) v[e] *= s;
     }
     return pack8<T>(v);
 }
@@ -402,7 +400,7 @@ __global__ void dequant_kernel(const typename DqWord<QM>::W *__restrict__ q, con
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned o0 = blockIdx.x * blockDim.x + threadIdx.x; o0 < total; o0 += 2 * stride) {
         const unsigned o1 = o0 + stride;
-        const bool has1 = o1 < total && o1 > o0;
+        const bool has1 = o1 < total;  // total < 2^31 (dequant_as): o0 + stride cannot wrap
         const typename DqWord<QM>::W w0 = __ldg(q + o0), w1 = has1 ? __ldg(q + o1) : typename DqWord<QM>::W{};
         const unsigned r0 = o0 / per_row, r1 = o1 / per_row;
         const size_t g0 = (size_t)r0 * ng + (o0 - r0 * per_row) * 8 / group;
