@@ -23,6 +23,7 @@
 // logits with the per-block argmax partials greedy sampling reads (lm_head). Weights (and their scales) are
 // read-only, so each warp's first chunk is loaded before griddepcontrol.wait.
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -129,10 +130,111 @@ __device__ __forceinline__ float ld_half(const void *p, size_t i) {
     return __half2float(__ldg(reinterpret_cast<const __half *>(p) + i));
 }
 
+// The half2 kernels' staged input: each 8-value vector in the order the unpacked weight pairs come in (unpack_h2),
+// so that pair i of a word's integers meets pair i of the input: int4 (x0,x4)(x1,x5)(x2,x6)(x3,x7), int8
+// (x0,x2)(x1,x3)(x4,x6)(x5,x7). PERM = 0: as it is (the fp32 kernel).
+template <int PERM>
+__device__ __forceinline__ uint4 xperm(const uint4 &v) {
+    if constexpr (PERM == 4)
+        return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                          __byte_perm(v.y, v.w, 0x7632));
+    else if constexpr (PERM == 8)
+        return make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632), __byte_perm(v.z, v.w, 0x5410),
+                          __byte_perm(v.z, v.w, 0x7632));
+    else
+        return v;
+}
+
+// Stage the input of one block in shared memory (K / 8 swizzled vectors of T, each in xperm<PERM>'s order), then,
+// int4, the fp32 sum of each chunk's inputs: the embedding row of tok[0] when given (block 0 then fills the
+// residual x_out), RMSNorm'd when NORM: round(w * round(x * inv)), as gemv.cu and the reference.
+template <typename T, bool NORM, int QM, int PERM>
+__device__ __forceinline__ void qstage(const QGemvArgs &a, uint4 *xs, float *xsum, float *red) {
+    constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc;
+    const int nvec = a.K / 8, nchunk = a.K / KPC;
+    const uint4 *xin = reinterpret_cast<const uint4 *>(a.x);
+    if (a.tok) xin += (size_t)(*a.tok) * nvec;
+    const bool write_resid = a.tok && a.x_out && blockIdx.x == 0;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const uint4 v = xin[i];
+        xs[xswz<VPC>(i)] = NORM ? v : xperm<PERM>(v);
+        if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
+        if (NORM) {
+            float f[8];
+            unpack8<T>(v, f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
+        }
+    }
+    if constexpr (NORM) {  // same threads, same vectors: no barrier between the passes
+        const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
+        const uint4 *nw = reinterpret_cast<const uint4 *>(a.norm_w);
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+            float f[8], w[8];
+            unpack8<T>(xs[xswz<VPC>(i)], f);
+            unpack8<T>(nw[i], w);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) f[j] = w[j] * round_t<T>(f[j] * inv);
+            xs[xswz<VPC>(i)] = xperm<PERM>(pack8<T>(f));
+        }
+    }
+    __syncthreads();
+    if constexpr (QM == 4) {  // sum(x) per chunk, in the staged order
+        for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+            float xf[KPC];
+            load_x<T, QM>(xs, c, xf);
+            float s = 0.f;
+#pragma unroll
+            for (int k = 0; k < KPC; ++k) s += xf[k];
+            xsum[c] = s;
+        }
+        __syncthreads();
+    }
+}
+
+// A pair's two fp32 sums (lane 0) into the epilogue of MODE; kGemvF32 also keeps the lane's best logit
+template <typename T, int MODE>
+__device__ __forceinline__ void qpair_out(const QGemvArgs &a, int ra, int rb, float acc_a, float acc_b, float &best,
+                                          int &best_row) {
+    if constexpr (MODE == kGemvSwiglu) {
+        const float g = round_t<T>(acc_a), u = round_t<T>(acc_b);
+        const float act = round_t<T>(g / (1.f + __expf(-g)));
+        reinterpret_cast<T *>(a.out)[ra] = from_f<T>(act * u);
+        return;
+    } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = h ? rb : ra;
+        const float acc = h ? acc_b : acc_a;
+        if (r < 0) continue;
+        if (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
+            reinterpret_cast<T *>(a.out)[r] =
+                from_f<T>(a.bias ? acc + to_f(reinterpret_cast<const T *>(a.bias)[r]) : acc);
+        } else if (MODE == kGemvResid) {
+            T *o = reinterpret_cast<T *>(a.out);
+            o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
+        } else {  // kGemvF32
+            const float v = a.round_logits ? round_t<T>(acc) : acc;
+            reinterpret_cast<float *>(a.out)[r] = v;
+            if (v > best) { best = v; best_row = r; }  // rows ascend: the lowest row of a tie stays
+        }
+    }
+    }
+}
+
+// kGemvF32: the block's argmax for the sampling kernel (FinishArgs::amax_part), from lane 0s' best
+__device__ __forceinline__ void qamax_out(const QGemvArgs &a, float best, int best_row) {
+    if (!a.amax_part) return;
+    if (threadIdx.x % kWarp != 0) best = -INFINITY, best_row = kNoIndex;
+    block_argmax_pick(best, best_row);
+    if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
+}
+
 template <typename T, int MODE, bool NORM, int QM>
 __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) {
     using Tr = QTraits<QM>;
-    constexpr int KPC = Tr::kpc, VPC = Tr::vpc, U = kQUnroll;
+    constexpr int KPC = Tr::kpc, U = kQUnroll;
     extern __shared__ uint4 xs[];               // K / 8 vectors of T (swizzled), then K / KPC fp32 chunk sums
     __shared__ __align__(16) float red[kWarp];
     const int nvec = a.K / 8, nchunk = a.K / KPC, ng = a.K / a.group;
@@ -180,46 +282,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
     ktrace(a.trace, 1);
     if (first_loaded && !a.preload) load(ra0, rb0, 0);
 
-    // ---- stage the input (the embedding row of tok[0] when given; block 0 then fills the residual x_out)
-    const uint4 *xin = reinterpret_cast<const uint4 *>(a.x);
-    if (a.tok) xin += (size_t)(*a.tok) * nvec;
-    const bool write_resid = a.tok && a.x_out && blockIdx.x == 0;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-        const uint4 v = xin[i];
-        xs[xswz<VPC>(i)] = v;
-        if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
-        if (NORM) {
-            float f[8];
-            unpack8<T>(v, f);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) ss = fmaf(f[k], f[k], ss);
-        }
-    }
-    if constexpr (NORM) {  // round(w * round(x * inv)), as gemv.cu and the reference; same threads, same vectors
-        const float inv = rsqrtf(block_sum(ss, red) / (float)a.K + a.eps);
-        const uint4 *nw = reinterpret_cast<const uint4 *>(a.norm_w);
-        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-            float f[8], w[8];
-            unpack8<T>(xs[xswz<VPC>(i)], f);
-            unpack8<T>(nw[i], w);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) f[j] = w[j] * round_t<T>(f[j] * inv);
-            xs[xswz<VPC>(i)] = pack8<T>(f);
-        }
-    }
-    __syncthreads();
-    if constexpr (QM == 4) {  // sum(x) per chunk, in input order
-        for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
-            float xf[KPC];
-            load_x<T, QM>(xs, c, xf);
-            float s = 0.f;
-#pragma unroll
-            for (int k = 0; k < KPC; ++k) s += xf[k];
-            xsum[c] = s;
-        }
-        __syncthreads();
-    }
+    qstage<T, NORM, QM, 0>(a, xs, xsum, red);
 
     // ---- rows
     float best = -INFINITY;  // kGemvF32: lane 0's largest stored logit and its row
@@ -256,37 +319,168 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
         }
         acc_a = warp_sum(acc_a);
         acc_b = warp_sum(acc_b);
-        if (lane == 0) {
-            if (MODE == kGemvSwiglu) {
-                const float g = round_t<T>(acc_a), u = round_t<T>(acc_b);
-                const float act = round_t<T>(g / (1.f + __expf(-g)));
-                reinterpret_cast<T *>(a.out)[ra] = from_f<T>(act * u);
-            } else {
+        if (lane == 0) qpair_out<T, MODE>(a, ra, rb, acc_a, acc_b, best, best_row);
+    }
+    if constexpr (MODE == kGemvF32) qamax_out(a, best, best_row);
+    ktrace_end(a.trace);
+}
+
+// ---- the half2 kernel (fp16 models; docs/performance.md entry 45)
+// The fp32 kernel above spends ~14 lane-instructions a weight byte on int4 (entry 39: each integer made a float,
+// each product an FFMA), which is more than the floor leaves the issue slots. Here a word's integers stay half2
+// and meet the staged input (xperm's order) in HFMA2s: per 8 inputs and row, int4 is 1 shift + 4 lop3 + 4 HFMA2
+// (integers) + 4 HFMA2 (products) + 2 conversions + 2 FADD, about 2.1 instructions a weight instead of ~7.
+// Range and exactness: the integers are made exact small fractions in [-1, 1) (int4 (v - 8) / 8, int8 q / 128:
+// powers of two, exact in fp16), so each 8-input dot product in fp16 (4 products a half) stays below 4 max|x|
+// (no overflow below |x| = 16k) and is rounded at most 4 times at fp16's 2^-11 before it joins the fp32 sum; the
+// scales take the factors back in fp32: int4 acc += 8s * D + (minv + 8s) * sum(x), int8 acc += 128s * D.
+// Tiles: a warp's pairs and their chunk rounds in one sequence t = 0 .. ntile - 1 (U chunks per lane and row a
+// tile); PF: tile t + 1's weights and scales are loaded into the other register buffer before tile t is computed,
+// so every warp keeps a load in flight while it computes (across pairs too); with PDL's preload both buffers are
+// filled before griddepcontrol.wait. Sums in a fixed order: every run gives the same bits.
+template <int QM>
+__device__ __forceinline__ void unpack_h2(const uint4 &w, int j, __half2 (&q)[4]) {
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+    auto h2 = [](unsigned v) { return *reinterpret_cast<const __half2 *>(&v); };
+    if constexpr (QM == 4) {  // word j: inputs 8j .. 8j + 7 of the chunk; nibble e at bits 4e
+        const unsigned lo = ws[j], hi = ws[j] >> 8;
+        // (1024 + v) / 8 - 129 and (1024 + 16 v) / 128 - 9: both (v - 8) / 8, exact
+        const __half2 k8 = __floats2half2_rn(0.125f, 0.125f), b8 = __floats2half2_rn(-129.f, -129.f);
+        const __half2 k128 = __floats2half2_rn(0.0078125f, 0.0078125f), b128 = __floats2half2_rn(-9.f, -9.f);
+        q[0] = __hfma2(h2(lop_or(lo, 0x000F000Fu, 0x64006400u)), k8, b8);      // inputs 0, 4
+        q[1] = __hfma2(h2(lop_or(lo, 0x00F000F0u, 0x64006400u)), k128, b128);  // 1, 5
+        q[2] = __hfma2(h2(lop_or(hi, 0x000F000Fu, 0x64006400u)), k8, b8);      // 2, 6
+        q[3] = __hfma2(h2(lop_or(hi, 0x00F000F0u, 0x64006400u)), k128, b128);  // 3, 7
+    } else {  // words 2j, 2j + 1: inputs 8j .. 8j + 7; (1152 + q) / 128 - 9 = q / 128, exact
+        const __half2 k = __floats2half2_rn(0.0078125f, 0.0078125f), b = __floats2half2_rn(-9.f, -9.f);
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int r = h ? rb : ra;
-                    const float acc = h ? acc_b : acc_a;
-                    if (r < 0) continue;
-                    if (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
-                        reinterpret_cast<T *>(a.out)[r] =
-                            from_f<T>(a.bias ? acc + to_f(reinterpret_cast<const T *>(a.bias)[r]) : acc);
-                    } else if (MODE == kGemvResid) {
-                        T *o = reinterpret_cast<T *>(a.out);
-                        o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
-                    } else {  // kGemvF32
-                        const float v = a.round_logits ? round_t<T>(acc) : acc;
-                        reinterpret_cast<float *>(a.out)[r] = v;
-                        if (v > best) { best = v; best_row = r; }  // rows ascend: the lowest row of a tie stays
-                    }
+        for (int d = 0; d < 2; ++d) {
+            const unsigned u = ws[2 * j + d] ^ 0x80808080u;
+            q[2 * d] = __hfma2(h2(__byte_perm(u, 0x64u, 0x4240)), k, b);      // inputs 4d + 0, 4d + 2
+            q[2 * d + 1] = __hfma2(h2(__byte_perm(u, 0x64u, 0x4341)), k, b);  // 4d + 1, 4d + 3
+        }
+    }
+}
+// one 8-input dot product in half2, then fp32
+__device__ __forceinline__ float dot8_h2(const __half2 (&q)[4], const uint4 &xv) {
+    const __half2 *x = reinterpret_cast<const __half2 *>(&xv);
+    __half2 h = __hmul2(q[0], x[0]);
+    h = __hfma2(q[1], x[1], h);
+    h = __hfma2(q[2], x[2], h);
+    h = __hfma2(q[3], x[3], h);
+    const float2 f = __half22float2(h);
+    return f.x + f.y;
+}
+
+template <int QM, int U>
+struct QTile {
+    uint4 wa[U], wb[U];
+    float sa[U], sb[U], ma[U], mb[U];  // the chunks' scales and minimums (int4)
+};
+
+template <int MODE, bool NORM, int QM, int U, bool PF>
+__global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs a) {
+    using T = half;
+    constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc;
+    extern __shared__ uint4 xs[];  // K / 8 vectors (swizzled, xperm'd), then K / KPC fp32 chunk sums
+    __shared__ __align__(16) float red[kWarp];
+    const int nchunk = a.K / KPC, ng = a.K / a.group;
+    float *xsum = reinterpret_cast<float *>(xs + a.K / 8);
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const uint4 *Q = reinterpret_cast<const uint4 *>(a.q);  // row r starts at chunk r * nchunk
+    const int pairs = MODE == kGemvSwiglu ? a.N : (a.N + 1) / 2;
+    const int stride = gridDim.x * kQWarps;
+    const int p0 = blockIdx.x * kQWarps + warp;
+    const int nb = (nchunk + kWarp * U - 1) / (kWarp * U);  // tiles a pair
+    const int ntile = (p0 < pairs ? (pairs - p0 + stride - 1) / stride : 0) * nb;
+    const uint64_t pol = l2_policy(true);
+
+    auto rows_of = [&](int t, int &ra, int &rb) {  // the rows of tile t's pair; rb < 0: none (odd N)
+        const int p = p0 + (t / nb) * stride;
+        if (MODE == kGemvSwiglu) { ra = p; rb = p + a.N; }
+        else { ra = 2 * p; rb = 2 * p + 1 < a.N ? 2 * p + 1 : -1; }
+    };
+    auto load = [&](int t, QTile<QM, U> &b) {
+        if (t >= ntile) return;
+        int ra, rb;
+        rows_of(t, ra, rb);
+        const int base = (t % nb) * kWarp * U;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = base + u * kWarp + lane;
+            const bool in = c < nchunk;
+            const int g = in ? c * KPC / a.group : 0;
+            b.wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+            b.wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+            b.sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
+            b.sb[u] = in && rb >= 0 ? ld_half(a.scale, (size_t)rb * ng + g) : 0.f;
+            if constexpr (QM == 4) {
+                b.ma[u] = in ? ld_half(a.minv, (size_t)ra * ng + g) : 0.f;
+                b.mb[u] = in && rb >= 0 ? ld_half(a.minv, (size_t)rb * ng + g) : 0.f;
+            }
+        }
+    };
+
+    QTile<QM, U> A, B;
+    ktrace(a.trace, 0);
+    if (a.preload) {  // read-only weights: before the wait (PF: both buffers, as deep as U = 4 without PF at U = 2)
+        load(0, A);
+        if (PF) load(1, B);
+    }
+    pdl_trigger();
+    pdl_wait();
+    ktrace(a.trace, 1);
+    if (!a.preload) load(0, A);
+    qstage<T, NORM, QM, QM>(a, xs, xsum, red);
+
+    float best = -INFINITY;  // kGemvF32: lane 0's largest stored logit and its row
+    int best_row = kNoIndex;
+    float acc_a = 0.f, acc_b = 0.f;
+    auto run = [&](int t, QTile<QM, U> &cur, QTile<QM, U> &nxt) {
+        if (PF && (t > 0 || !a.preload)) load(t + 1, nxt);
+        else if (!PF && t > 0) load(t, cur);
+        int ra, rb;
+        rows_of(t, ra, rb);
+        const int base = (t % nb) * kWarp * U;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = base + u * kWarp + lane;
+            if (c < nchunk) {
+                float da = 0.f, db = 0.f;
+#pragma unroll
+                for (int j = 0; j < VPC; ++j) {
+                    const uint4 xv = xs[xswz<VPC>(c * VPC + j)];
+                    __half2 q[4];
+                    unpack_h2<QM>(cur.wa[u], j, q);
+                    da += dot8_h2(q, xv);
+                    unpack_h2<QM>(cur.wb[u], j, q);
+                    db += dot8_h2(q, xv);
+                }
+                if constexpr (QM == 4) {
+                    const float sx = xsum[c];
+                    acc_a += fmaf(8.f * cur.sa[u], da, fmaf(8.f, cur.sa[u], cur.ma[u]) * sx);
+                    acc_b += fmaf(8.f * cur.sb[u], db, fmaf(8.f, cur.sb[u], cur.mb[u]) * sx);
+                } else {
+                    acc_a += (128.f * cur.sa[u]) * da;
+                    acc_b += (128.f * cur.sb[u]) * db;
                 }
             }
         }
+        if (t % nb != nb - 1) return;  // the pair's last tile: its two sums are complete
+        acc_a = warp_sum(acc_a);
+        acc_b = warp_sum(acc_b);
+        if (lane == 0) qpair_out<T, MODE>(a, ra, rb, acc_a, acc_b, best, best_row);
+        acc_a = acc_b = 0.f;
+    };
+    if constexpr (PF) {
+        for (int t = 0; t < ntile; t += 2) {
+            run(t, A, B);
+            if (t + 1 < ntile) run(t + 1, B, A);
+        }
+    } else {
+        for (int t = 0; t < ntile; ++t) run(t, A, A);
     }
-    if (MODE == kGemvF32 && a.amax_part) {  // the block's argmax, for the sampling kernel (FinishArgs::amax_part)
-        if (lane != 0) best = -INFINITY, best_row = kNoIndex;
-        block_argmax_pick(best, best_row);
-        if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
-    }
+    if constexpr (MODE == kGemvF32) qamax_out(a, best, best_row);
     ktrace_end(a.trace);
 }
 
@@ -294,12 +488,31 @@ static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 b
 
 static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
+// Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init; an A/B
+// switch of docs/performance.md entry 45 (f32: the fp32 kernel, the default until the half2 one is measured on a
+// GPU; h2: the half2 kernel, 4 chunks a lane and row, no prefetch; h2pf2 / h2pf4: with the next tile prefetched,
+// 2 or 4 chunks)
+enum QKernel { kQF32, kQH2, kQH2Pf2, kQH2Pf4 };
+static QKernel q_kernel = kQF32;
+
+template <typename K>
+static void set_smem(K k) {
+    CASE4_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, q_smem_limit));
+}
+template <int MODE, bool NORM, int QM>
+static void set_attr_h2() {
+    set_smem(qgemv_h2_kernel<MODE, NORM, QM, 4, false>);
+    set_smem(qgemv_h2_kernel<MODE, NORM, QM, 2, true>);
+    set_smem(qgemv_h2_kernel<MODE, NORM, QM, 4, true>);
+}
 template <typename T, int MODE, int QM>
 static void set_attr_q() {
-    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, false, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          q_smem_limit));
-    CASE4_CUDA_CHECK(cudaFuncSetAttribute(qgemv_kernel<T, MODE, true, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          q_smem_limit));
+    set_smem(qgemv_kernel<T, MODE, false, QM>);
+    set_smem(qgemv_kernel<T, MODE, true, QM>);
+    if constexpr (std::is_same_v<T, half>) {
+        set_attr_h2<MODE, false, QM>();
+        set_attr_h2<MODE, true, QM>();
+    }
 }
 template <typename T, int QM>
 static void init_q() {
@@ -312,6 +525,13 @@ void qgemv_init(int dtype) {
     CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     // the kernel's static shared memory (the reduction scratch and block_argmax_pick's) comes on top
     q_smem_limit = std::min(kQMaxSmem, optin - 1024);
+    const char *v = std::getenv("CASE4_QGEMV");
+    const std::string which = v ? v : "";
+    if (which == "" || which == "f32") q_kernel = kQF32;
+    else if (which == "h2") q_kernel = kQH2;
+    else if (which == "h2pf4") q_kernel = kQH2Pf4;
+    else if (which == "h2pf2") q_kernel = kQH2Pf2;
+    else throw BadArgument("CASE4_QGEMV must be f32, h2, h2pf2 or h2pf4, got '" + which + "'");
     if (dtype == kF16) { init_q<half, 8>(); init_q<half, 4>(); }
     else { init_q<__nv_bfloat16, 8>(); init_q<__nv_bfloat16, 4>(); }
 }
@@ -338,6 +558,23 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
     const int groups = (pairs + kQWarps - 1) / kQWarps;
     const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
     const size_t smem = qsmem(a.K, QM);
+    if constexpr (std::is_same_v<T, half>) {
+        if (q_kernel != kQF32) {
+            const dim3 g(grid), b(kQWarps * kWarp);
+            const bool n = a.norm_w != nullptr;
+            if (q_kernel == kQH2) {
+                if (n) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, 4, false>, g, b, smem, a);
+                else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, 4, false>, g, b, smem, a);
+            } else if (q_kernel == kQH2Pf2) {
+                if (n) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, 2, true>, g, b, smem, a);
+                else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, 2, true>, g, b, smem, a);
+            } else {
+                if (n) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, 4, true>, g, b, smem, a);
+                else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, 4, true>, g, b, smem, a);
+            }
+            return grid;
+        }
+    }
     if (a.norm_w) launch_pdl(L, qgemv_kernel<T, MODE, true, QM>, grid, kQWarps * kWarp, smem, a);
     else launch_pdl(L, qgemv_kernel<T, MODE, false, QM>, grid, kQWarps * kWarp, smem, a);
     return grid;
