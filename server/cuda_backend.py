@@ -8,10 +8,9 @@ the GIL. Prefill runs the torch path (cuBLAS GEMMs + SDPA) of the ReferenceDecod
 model dtype on the same KV arena, replayed as a CUDA graph per prompt-length bucket
 (server/prefill_graphs.py). Quantized weights (server/model/quant.py QuantLinear): the decode step runs them in
 the quantized gemv kernels (custom_kernels/csrc/gemv_quant.cu), chosen once when the Engine is built; prefill
-sees each quantized matrix dequantized, when the forward reaches it, into preplanned scratch (`DequantWeights`;
-with CASE4_PREFILL_DEQUANT=overlap the next matrix on a side stream while the current one's GEMM runs). The
-Engine's options (ext.EngineOptions: PDL level and the A/B switches that the GPU tests and the timing tool use) are
-its own, set at construction (custom_kernels/csrc/step.h).
+sees each quantized matrix dequantized, when the forward reaches it, into one preplanned scratch of the largest
+matrix's size (`DequantWeights`). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
+GPU tests and the timing tool use) are its own, set at construction (custom_kernels/csrc/step.h).
 """
 from __future__ import annotations
 
@@ -77,34 +76,15 @@ def quant_name(w) -> str:
 
 class DequantWeights:
     """The weights as the prefill decoder (ReferenceDecoder in the model dtype) sees them: every attribute is the
-    real weights', except that a quantized matrix, when the forward reads it, comes dequantized (model dtype) by
-    the extension's dequant kernel into a preplanned scratch, and that view is returned. Capturable: no
-    allocation.
+    real weights', except that a quantized matrix, when the forward reads it, is dequantized into `scratch` (one
+    buffer of the largest quantized matrix, model dtype) by the extension's dequant kernel on torch's current
+    stream, and that view is returned. One buffer serves every matrix because the forward reads a matrix, uses
+    it in one linear and reads the next only after it (stream order). Capturable: no allocation, one launch."""
 
-    serial (the default): one scratch of the largest quantized matrix, filled on torch's current stream when the
-    forward asks (the forward uses a matrix in one linear and reads the next only after it, in stream order).
-    overlap (CASE4_PREFILL_DEQUANT=overlap; docs/performance.md entry 46): two scratches; when the forward asks for
-    matrix i (in its order: each layer's w_qkv, w_o, w_gu, w_down, then lm_head), matrix i + 1 is dequantized on
-    a side stream into the other scratch, after the linears already queued (the one that read that scratch
-    last), so the dequantization (memory-bound) runs beside the GEMMs (compute-bound at prompt lengths); the
-    main stream waits for it when the forward asks for i + 1. Every fork joins within the forward, which always
-    reads its matrices to the last one, so a prefill graph's capture holds the side stream's work too."""
-
-    def __init__(self, w, ext, scratch: torch.Tensor, overlap: bool = False):
-        self._w, self._ext = w, ext
+    def __init__(self, w, ext, scratch: torch.Tensor):
+        self._w, self._ext, self._scratch = w, ext, scratch
         self._dt = 0 if w.dtype == torch.float16 else 1
-        self._seq = [m for m in [getattr(lw, k) for lw in w.layers for k in MATRICES] + [w.lm_head]
-                     if isinstance(m, QuantLinear)]
-        self._pos = {id(m): i for i, m in enumerate(self._seq)}
-        self._overlap = overlap
-        self._bufs = list(scratch.view(2, -1)) if overlap else [scratch]
-        self._side = torch.cuda.Stream(scratch.device) if overlap else None
-        self._ahead = None  # (index, event): the matrix dequantized ahead on the side stream
         self.layers = [_DequantLayer(self, lw) for lw in w.layers]
-
-    @staticmethod
-    def scratch_numel(w, overlap: bool = False) -> int:
-        return max(m.n * m.k for m in quantized(w)) * (2 if overlap else 1)
 
     def __getattr__(self, name):
         return getattr(self._w, name)
@@ -113,40 +93,13 @@ class DequantWeights:
     def lm_head(self):
         return self.matrix(self._w.lm_head)
 
-    def _dequant(self, m, buf, stream) -> torch.Tensor:
-        out = buf[:m.n * m.k].view(m.n, m.k)
-        e = matrix_entry(m)
-        self._ext.dequant(e["q"], e["scale"], e["minv"], 8 if m.mode == "int8" else 4, m.group, m.n, m.k,
-                          out.data_ptr(), self._dt, stream.cuda_stream)
-        return out
-
-    def settle(self) -> None:
-        """Before a forward, outside any capture: join a dequantization left ahead by a forward that stopped early."""
-        if self._ahead is not None:
-            torch.cuda.current_stream(self._bufs[0].device).wait_event(self._ahead[1])
-            self._ahead = None
-
     def matrix(self, m):
         if not isinstance(m, QuantLinear):
             return m
-        main = torch.cuda.current_stream(self._bufs[0].device)
-        if not self._overlap:
-            return self._dequant(m, self._bufs[0], main)
-        i = self._pos[id(m)]
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            main.wait_event(ahead[1])  # joins the side stream (also when a forward stopped before reading it)
-        buf = self._bufs[i % 2]
-        out = (buf[:m.n * m.k].view(m.n, m.k) if ahead is not None and ahead[0] == i
-               else self._dequant(m, buf, main))
-        if i + 1 < len(self._seq):
-            queued = torch.cuda.Event()
-            queued.record(main)  # after the linear that read the other scratch (matrix i - 1's)
-            self._side.wait_event(queued)
-            self._dequant(self._seq[i + 1], self._bufs[(i + 1) % 2], self._side)
-            done = torch.cuda.Event()
-            done.record(self._side)
-            self._ahead = (i + 1, done)
+        out = self._scratch[:m.n * m.k].view(m.n, m.k)
+        e = matrix_entry(m)
+        self._ext.dequant(e["q"], e["scale"], e["minv"], 8 if m.mode == "int8" else 4, m.group, m.n, m.k,
+                          out.data_ptr(), self._dt, torch.cuda.current_stream(out.device).cuda_stream)
         return out
 
 
@@ -192,15 +145,10 @@ class CudaBackend(Backend):
         with torch.cuda.device(dev):
             self.kv = KVArena(cfg, sessions, dt, dev)
             qmats = quantized(w)
-            # prefill's dequantization scratch: the largest quantized matrix, in the model dtype, twice with
-            # CASE4_PREFILL_DEQUANT=overlap (read once here; DequantWeights; serial until measured on a GPU)
-            dq = os.environ.get("CASE4_PREFILL_DEQUANT", "serial")
-            if dq not in ("overlap", "serial"):
-                raise BadInput(f"CASE4_PREFILL_DEQUANT must be overlap or serial, got '{dq}'")
-            self.dequant_scratch = (torch.empty(DequantWeights.scratch_numel(w, dq == "overlap"), dtype=dt,
-                                                device=dev) if qmats else None)
-            pw = DequantWeights(w, self.ext, self.dequant_scratch, dq == "overlap") if qmats else w
-            self.dequant_w = pw if qmats else None
+            # prefill's dequantization scratch: the largest quantized matrix, in the model dtype
+            self.dequant_scratch = (torch.empty(max(m.n * m.k for m in qmats), dtype=dt, device=dev)
+                                    if qmats else None)
+            pw = DequantWeights(w, self.ext, self.dequant_scratch) if qmats else w
             self.prefill_dec = ReferenceDecoder(pw, self.kv, compute_dtype=dt)
             # prompt forwards replayed as CUDA graphs per (session, bucket); CASE4_PREFILL_GRAPHS=0: eager
             self.prefill_graphs = (PrefillGraphs(self.prefill_dec, cfg.max_seq_len)
@@ -329,8 +277,6 @@ class CudaBackend(Backend):
     def prefill(self, session: int, ids: list[int]) -> torch.Tensor:
         ids = self.check_prompt(session, ids)
         self.engine.sync()  # earlier steps on the replay stream are done with the arena
-        if self.dequant_w is not None:
-            self.dequant_w.settle()
         pg, paused = self.prefill_graphs, {}
         if pg is not None and self.bg_windows and not pg.ready(session, len(ids)):
             # a prefill graph is captured first: torch.cuda.graph synchronizes the device, which is
@@ -362,8 +308,6 @@ class CudaBackend(Backend):
         if len(ids) - keep == 1:
             return super().prefill_from(session, ids, keep)
         self.engine.sync()  # earlier steps on the replay stream are done with the arena
-        if self.dequant_w is not None:
-            self.dequant_w.settle()
         logits = self.prefill_dec.forward(session, ids[keep:], keep, last_only=True)[-1]
         self.kv.seq_len[session] = len(ids)
         self.scratch["logits"].copy_(logits.reshape(-1))  # where sample() reads

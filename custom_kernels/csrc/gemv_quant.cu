@@ -488,12 +488,13 @@ static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 b
 
 static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
-// Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init; an A/B
-// switch of docs/performance.md entry 45 (f32: the fp32 kernel, the default until the half2 one is measured on a
-// GPU; h2: the half2 kernel, 4 chunks a lane and row, no prefetch; h2pf2 / h2pf4: with the next tile prefetched,
-// 2 or 4 chunks)
-enum QKernel { kQF32, kQH2, kQH2Pf2, kQH2Pf4 };
-static QKernel q_kernel = kQF32;
+// Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init; the A/B
+// switch of docs/performance.md entry 45: h2 (the default: the half2 kernel, 2 chunks a lane and row, the next
+// tile prefetched) or f32 (the fp32 kernel). Measured on an H100: h2 was faster in every quantized row.
+enum QKernel { kQF32, kQH2 };
+static QKernel q_kernel = kQH2;
+constexpr int kQH2U = 2;      // chunks per lane and row in one tile of the half2 kernel
+constexpr bool kQH2Pf = true;  // its next tile loaded into the other register buffer while one is computed
 
 template <typename K>
 static void set_smem(K k) {
@@ -501,9 +502,7 @@ static void set_smem(K k) {
 }
 template <int MODE, bool NORM, int QM>
 static void set_attr_h2() {
-    set_smem(qgemv_h2_kernel<MODE, NORM, QM, 4, false>);
-    set_smem(qgemv_h2_kernel<MODE, NORM, QM, 2, true>);
-    set_smem(qgemv_h2_kernel<MODE, NORM, QM, 4, true>);
+    set_smem(qgemv_h2_kernel<MODE, NORM, QM, kQH2U, kQH2Pf>);
 }
 template <typename T, int MODE, int QM>
 static void set_attr_q() {
@@ -527,11 +526,9 @@ void qgemv_init(int dtype) {
     q_smem_limit = std::min(kQMaxSmem, optin - 1024);
     const char *v = std::getenv("CASE4_QGEMV");
     const std::string which = v ? v : "";
-    if (which == "" || which == "f32") q_kernel = kQF32;
-    else if (which == "h2") q_kernel = kQH2;
-    else if (which == "h2pf4") q_kernel = kQH2Pf4;
-    else if (which == "h2pf2") q_kernel = kQH2Pf2;
-    else throw BadArgument("CASE4_QGEMV must be f32, h2, h2pf2 or h2pf4, got '" + which + "'");
+    if (which == "" || which == "h2") q_kernel = kQH2;
+    else if (which == "f32") q_kernel = kQF32;
+    else throw BadArgument("CASE4_QGEMV must be h2 or f32, got '" + which + "'");
     if (dtype == kF16) { init_q<half, 8>(); init_q<half, 4>(); }
     else { init_q<__nv_bfloat16, 8>(); init_q<__nv_bfloat16, 4>(); }
 }
@@ -559,19 +556,10 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
     const int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
     const size_t smem = qsmem(a.K, QM);
     if constexpr (std::is_same_v<T, half>) {
-        if (q_kernel != kQF32) {
+        if (q_kernel == kQH2) {
             const dim3 g(grid), b(kQWarps * kWarp);
-            const bool n = a.norm_w != nullptr;
-            if (q_kernel == kQH2) {
-                if (n) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, 4, false>, g, b, smem, a);
-                else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, 4, false>, g, b, smem, a);
-            } else if (q_kernel == kQH2Pf2) {
-                if (n) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, 2, true>, g, b, smem, a);
-                else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, 2, true>, g, b, smem, a);
-            } else {
-                if (n) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, 4, true>, g, b, smem, a);
-                else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, 4, true>, g, b, smem, a);
-            }
+            if (a.norm_w) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, kQH2U, kQH2Pf>, g, b, smem, a);
+            else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, kQH2U, kQH2Pf>, g, b, smem, a);
             return grid;
         }
     }

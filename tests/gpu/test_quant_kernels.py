@@ -386,10 +386,8 @@ def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n):
         assert torch.equal(logits[gm], logits["none"]), f"{gm}: logits not bitwise equal to eager"
 
 
-@pytest.mark.parametrize("dq", ["overlap", "serial"])
-def test_quant_prefill_dequant_scratch(dq, monkeypatch):
-    """Prefill on quantized weights (each matrix dequantized into the scratch when the forward reaches it: the next
-    one on a side stream into a second scratch (overlap), or in stream order into one (serial)) against
+def test_quant_prefill_dequant_scratch():
+    """Prefill on quantized weights (each matrix dequantized into the scratch when the forward reaches it) against
     the fp16 reference decoder on a copy of the weights dequantized up front. Both round the same exact values
     once to fp16, but sum in other orders (cuBLAS + our attention against torch's matmul + SDPA): the fp16
     prefill tests' bound (tests/gpu/test_step.py, 1e-2; an H100 run measured 2.2e-3 here), and the same
@@ -407,13 +405,9 @@ def test_quant_prefill_dequant_scratch(dq, monkeypatch):
     layers = [LayerWeights(**{k: d(getattr(lw, k)) for k in LayerWeights.__dataclass_fields__}) for lw in w.layers]
     wr = dataclasses.replace(w, layers=layers, lm_head=d(w.lm_head))
     ref = ReferenceDecoder(wr, KVArena(model.cfg, 1, w.dtype, "cuda"), compute_dtype=torch.float16)
-    monkeypatch.setenv("CASE4_PREFILL_DEQUANT", dq)
     be = CudaBackend(model, sessions=1, graph_mode="none")
     try:
-        assert be.status()["memory"]["dequant_scratch_bytes"] == (2 if dq == "overlap" else 1) * 2 * max(
-            m.n * m.k for m in [getattr(lw, k) for lw in w.layers for k in ("w_qkv", "w_o", "w_gu", "w_down")]
-            + [w.lm_head] if isinstance(m, QuantLinear))
-        for n in (5, 37, 200, 37):  # the same length twice: the second through its prefill graph
+        for n in (5, 37, 200):
             ids = _ids(model.cfg.vocab_size, n, n)
             got = be.prefill(0, ids)
             want = ref.prefill(0, ids).float().cpu()
