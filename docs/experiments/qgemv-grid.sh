@@ -24,7 +24,7 @@ echo "compare at $(el)"
 for r in 1 2; do
     for v in x4 resident; do
         CASE4_QGEMV_GRID=$v timeout 150 python bench/quick_timing.py --out "$OUT/qt_${v}_$r" --shapes llama2-7b,smollm2-135m \
-            --rows dynamic:custom:3 --kernel-pdl $([ $r = 1 ] && echo 3) --quant int8:0,int4:128,int4:32 > "$OUT/qt_${v}_$r.log" 2>&1
+            --rows dynamic:custom:3 --kernel-pdl "$([ $r = 1 ] && echo 3)" --quant int8:0,int4:128,int4:32 > "$OUT/qt_${v}_$r.log" 2>&1
         echo "timing $v round $r rc=$? at $(el)"; grep -E "^(smollm2|llama2)|int[48] G" "$OUT/qt_${v}_$r.log" | cut -c1-160
     done
 done

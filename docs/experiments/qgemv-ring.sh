@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# NOTE (session 24): qgemv-ring.patch applies to custom_kernels/ as of commit 552287c only (entry 45 moved the fp32
+# kernel's staging and epilogue into shared functions); check that tree out (git archive 552287c custom_kernels)
+# over this one before running, or rebase the patch.
 # Two device calls for the qgemv ring experiment (docs/performance.md entry 43), from the repository root on the GPU
 # machine, back to back (the second reuses the first's build in /tmp/ring while the machine stays warm):
 #   OUT=dir PHASE=check bash docs/experiments/qgemv-ring.sh     # steps 1-3 (~6 min)
