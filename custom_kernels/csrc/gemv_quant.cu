@@ -22,6 +22,10 @@
 // Epilogues as gemv.cu's GemvMode: store (QKV), residual add in place (O, down), SwiGLU over gate|up, fp32
 // logits with the per-block argmax partials greedy sampling reads (lm_head). Weights (and their scales) are
 // read-only, so each warp's first chunk is loaded before griddepcontrol.wait.
+//
+// Two kernels share the staging (qstage) and the epilogues (qpair_out, qamax_out): qgemv_kernel above (fp32
+// products; bf16 models, and fp16 ones with CASE4_QGEMV=f32) and qgemv_h2_kernel (fp16 models, the default:
+// half2 products of 8 inputs at a time summed in fp32, the next tile prefetched; see its own comment).
 #include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
@@ -334,10 +338,12 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
 // powers of two, exact in fp16), so each 8-input dot product in fp16 (4 products a half) stays below 4 max|x|
 // (no overflow below |x| = 16k) and is rounded at most 4 times at fp16's 2^-11 before it joins the fp32 sum; the
 // scales take the factors back in fp32: int4 acc += 8s * D + (minv + 8s) * sum(x), int8 acc += 128s * D.
-// Tiles: a warp's pairs and their chunk rounds in one sequence t = 0 .. ntile - 1 (U chunks per lane and row a
-// tile); PF: tile t + 1's weights and scales are loaded into the other register buffer before tile t is computed,
-// so every warp keeps a load in flight while it computes (across pairs too); with PDL's preload both buffers are
-// filled before griddepcontrol.wait. Sums in a fixed order: every run gives the same bits.
+// Tiles: a warp's pairs and their chunk rounds in one sequence t = 0 .. ntile - 1 (kQH2U chunks per lane and row a
+// tile); tile t + 1's weights and scales are loaded into the other register buffer before tile t is computed, so
+// every warp keeps a load in flight while it computes (across pairs too); with PDL's preload both buffers are
+// filled before griddepcontrol.wait. Sums in a fixed order: every run gives the same bits. (Entry 45 also built
+// 4 chunks a tile with and without the prefetch; only this one was timed.)
+constexpr int kQH2U = 2;  // chunks per lane and row in one tile
 template <int QM>
 __device__ __forceinline__ void unpack_h2(const uint4 &w, int j, __half2 (&q)[4]) {
     const unsigned ws[4] = {w.x, w.y, w.z, w.w};
@@ -378,10 +384,10 @@ struct QTile {
     float sa[U], sb[U], ma[U], mb[U];  // the chunks' scales and minimums (int4)
 };
 
-template <int MODE, bool NORM, int QM, int U, bool PF>
+template <int MODE, bool NORM, int QM>
 __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs a) {
     using T = half;
-    constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc;
+    constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc, U = kQH2U;
     extern __shared__ uint4 xs[];  // K / 8 vectors (swizzled, xperm'd), then K / KPC fp32 chunk sums
     __shared__ __align__(16) float red[kWarp];
     const int nchunk = a.K / KPC, ng = a.K / a.group;
@@ -423,9 +429,9 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
 
     QTile<QM, U> A, B;
     ktrace(a.trace, 0);
-    if (a.preload) {  // read-only weights: before the wait (PF: both buffers, as deep as U = 4 without PF at U = 2)
+    if (a.preload) {  // read-only weights: before the wait, both buffers
         load(0, A);
-        if (PF) load(1, B);
+        load(1, B);
     }
     pdl_trigger();
     pdl_wait();
@@ -437,8 +443,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
     int best_row = kNoIndex;
     float acc_a = 0.f, acc_b = 0.f;
     auto run = [&](int t, QTile<QM, U> &cur, QTile<QM, U> &nxt) {
-        if (PF && (t > 0 || !a.preload)) load(t + 1, nxt);
-        else if (!PF && t > 0) load(t, cur);
+        if (t > 0 || !a.preload) load(t + 1, nxt);
         int ra, rb;
         rows_of(t, ra, rb);
         const int base = (t % nb) * kWarp * U;
@@ -472,13 +477,9 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
         if (lane == 0) qpair_out<T, MODE>(a, ra, rb, acc_a, acc_b, best, best_row);
         acc_a = acc_b = 0.f;
     };
-    if constexpr (PF) {
-        for (int t = 0; t < ntile; t += 2) {
-            run(t, A, B);
-            if (t + 1 < ntile) run(t + 1, B, A);
-        }
-    } else {
-        for (int t = 0; t < ntile; ++t) run(t, A, A);
+    for (int t = 0; t < ntile; t += 2) {
+        run(t, A, B);
+        if (t + 1 < ntile) run(t + 1, B, A);
     }
     if constexpr (MODE == kGemvF32) qamax_out(a, best, best_row);
     ktrace_end(a.trace);
@@ -489,12 +490,10 @@ static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 b
 static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
 // Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init; the A/B
-// switch of docs/performance.md entry 45: h2 (the default: the half2 kernel, 2 chunks a lane and row, the next
-// tile prefetched) or f32 (the fp32 kernel). Measured on an H100: h2 was faster in every quantized row.
+// switch of docs/performance.md entry 45: h2 (the default: the half2 kernel) or f32 (the fp32 kernel). Measured on
+// an H100: h2 was faster in every quantized row.
 enum QKernel { kQF32, kQH2 };
 static QKernel q_kernel = kQH2;
-constexpr int kQH2U = 2;      // chunks per lane and row in one tile of the half2 kernel
-constexpr bool kQH2Pf = true;  // its next tile loaded into the other register buffer while one is computed
 
 template <typename K>
 static void set_smem(K k) {
@@ -502,7 +501,7 @@ static void set_smem(K k) {
 }
 template <int MODE, bool NORM, int QM>
 static void set_attr_h2() {
-    set_smem(qgemv_h2_kernel<MODE, NORM, QM, kQH2U, kQH2Pf>);
+    set_smem(qgemv_h2_kernel<MODE, NORM, QM>);
 }
 template <typename T, int MODE, int QM>
 static void set_attr_q() {
@@ -558,8 +557,8 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
     if constexpr (std::is_same_v<T, half>) {
         if (q_kernel == kQH2) {
             const dim3 g(grid), b(kQWarps * kWarp);
-            if (a.norm_w) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM, kQH2U, kQH2Pf>, g, b, smem, a);
-            else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM, kQH2U, kQH2Pf>, g, b, smem, a);
+            if (a.norm_w) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM>, g, b, smem, a);
+            else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM>, g, b, smem, a);
             return grid;
         }
     }
