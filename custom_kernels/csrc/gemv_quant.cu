@@ -235,6 +235,34 @@ __device__ __forceinline__ void qamax_out(const QGemvArgs &a, float best, int be
     if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
 }
 
+// One tile of a warp's row pair: U 16-byte chunks a lane of each row (chunks base + u * 32 + lane) and their
+// groups' scales (and int4 minimums); chunks past the row, and row b when rb < 0, read as zero
+template <int QM, int U>
+struct QTile {
+    uint4 wa[U], wb[U];
+    float sa[U], sb[U], ma[U], mb[U];
+};
+// (nchunk = K / chunk inputs and ng = K / group, the kernel's own; Q = a.q, row r starting at chunk r * nchunk)
+template <int QM, int U>
+__device__ __forceinline__ void qload(const QGemvArgs &a, const uint4 *Q, int nchunk, int ng, int lane, int ra, int rb,
+                                      int base, uint64_t pol, QTile<QM, U> &b) {
+    constexpr int KPC = QTraits<QM>::kpc;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int c = base + u * kWarp + lane;
+        const bool in = c < nchunk;
+        const int g = in ? c * KPC / a.group : 0;
+        b.wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+        b.wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+        b.sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
+        b.sb[u] = in && rb >= 0 ? ld_half(a.scale, (size_t)rb * ng + g) : 0.f;
+        if constexpr (QM == 4) {
+            b.ma[u] = in ? ld_half(a.minv, (size_t)ra * ng + g) : 0.f;
+            b.mb[u] = in && rb >= 0 ? ld_half(a.minv, (size_t)rb * ng + g) : 0.f;
+        }
+    }
+}
+
 template <typename T, int MODE, bool NORM, int QM>
 __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) {
     using Tr = QTraits<QM>;
@@ -255,24 +283,8 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
         if (MODE == kGemvSwiglu) { ra = p; rb = p + a.N; }
         else { ra = 2 * p; rb = 2 * p + 1 < a.N ? 2 * p + 1 : -1; }
     };
-    uint4 wa[U], wb[U];
-    float sa[U], sb[U], ma[U], mb[U];  // the chunks' scales and minimums (int4)
-    auto load = [&](int ra, int rb, int base) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = base + u * kWarp + lane;
-            const bool in = c < nchunk;
-            const int g = in ? c * KPC / a.group : 0;
-            wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
-            wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
-            sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
-            sb[u] = in && rb >= 0 ? ld_half(a.scale, (size_t)rb * ng + g) : 0.f;
-            if constexpr (QM == 4) {
-                ma[u] = in ? ld_half(a.minv, (size_t)ra * ng + g) : 0.f;
-                mb[u] = in && rb >= 0 ? ld_half(a.minv, (size_t)rb * ng + g) : 0.f;
-            }
-        }
-    };
+    QTile<QM, U> w;
+    auto load = [&](int ra, int rb, int base) { qload(a, Q, nchunk, ng, lane, ra, rb, base, pol, w); };
 
     ktrace(a.trace, 0);
     int ra0 = 0, rb0 = -1;
@@ -304,19 +316,19 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
                     float xf[KPC], qf[KPC];
                     load_x<T, QM>(xs, c, xf);
                     float da = 0.f, db = 0.f;
-                    unpack_q<QM>(wa[u], qf);
+                    unpack_q<QM>(w.wa[u], qf);
 #pragma unroll
                     for (int k = 0; k < KPC; ++k) da = fmaf(qf[k], xf[k], da);
-                    unpack_q<QM>(wb[u], qf);
+                    unpack_q<QM>(w.wb[u], qf);
 #pragma unroll
                     for (int k = 0; k < KPC; ++k) db = fmaf(qf[k], xf[k], db);
                     if constexpr (QM == 4) {
                         const float sx = xsum[c];
-                        acc_a += fmaf(sa[u], da, ma[u] * sx);
-                        acc_b += fmaf(sb[u], db, mb[u] * sx);
+                        acc_a += fmaf(w.sa[u], da, w.ma[u] * sx);
+                        acc_b += fmaf(w.sb[u], db, w.mb[u] * sx);
                     } else {
-                        acc_a += sa[u] * da;
-                        acc_b += sb[u] * db;
+                        acc_a += w.sa[u] * da;
+                        acc_b += w.sb[u] * db;
                     }
                 }
             }
@@ -378,12 +390,6 @@ __device__ __forceinline__ float dot8_h2(const __half2 (&q)[4], const uint4 &xv)
     return f.x + f.y;
 }
 
-template <int QM, int U>
-struct QTile {
-    uint4 wa[U], wb[U];
-    float sa[U], sb[U], ma[U], mb[U];  // the chunks' scales and minimums (int4)
-};
-
 template <int MODE, bool NORM, int QM>
 __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs a) {
     using T = half;
@@ -410,21 +416,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
         if (t >= ntile) return;
         int ra, rb;
         rows_of(t, ra, rb);
-        const int base = (t % nb) * kWarp * U;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = base + u * kWarp + lane;
-            const bool in = c < nchunk;
-            const int g = in ? c * KPC / a.group : 0;
-            b.wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
-            b.wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
-            b.sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
-            b.sb[u] = in && rb >= 0 ? ld_half(a.scale, (size_t)rb * ng + g) : 0.f;
-            if constexpr (QM == 4) {
-                b.ma[u] = in ? ld_half(a.minv, (size_t)ra * ng + g) : 0.f;
-                b.mb[u] = in && rb >= 0 ? ld_half(a.minv, (size_t)rb * ng + g) : 0.f;
-            }
-        }
+        qload(a, Q, nchunk, ng, lane, ra, rb, (t % nb) * kWarp * U, pol, b);
     };
 
     QTile<QM, U> A, B;
