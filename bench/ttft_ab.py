@@ -20,15 +20,29 @@ from server.cuda_backend import CudaBackend  # noqa: E402
 from server.model.resolve import LoadedModel  # noqa: E402
 
 
+def medians(runs: dict, repeats: int) -> dict:
+    """Median wall ms of each runs[name]() (a prefill, last logits to host included, as the bench's TTFT), the
+    names in turn each round, in reverse order every other round."""
+    res = {k: [] for k in runs}
+    for r in range(repeats):
+        for k in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            runs[k]()
+            res[k].append((time.perf_counter() - t) * 1e3)
+    return {k: round(statistics.median(v), 2) for k, v in res.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quant", default="", help="mode:group: fp16 vs quantized prefill (see above)")
-    ap.add_argument("--prompts", default="512")
+    ap.add_argument("--prompts", default="", help="prompt lengths (default 128,512,2048; with --quant 512)")
     a = ap.parse_args()
+    lens = [int(n) for n in (a.prompts or ("512" if a.quant else "128,512,2048")).split(",")]
     if a.quant:
-        return quant_ab(a)
+        return quant_ab(a, lens)
     cfg = with_max_seq(SYNTHETIC_SHAPES[a.shape], 2304)
     w = synthetic_weights(cfg, "float16", "cuda", 0)
     model = LoadedModel(name=f"synthetic:{a.shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
@@ -36,25 +50,21 @@ def main():
     be = CudaBackend(model, sessions=1, graph_mode="dynamic")
     out = {"device": torch.cuda.get_device_name(0), "shape": a.shape, "startup_s": round(time.perf_counter() - t0, 2)}
     pg = be.prefill_graphs
-    for n in (128, 512, 2048):
+    for n in lens:
         ids = [(3 * i + 5) % cfg.vocab_size for i in range(n)]
-        res = {"graph": [], "eager": []}
-        for r in range(a.repeats):
-            for mode in ("graph", "eager"):
-                be.prefill_graphs = pg if mode == "graph" else None
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                be.prefill(0, ids)  # last logits to host included, as the bench's TTFT
-                res[mode].append((time.perf_counter() - t) * 1e3)
+
+        def run(graphs):
+            be.prefill_graphs = pg if graphs else None
+            be.prefill(0, ids)
+        out[f"p{n}"] = medians({"graph": lambda: run(True), "eager": lambda: run(False)}, a.repeats)
         be.prefill_graphs = pg
-        out[f"p{n}"] = {k: round(statistics.median(v), 2) for k, v in res.items()}
         print(n, out[f"p{n}"], flush=True)
     out["stats"] = be.graph_stats()
     be.close()
     print("TTFT_AB", json.dumps(out))
 
 
-def quant_ab(a):
+def quant_ab(a, lens):
     from server.model.weights import quant_schemes
     cfg = with_max_seq(SYNTHETIC_SHAPES[a.shape], 2304)
     qmode, _, G = a.quant.partition(":")
@@ -65,18 +75,11 @@ def quant_ab(a):
         model = LoadedModel(name=f"synthetic:{a.shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
         bes[name] = CudaBackend(model, sessions=1, graph_mode="dynamic", warmup=False)
     out = {"device": torch.cuda.get_device_name(0), "shape": a.shape, "quant": a.quant}
-    for n in map(int, a.prompts.split(",")):
+    for n in lens:
         ids = [(3 * i + 5) % cfg.vocab_size for i in range(n)]
-        res = {k: [] for k in bes}
         for be in bes.values():  # capture the prompt's graph, then time
             be.prefill(0, ids)
-        for r in range(a.repeats):
-            for k, be in (bes.items() if r % 2 == 0 else reversed(bes.items())):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                be.prefill(0, ids)
-                res[k].append((time.perf_counter() - t) * 1e3)
-        med = {k: round(statistics.median(v), 2) for k, v in res.items()}
+        med = medians({k: (lambda be=be: be.prefill(0, ids)) for k, be in bes.items()}, a.repeats)
         out[f"p{n}"] = {"ms": med, "vs_fp16": {k: round(v / med["fp16"], 3) for k, v in med.items()}}
         print(n, out[f"p{n}"], flush=True)
     for be in bes.values():
