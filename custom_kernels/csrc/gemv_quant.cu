@@ -28,9 +28,12 @@
 // half2 products of 8 inputs at a time summed in fp32, the next tile prefetched; see its own comment).
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "common.cuh"
 #include "ops.h"
@@ -509,9 +512,13 @@ static void init_q() {
     set_attr_q<T, kGemvStore, QM>(); set_attr_q<T, kGemvResid, QM>();
     set_attr_q<T, kGemvSwiglu, QM>(); set_attr_q<T, kGemvF32, QM>();
 }
-void qgemv_init(int dtype) {
+void qgemv_init(int dtype) {  // once per device and dtype (the Engines and the test binding call it)
+    static std::mutex mu;
+    static std::set<std::pair<int, int>> done;
+    const std::lock_guard<std::mutex> lock(mu);
     int dev = 0, optin = 0;
     CASE4_CUDA_CHECK(cudaGetDevice(&dev));
+    if (done.count({dev, dtype})) return;
     CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     // the kernel's static shared memory (the reduction scratch and block_argmax_pick's) comes on top
     q_smem_limit = std::min(kQMaxSmem, optin - 1024);
@@ -522,6 +529,7 @@ void qgemv_init(int dtype) {
     else throw BadArgument("CASE4_QGEMV must be h2 or f32, got '" + which + "'");
     if (dtype == kF16) { init_q<half, 8>(); init_q<half, 4>(); }
     else { init_q<__nv_bfloat16, 8>(); init_q<__nv_bfloat16, 4>(); }
+    done.insert({dev, dtype});
 }
 
 // the checks every launcher shares: what the kernel's layout needs (one line each; also Plan::validate's)

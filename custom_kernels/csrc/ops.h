@@ -171,10 +171,10 @@ struct QGemvArgs {
     signed char round_logits = 1;
     signed char preload = 0;     // set by the launcher (kPdlPreload): each warp's first chunk before the wait
 };
-void qgemv_init(int dtype);
+void qgemv_init(int dtype);  // the kernels' attributes and CASE4_QGEMV, once per device and dtype
 // BadArgument naming `who` unless the kernels can take m as an [N, K] matrix (mode, pointers, K and the group a
 // multiple of the 16-byte chunk's inputs, the group dividing K, q 16-byte aligned)
-void check_quant(const QuantMat &m, int N, int K, const char *who);  // the kernels' shared-memory limits (once per Engine, before any launch)
+void check_quant(const QuantMat &m, int N, int K, const char *who);
 // Launch y = W x (fp32 accumulation, deterministic) on W quantized; returns the grid size. BadArgument (one line)
 // for a layout the kernel cannot take (K or the group not a multiple of the 16-byte chunk's inputs, misaligned q).
 int launch_qgemv(const QGemvArgs &a, int dtype, const Launch &L);
