@@ -209,16 +209,16 @@ __device__ __forceinline__ void qpair_out(const QGemvArgs &a, int ra, int rb, fl
         const float act = round_t<T>(g / (1.f + __expf(-g)));
         reinterpret_cast<T *>(a.out)[ra] = from_f<T>(act * u);
         return;
-    } else {
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = h ? rb : ra;
         const float acc = h ? acc_b : acc_a;
         if (r < 0) continue;
-        if (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
+        if constexpr (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
             reinterpret_cast<T *>(a.out)[r] =
                 from_f<T>(a.bias ? acc + to_f(reinterpret_cast<const T *>(a.bias)[r]) : acc);
-        } else if (MODE == kGemvResid) {
+        } else if constexpr (MODE == kGemvResid) {
             T *o = reinterpret_cast<T *>(a.out);
             o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
         } else {  // kGemvF32
@@ -226,7 +226,6 @@ __device__ __forceinline__ void qpair_out(const QGemvArgs &a, int ra, int rb, fl
             reinterpret_cast<float *>(a.out)[r] = v;
             if (v > best) { best = v; best_row = r; }  // rows ascend: the lowest row of a tie stays
         }
-    }
     }
 }
 
