@@ -41,7 +41,6 @@
 namespace case4 {
 
 constexpr int kQWarps = 8;
-constexpr int kQRows = 2;    // rows per warp at a time (a pair)
 constexpr int kQUnroll = 4;  // 16-byte chunks per lane and row in flight
 constexpr int kQMaxSmem = 200 * 1024;  // at most; qgemv_init lowers it to the device's opt-in limit (A100: 163 KB)
 static int q_smem_limit = 48 * 1024;    // what qgemv_init set (the launcher refuses a K that needs more)
@@ -208,23 +207,23 @@ __device__ __forceinline__ void qpair_out(const QGemvArgs &a, int ra, int rb, fl
         const float g = round_t<T>(acc_a), u = round_t<T>(acc_b);
         const float act = round_t<T>(g / (1.f + __expf(-g)));
         reinterpret_cast<T *>(a.out)[ra] = from_f<T>(act * u);
-        return;
-    }
+    } else {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = h ? rb : ra;
-        const float acc = h ? acc_b : acc_a;
-        if (r < 0) continue;
-        if constexpr (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
-            reinterpret_cast<T *>(a.out)[r] =
-                from_f<T>(a.bias ? acc + to_f(reinterpret_cast<const T *>(a.bias)[r]) : acc);
-        } else if constexpr (MODE == kGemvResid) {
-            T *o = reinterpret_cast<T *>(a.out);
-            o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
-        } else {  // kGemvF32
-            const float v = a.round_logits ? round_t<T>(acc) : acc;
-            reinterpret_cast<float *>(a.out)[r] = v;
-            if (v > best) { best = v; best_row = r; }  // rows ascend: the lowest row of a tie stays
+        for (int h = 0; h < 2; ++h) {
+            const int r = h ? rb : ra;
+            const float acc = h ? acc_b : acc_a;
+            if (r < 0) continue;
+            if constexpr (MODE == kGemvStore) {  // with a bias: fp32 sum + fp32 bias, rounded once (HF's nn.Linear)
+                reinterpret_cast<T *>(a.out)[r] =
+                    from_f<T>(a.bias ? acc + to_f(reinterpret_cast<const T *>(a.bias)[r]) : acc);
+            } else if constexpr (MODE == kGemvResid) {
+                T *o = reinterpret_cast<T *>(a.out);
+                o[r] = from_f<T>(round_t<T>(acc) + to_f(o[r]));
+            } else {  // kGemvF32
+                const float v = a.round_logits ? round_t<T>(acc) : acc;
+                reinterpret_cast<float *>(a.out)[r] = v;
+                if (v > best) { best = v; best_row = r; }  // rows ascend: the lowest row of a tie stays
+            }
         }
     }
 }
