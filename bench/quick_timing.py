@@ -350,7 +350,7 @@ def main():
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--kernel-pdl", default="1,3", help="PDL modes for the per-kernel GEMV rows")
     ap.add_argument("--rows", default="",
-                    help="decode rows mode:gemm:pdl[:options],... (default: all); options: EngineOptions fields "
+                    help="decode rows mode:gemm:pdl[:options],... (default: all; skip: none, the --quant rows only); options: EngineOptions fields "
                          "name=value+name=value, e.g. step_skip=4 (timing ablation) or o_in_attention=0")
     ap.add_argument("--ttft", action="store_true", help="first-request TTFT in fresh processes (7B)")
     ap.add_argument("--timeline", default="", help="shapes for a per-kernel timeline (kernel_timeline)")
@@ -364,6 +364,7 @@ def main():
     ap.add_argument("--quant-options", default="default",
                     help="EngineOptions sets of the quantized rows (name=value+..., comma-separated; A/B), each in "
                          "dynamic and exact graphs")
+    ap.add_argument("--quant-modes", default="dynamic,exact", help="graph modes of the quantized rows")
     ap.add_argument("--options", default="default",
                     help="EngineOptions sets (name=value+...) to run the timeline with, comma-separated (A/B)")
     a = ap.parse_args()
@@ -411,8 +412,8 @@ def main():
         model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
         floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3
         first_tokens = None
-        rows = [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows else None
-        for mode, gemm, pdl, *spec in rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
+        rows = [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows and a.rows != "skip" else None
+        for mode, gemm, pdl, *spec in [] if a.rows == "skip" else rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
                                 ("dynamic", "custom", "0"), ("exact", "custom", "0"), ("dynamic", "custom", "2"),
                                 ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
                                 ("dynamic", "cublas", "1")]:
@@ -447,7 +448,7 @@ def main():
             qb = qw.quant_bytes() + dense_bytes_per_token(cfg, "float16")
             qfloor = qb / (report["copy_GBps"] * 1e9) * 1e3
             q_first = None  # this spec's first row's tokens: every variant must give the same greedy tokens
-            for opt, mode in ((o, m) for o in a.quant_options.split(",") for m in ("dynamic", "exact")):
+            for opt, mode in ((o, m) for o in a.quant_options.split(",") for m in a.quant_modes.split(",")):
                 try:
                     r = time_backend(qmodel, mode, "custom", a.steps, parse_options(ext, opt, "3"))
                 except Exception as e:

@@ -3,7 +3,7 @@
 # repository root on the GPU machine:  OUT=dir bash docs/experiments/qgemv-grid.sh
 #   1. a copy of this tree with docs/experiments/qgemv-grid.patch applied, built with the default flags;
 #   2. its outputs with CASE4_QGEMV_GRID=x4 (main's grid: 4 blocks a SM) and =resident (at most the blocks that
-#      fit at once), bitwise compared (docs/experiments/qgemv_outputs.py: they must be equal, a row is one warp's);
+#      fit at once), bitwise compared (tests/gpu/qgemv_outputs.py: they must be equal, a row is one warp's);
 #   3. quick_timing's quantized 7B and SmolLM2 decode rows and the per-kernel rows, x4 and resident alternately.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PATH=/usr/local/cuda/bin:$PATH CASE4_BUILD_EXT=0
@@ -17,9 +17,9 @@ patch -p1 < docs/experiments/qgemv-grid.patch > "$OUT/patch.log" 2>&1 || { echo 
 (cd custom_kernels && python setup.py build_ext --inplace) > "$OUT/build.log" 2>&1
 echo "build rc=$? at $(el)"
 for v in x4 resident; do
-    CASE4_QGEMV_GRID=$v timeout 120 python docs/experiments/qgemv_outputs.py save /tmp/$v.pt > "$OUT/out_$v.log" 2>&1
+    CASE4_QGEMV_GRID=$v timeout 120 python tests/gpu/qgemv_outputs.py save /tmp/$v.pt > "$OUT/out_$v.log" 2>&1
 done
-python docs/experiments/qgemv_outputs.py compare /tmp/x4.pt /tmp/resident.pt | tee "$OUT/compare.txt" | tail -5
+python tests/gpu/qgemv_outputs.py compare /tmp/x4.pt /tmp/resident.pt | tee "$OUT/compare.txt" | tail -5
 echo "compare at $(el)"
 for r in 1 2; do
     for v in x4 resident; do

@@ -7,7 +7,7 @@
 #   OUT=dir PHASE=check bash docs/experiments/qgemv-ring.sh     # steps 1-3 (~6 min)
 #   OUT=dir PHASE=time bash docs/experiments/qgemv-ring.sh      # step 4 (~6-8 min with ROUNDS=1)
 #   1. a copy of this tree with docs/experiments/qgemv-ring.patch applied, built with the default flags;
-#   2. its outputs with CASE4_QGEMV=regs (today's kernel) and =ring, bitwise compared (docs/experiments/qgemv_outputs.py);
+#   2. its outputs with CASE4_QGEMV=regs (today's kernel) and =ring, bitwise compared (tests/gpu/qgemv_outputs.py);
 #   3. the quantized-kernel and quantized-step GPU tests with CASE4_QGEMV=ring (float64 oracle, reference backend);
 #   4. bench/quick_timing.py's per-kernel GB/s rows (--kernel-pdl 3: the qgemv at 7B shapes beside the fp16 gemv) and
 #      quantized 7B and SmolLM2 decode rows, regs and ring alternately (ROUNDS, default 1).
@@ -24,10 +24,10 @@ cd /tmp/ring && rm -f custom_kernels/_case4_cuda*.so
 patch -p1 < docs/experiments/qgemv-ring.patch > "$OUT/patch.log" 2>&1 || { echo "patch failed"; cat "$OUT/patch.log"; exit 1; }
 (cd custom_kernels && python setup.py build_ext --inplace) > "$OUT/build.log" 2>&1
 echo "build rc=$? at $(el)"; grep -iE "error|registers" "$OUT/build.log" | head -5
-CASE4_QGEMV=regs timeout 120 python docs/experiments/qgemv_outputs.py save /tmp/regs.pt > "$OUT/out_regs.log" 2>&1
-CASE4_QGEMV=ring timeout 120 python docs/experiments/qgemv_outputs.py save /tmp/ring.pt > "$OUT/out_ring.log" 2>&1
+CASE4_QGEMV=regs timeout 120 python tests/gpu/qgemv_outputs.py save /tmp/regs.pt > "$OUT/out_regs.log" 2>&1
+CASE4_QGEMV=ring timeout 120 python tests/gpu/qgemv_outputs.py save /tmp/ring.pt > "$OUT/out_ring.log" 2>&1
 tail -1 "$OUT/out_regs.log" "$OUT/out_ring.log"
-python docs/experiments/qgemv_outputs.py compare /tmp/regs.pt /tmp/ring.pt | tee "$OUT/compare.txt" | tail -13
+python tests/gpu/qgemv_outputs.py compare /tmp/regs.pt /tmp/ring.pt | tee "$OUT/compare.txt" | tail -13
 echo "compare at $(el)"
 CASE4_QGEMV=ring timeout 240 python -m pytest -m gpu tests/gpu/test_quant_kernels.py tests/gpu/test_architectures_gpu.py \
     -q -rs --deselect tests/gpu/test_quant_kernels.py::test_builtin_gguf_on_cuda_matches_dequant_oracle \

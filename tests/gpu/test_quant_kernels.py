@@ -181,6 +181,42 @@ def test_qgemv_deterministic_and_pdl_levels(mode, G):
         assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16)), f"run {i} differs from run 0"
 
 
+@pytest.fixture(scope="module")
+def h2_outputs(tmp_path_factory):
+    """tests/gpu/qgemv_outputs.py's outputs (fp16, every epilogue, 7B, SmolLM2 and odd shapes) with the half2
+    kernel, in a process of its own (CASE4_QGEMV is read once a process)."""
+    path = tmp_path_factory.mktemp("qgemv") / "h2.pt"
+    _save_outputs(path, {"CASE4_QGEMV": "h2"})
+    return path
+
+
+def _save_outputs(path, env):
+    import os
+    import subprocess
+    import sys
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CASE4_QGEMV")} | env | {"CASE4_BUILD_EXT": "0"}
+    r = subprocess.run([sys.executable, "tests/gpu/qgemv_outputs.py", "save", str(path), "--quick"], env=full,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"qgemv_outputs save {env}: {r.stderr.strip().splitlines()[-1:]}"
+
+
+@pytest.mark.parametrize("env", [{"CASE4_QGEMV": "ring"}, {"CASE4_QGEMV": "ring", "CASE4_QGEMV_STAGES": "2"},
+                                 {"CASE4_QGEMV": "ring", "CASE4_QGEMV_STAGES": "3"},
+                                 {"CASE4_QGEMV": "h2", "CASE4_QGEMV_GRID": "resident"}],
+                         ids=["ring", "ring-s2", "ring-s3", "h2-resident"])
+def test_qgemv_variants_bitwise_equal_h2(env, h2_outputs, tmp_path):
+    """The shared-memory ring kernel (any number of stages: the ring wraps) and the half2 kernel with a resident
+    grid compute each row as the half2 kernel does (one warp, the same chunk order and arithmetic): every output
+    bit for bit the same, at both PDL levels, the float64 tests above holding for the half2 kernel."""
+    path = tmp_path / "v.pt"
+    _save_outputs(path, env)
+    a, b = torch.load(h2_outputs), torch.load(path)
+    assert a.keys() == b.keys() and len(a) > 100
+    bits = (lambda t: t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16))
+    diff = [k for k in a if not torch.equal(bits(a[k]), bits(b[k]))]
+    assert not diff, f"{env}: {len(diff)} of {len(a)} outputs differ from the half2 kernel's, first {diff[:4]}"
+
+
 @pytest.mark.parametrize("mode,G", [("int8", 576), ("int4", 64)])
 def test_qgemv_embedding_gather(mode, G):
     """tok: the input is the embedding row tok[0] (block 0 copies it to x_out), normed, as layer 0's QKV."""

@@ -1,7 +1,10 @@
 """The quantized gemv's outputs on fixed random inputs, for a bitwise A/B of two kernels (GPU machine).
 
-    python docs/experiments/qgemv_outputs.py save OUT.pt        # with this build and CASE4_QGEMV as set
-    python docs/experiments/qgemv_outputs.py compare A.pt B.pt  # how many outputs are bitwise equal
+    python tests/gpu/qgemv_outputs.py save OUT.pt [--quick]   # with this build and CASE4_QGEMV as set
+    python tests/gpu/qgemv_outputs.py compare A.pt B.pt        # how many outputs are bitwise equal
+
+tests/gpu/test_quant_kernels.py runs it (--quick: fp16, no 70B matrices) for each kernel variant against the
+half2 kernel's outputs.
 
 Shapes: Llama-2-7B's and 70B's matrices, SmolLM2's, odd row counts; fp16 and bf16; int8 per row and G32, int4
 G128 and G32; every epilogue (store, residual, SwiGLU, fp32 logits) with the RMSNorm'd input; with and without a
@@ -18,11 +21,14 @@ SHAPES = [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (32000, 409
           (1536, 576), (49152, 576), (8192, 28672), (2 * 28672, 8192), (4097, 4096), (7, 4096)]
 
 
-def save(path: str) -> None:
+QUICK = [(12288, 4096), (4096, 11008), (32000, 4096), (960, 576), (49152, 576), (4097, 4096), (7, 4096)]
+
+
+def save(path: str, quick: bool = False) -> None:
     ext = load_extension()
     res = {}
-    for dt, dti in ((torch.float16, 0), (torch.bfloat16, 1)):
-        for N, K in SHAPES:
+    for dt, dti in ((torch.float16, 0),) + (() if quick else ((torch.bfloat16, 1),)):
+        for N, K in QUICK if quick else SHAPES:
             for mode, G in (("int8", K), ("int4", 128), ("int4", 32), ("int8", 32)):
                 if K % G:
                     continue
@@ -38,7 +44,7 @@ def save(path: str) -> None:
                         if om == 1:
                             out.normal_(generator=g)  # the residual added to
                         ext.qgemv(q, s, m, QMODE[mode], G, N, K, x.data_ptr(), nw.data_ptr(), 1e-5, out.data_ptr(),
-                                  om, dti, stream(), 1, MAX_BLOCKS, pdl=3, bias=b)
+                                  om, dti, stream(), 1, MAX_BLOCKS, pdl=3 if om % 2 == 0 else 1, bias=b)
                         torch.cuda.synchronize()
                         res[(str(dt), N, K, mode, G, om, bool(b))] = out.cpu()
     torch.save(res, path)
@@ -63,6 +69,6 @@ def compare(a_path: str, b_path: str) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "save":
-        save(sys.argv[2])
+        save(sys.argv[2], "--quick" in sys.argv[3:])
     else:
         sys.exit(compare(sys.argv[2], sys.argv[3]))
