@@ -228,22 +228,6 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-// The ring's copies (gemv_quant.cu's qgemv_ring_kernel): `src_bytes` of the 16 (or 4) read, the rest zero-filled
-// (0: nothing read); the 16-byte one with an L2 cache policy (l2_policy). Committed in groups; cp_async_wait<N>
-// returns once at most N of the calling thread's groups are still pending.
-__device__ __forceinline__ void cp_async16_zfill(void *smem, const void *gmem, unsigned src_bytes, uint64_t pol) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(s), "l"(gmem),
-                 "r"(src_bytes), "l"(pol)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async4_zfill(void *smem, const void *gmem, unsigned src_bytes) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // host: launch `k` on L.st, with programmatic stream serialization when L.pdl >= kPdlOn
 template <typename... KArgs, typename... Args>

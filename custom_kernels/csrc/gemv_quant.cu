@@ -481,160 +481,21 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
 
 static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
-// ---- the ring kernel (fp16 models; docs/performance.md entry 47)
-// The half2 kernel above keeps a warp's weights in flight in registers: with ~100 registers a thread, 2 blocks fit
-// a SM and a warp has at most one tile (2 KB) in flight while it computes the other, ~32 KB a SM, against the
-// ~40-60 KB that the copy rate times DRAM's latency under load asks for (entry 45: the int4 kernels stream at
-// 0.52-0.65 of the copy rate). Here each warp streams its tiles (one 16-byte chunk a lane and row, with the
-// chunks' scale words) into its own ring of S tiles in shared memory with cp.async, so a load in flight holds no
-// register: while tile t is computed, tiles t+1 .. t+S-1 are in flight (S = 8: 7 KB a warp). A lane reads back
-// only what it copied itself, so cp.async.wait_group orders it (and a __syncwarp before a slot is refilled). The
-// arithmetic, and each lane's chunk order (c = lane, lane + 32, ...), are the half2 kernel's: the outputs are the
-// same bits. The grid is the blocks resident at once (the launcher's occupancy query): every warp streams for the
-// whole kernel and no second wave stages the input again.
-// Scales: the 4-byte word holding a group's fp16 scale (minv) is copied, and the half picked by the index's parity.
-template <int QM> constexpr int kRingWords = QM == 4 ? 4 : 2;  // scale words a lane copies a tile: sa sb (ma mb)
-template <int QM> constexpr int kRingStage = 2 * kWarp * 16 + kRingWords<QM> * kWarp * 4;  // bytes a warp's tile
-constexpr int kRingMaxStages = 8;
-static size_t ring_x_bytes(int K, int qmode) { return (qsmem(K, qmode) + 15) / 16 * 16; }
-
-template <int N>
-__device__ __forceinline__ void ring_wait(int stages) {  // tile t's group done: at most stages - 1 pending
-    if constexpr (N <= 1) {
-        cp_async_wait<0>();
-    } else {
-        if (stages - 1 >= N) cp_async_wait<N>();
-        else ring_wait<N - 1>(stages);
-    }
-}
-__device__ __forceinline__ float pick_half(unsigned w, size_t i) {
-    return __half2float(__ushort_as_half((unsigned short)(i & 1 ? w >> 16 : w & 0xFFFFu)));
-}
-
-template <int MODE, bool NORM, int QM>
-__global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_ring_kernel(QGemvArgs a) {
-    using T = half;
-    constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc, SB = kRingStage<QM>;
-    extern __shared__ uint4 xs[];  // K / 8 vectors (swizzled, xperm'd), K / KPC fp32 chunk sums, then the rings
-    __shared__ __align__(16) float red[kWarp];
-    const int S = a.stages;
-    const int nchunk = a.K / KPC, ng = a.K / a.group;
-    float *xsum = reinterpret_cast<float *>(xs + a.K / 8);
-    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-    unsigned char *ring = reinterpret_cast<unsigned char *>(xs) + a.K * 2 + nchunk * 4;
-    ring = reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(ring) + 15) & ~uintptr_t(15)) +
-           (size_t)warp * S * SB;
-    const uint4 *Q = reinterpret_cast<const uint4 *>(a.q);  // row r starts at chunk r * nchunk
-    const unsigned short *SC = reinterpret_cast<const unsigned short *>(a.scale);
-    const unsigned short *MN = reinterpret_cast<const unsigned short *>(a.minv);
-    const int pairs = MODE == kGemvSwiglu ? a.N : (a.N + 1) / 2;
-    const int stride = gridDim.x * kQWarps;
-    const int p0 = blockIdx.x * kQWarps + warp;
-    const int nb = (nchunk + kWarp - 1) / kWarp;  // tiles a pair
-    const int ntile = (p0 < pairs ? (pairs - p0 + stride - 1) / stride : 0) * nb;
-    const uint64_t pol = l2_policy(true);
-
-    auto rows_of = [&](int t, int &ra, int &rb) {  // the rows of tile t's pair; rb < 0: none (odd N)
-        const int p = p0 + (t / nb) * stride;
-        if (MODE == kGemvSwiglu) { ra = p; rb = p + a.N; }
-        else { ra = 2 * p; rb = 2 * p + 1 < a.N ? 2 * p + 1 : -1; }
-    };
-    auto wslot = [&](int s, int row) { return reinterpret_cast<uint4 *>(ring + s * SB) + row * kWarp + lane; };
-    auto sslot = [&](int s, int k) {
-        return reinterpret_cast<unsigned *>(ring + s * SB + 2 * kWarp * 16) + k * kWarp + lane;
-    };
-    // tile t's chunk and scale words into slot t % S, one commit group (an empty one past the last tile); a chunk
-    // past the row, and row b when rb < 0, is zero-filled
-    auto issue = [&](int t) {
-        if (t < ntile) {
-            int ra, rb;
-            rows_of(t, ra, rb);
-            const int s = t % S, c = (t % nb) * kWarp + lane;
-            const bool in = c < nchunk, inb = in && rb >= 0;
-            const int cc = in ? c : 0, rbb = rb >= 0 ? rb : ra, g = cc * KPC / a.group;
-            const size_t ga = (size_t)ra * ng + g, gb = (size_t)rbb * ng + g;
-            cp_async16_zfill(wslot(s, 0), Q + (size_t)ra * nchunk + cc, in ? 16 : 0, pol);
-            cp_async16_zfill(wslot(s, 1), Q + (size_t)rbb * nchunk + cc, inb ? 16 : 0, pol);
-            cp_async4_zfill(sslot(s, 0), SC + (ga & ~size_t(1)), in ? 4 : 0);
-            cp_async4_zfill(sslot(s, 1), SC + (gb & ~size_t(1)), inb ? 4 : 0);
-            if constexpr (QM == 4) {
-                cp_async4_zfill(sslot(s, 2), MN + (ga & ~size_t(1)), in ? 4 : 0);
-                cp_async4_zfill(sslot(s, 3), MN + (gb & ~size_t(1)), inb ? 4 : 0);
-            }
-        }
-        cp_async_commit();
-    };
-
-    ktrace(a.trace, 0);
-    if (a.preload)  // read-only weights: the whole ring before the wait
-        for (int t = 0; t < S; ++t) issue(t);
-    pdl_trigger();
-    pdl_wait();
-    ktrace(a.trace, 1);
-    if (!a.preload)
-        for (int t = 0; t < S; ++t) issue(t);
-    qstage<T, NORM, QM, QM>(a, xs, xsum, red);
-
-    float best = -INFINITY;  // kGemvF32: lane 0's largest stored logit and its row
-    int best_row = kNoIndex;
-    float acc_a = 0.f, acc_b = 0.f;
-    for (int t = 0; t < ntile; ++t) {
-        ring_wait<kRingMaxStages - 1>(S);
-        int ra, rb;
-        rows_of(t, ra, rb);
-        const int s = t % S, c = (t % nb) * kWarp + lane;
-        if (c < nchunk) {
-            const uint4 wa = *wslot(s, 0), wb = *wslot(s, 1);
-            float da = 0.f, db = 0.f;
-#pragma unroll
-            for (int j = 0; j < VPC; ++j) {
-                const uint4 xv = xs[xswz<VPC>(c * VPC + j)];
-                __half2 q[4];
-                unpack_h2<QM>(wa, j, q);
-                da += dot8_h2(q, xv);
-                unpack_h2<QM>(wb, j, q);
-                db += dot8_h2(q, xv);
-            }
-            const int g = c * KPC / a.group;
-            const size_t ga = (size_t)ra * ng + g, gb = (size_t)(rb >= 0 ? rb : ra) * ng + g;
-            const float sa = pick_half(*sslot(s, 0), ga), sb = pick_half(*sslot(s, 1), gb);
-            if constexpr (QM == 4) {
-                const float sx = xsum[c];
-                const float ma = pick_half(*sslot(s, 2), ga), mb = pick_half(*sslot(s, 3), gb);
-                acc_a += fmaf(8.f * sa, da, fmaf(8.f, sa, ma) * sx);
-                acc_b += fmaf(8.f * sb, db, fmaf(8.f, sb, mb) * sx);
-            } else {
-                acc_a += (128.f * sa) * da;
-                acc_b += (128.f * sb) * db;
-            }
-        }
-        __syncwarp();  // the lane's reads of slot s are done before it refills the slot
-        issue(t + S);
-        if (t % nb != nb - 1) continue;  // the pair's last tile: its two sums are complete
-        acc_a = warp_sum(acc_a);
-        acc_b = warp_sum(acc_b);
-        if (lane == 0) qpair_out<T, MODE>(a, ra, rb, acc_a, acc_b, best, best_row);
-        acc_a = acc_b = 0.f;
-    }
-    cp_async_wait<0>();
-    if constexpr (MODE == kGemvF32) qamax_out(a, best, best_row);
-    ktrace_end(a.trace);
-}
-
 static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 bytes (ops.h GemvArgs)");
 
 
 // Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init; the A/B
-// switch of docs/performance.md entries 45 and 47: h2 (the default: the half2 kernel), ring (the half2 kernel's
-// arithmetic with weights streamed through shared memory) or f32 (the fp32 kernel). Measured on an H100: h2 was
-// faster than f32 in every quantized row.
-enum QKernel { kQF32, kQH2, kQRing };
+// switch of docs/performance.md entry 45: h2 (the default: the half2 kernel) or f32 (the fp32 kernel). Measured on
+// an H100: h2 was faster in every quantized row.
+enum QKernel { kQF32, kQH2 };
 static QKernel q_kernel = kQH2;
-static int q_sms = 0;           // the device's SMs (qgemv_init)
-static int q_ring_stages = 0;   // CASE4_QGEMV_STAGES: the ring's tiles a warp (0: the launcher picks)
-// CASE4_QGEMV_GRID=resident: the half2 kernel's grid capped at the blocks resident at once (the ring kernel's
-// always is), instead of the plan's max_blocks (4 a SM, the fp16 gemv's) -- the A/B of entry 47
-static bool q_grid_resident = false;
+static int q_sms = 0;  // the device's SMs (qgemv_init)
+// The half2 kernel's grid: at most the blocks resident at once (occupancy x SMs; 2 a SM at its ~100 registers),
+// below the plan's max_blocks (4 a SM, the fp16 gemv's), so that no second wave of blocks stages and norms the
+// input again behind the first. CASE4_QGEMV_GRID=x4 keeps max_blocks (the A/B of entry 47: resident was 2 % faster
+// on the 7B int4 step, equal on int8; the outputs are the same bits, a row being one warp's sum either way). The
+// fp32 kernel (bf16 models) keeps max_blocks: not measured.
+static bool q_grid_resident = true;
 
 template <typename K>
 static void set_smem(K k) {
@@ -643,7 +504,6 @@ static void set_smem(K k) {
 template <int MODE, bool NORM, int QM>
 static void set_attr_h2() {
     set_smem(qgemv_h2_kernel<MODE, NORM, QM>);
-    set_smem(qgemv_ring_kernel<MODE, NORM, QM>);
 }
 template <typename T, int MODE, int QM>
 static void set_attr_q() {
@@ -673,18 +533,12 @@ void qgemv_init(int dtype) {  // once per device and dtype (the Engines and the 
     const std::string which = v ? v : "";
     if (which == "" || which == "h2") q_kernel = kQH2;
     else if (which == "f32") q_kernel = kQF32;
-    else if (which == "ring") q_kernel = kQRing;
-    else throw BadArgument("CASE4_QGEMV must be h2, ring or f32, got '" + which + "'");
-    const char *st = std::getenv("CASE4_QGEMV_STAGES");
-    const std::string stages = st ? st : "";
-    if (stages == "") q_ring_stages = 0;
-    else if (stages.size() == 1 && stages[0] >= '2' && stages[0] <= '0' + kRingMaxStages) q_ring_stages = stages[0] - '0';
-    else throw BadArgument("CASE4_QGEMV_STAGES must be 2.." + std::to_string(kRingMaxStages) + ", got '" + stages + "'");
+    else throw BadArgument("CASE4_QGEMV must be h2 or f32, got '" + which + "'");
     const char *gv = std::getenv("CASE4_QGEMV_GRID");
     const std::string grid = gv ? gv : "";
     if (grid != "" && grid != "resident" && grid != "x4")
         throw BadArgument("CASE4_QGEMV_GRID must be resident or x4, got '" + grid + "'");
-    q_grid_resident = grid == "resident";
+    q_grid_resident = grid != "x4";
     CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&q_sms, cudaDevAttrMultiProcessorCount, dev));
     if (dtype == kF16) { init_q<half, 8>(); init_q<half, 4>(); }
     else { init_q<__nv_bfloat16, 8>(); init_q<__nv_bfloat16, 4>(); }
@@ -723,29 +577,6 @@ static int resident_per_sm(K kernel, size_t smem) {
     return per_sm;
 }
 
-// The ring kernel's launch: the stages S (CASE4_QGEMV_STAGES, or the S of 8, 6, 4, 3, 2 with the most tiles in
-// flight a SM, resident blocks x (S - 1)) and the grid (at most the resident blocks). false: it cannot run here
-// (the scales not 4-byte aligned, or no ring fits the shared memory): the half2 kernel runs instead.
-template <int MODE, bool NORM, int QM>
-static bool launch_ring(const QGemvArgs &a, const Launch &L, int &grid) {
-    if (reinterpret_cast<uintptr_t>(a.scale) % 4 || (QM == 4 && reinterpret_cast<uintptr_t>(a.minv) % 4)) return false;
-    auto kernel = qgemv_ring_kernel<MODE, NORM, QM>;
-    int best_s = 0, best_blocks = 0;
-    for (int S : {8, 6, 4, 3, 2}) {
-        if (q_ring_stages && S != q_ring_stages) continue;
-        const size_t smem = ring_x_bytes(a.K, QM) + (size_t)kQWarps * S * kRingStage<QM>;
-        if (smem > (size_t)q_smem_limit) continue;
-        const int per_sm = resident_per_sm(kernel, smem);
-        if (per_sm > 0 && per_sm * (S - 1) > best_blocks * (best_s - 1)) best_s = S, best_blocks = per_sm;
-    }
-    if (!best_s) return false;
-    QGemvArgs r = a;
-    r.stages = (signed char)best_s;
-    grid = std::min(grid, best_blocks * q_sms);
-    launch_pdl(L, kernel, dim3(grid), dim3(kQWarps * kWarp), ring_x_bytes(a.K, QM) + (size_t)kQWarps * best_s * kRingStage<QM>, r);
-    return true;
-}
-
 template <typename T, int MODE, int QM>
 static int launch_q3(const QGemvArgs &a, const Launch &L) {
     const int pairs = MODE == kGemvSwiglu ? a.N : (a.N + 1) / 2;
@@ -753,18 +584,13 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
     int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
     const size_t smem = qsmem(a.K, QM);
     if constexpr (std::is_same_v<T, half>) {
-        if (q_kernel == kQRing) {
-            if (a.norm_w ? launch_ring<MODE, true, QM>(a, L, grid) : launch_ring<MODE, false, QM>(a, L, grid))
-                return grid;
-        }
-        if (q_kernel != kQF32) {
+        if (q_kernel == kQH2) {
+            auto kernel = a.norm_w ? qgemv_h2_kernel<MODE, true, QM> : qgemv_h2_kernel<MODE, false, QM>;
             if (q_grid_resident) {
-                const int per_sm = resident_per_sm(qgemv_h2_kernel<MODE, true, QM>, smem);
+                const int per_sm = resident_per_sm(kernel, smem);
                 if (per_sm > 0) grid = std::min(grid, per_sm * q_sms);
             }
-            const dim3 g(grid), b(kQWarps * kWarp);
-            if (a.norm_w) launch_pdl(L, qgemv_h2_kernel<MODE, true, QM>, g, b, smem, a);
-            else launch_pdl(L, qgemv_h2_kernel<MODE, false, QM>, g, b, smem, a);
+            launch_pdl(L, kernel, dim3(grid), dim3(kQWarps * kWarp), smem, a);
             return grid;
         }
     }

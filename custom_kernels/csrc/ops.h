@@ -170,7 +170,6 @@ struct QGemvArgs {
     signed char qmode = 4;       // 8 | 4
     signed char round_logits = 1;
     signed char preload = 0;     // set by the launcher (kPdlPreload): each warp's first chunk before the wait
-    signed char stages = 0;      // set by the launcher: the ring kernel's tiles a warp (gemv_quant.cu)
 };
 void qgemv_init(int dtype);  // the kernels' attributes and CASE4_QGEMV, once per device and dtype
 // BadArgument naming `who` unless the kernels can take m as an [N, K] matrix (mode, pointers, K and the group a

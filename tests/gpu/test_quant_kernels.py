@@ -184,7 +184,7 @@ def test_qgemv_deterministic_and_pdl_levels(mode, G):
 @pytest.fixture(scope="module")
 def h2_outputs(tmp_path_factory):
     """tests/gpu/qgemv_outputs.py's outputs (fp16, every epilogue, 7B, SmolLM2 and odd shapes) with the half2
-    kernel, in a process of its own (CASE4_QGEMV is read once a process)."""
+    kernel as configured by default, in a process of its own (CASE4_QGEMV* are read once a process)."""
     path = tmp_path_factory.mktemp("qgemv") / "h2.pt"
     _save_outputs(path, {"CASE4_QGEMV": "h2"})
     return path
@@ -200,14 +200,12 @@ def _save_outputs(path, env):
     assert r.returncode == 0, f"qgemv_outputs save {env}: {r.stderr.strip().splitlines()[-1:]}"
 
 
-@pytest.mark.parametrize("env", [{"CASE4_QGEMV": "ring"}, {"CASE4_QGEMV": "ring", "CASE4_QGEMV_STAGES": "2"},
-                                 {"CASE4_QGEMV": "ring", "CASE4_QGEMV_STAGES": "3"},
-                                 {"CASE4_QGEMV": "h2", "CASE4_QGEMV_GRID": "resident"}],
-                         ids=["ring", "ring-s2", "ring-s3", "h2-resident"])
+@pytest.mark.parametrize("env", [{"CASE4_QGEMV": "h2", "CASE4_QGEMV_GRID": "x4"}], ids=["h2-x4"])
 def test_qgemv_variants_bitwise_equal_h2(env, h2_outputs, tmp_path):
-    """The shared-memory ring kernel (any number of stages: the ring wraps) and the half2 kernel with a resident
-    grid compute each row as the half2 kernel does (one warp, the same chunk order and arithmetic): every output
-    bit for bit the same, at both PDL levels, the float64 tests above holding for the half2 kernel."""
+    """The half2 kernel on the plan's grid (4 blocks a SM, two waves) computes each row as on the default resident
+    grid (one warp, the same chunk order and arithmetic): every output bit for bit the same, at both PDL levels,
+    the float64 tests above holding for the default. (Session 25 ran the shared-memory ring kernel of
+    docs/experiments/qgemv-ring2.patch through this test too: equal.)"""
     path = tmp_path / "v.pt"
     _save_outputs(path, env)
     a, b = torch.load(h2_outputs), torch.load(path)
