@@ -181,6 +181,26 @@ def test_qgemv_deterministic_and_pdl_levels(mode, G):
         assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16)), f"run {i} differs from run 0"
 
 
+def _clean_env(env):
+    import os
+    return {k: v for k, v in os.environ.items() if not k.startswith("CASE4_QGEMV")} | env | {"CASE4_BUILD_EXT": "0"}
+
+
+def test_half2_kernel_against_float64():
+    """The half2 kernel (CASE4_QGEMV=h2, opt-in since session 25) through this file's float64 tests of every
+    epilogue, shape and group (test_qgemv_modes), in a pytest process of its own (CASE4_QGEMV is read once a
+    process); the tests above run the default fp32 kernel."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "-p", "no:cacheprovider",
+                        "tests/gpu/test_quant_kernels.py::test_qgemv_modes"], cwd=root,
+                       env=_clean_env({"CASE4_QGEMV": "h2"}), capture_output=True, text=True, timeout=600)
+    tail = (r.stdout + r.stderr).strip().splitlines()[-6:]
+    assert r.returncode == 0 and " passed" in tail[-1], f"CASE4_QGEMV=h2 test_qgemv_modes: {tail}"
+
+
 @pytest.fixture(scope="module")
 def h2_outputs(tmp_path_factory):
     """tests/gpu/qgemv_outputs.py's outputs (fp16, every epilogue, 7B, SmolLM2 and odd shapes) with the half2
@@ -191,12 +211,12 @@ def h2_outputs(tmp_path_factory):
 
 
 def _save_outputs(path, env):
-    import os
     import subprocess
     import sys
-    full = {k: v for k, v in os.environ.items() if not k.startswith("CASE4_QGEMV")} | env | {"CASE4_BUILD_EXT": "0"}
-    r = subprocess.run([sys.executable, "tests/gpu/qgemv_outputs.py", "save", str(path), "--quick"], env=full,
-                       capture_output=True, text=True, timeout=300)
+    from pathlib import Path
+    r = subprocess.run([sys.executable, "tests/gpu/qgemv_outputs.py", "save", str(path), "--quick"],
+                       cwd=Path(__file__).resolve().parents[2], env=_clean_env(env), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, f"qgemv_outputs save {env}: {r.stderr.strip().splitlines()[-1:]}"
 
 
