@@ -412,11 +412,12 @@ def main():
         model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
         floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3
         first_tokens = None
-        rows = [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows and a.rows != "skip" else None
-        for mode, gemm, pdl, *spec in [] if a.rows == "skip" else rows or [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
-                                ("dynamic", "custom", "0"), ("exact", "custom", "0"), ("dynamic", "custom", "2"),
-                                ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
-                                ("dynamic", "cublas", "1")]:
+        rows = ([] if a.rows == "skip" else [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows else
+                [("none", "custom", "1"), ("exact", "custom", "1"), ("dynamic", "custom", "1"),
+                 ("dynamic", "custom", "0"), ("exact", "custom", "0"), ("dynamic", "custom", "2"),
+                 ("exact", "custom", "3"), ("dynamic", "custom", "3"), ("none", "custom", "3"),
+                 ("dynamic", "cublas", "1")])
+        for mode, gemm, pdl, *spec in rows:
             spec = spec[0] if spec else "default"
             options = parse_options(ext, spec, pdl)
             skip = options.step_skip

@@ -479,10 +479,9 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
     ktrace_end(a.trace);
 }
 
-static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
-
 static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 bytes (ops.h GemvArgs)");
 
+static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
 // Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init: f32 (the
 // default: the fp32 kernel) or h2 (the half2 kernel, opt-in). Measured on an H100 (docs/performance.md entries
@@ -503,17 +502,13 @@ template <typename K>
 static void set_smem(K k) {
     CASE4_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, q_smem_limit));
 }
-template <int MODE, bool NORM, int QM>
-static void set_attr_h2() {
-    set_smem(qgemv_h2_kernel<MODE, NORM, QM>);
-}
 template <typename T, int MODE, int QM>
 static void set_attr_q() {
     set_smem(qgemv_kernel<T, MODE, false, QM>);
     set_smem(qgemv_kernel<T, MODE, true, QM>);
     if constexpr (std::is_same_v<T, half>) {
-        set_attr_h2<MODE, false, QM>();
-        set_attr_h2<MODE, true, QM>();
+        set_smem(qgemv_h2_kernel<MODE, false, QM>);
+        set_smem(qgemv_h2_kernel<MODE, true, QM>);
     }
 }
 template <typename T, int QM>

@@ -11,6 +11,7 @@ q * scale (+ minv) exactly in fp32 and round once. It shares the unpacking code 
 order shows there first, element by element.
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +182,9 @@ def test_qgemv_deterministic_and_pdl_levels(mode, G):
         assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16)), f"run {i} differs from run 0"
 
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the subprocesses' working directory
+
+
 def _clean_env(env):
     import os
     return {k: v for k, v in os.environ.items() if not k.startswith("CASE4_QGEMV")} | env | {"CASE4_BUILD_EXT": "0"}
@@ -192,10 +196,8 @@ def test_half2_kernel_against_float64():
     process); the tests above run the default fp32 kernel."""
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "-p", "no:cacheprovider",
-                        "tests/gpu/test_quant_kernels.py::test_qgemv_modes"], cwd=root,
+                        "tests/gpu/test_quant_kernels.py::test_qgemv_modes"], cwd=ROOT,
                        env=_clean_env({"CASE4_QGEMV": "h2"}), capture_output=True, text=True, timeout=600)
     tail = (r.stdout + r.stderr).strip().splitlines()[-6:]
     assert r.returncode == 0 and " passed" in tail[-1], f"CASE4_QGEMV=h2 test_qgemv_modes: {tail}"
@@ -213,10 +215,8 @@ def h2_outputs(tmp_path_factory):
 def _save_outputs(path, env):
     import subprocess
     import sys
-    from pathlib import Path
-    r = subprocess.run([sys.executable, "tests/gpu/qgemv_outputs.py", "save", str(path), "--quick"],
-                       cwd=Path(__file__).resolve().parents[2], env=_clean_env(env), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "tests/gpu/qgemv_outputs.py", "save", str(path), "--quick"], cwd=ROOT,
+                       env=_clean_env(env), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"qgemv_outputs save {env}: {r.stderr.strip().splitlines()[-1:]}"
 
 
@@ -226,13 +226,14 @@ def test_qgemv_variants_bitwise_equal_h2(env, h2_outputs, tmp_path):
     grid (one warp, the same chunk order and arithmetic): every output bit for bit the same, at both PDL levels,
     the float64 tests above holding for the default. (Session 25 ran the shared-memory ring kernel of
     docs/experiments/qgemv-ring2.patch through this test too: equal.)"""
+    import subprocess
+    import sys
     path = tmp_path / "v.pt"
     _save_outputs(path, env)
-    a, b = torch.load(h2_outputs), torch.load(path)
-    assert a.keys() == b.keys() and len(a) > 100
-    bits = (lambda t: t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16))
-    diff = [k for k in a if not torch.equal(bits(a[k]), bits(b[k]))]
-    assert not diff, f"{env}: {len(diff)} of {len(a)} outputs differ from the half2 kernel's, first {diff[:4]}"
+    assert len(torch.load(path)) > 100
+    r = subprocess.run([sys.executable, "tests/gpu/qgemv_outputs.py", "compare", str(h2_outputs), str(path)],
+                       cwd=ROOT, env=_clean_env({}), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{env}: outputs differ from the half2 kernel's: {r.stdout.strip().splitlines()[-4:]}"
 
 
 @pytest.mark.parametrize("mode,G", [("int8", 576), ("int4", 64)])
@@ -479,7 +480,6 @@ def test_builtin_gguf_on_cuda_matches_dequant_oracle():
     the committed text (tests/data/quant_text.txt) against the fp32 reference on the file's exact dequantized
     values: test_step.py's fp16 bound per step and the same argmax except at fp16 near-ties; then greedy through
     device sampling == the host argmax of our own steps, and exact graphs == eager bitwise."""
-    from pathlib import Path
     from transformers import AutoTokenizer
     from server.cuda_backend import CudaBackend
     from server.model.resolve import resolve_model
