@@ -1,5 +1,6 @@
 # The tensor-core quantized gemv of session 27 (performance entry 49: designed and compiled, not yet run on a GPU),
-# for one device call (~5 min on an H100; the repo root of a device copy of main at 89bd93e or later):
+# for one device call (~7 min on an H100: build ~80 s, rows ~90 s, tests ~150 s, ncu ~90 s; the repo root of a device
+# copy of main at 89bd93e or later):
 #   OUT=dir bash docs/experiments/qgemv-tc.sh
 # Applies qgemv-tc.patch (CASE4_QGEMV=tc and tcb next to the default fp32 kernel, the fp32 kernel's group index
 # without an integer division, the opt-in float64 test for tc and tcb), builds with default flags, prints the SASS
