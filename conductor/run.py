@@ -223,6 +223,8 @@ class Generation:
             log(f"--max-tokens {r.max_tokens} capped to {max_new} by the context")
         self.t0 = t0
         device = r.sampling == "device"
+        if self.will_precapture():  # said before the answer starts streaming, not inside its first line
+            log(f"pre-capturing {P.opts.precapture} graphs ...")
         rep = P.call(P.server, "kv_init", {"session": self.session, "input_ids": ids,
                                            "sample": p.to_dict() if device else None},
                      label=f"prefill {len(ids)}")
@@ -313,6 +315,11 @@ class Generation:
         self.emit([c["token"]], c["text"], time.perf_counter())
         return c["token"]
 
+    def will_precapture(self) -> bool:
+        """start_graphs will wait for pre-captured graphs (bg capture on a graph backend, --precapture > 0)."""
+        P, o = self.procs, self.procs.opts
+        return o.graph_mode != "none" and bool(P.info["graphs_available"]) and o.bg_capture and bool(o.precapture)
+
     def start_graphs(self) -> bool:
         P, o = self.procs, self.procs.opts
         if o.graph_mode == "none":
@@ -325,8 +332,7 @@ class Generation:
         try:
             if o.bg_capture:
                 P.call(P.server, "bg_capture_start", {"session": self.session, "window": o.window})
-                if o.precapture:
-                    log(f"pre-capturing {o.precapture} graphs ...")
+                if o.precapture:  # announced by run(), before the prefill
                     P.call(P.server, "wait_precapture", {"session": self.session, "count": o.precapture,
                                                          "timeout_s": float(o.timeout)})
             self.graphs_note = f"{o.graph_mode}, window {o.window}"

@@ -295,3 +295,21 @@ def test_killed_orchestrator_takes_its_children_along(tmp_path):
     while glob.glob(f"/dev/shm/case4_{live.p.pid}_*") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not glob.glob(f"/dev/shm/case4_{live.p.pid}_*")
+
+
+def test_progress_lines_do_not_split_the_streamed_answer(tmp_path):
+    """stdout and stderr on one terminal (the README's first command): the graph path's "[case4] pre-capturing N
+    graphs ..." line comes before the answer starts, on a line of its own, not after its first token (session 27
+    saw "The[case4] pre-capturing 4 graphs ..." on an H100). The backend: the reference one presenting capture ops
+    that do nothing (tests/serve_factories.py graphs_noop)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CASE4_SERVER_FACTORY="tests.serve_factories:graphs_noop")
+    r = subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "--model", "smollm2", "--backend", "reference",
+                        "--prompt", PLAIN, "--max-tokens", "6", "--output-dir", str(tmp_path), "--run-name", "p"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:]
+    lines = r.stdout.splitlines()
+    pre = [ln for ln in lines if "pre-capturing" in ln]
+    assert len(pre) == 1 and pre[0].startswith("[case4] pre-capturing"), pre  # the graph path ran, on its own line
+    text = (tmp_path / "p_text.txt").read_text()
+    assert text.strip() and text.strip() in r.stdout, (text, r.stdout[-1000:])  # the answer in one piece
+    assert "graphs: exact" in r.stdout  # the summary: graphs on, not "unavailable"
