@@ -4,7 +4,7 @@
 # kQTDepth register buffers filled by the load cursor (lj, ls) and drained by the run cursor (rj, rs) (every drained
 # buffer must hold the step being computed), the staged input (xperm<5|9> order, swizzled vectors, the tcb variant's
 # halves / 16 and its per-chunk bias sums), the unpack of each 32-bit word into A registers exactly as the bit
-# operations do, mma.m16n8k16 through its PTX fragment layouts (qgemv-tc-emulate.py), the per-chunk fp32 scaling,
+# operations do, mma.m16n8k16 through its PTX fragment layouts, the per-chunk fp32 scaling,
 # the two butterflies, the warps' partial sums and the epilogue's row (or gate|up pair) mapping. The sums are float64
 # here, so each row's result must equal W x (float64, from the layout's dequantization) to ~1e-12: what this checks
 # is the indexing, not the rounding (the GPU tests do that against float64).

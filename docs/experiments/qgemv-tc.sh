@@ -7,8 +7,8 @@
 # counts of the int4 QKV instance, takes the 7B per-kernel and decode rows of f32, tc and tcb (one process each),
 # runs tc and tcb through every test of tests/gpu/test_quant_kernels.py (the real-GGUF test too where the gguf
 # package and the built-in GGUF are on PYTHONPATH), then ncu raw metrics of one QKV and one down launch of each.
-# CPU checks done before it: qgemv-tc-emulate.py (the operand mapping) and qgemv-tc-simulate.py (the whole kernel,
-# lane by lane, on small shapes).
+# CPU check done before it: qgemv-tc-simulate.py (the whole kernel, its operand mapping included, lane by lane, on
+# small shapes).
 set -o pipefail
 export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 CASE4_BUILD_EXT=0
 unset CASE4_CUDA_ARCHS
