@@ -23,9 +23,10 @@
 // logits with the per-block argmax partials greedy sampling reads (lm_head). Weights (and their scales) are
 // read-only, so each warp's first chunk is loaded before griddepcontrol.wait.
 //
-// Two kernels share the staging (qstage) and the epilogues (qpair_out, qamax_out): qgemv_kernel above (fp32
-// products; the default) and qgemv_h2_kernel (fp16 models with CASE4_QGEMV=h2: half2 products of 8 inputs at a
-// time summed in fp32, the next tile prefetched; see its own comment).
+// Three kernels share the staging (qstage) and the epilogues (qpair_out, qamax_out): qgemv_kernel above (fp32
+// products: bf16 models, and int8 on fp16 models), qgemv_tc_kernel (tensor cores: int4 on fp16 models, the default
+// since entry 50) and qgemv_h2_kernel (fp16 models with CASE4_QGEMV=h2: half2 products of 8 inputs at a time summed
+// in fp32, the next tile prefetched); qgemv_init says which runs, each kernel's own comment how.
 #include <algorithm>
 #include <cstdlib>
 #include <map>
@@ -148,6 +149,12 @@ __device__ __forceinline__ uint4 xperm(const uint4 &v) {
     else if constexpr (PERM == 8)
         return make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632), __byte_perm(v.z, v.w, 0x5410),
                           __byte_perm(v.z, v.w, 0x7632));
+    else if constexpr (PERM == 5)  // tensor-core kernel, int4: (x0,x4)(x2,x6) | (x1,x5)(x3,x7)
+        return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                          __byte_perm(v.y, v.w, 0x7632));
+    else if constexpr (PERM == 9)  // tensor-core kernel, int8: (x0,x2)(x4,x6) | (x1,x3)(x5,x7)
+        return make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.z, v.w, 0x5410), __byte_perm(v.x, v.y, 0x7632),
+                          __byte_perm(v.z, v.w, 0x7632));
     else
         return v;
 }
@@ -249,11 +256,13 @@ template <int QM, int U>
 __device__ __forceinline__ void qload(const QGemvArgs &a, const uint4 *Q, int nchunk, int ng, int lane, int ra, int rb,
                                       int base, uint64_t pol, QTile<QM, U> &b) {
     constexpr int KPC = QTraits<QM>::kpc;
+    // the chunk's group without an integer division (a power of two of chunks a group, or one group a row)
+    const int cpg = a.group / KPC, gsh = (cpg & (cpg - 1)) == 0 ? __ffs(cpg) - 1 : -1;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int c = base + u * kWarp + lane;
         const bool in = c < nchunk;
-        const int g = in ? c * KPC / a.group : 0;
+        const int g = !in || ng == 1 ? 0 : gsh >= 0 ? c >> gsh : c / cpg;
         b.wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
         b.wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
         b.sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
@@ -479,17 +488,221 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
     ktrace_end(a.trace);
 }
 
+// ---- the tensor-core kernel (fp16 models: int4 by default, int8 with CASE4_QGEMV=tc; docs/performance.md entries 49-50)
+// ncu (entry 47) found the fp32 and half2 kernels issue-bound: 0.32 warp-instructions a weight byte at ~4 warps a
+// scheduler, where 3 TB/s leaves room for ~0.15. Here the products and their sums go to the tensor cores
+// (mma.sync m16n8k16, fp16 in, fp32 accumulation), with three changes from entry 48's tensor-core kernel (slower
+// than the fp32 one, docs/experiments/qgemv-mma2.patch), whose 16-row tiles left the grid unbalanced (QKV: 768
+// tiles on 528 blocks, 2 against 1) and whose O and down filled half the SMs:
+//   - tiles of 8 rows (4 gate|up pairs for SwiGLU): lane (g, t) (g = lane / 4, t = lane % 4) streams row g of the
+//     tile, chunk 4s + t of step s, one 16-byte load a step (the 4 lanes of a row read 64 contiguous bytes);
+//   - the grid is the blocks resident at once (4 a SM at <= 64 registers), spread so that every block has the same
+//     number of tiles (QKV 1536 tiles: 512 blocks of 3; O, down 512 of 1; gate|up 2752: 459 of 6); a block's 8 warps
+//     take the steps of each of its tiles in turn (warp w: steps w, w + 8, ...);
+//   - kQTDepth steps in flight a lane (registers), each buffer reloaded once it is consumed; with PDL's preload the
+//     first kQTDepth before griddepcontrol.wait;
+//   - (entry 50) a lane's row offsets are set once a tile and its chunk advanced by a constant a step, and each owner
+//     lane reads its B values of a step in one (int8) or two (int4) 16-byte loads from xs_put's chunk-major slots.
+// Operands: the weights are A, each 32-bit word made exact fp16 integers in registers (int4 v - 8: lop3 magic and
+// one HSUB2/HFMA2 a pair; int8 q: prmt magic and one HSUB2), all 8 of a lane's A values from its own row: k slots
+// (2t, 2t+1, 2t+8, 2t+9) of A's row g hold inputs (0,4)(2,6) of the word (int8: (0,2)(4,6) of a word pair) and those
+// of A's row g + 8 inputs (1,5)(3,7) ((1,3)(5,7)). The input is B, and B's columns keep the lanes apart: column 2t
+// holds the input of lane t's chunk in the k slots of row g's values, column 2t + 1 in those of row g + 8's (the
+// owner lanes g = 2t + h; zero elsewhere), so C[g][2t] + C[g + 8][2t + 1] (lane (g, t)'s c0 + c3) is the dot product
+// of its word with its inputs: exact products summed in fp32 (lane mapping emulated against float64 before the GPU).
+// Each step's dot is scaled in fp32 per chunk (int4 acc += s * D + (minv + 8 s) * sum(x), int8 acc += s * D); a
+// warp's 4 lanes of a row are summed by two butterflies, the warps' sums of a tile in shared memory, and after the
+// block's last tile each row is the 8 warps' sums in warp order, then the epilogue (qpair_out). Every sum is in a
+// fixed order given the shape and the grid: every replay gives the same bits.
+constexpr int kQTWarps = 8;
+constexpr int kQTDepth = 4;  // steps in flight a lane
+constexpr int kQTPart = kQTWarps * 8;  // fp32 partial sums a tile: 8 warps x 8 rows
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned h2_bits(__half2 v) { return *reinterpret_cast<const unsigned *>(&v); }
+__device__ __forceinline__ __half2 bits_h2(unsigned v) { return *reinterpret_cast<const __half2 *>(&v); }
+
+// One 32-bit word of q as exact fp16 integer pairs: int4 v - 8 of inputs (0,4) (1,5) (2,6) (3,7) into q[0..3];
+// int8 q of inputs (0,2) (1,3) into q[0..1].
+template <int QM>
+__device__ __forceinline__ void unpack_tc(unsigned w, unsigned (&q)[QM == 4 ? 4 : 2]) {
+    if constexpr (QM == 4) {
+        const unsigned hi = w >> 8;
+        // (1024 + v) - 1032 and (1024 + 16 v) / 16 - 72: both v - 8, exact
+        const __half2 b1032 = __half2half2(__ushort_as_half(0x6408));
+        const __half2 k16 = __floats2half2_rn(0.0625f, 0.0625f), b72 = __floats2half2_rn(-72.f, -72.f);
+        q[0] = h2_bits(__hsub2(bits_h2(lop_or(w, 0x000F000Fu, 0x64006400u)), b1032));
+        q[1] = h2_bits(__hfma2(bits_h2(lop_or(w, 0x00F000F0u, 0x64006400u)), k16, b72));
+        q[2] = h2_bits(__hsub2(bits_h2(lop_or(hi, 0x000F000Fu, 0x64006400u)), b1032));
+        q[3] = h2_bits(__hfma2(bits_h2(lop_or(hi, 0x00F000F0u, 0x64006400u)), k16, b72));
+    } else {  // int8 -> uint8 + 128 by the sign bit; (1024 + 128 + q) - 1152 = q, exact
+        const unsigned u = w ^ 0x80808080u;
+        const __half2 b1152 = __half2half2(__ushort_as_half(0x6480));
+        q[0] = h2_bits(__hsub2(bits_h2(__byte_perm(u, 0x64u, 0x4240)), b1152));
+        q[1] = h2_bits(__hsub2(bits_h2(__byte_perm(u, 0x64u, 0x4341)), b1152));
+    }
+}
+
+struct QTStep {  // one step of a lane: its 16-byte chunk and the chunk's group scale (and int4 minimum)
+    uint4 w;
+    float s, m;
+};
+
+template <int MODE, bool NORM, int QM>
+__global__ void __launch_bounds__(kQTWarps * kWarp, 4) qgemv_tc_kernel(QGemvArgs a) {
+    using T = half;
+    constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc, D = kQTDepth;
+    extern __shared__ uint4 xs[];  // K / 8 vectors (xperm<5|9>'d, at xs_put's slots), int4's chunk sums, the partials
+    __shared__ __align__(16) float red[kWarp];
+    const int nchunk = a.K / KPC, ng = a.K / a.group;
+    float *xsum = reinterpret_cast<float *>(xs + a.K / 8);
+    float *part = xsum + (QM == 4 ? nchunk : 0);  // [tile of this block][warp][8 rows]
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    const int g = lane >> 2, t = lane & 3, h = g & 1;
+    const bool owner = (g >> 1) == t;  // holds B's column g = 2t + h
+    const uint4 *Q = reinterpret_cast<const uint4 *>(a.q);  // row r starts at chunk r * nchunk
+    const int ntiles = MODE == kGemvSwiglu ? (a.N + 3) / 4 : (a.N + 7) / 8;
+    const int nsteps = (nchunk + 3) / 4;
+    const int per_warp = warp < nsteps ? (nsteps - warp + kQTWarps - 1) / kQTWarps : 0;  // a tile's steps, this warp
+    const int my_tiles = (int)blockIdx.x < ntiles ? (ntiles - (int)blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    const int nitem = my_tiles * per_warp;
+    const uint64_t pol = l2_policy(true);
+
+    auto row_of = [&](int j) {  // this lane's row in the block's tile j (< 0: past the matrix)
+        const int tile = blockIdx.x + j * gridDim.x;
+        if (MODE == kGemvSwiglu) {
+            const int p = 4 * tile + (g & 3);
+            return p < a.N ? (g < 4 ? p : p + a.N) : -1;
+        }
+        const int r = 8 * tile + g;
+        return r < a.N ? r : -1;
+    };
+    // a chunk's group: no integer division in the loop (the group a power of two of chunks, or one group a row)
+    const int cpg = a.group / KPC, gsh = (cpg & (cpg - 1)) == 0 ? __ffs(cpg) - 1 : -1;
+    auto group_of = [&](int c) { return ng == 1 ? 0 : gsh >= 0 ? c >> gsh : c / cpg; };
+    int lj = 0, ls = 0;  // the next step to load: the block's tile lj, the warp's step ls of it
+    auto load_next = [&](QTStep &b) {
+        if (per_warp == 0 || lj >= my_tiles) return;
+        const int r = row_of(lj), c = 4 * (warp + kQTWarps * ls) + t;
+        const bool in = r >= 0 && c < nchunk;
+        const size_t gi = in ? (size_t)r * ng + group_of(c) : 0;
+        b.w = in ? ld_stream(Q + (size_t)r * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+        b.s = in ? ld_half(a.scale, gi) : 0.f;
+        if constexpr (QM == 4) b.m = in ? ld_half(a.minv, gi) : 0.f;
+        if (++ls == per_warp) { ls = 0; ++lj; }
+    };
+
+    QTStep buf[D];
+    ktrace(a.trace, 0);
+    if (a.preload) {  // read-only weights: before the wait
+#pragma unroll
+        for (int d = 0; d < D; ++d) load_next(buf[d]);
+    }
+    pdl_trigger();
+    pdl_wait();
+    ktrace(a.trace, 1);
+    if (!a.preload) {
+#pragma unroll
+        for (int d = 0; d < D; ++d) load_next(buf[d]);
+    }
+    for (int k = threadIdx.x; k < my_tiles * kQTPart; k += blockDim.x) part[k] = 0.f;  // before qstage's barrier
+    qstage<T, NORM, QM, QM == 4 ? 5 : 9>(a, xs, xsum, red);
+
+    const uint2 *xs2 = reinterpret_cast<const uint2 *>(xs);
+    float acc = 0.f;  // this lane's chunks of its row, over the warp's steps of the current tile
+    int rj = 0, rs = 0;  // the step being computed: tile rj, step rs
+    auto run = [&](QTStep &cur) {
+        const int c = 4 * (warp + kQTWarps * rs) + t;
+        const bool bx = owner && c < nchunk;  // B: the owner's half h of the input of chunk c (lane t's)
+        float cc[4] = {0.f, 0.f, 0.f, 0.f};
+        const unsigned ws[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
+        if constexpr (QM == 4) {
+#pragma unroll
+            for (int d = 0; d < 4; ++d) {  // word d: inputs 8d .. 8d + 7 of the chunk
+                const uint2 xv = bx ? xs2[2 * xswz<VPC>(c * VPC + d) + h] : make_uint2(0, 0);
+                unsigned q[4];
+                unpack_tc<4>(ws[d], q);
+                mma_16816(cc, q[0], q[1], q[2], q[3], xv.x, xv.y);
+            }
+        } else {
+#pragma unroll
+            for (int d = 0; d < 2; ++d) {  // words 2d, 2d + 1: inputs 8d .. 8d + 7 of the chunk
+                const uint2 xv = bx ? xs2[2 * xswz<VPC>(c * VPC + d) + h] : make_uint2(0, 0);
+                unsigned q0[2], q1[2];
+                unpack_tc<8>(ws[2 * d], q0);
+                unpack_tc<8>(ws[2 * d + 1], q1);
+                mma_16816(cc, q0[0], q0[1], q1[0], q1[1], xv.x, xv.y);
+            }
+        }
+        const float dot = cc[0] + cc[3];
+        const int cx = min(c, nchunk - 1);
+        // dot: sum((v - 8) x) (int4) or sum(q x) (int8)
+        if constexpr (QM == 4) acc += fmaf(cur.s, dot, fmaf(8.f, cur.s, cur.m) * xsum[cx]);
+        else acc += cur.s * dot;
+        load_next(cur);  // the buffer is free: the step D ahead
+        if (++rs != per_warp) return;  // the warp's last step of the tile: its sums of the tile's 8 rows
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        if (t == 0) part[(rj * kQTWarps + warp) * 8 + g] = acc;
+        acc = 0.f;
+        rs = 0;
+        ++rj;
+    };
+    for (int i = 0; i < nitem; i += D) {
+#pragma unroll
+        for (int d = 0; d < D; ++d)
+            if (i + d < nitem) run(buf[d]);
+    }
+    __syncthreads();
+
+    // the block's rows: the 8 warps' sums in warp order, then the epilogue
+    float best = -INFINITY;  // kGemvF32: this thread's largest stored logit and its row
+    int best_row = kNoIndex;
+    for (int k = threadIdx.x; k < my_tiles * 8; k += blockDim.x) {
+        const int j = k / 8, r = k % 8, tile = blockIdx.x + j * gridDim.x;
+        const float *pj = part + j * kQTPart;
+        auto sum_of = [&](int rr) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < kQTWarps; ++w) v += pj[w * 8 + rr];
+            return v;
+        };
+        if constexpr (MODE == kGemvSwiglu) {
+            const int p = 4 * tile + r;
+            if (r < 4 && p < a.N) qpair_out<T, MODE>(a, p, p + a.N, sum_of(r), sum_of(r + 4), best, best_row);
+        } else {
+            const int row = 8 * tile + r;
+            if (row < a.N) qpair_out<T, MODE>(a, row, -1, sum_of(r), 0.f, best, best_row);
+        }
+    }
+    if constexpr (MODE == kGemvF32) {
+        if (a.amax_part) {
+            block_argmax_pick(best, best_row);
+            if (threadIdx.x == 0) a.amax_part[blockIdx.x] = make_int2(__float_as_int(best), best_row);
+        }
+    }
+    ktrace_end(a.trace);
+}
+
 static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 bytes (ops.h GemvArgs)");
 
 static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
-// Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init: f32 (the
-// default: the fp32 kernel) or h2 (the half2 kernel, opt-in). Measured on an H100 (docs/performance.md entries
-// 45 and 47): h2 is faster in every quantized row (7B int4 G128 -6 %, entry 45), but on the real SmolLM2 GGUF its
-// fp16 partial sums moved one teacher-forced argmax in 256 by more than an fp16 near-tie (the GPU test's bound,
-// which the fp32 kernel met in session 20), so it is not the default.
-enum QKernel { kQF32, kQH2 };
-static QKernel q_kernel = kQF32;
+// Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init.
+//   auto (or unset, the default): the tensor-core kernel for int4, the fp32 kernel for int8. Measured side by side on
+//     an H100 (docs/performance.md entry 50): 7B int4 G128 2.270 ms/token against the fp32 kernel's 2.452, int8
+//     3.242 against 2.954; on every test of tests/gpu/test_quant_kernels.py (the real SmolLM2 GGUF's included) both
+//     pass, and the tensor-core kernel's rounding is the fp32 kernel's (exact integer products, fp32 sums).
+//   f32: the fp32 kernel for both modes. tc: the tensor-core kernel for both modes.
+//   h2: the half2 kernel (opt-in since entry 47: its fp16 partial sums moved one teacher-forced argmax in 256 on the
+//     real SmolLM2 GGUF by more than an fp16 near-tie, the GPU test's bound).
+enum QKernel { kQAuto, kQF32, kQH2, kQTc };
+static QKernel q_kernel = kQAuto;
 static int q_sms = 0;  // the device's SMs (qgemv_init)
 // The half2 kernel's grid: at most the blocks resident at once (occupancy x SMs; 2 a SM at its ~100 registers),
 // below the plan's max_blocks (4 a SM, the fp16 gemv's), so that no second wave of blocks stages and norms the
@@ -509,6 +722,8 @@ static void set_attr_q() {
     if constexpr (std::is_same_v<T, half>) {
         set_smem(qgemv_h2_kernel<MODE, false, QM>);
         set_smem(qgemv_h2_kernel<MODE, true, QM>);
+        set_smem(qgemv_tc_kernel<MODE, false, QM>);
+        set_smem(qgemv_tc_kernel<MODE, true, QM>);
     }
 }
 template <typename T, int QM>
@@ -528,9 +743,11 @@ void qgemv_init(int dtype) {  // once per device and dtype (the Engines and the 
     q_smem_limit = std::min(kQMaxSmem, optin - 1024);
     const char *v = std::getenv("CASE4_QGEMV");
     const std::string which = v ? v : "";
-    if (which == "h2") q_kernel = kQH2;
-    else if (which == "" || which == "f32") q_kernel = kQF32;
-    else throw BadArgument("CASE4_QGEMV must be h2 or f32, got '" + which + "'");
+    if (which == "" || which == "auto") q_kernel = kQAuto;
+    else if (which == "f32") q_kernel = kQF32;
+    else if (which == "h2") q_kernel = kQH2;
+    else if (which == "tc") q_kernel = kQTc;
+    else throw BadArgument("CASE4_QGEMV must be auto, f32, h2 or tc, got '" + which + "'");
     const char *gv = std::getenv("CASE4_QGEMV_GRID");
     const std::string grid = gv ? gv : "";
     if (grid != "" && grid != "resident" && grid != "x4")
@@ -581,6 +798,22 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
     int grid = a.max_blocks > 0 && groups > a.max_blocks ? a.max_blocks : groups;
     const size_t smem = qsmem(a.K, QM);
     if constexpr (std::is_same_v<T, half>) {
+        // the tensor-core kernel indexes a row's chunks from r * nchunk in 32 bits: larger matrices take the fp32 one
+        const long long chunks = (long long)(MODE == kGemvSwiglu ? 2 * a.N : a.N) * (a.K / QTraits<QM>::kpc);
+        if ((q_kernel == kQTc || (q_kernel == kQAuto && QM == 4)) && chunks < (1LL << 31)) {
+            // tiles of 8 rows (4 SwiGLU pairs), the same number a block
+            auto kernel = a.norm_w ? qgemv_tc_kernel<MODE, true, QM> : qgemv_tc_kernel<MODE, false, QM>;
+            const int ntiles = MODE == kGemvSwiglu ? (a.N + 3) / 4 : (a.N + 7) / 8;
+            auto smem_for = [&](int blocks) { return smem + (size_t)((ntiles + blocks - 1) / blocks) * kQTPart * 4; };
+            int tgrid = a.max_blocks > 0 ? std::min(ntiles, a.max_blocks) : ntiles;
+            const int per_sm = resident_per_sm(kernel, smem_for(tgrid));
+            if (per_sm > 0) tgrid = std::min(tgrid, per_sm * q_sms);
+            const int per_block = (ntiles + tgrid - 1) / tgrid;
+            tgrid = (ntiles + per_block - 1) / per_block;  // the fewest blocks with that many tiles each
+            if (smem_for(tgrid) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
+            launch_pdl(L, kernel, dim3(tgrid), dim3(kQTWarps * kWarp), smem_for(tgrid), a);
+            return tgrid;
+        }
         if (q_kernel == kQH2) {
             auto kernel = a.norm_w ? qgemv_h2_kernel<MODE, true, QM> : qgemv_h2_kernel<MODE, false, QM>;
             if (q_grid_resident) {
