@@ -367,6 +367,9 @@ def main():
     ap.add_argument("--quant-modes", default="dynamic,exact", help="graph modes of the quantized rows")
     ap.add_argument("--options", default="default",
                     help="EngineOptions sets (name=value+...) to run the timeline with, comma-separated (A/B)")
+    ap.add_argument("--timeline-quant", default="",
+                    help="the timeline's weights quantized, mode:group (e.g. int4:32, the built-in GGUF's layers; "
+                         "group 0: one scale a row), the server's synthetic quantized weights; default fp16")
     a = ap.parse_args()
     ext = load_extension()
     if a.timeline:
@@ -374,13 +377,20 @@ def main():
         out = []
         for shape in a.timeline.split(","):
             cfg = with_max_seq(SYNTHETIC_SHAPES[shape], a.max_seq)
-            w = synthetic_weights(cfg, "float16", "cuda", 0)
+            schemes = None
+            if a.timeline_quant:
+                from server.model.weights import quant_schemes
+                qmode, _, G = a.timeline_quant.partition(":")
+                schemes = quant_schemes(cfg, qmode, int(G) if G and G != "0" else None, f"synthetic:{shape}")
+            w = synthetic_weights(cfg, "float16", "cuda", 0, schemes=schemes)
             model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
             for mode, prompt, opts in ((m, int(p), o) for m in a.timeline_modes.split(",")
                                        for p in a.timeline_prompts.split(",") for o in a.options.split(",")):
                 tl = kernel_timeline(ext, model, mode=mode, prompt=prompt, options=opts)
                 out.append(tl)
-                print(f"== timeline {shape} {mode} prompt {prompt} options {opts}: {tl['us_per_step']} us/step")
+                tl["quant"] = a.timeline_quant or "none"
+                print(f"== timeline {shape} quant {tl['quant']} {mode} prompt {prompt} options {opts}: "
+                      f"{tl['us_per_step']} us/step")
                 print(f"{'kind':14s} {'n':>4s} {'early':>7s} {'release':>8s} {'work':>8s} {'end2end':>8s} "
                       f"{'sum':>8s} {'lstart':>7s} {'lwait':>6s}  (us, p50)  phases")
                 for k, v in tl["summary"].items():
