@@ -117,13 +117,13 @@ template <> __device__ __forceinline__ float2 to_f2<__nv_bfloat16>(unsigned v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v));
 }
 
-// the staged input of chunk c as floats
-template <typename T, int QM>
+// the staged input of chunk c as floats (TC: the tensor-core kernel's slots, in their order, for the chunk's sum)
+template <typename T, int QM, bool TC = false>
 __device__ __forceinline__ void load_x(const uint4 *xs, int c, float (&xf)[QTraits<QM>::kpc]) {
     constexpr int VPC = QTraits<QM>::vpc;
 #pragma unroll
     for (int j = 0; j < VPC; ++j) {
-        const uint4 v = xs[xswz<VPC>(c * VPC + j)];
+        const uint4 v = xs[TC ? c * VPC + j : xswz<VPC>(c * VPC + j)];
         const unsigned vs[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
@@ -159,7 +159,35 @@ __device__ __forceinline__ uint4 xperm(const uint4 &v) {
         return v;
 }
 
-// Stage the input of one block in shared memory (K / 8 swizzled vectors of T, each in xperm<PERM>'s order), then,
+// Where qstage puts vector i of the input. The tensor-core kernel's orders (PERM 5, 9): chunk-major, each vector's
+// two 8-byte halves apart, half h of vector d of chunk c in 8-byte slot (2 c + h) VPC + d, so that an owner lane's
+// B values of a chunk (half h of each of its VPC vectors) are VPC / 2 contiguous 16-byte words; the other kernels':
+// the swizzled 16-byte slot xswz(i).
+template <int PERM> constexpr bool kTcOrder = PERM == 5 || PERM == 9;
+template <int VPC, int PERM>
+__device__ __forceinline__ void xs_put(uint4 *xs, int i, const uint4 &v) {
+    if constexpr (kTcOrder<PERM>) {
+        uint2 *x2 = reinterpret_cast<uint2 *>(xs);
+        const int s = (i / VPC) * 2 * VPC + i % VPC;
+        x2[s] = make_uint2(v.x, v.y);
+        x2[s + VPC] = make_uint2(v.z, v.w);
+    } else {
+        xs[xswz<VPC>(i)] = v;
+    }
+}
+template <int VPC, int PERM>
+__device__ __forceinline__ uint4 xs_get(const uint4 *xs, int i) {
+    if constexpr (kTcOrder<PERM>) {
+        const uint2 *x2 = reinterpret_cast<const uint2 *>(xs);
+        const int s = (i / VPC) * 2 * VPC + i % VPC;
+        const uint2 lo = x2[s], hi = x2[s + VPC];
+        return make_uint4(lo.x, lo.y, hi.x, hi.y);
+    } else {
+        return xs[xswz<VPC>(i)];
+    }
+}
+
+// Stage the input of one block in shared memory (K / 8 vectors of T at xs_put's slots, each in xperm<PERM>'s order), then,
 // int4, the fp32 sum of each chunk's inputs: the embedding row of tok[0] when given (block 0 then fills the
 // residual x_out), RMSNorm'd when NORM: round(w * round(x * inv)), as gemv.cu and the reference.
 template <typename T, bool NORM, int QM, int PERM>
@@ -172,7 +200,7 @@ __device__ __forceinline__ void qstage(const QGemvArgs &a, uint4 *xs, float *xsu
     float ss = 0.f;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
         const uint4 v = xin[i];
-        xs[xswz<VPC>(i)] = NORM ? v : xperm<PERM>(v);
+        xs_put<VPC, PERM>(xs, i, NORM ? v : xperm<PERM>(v));
         if (write_resid) reinterpret_cast<uint4 *>(a.x_out)[i] = v;
         if (NORM) {
             float f[8];
@@ -186,18 +214,18 @@ __device__ __forceinline__ void qstage(const QGemvArgs &a, uint4 *xs, float *xsu
         const uint4 *nw = reinterpret_cast<const uint4 *>(a.norm_w);
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
             float f[8], w[8];
-            unpack8<T>(xs[xswz<VPC>(i)], f);
+            unpack8<T>(xs_get<VPC, PERM>(xs, i), f);
             unpack8<T>(nw[i], w);
 #pragma unroll
             for (int j = 0; j < 8; ++j) f[j] = w[j] * round_t<T>(f[j] * inv);
-            xs[xswz<VPC>(i)] = xperm<PERM>(pack8<T>(f));
+            xs_put<VPC, PERM>(xs, i, xperm<PERM>(pack8<T>(f)));
         }
     }
     __syncthreads();
     if constexpr (QM == 4) {  // sum(x) per chunk, in the staged order
         for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
             float xf[KPC];
-            load_x<T, QM>(xs, c, xf);
+            load_x<T, QM, kTcOrder<PERM>>(xs, c, xf);
             float s = 0.f;
 #pragma unroll
             for (int k = 0; k < KPC; ++k) s += xf[k];
@@ -585,16 +613,32 @@ __global__ void __launch_bounds__(kQTWarps * kWarp, 4) qgemv_tc_kernel(QGemvArgs
     // a chunk's group: no integer division in the loop (the group a power of two of chunks, or one group a row)
     const int cpg = a.group / KPC, gsh = (cpg & (cpg - 1)) == 0 ? __ffs(cpg) - 1 : -1;
     auto group_of = [&](int c) { return ng == 1 ? 0 : gsh >= 0 ? c >> gsh : c / cpg; };
-    int lj = 0, ls = 0;  // the next step to load: the block's tile lj, the warp's step ls of it
+    // The load cursor: the block's tile lj, the warp's step ls of it, this lane's chunk lc of its row there; the row's
+    // first chunk (lq) and group (lg) are set once a tile (lrow: the row is in the matrix), a step adds 4 warps' chunks.
+    const int c0 = 4 * warp + t;
+    int lj = 0, ls = 0, lc = c0, lq = 0, lg = 0;
+    bool lrow = false;
+    auto tile_rows = [&]() {
+        const int r = lj < my_tiles ? row_of(lj) : -1;
+        lrow = r >= 0;
+        lq = lrow ? r * nchunk : 0;  // < 2^31: checked by the launcher
+        lg = lrow ? r * ng : 0;
+        lc = c0;
+    };
+    tile_rows();
     auto load_next = [&](QTStep &b) {
         if (per_warp == 0 || lj >= my_tiles) return;
-        const int r = row_of(lj), c = 4 * (warp + kQTWarps * ls) + t;
-        const bool in = r >= 0 && c < nchunk;
-        const size_t gi = in ? (size_t)r * ng + group_of(c) : 0;
-        b.w = in ? ld_stream(Q + (size_t)r * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+        const bool in = lrow && lc < nchunk;
+        const int gi = lg + group_of(lc);
+        b.w = in ? ld_stream(Q + (lq + lc), pol) : make_uint4(0, 0, 0, 0);
         b.s = in ? ld_half(a.scale, gi) : 0.f;
         if constexpr (QM == 4) b.m = in ? ld_half(a.minv, gi) : 0.f;
-        if (++ls == per_warp) { ls = 0; ++lj; }
+        lc += 4 * kQTWarps;
+        if (++ls == per_warp) {
+            ls = 0;
+            ++lj;
+            tile_rows();
+        }
     };
 
     QTStep buf[D];
@@ -613,34 +657,37 @@ __global__ void __launch_bounds__(kQTWarps * kWarp, 4) qgemv_tc_kernel(QGemvArgs
     for (int k = threadIdx.x; k < my_tiles * kQTPart; k += blockDim.x) part[k] = 0.f;  // before qstage's barrier
     qstage<T, NORM, QM, QM == 4 ? 5 : 9>(a, xs, xsum, red);
 
-    const uint2 *xs2 = reinterpret_cast<const uint2 *>(xs);
     float acc = 0.f;  // this lane's chunks of its row, over the warp's steps of the current tile
-    int rj = 0, rs = 0;  // the step being computed: tile rj, step rs
+    int rj = 0, rs = 0, rc = c0;  // the step being computed: tile rj, step rs, this lane's chunk rc
     auto run = [&](QTStep &cur) {
-        const int c = 4 * (warp + kQTWarps * rs) + t;
-        const bool bx = owner && c < nchunk;  // B: the owner's half h of the input of chunk c (lane t's)
+        // B: the owner's half h of the input of chunk rc (lane t's): VPC 8-byte words, one per mma, in 16-byte loads
+        const bool bx = owner && rc < nchunk;
+        const uint4 *xb = xs + rc * VPC + h * (VPC / 2);
         float cc[4] = {0.f, 0.f, 0.f, 0.f};
         const unsigned ws[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
         if constexpr (QM == 4) {
+            const uint4 b01 = bx ? xb[0] : make_uint4(0, 0, 0, 0), b23 = bx ? xb[1] : make_uint4(0, 0, 0, 0);
+            const unsigned bs[8] = {b01.x, b01.y, b01.z, b01.w, b23.x, b23.y, b23.z, b23.w};
 #pragma unroll
             for (int d = 0; d < 4; ++d) {  // word d: inputs 8d .. 8d + 7 of the chunk
-                const uint2 xv = bx ? xs2[2 * xswz<VPC>(c * VPC + d) + h] : make_uint2(0, 0);
                 unsigned q[4];
                 unpack_tc<4>(ws[d], q);
-                mma_16816(cc, q[0], q[1], q[2], q[3], xv.x, xv.y);
+                mma_16816(cc, q[0], q[1], q[2], q[3], bs[2 * d], bs[2 * d + 1]);
             }
         } else {
+            const uint4 b = bx ? xb[0] : make_uint4(0, 0, 0, 0);
+            const unsigned bs[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int d = 0; d < 2; ++d) {  // words 2d, 2d + 1: inputs 8d .. 8d + 7 of the chunk
-                const uint2 xv = bx ? xs2[2 * xswz<VPC>(c * VPC + d) + h] : make_uint2(0, 0);
                 unsigned q0[2], q1[2];
                 unpack_tc<8>(ws[2 * d], q0);
                 unpack_tc<8>(ws[2 * d + 1], q1);
-                mma_16816(cc, q0[0], q0[1], q1[0], q1[1], xv.x, xv.y);
+                mma_16816(cc, q0[0], q0[1], q1[0], q1[1], bs[2 * d], bs[2 * d + 1]);
             }
         }
         const float dot = cc[0] + cc[3];
-        const int cx = min(c, nchunk - 1);
+        const int cx = min(rc, nchunk - 1);
+        rc += 4 * kQTWarps;
         // dot: sum((v - 8) x) (int4) or sum(q x) (int8)
         if constexpr (QM == 4) acc += fmaf(cur.s, dot, fmaf(8.f, cur.s, cur.m) * xsum[cx]);
         else acc += cur.s * dot;
@@ -651,6 +698,7 @@ __global__ void __launch_bounds__(kQTWarps * kWarp, 4) qgemv_tc_kernel(QGemvArgs
         if (t == 0) part[(rj * kQTWarps + warp) * 8 + g] = acc;
         acc = 0.f;
         rs = 0;
+        rc = c0;
         ++rj;
     };
     for (int i = 0; i < nitem; i += D) {
