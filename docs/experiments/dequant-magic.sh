@@ -1,3 +1,4 @@
+# Ran in session 28 (performance entry 50): dequant rate +2 %, the 512-token int4 TTFT unchanged (1.317x -> 1.327x): rejected.
 # The prefill's dequantization without integer divisions (dequant-magic.patch, session 27, performance entry 49:
 # compiled, the division identity checked on the CPU over 21 M cases, not yet run on a GPU), for one device call
 # (~4 min on an H100; the repo root of a device copy of main at 89bd93e or later, built):

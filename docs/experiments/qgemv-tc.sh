@@ -1,3 +1,4 @@
+# Ran in session 28 (performance entry 50, against main 29a7c5c, the only tree it applies to): tc landed as the int4 default.
 # The tensor-core quantized gemv of session 27 (performance entry 49: designed and compiled, not yet run on a GPU),
 # for one device call (~7 min on an H100: build ~80 s, rows ~90 s, tests ~150 s, ncu ~90 s; the repo root of a device
 # copy of main at 89bd93e or later):
