@@ -743,9 +743,10 @@ static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmod
 
 // Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init.
 //   auto (or unset, the default): the tensor-core kernel for int4, the fp32 kernel for int8. Measured side by side on
-//     an H100 (docs/performance.md entry 50): 7B int4 G128 2.270 ms/token against the fp32 kernel's 2.452, int8
-//     3.242 against 2.954; on every test of tests/gpu/test_quant_kernels.py (the real SmolLM2 GGUF's included) both
-//     pass, and the tensor-core kernel's rounding is the fp32 kernel's (exact integer products, fp32 sums).
+//     one H100 (docs/performance.md entry 50): 7B int4 G128 2.092 ms/token against the fp32 kernel's 2.502, int8
+//     3.091 against the fp32 kernel's 2.959; on every test of tests/gpu/test_quant_kernels.py (the real SmolLM2
+//     GGUF's included) both pass, and the tensor-core kernel's rounding is the fp32 kernel's (exact integer
+//     products, fp32 sums).
 //   f32: the fp32 kernel for both modes. tc: the tensor-core kernel for both modes.
 //   h2: the half2 kernel (opt-in since entry 47: its fp16 partial sums moved one teacher-forced argmax in 256 on the
 //     real SmolLM2 GGUF by more than an fp16 near-tie, the GPU test's bound).
