@@ -524,9 +524,11 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
 // tiles on 528 blocks, 2 against 1) and whose O and down filled half the SMs:
 //   - tiles of 8 rows (4 gate|up pairs for SwiGLU): lane (g, t) (g = lane / 4, t = lane % 4) streams row g of the
 //     tile, chunk 4s + t of step s, one 16-byte load a step (the 4 lanes of a row read 64 contiguous bytes);
-//   - the grid is the blocks resident at once (4 a SM at <= 64 registers), spread so that every block has the same
-//     number of tiles (QKV 1536 tiles: 512 blocks of 3; O, down 512 of 1; gate|up 2752: 459 of 6); a block's 8 warps
-//     take the steps of each of its tiles in turn (warp w: steps w, w + 8, ...);
+//   - the grid is the blocks resident at once (32 warps a SM at <= 64 registers: 4 blocks of 8 warps or 2 of 16),
+//     spread so that every block has the same number of tiles (8 warps: QKV 1536 tiles in 512 blocks of 3; O, down 512
+//     of 1; gate|up 2752: 459 of 6); a block's W warps take the steps of each of its tiles in turn (warp w: steps w,
+//     w + W, ...). Every block stages and norms the whole input, so 16-warp blocks halve that per warp (entry 51:
+//     launch_tc's rule picks them for the matrices with steps enough for every warp);
 //   - kQTDepth steps in flight a lane (registers), each buffer reloaded once it is consumed; with PDL's preload the
 //     first kQTDepth before griddepcontrol.wait;
 //   - (entry 50) a lane's row offsets are set once a tile and its chunk advanced by a constant a step, and each owner
@@ -542,9 +544,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
 // warp's 4 lanes of a row are summed by two butterflies, the warps' sums of a tile in shared memory, and after the
 // block's last tile each row is the 8 warps' sums in warp order, then the epilogue (qpair_out). Every sum is in a
 // fixed order given the shape and the grid: every replay gives the same bits.
-constexpr int kQTWarps = 8;
 constexpr int kQTDepth = 4;  // steps in flight a lane
-constexpr int kQTPart = kQTWarps * 8;  // fp32 partial sums a tile: 8 warps x 8 rows
 
 __device__ __forceinline__ void mma_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                           unsigned b0, unsigned b1) {
@@ -581,8 +581,10 @@ struct QTStep {  // one step of a lane: its 16-byte chunk and the chunk's group 
     float s, m;
 };
 
-template <int MODE, bool NORM, int QM>
-__global__ void __launch_bounds__(kQTWarps * kWarp, 4) qgemv_tc_kernel(QGemvArgs a) {
+template <int MODE, bool NORM, int QM, int W>  // W: warps a block, 8 or 16 (32 / W blocks a SM at <= 64 registers)
+__global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a) {
+    static_assert(W == 8 || W == 16, "the tensor-core kernel's blocks: 8 or 16 warps");
+    constexpr int kQTWarps = W, kQTPart = W * 8;  // fp32 partial sums a tile: W warps x 8 rows
     using T = half;
     constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc, D = kQTDepth;
     extern __shared__ uint4 xs[];  // K / 8 vectors (xperm<5|9>'d, at xs_put's slots), int4's chunk sums, the partials
@@ -759,6 +761,8 @@ static int q_sms = 0;  // the device's SMs (qgemv_init)
 // on the 7B int4 step, equal on int8; the outputs are the same bits, a row being one warp's sum either way). The
 // fp32 kernel (bf16 models) keeps max_blocks: not measured.
 static bool q_grid_resident = true;
+// The tensor-core kernel's warps a block: CASE4_QGEMV_TCW=auto (0: the launcher's rule, entry 51), 8 or 16 (A/B).
+static int q_tc_warps = 0;
 
 template <typename K>
 static void set_smem(K k) {
@@ -771,8 +775,10 @@ static void set_attr_q() {
     if constexpr (std::is_same_v<T, half>) {
         set_smem(qgemv_h2_kernel<MODE, false, QM>);
         set_smem(qgemv_h2_kernel<MODE, true, QM>);
-        set_smem(qgemv_tc_kernel<MODE, false, QM>);
-        set_smem(qgemv_tc_kernel<MODE, true, QM>);
+        set_smem(qgemv_tc_kernel<MODE, false, QM, 8>);
+        set_smem(qgemv_tc_kernel<MODE, true, QM, 8>);
+        set_smem(qgemv_tc_kernel<MODE, false, QM, 16>);
+        set_smem(qgemv_tc_kernel<MODE, true, QM, 16>);
     }
 }
 template <typename T, int QM>
@@ -802,6 +808,11 @@ void qgemv_init(int dtype) {  // once per device and dtype (the Engines and the 
     if (grid != "" && grid != "resident" && grid != "x4")
         throw BadArgument("CASE4_QGEMV_GRID must be resident or x4, got '" + grid + "'");
     q_grid_resident = grid != "x4";
+    const char *wv = std::getenv("CASE4_QGEMV_TCW");
+    const std::string tcw = wv ? wv : "";
+    if (tcw != "" && tcw != "auto" && tcw != "8" && tcw != "16")
+        throw BadArgument("CASE4_QGEMV_TCW must be auto, 8 or 16, got '" + tcw + "'");
+    q_tc_warps = tcw == "8" ? 8 : tcw == "16" ? 16 : 0;
     CASE4_CUDA_CHECK(cudaDeviceGetAttribute(&q_sms, cudaDevAttrMultiProcessorCount, dev));
     if (dtype == kF16) { init_q<half, 8>(); init_q<half, 4>(); }
     else { init_q<__nv_bfloat16, 8>(); init_q<__nv_bfloat16, 4>(); }
@@ -824,10 +835,10 @@ void check_quant(const QuantMat &m, int N, int K, const char *who) {
     need(reinterpret_cast<uintptr_t>(m.q) % 16 == 0, "quantized weights must be 16-byte aligned");
 }
 
-// blocks of `kernel` resident on one SM with `smem` bytes of dynamic shared memory (cached: the occupancy query
-// is a driver call, and eager decode launches every step)
+// blocks of `kernel` (`threads` a block) resident on one SM with `smem` bytes of dynamic shared memory (cached: the
+// occupancy query is a driver call, and eager decode launches every step)
 template <typename K>
-static int resident_per_sm(K kernel, size_t smem) {
+static int resident_per_sm(K kernel, size_t smem, int threads = kQWarps * kWarp) {
     static std::mutex mu;
     static std::map<std::pair<const void *, size_t>, int> cache;
     const std::lock_guard<std::mutex> lock(mu);
@@ -835,9 +846,25 @@ static int resident_per_sm(K kernel, size_t smem) {
     const auto it = cache.find(key);
     if (it != cache.end()) return it->second;
     int per_sm = 0;
-    CASE4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kQWarps * kWarp, smem));
+    CASE4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     cache[key] = per_sm;
     return per_sm;
+}
+
+// the tensor-core kernel with W warps a block: tiles of 8 rows (4 SwiGLU pairs), the same number a block, the grid at
+// most the blocks resident at once
+template <int MODE, int QM, int W>
+static int launch_tc(const QGemvArgs &a, const Launch &L, size_t smem, int ntiles) {
+    auto kernel = a.norm_w ? qgemv_tc_kernel<MODE, true, QM, W> : qgemv_tc_kernel<MODE, false, QM, W>;
+    auto smem_for = [&](int blocks) { return smem + (size_t)((ntiles + blocks - 1) / blocks) * W * 8 * 4; };
+    int tgrid = a.max_blocks > 0 ? std::min(ntiles, a.max_blocks) : ntiles;
+    const int per_sm = resident_per_sm(kernel, smem_for(tgrid), W * kWarp);
+    if (per_sm > 0) tgrid = std::min(tgrid, per_sm * q_sms);
+    const int per_block = (ntiles + tgrid - 1) / tgrid;
+    tgrid = (ntiles + per_block - 1) / per_block;  // the fewest blocks with that many tiles each
+    if (smem_for(tgrid) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
+    launch_pdl(L, kernel, dim3(tgrid), dim3(W * kWarp), smem_for(tgrid), a);
+    return tgrid;
 }
 
 template <typename T, int MODE, int QM>
@@ -850,18 +877,13 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
         // the tensor-core kernel indexes a row's chunks from r * nchunk in 32 bits: larger matrices take the fp32 one
         const long long chunks = (long long)(MODE == kGemvSwiglu ? 2 * a.N : a.N) * (a.K / QTraits<QM>::kpc);
         if ((q_kernel == kQTc || (q_kernel == kQAuto && QM == 4)) && chunks < (1LL << 31)) {
-            // tiles of 8 rows (4 SwiGLU pairs), the same number a block
-            auto kernel = a.norm_w ? qgemv_tc_kernel<MODE, true, QM> : qgemv_tc_kernel<MODE, false, QM>;
+            // blocks of 16 warps stage the input once for twice the warps (entry 51): where every warp of such a block
+            // has steps in each tile (nsteps >= 16) and a warp of 8-warp blocks would have >= 8 steps in all; else 8
             const int ntiles = MODE == kGemvSwiglu ? (a.N + 3) / 4 : (a.N + 7) / 8;
-            auto smem_for = [&](int blocks) { return smem + (size_t)((ntiles + blocks - 1) / blocks) * kQTPart * 4; };
-            int tgrid = a.max_blocks > 0 ? std::min(ntiles, a.max_blocks) : ntiles;
-            const int per_sm = resident_per_sm(kernel, smem_for(tgrid));
-            if (per_sm > 0) tgrid = std::min(tgrid, per_sm * q_sms);
-            const int per_block = (ntiles + tgrid - 1) / tgrid;
-            tgrid = (ntiles + per_block - 1) / per_block;  // the fewest blocks with that many tiles each
-            if (smem_for(tgrid) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
-            launch_pdl(L, kernel, dim3(tgrid), dim3(kQTWarps * kWarp), smem_for(tgrid), a);
-            return tgrid;
+            const int nsteps = (a.K / QTraits<QM>::kpc + 3) / 4;
+            const int items8 = (ntiles + 4 * q_sms - 1) / (4 * q_sms) * ((nsteps + 7) / 8);
+            const bool w16 = q_tc_warps == 16 || (q_tc_warps == 0 && nsteps >= 16 && items8 >= 8);
+            return w16 ? launch_tc<MODE, QM, 16>(a, L, smem, ntiles) : launch_tc<MODE, QM, 8>(a, L, smem, ntiles);
         }
         if (q_kernel == kQH2) {
             auto kernel = a.norm_w ? qgemv_h2_kernel<MODE, true, QM> : qgemv_h2_kernel<MODE, false, QM>;

@@ -191,25 +191,32 @@ def _clean_env(env):
 
 
 # The kernels of fp16 models that the default (CASE4_QGEMV=auto: int4 on the tensor-core kernel, int8 on the fp32
-# one) leaves out, each through this file's float64 tests in a pytest process of its own (CASE4_QGEMV is read once a
-# process): f32 (the fp32 kernel's int4) and tc (the tensor-core kernel's int8) run every test of the file, the step,
-# graph and real-GGUF tests included; h2 (opt-in since session 25, which found it failing the real-GGUF test's
-# argmax bound) the epilogue/shape/group tests.
-OPT_IN = {"h2": "tests/gpu/test_quant_kernels.py::test_qgemv_modes",
-          "f32": "tests/gpu/test_quant_kernels.py", "tc": "tests/gpu/test_quant_kernels.py"}
+# one; the tensor-core kernel's blocks of 8 or 16 warps by launch_tc's rule) leaves out, each through this file's
+# float64 tests in a pytest process of its own (CASE4_QGEMV* are read once a process): f32 (the fp32 kernel's int4)
+# and tc (the tensor-core kernel's int8) run every test of the file, the step, graph and real-GGUF tests included;
+# tc16 (16-warp blocks at every shape, int4 and int8: the rule picks them for 7B-class matrices only) the kernel
+# tests; h2 (opt-in since session 25, which found it failing the real-GGUF test's argmax bound) the
+# epilogue/shape/group tests. name -> (environment, -k selection; "" for the whole file)
+OPT_IN = {"h2": ({"CASE4_QGEMV": "h2"}, "qgemv_modes"),
+          "f32": ({"CASE4_QGEMV": "f32"}, ""),
+          "tc": ({"CASE4_QGEMV": "tc"}, ""),
+          "tc16": ({"CASE4_QGEMV": "tc", "CASE4_QGEMV_TCW": "16"},
+                   "qgemv_modes or qgemv_bias or qgemv_argmax or qgemv_deterministic or qgemv_embedding")}
 
 
 @pytest.mark.parametrize("kernel", sorted(OPT_IN))
 def test_opt_in_kernel_against_float64(kernel):
     import subprocess
     import sys
+    env, sel = OPT_IN[kernel]
+    k = "not opt_in_kernel and not variants_bitwise" + (f" and ({sel})" if sel else "")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs",
-                        "-k", "not opt_in_kernel and not variants_bitwise", OPT_IN[kernel]], cwd=ROOT,
-                       env=_clean_env({"CASE4_QGEMV": kernel}), capture_output=True, text=True, timeout=900)
+                        "-k", k, "tests/gpu/test_quant_kernels.py"], cwd=ROOT,
+                       env=_clean_env(env), capture_output=True, text=True, timeout=900)
     lines = (r.stdout + r.stderr).strip().splitlines()
     failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR", "SKIPPED"))]
     assert r.returncode == 0 and " passed" in lines[-1] and "skipped" not in lines[-1], \
-        f"CASE4_QGEMV={kernel}: {failed[:6]} {lines[-1:]}"
+        f"{env}: {failed[:6]} {lines[-1:]}"
 
 
 @pytest.fixture(scope="module")
