@@ -12,7 +12,7 @@
 # is the indexing, not the rounding (the GPU tests do that against float64).
 import numpy as np
 
-KWARPS, DEPTH, SMS, PER_SM = 8, 4, 132, 4
+DEPTH, SMS = 4, 132  # a block's warps (8 or 16) and blocks a SM (32 warps a SM) are simulate()'s
 STORE, SWIGLU = 0, 2
 
 
@@ -54,7 +54,8 @@ def unpack(word, qm):
     return out
 
 
-def simulate(qm, G, N, K, mode, rng, max_blocks=SMS * PER_SM):
+def simulate(qm, G, N, K, mode, rng, max_blocks=SMS * 4, KWARPS=8):
+    PER_SM = 32 // KWARPS
     kpc, vpc = (32, 4) if qm == 4 else (16, 2)
     rows = 2 * N if mode == SWIGLU else N
     if qm == 4:
@@ -211,10 +212,12 @@ if __name__ == "__main__":
              (4, 128, 19, 4096, SWIGLU), (8, 256, 37, 256, STORE), (8, 32, 23, 512, SWIGLU), (8, 576, 9, 576, STORE)]
     for qm, G, N, K, mode in cases:
         for mb in (528, 3):  # the plan's grid, and a small one (blocks loop over several tiles)
-            grid, err = simulate(qm, G, N, K, mode, rng, mb)
-            status = "ok" if err < 1e-12 else "FAIL"
-            print(f"{status} int{qm} G={G} N={N} K={K} mode={mode} max_blocks={mb} grid={grid} max rel err {err:.1e}")
-            assert err < 1e-12
+            for w in (8, 16):
+                grid, err = simulate(qm, G, N, K, mode, rng, mb, w)
+                status = "ok" if err < 1e-12 else "FAIL"
+                print(f"{status} int{qm} G={G} N={N} K={K} mode={mode} max_blocks={mb} warps={w} grid={grid} "
+                      f"max rel err {err:.1e}")
+                assert err < 1e-12
     print("simulation matches W x in every case")
     # negative control: A's register pairs of rows g and g + 8 swapped must fail
     good = unpack
