@@ -217,11 +217,14 @@ class Live:
     """An orchestrator run we can watch and poke: started, waited until text streams."""
 
     def __init__(self, tmp_path, *flags):
+        # Ctrl-C as on a terminal: a suite started in the background by a non-interactive shell (`... &`,
+        # nohup) ignores SIGINT, and an ignored SIGINT is inherited (and kept, as a CLI should) by the orchestrator
         self.p = subprocess.Popen([sys.executable, str(ROOT / "orchestrator.py"), "--model", "smollm2",
                                    "--backend", "reference", "--prompt", "Once upon a time", "--max-tokens", "400",
                                    "--output-dir", str(tmp_path), "--run-name", "live", *flags],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                  env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out, self.err = [], []
         for stream, buf in ((self.p.stdout, self.out), (self.p.stderr, self.err)):
             threading.Thread(target=lambda s=stream, b=buf: [b.append(c) for c in iter(lambda: s.read1(1024), b"")],
