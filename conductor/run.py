@@ -332,7 +332,7 @@ class Generation:
         try:
             if o.bg_capture:
                 P.call(P.server, "bg_capture_start", {"session": self.session, "window": o.window})
-                if o.precapture:  # announced by run(), before the prefill
+                if self.will_precapture():  # announced by run(), before the prefill
                     P.call(P.server, "wait_precapture", {"session": self.session, "count": o.precapture,
                                                          "timeout_s": float(o.timeout)})
             self.graphs_note = f"{o.graph_mode}, window {o.window}"

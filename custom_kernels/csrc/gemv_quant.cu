@@ -542,7 +542,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
 // of its word with its inputs: exact products summed in fp32 (lane mapping emulated against float64 before the GPU).
 // Each step's dot is scaled in fp32 per chunk (int4 acc += s * D + (minv + 8 s) * sum(x), int8 acc += s * D); a
 // warp's 4 lanes of a row are summed by two butterflies, the warps' sums of a tile in shared memory, and after the
-// block's last tile each row is the 8 warps' sums in warp order, then the epilogue (qpair_out). Every sum is in a
+// block's last tile each row is the W warps' sums in warp order, then the epilogue (qpair_out). Every sum is in a
 // fixed order given the shape and the grid: every replay gives the same bits.
 constexpr int kQTDepth = 4;  // steps in flight a lane
 
@@ -616,7 +616,7 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
     const int cpg = a.group / KPC, gsh = (cpg & (cpg - 1)) == 0 ? __ffs(cpg) - 1 : -1;
     auto group_of = [&](int c) { return ng == 1 ? 0 : gsh >= 0 ? c >> gsh : c / cpg; };
     // The load cursor: the block's tile lj, the warp's step ls of it, this lane's chunk lc of its row there; the row's
-    // first chunk (lq) and group (lg) are set once a tile (lrow: the row is in the matrix), a step adds 4 warps' chunks.
+    // first chunk (lq) and group (lg) are set once a tile (lrow: the row is in the matrix), a step adds 4 W chunks.
     const int c0 = 4 * warp + t;
     int lj = 0, ls = 0, lc = c0, lq = 0, lg = 0;
     bool lrow = false;
@@ -710,7 +710,7 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
     }
     __syncthreads();
 
-    // the block's rows: the 8 warps' sums in warp order, then the epilogue
+    // the block's rows: the W warps' sums in warp order, then the epilogue
     float best = -INFINITY;  // kGemvF32: this thread's largest stored logit and its row
     int best_row = kNoIndex;
     for (int k = threadIdx.x; k < my_tiles * 8; k += blockDim.x) {
