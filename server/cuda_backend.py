@@ -37,6 +37,20 @@ class PrecaptureTimeout(RuntimeError):
     """wait_precapture ran out of time (the extension's PrecaptureTimeout, re-raised as this backend's)."""
 
 
+# The quantized gemv's A/B knobs, read once by the extension (custom_kernels/csrc/gemv_quant.cu qgemv_init, which
+# refuses a bad value with a ValueError). Checked here first, so that a bad value is the user's one-line error
+# (BadInput: exit 2), not an internal failure of the server process.
+KERNEL_ENV = {"CASE4_QGEMV": ("auto", "f32", "h2", "tc"), "CASE4_QGEMV_GRID": ("resident", "x4"),
+              "CASE4_QGEMV_TCW": ("auto", "8", "16")}
+
+
+def check_kernel_env() -> None:
+    for name, ok in KERNEL_ENV.items():
+        v = os.environ.get(name, "")
+        if v and v not in ok:
+            raise BadInput(f"{name} must be {', '.join(ok[:-1])} or {ok[-1]}, got '{v}'")
+
+
 def default_options(ext):
     """The Engine's options: the defaults, with the PDL level from CASE4_PDL (0 plain launches, 1 PDL,
     2 + L2 prefetch, 3 + register preload; default 3)."""
@@ -125,6 +139,7 @@ class CudaBackend(Backend):
         if gemm not in GEMMS:
             raise BadInput(f"gemm must be one of {', '.join(GEMMS)}, got '{gemm}'")
         super().__init__(model, sessions)
+        check_kernel_env()
         self.ext = load_extension()
         w = model.weights
         if w.device.type != "cuda":

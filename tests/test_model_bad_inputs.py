@@ -139,3 +139,23 @@ def test_a_billion_layers_is_refused_before_walking_them(tmp_path, tiny_hf_folde
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
     with pytest.raises(mem.ModelTooLarge, match=r"needs at least .* GB for its weights alone \(1000000000 layers"):
         resolve_model(str(folder), quant=quant)
+
+
+@pytest.mark.parametrize("name,value", [("CASE4_QGEMV", "tcb"), ("CASE4_QGEMV_GRID", "x8"), ("CASE4_QGEMV_TCW", "32")])
+def test_bad_quant_kernel_knob_is_the_users_error(monkeypatch, name, value):
+    """The quantized gemv's A/B knobs (README): a bad value is refused by the cuda backend before the extension
+    loads, as BadInput (the CLI's one line and exit code 2); the extension's own check raised a ValueError, which the
+    CLI reported as an internal failure of the server process (exit 1)."""
+    from case4_errors import BadInput
+    from ipc.messages import error_reply
+    from server.cuda_backend import CudaBackend
+    from server.model.resolve import resolve_model
+    import server.cuda_backend as cb
+
+    def loaded():
+        raise AssertionError("the extension was loaded before the knob was checked")
+    monkeypatch.setattr(cb, "load_extension", loaded)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(BadInput, match=rf"^{name} must be .* got '{value}'$") as e:
+        CudaBackend(resolve_model("synthetic:tiny"), graph_mode="none")
+    assert error_reply(0, e.value)["error"]["bad_input"]
