@@ -241,8 +241,9 @@ KINDS = {"m0": "norm+QKV", "m2": "norm+gate|up", "m3": "norm+lm_head", "attentio
 # KTRACE_WARP0 + w warp w's end (global timer ns; 0 = not written)
 # attention's ktrace_mark points (attention.cu): 3 q / K_T / V_T rotated, 10 / 11 the K / V rows < T in
 # registers, 4 the block's rows done (scores, softmax, sum p V), 5 past the barrier (every warp's partial in
-# shared memory), 7 ctx (or partials) written
-PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "rows", 5: "barrier", 7: "ctx"}
+# shared memory), 7 ctx (or partials) written; the tensor-core quantized gemv's (gemv_quant.cu): 8 the input staged,
+# 9 every warp's steps done
+PHASES = {3: "rope", 10: "k_in", 11: "v_in", 4: "rows", 5: "barrier", 7: "ctx", 8: "staged", 9: "looped"}
 
 
 def trace_summary(rec, warp0):

@@ -81,8 +81,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p, uint64_t pol) {
 // kKtraceBlocks of a grid, row-major over (y, x)) writes its own record of kKtraceRec uint64, in ns of the
 // global timer, with plain stores (no atomics, no barriers: the timed kernel runs as it does untraced):
 // [0] start and [1] past griddepcontrol.wait (thread 0), [2..11] the end of a kernel-specific phase
-// (ktrace_mark, thread 0; attention), [12 + w] the end of warp w. The host takes the min / max over the
-// blocks (kernel_timeline). Without a slot (the default) nothing is written.
+// (ktrace_mark, thread 0: attention, the tensor-core qgemv), [12 + w] the end of warp w. The host takes the
+// min / max over the blocks (kernel_timeline). Without a slot (the default) nothing is written.
 __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
