@@ -138,19 +138,6 @@ __device__ __forceinline__ float ld_half(const void *p, size_t i) {
     return __half2float(__ldg(reinterpret_cast<const __half *>(p) + i));
 }
 
-// The gemvs' look-ahead loads (weights D steps ahead, their groups' scales and minimums) must not make the warp wait
-// where they are issued: a value converted at its load (ld_half) or merged from a branch (in ? load : 0) is waited
-// for there, i.e. a full memory round trip every step. So a look-ahead load is unconditional (a chunk past the matrix
-// reads q_zero16 instead) and a scale stays raw fp16 bits until the step that uses it (hbits).
-__device__ uint4 q_zero16;  // zero-initialised: what an out-of-range chunk, scale or minimum reads
-__device__ __forceinline__ unsigned short ld_hbits(const void *p, size_t i, bool in) {
-    return __ldg(in ? reinterpret_cast<const unsigned short *>(p) + i : reinterpret_cast<const unsigned short *>(&q_zero16));
-}
-__device__ __forceinline__ float hbits(unsigned short v) { return __half2float(__ushort_as_half(v)); }
-__device__ __forceinline__ uint4 ld_chunk(const uint4 *p, bool in, uint64_t pol) {
-    return ld_stream(in ? p : &q_zero16, pol);
-}
-
 // The half2 kernels' staged input: each 8-value vector in the order the unpacked weight pairs come in (unpack_h2),
 // so that pair i of a word's integers meets pair i of the input: int4 (x0,x4)(x1,x5)(x2,x6)(x3,x7), int8
 // (x0,x2)(x1,x3)(x4,x6)(x5,x7). PERM = 0: as it is (the fp32 kernel).
@@ -290,7 +277,7 @@ __device__ __forceinline__ void qamax_out(const QGemvArgs &a, float best, int be
 template <int QM, int U>
 struct QTile {
     uint4 wa[U], wb[U];
-    unsigned short sa[U], sb[U], ma[U], mb[U];  // fp16 bits (hbits where used)
+    float sa[U], sb[U], ma[U], mb[U];
 };
 // (nchunk = K / chunk inputs and ng = K / group, the kernel's own; Q = a.q, row r starting at chunk r * nchunk)
 template <int QM, int U>
@@ -304,14 +291,13 @@ __device__ __forceinline__ void qload(const QGemvArgs &a, const uint4 *Q, int nc
         const int c = base + u * kWarp + lane;
         const bool in = c < nchunk;
         const int g = !in || ng == 1 ? 0 : gsh >= 0 ? c >> gsh : c / cpg;
-        const bool inb = in && rb >= 0;
-        b.wa[u] = ld_chunk(Q + (size_t)ra * nchunk + c, in, pol);
-        b.wb[u] = ld_chunk(Q + (size_t)rb * nchunk + c, inb, pol);
-        b.sa[u] = ld_hbits(a.scale, (size_t)ra * ng + g, in);
-        b.sb[u] = ld_hbits(a.scale, (size_t)rb * ng + g, inb);
+        b.wa[u] = in ? ld_stream(Q + (size_t)ra * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+        b.wb[u] = in && rb >= 0 ? ld_stream(Q + (size_t)rb * nchunk + c, pol) : make_uint4(0, 0, 0, 0);
+        b.sa[u] = in ? ld_half(a.scale, (size_t)ra * ng + g) : 0.f;
+        b.sb[u] = in && rb >= 0 ? ld_half(a.scale, (size_t)rb * ng + g) : 0.f;
         if constexpr (QM == 4) {
-            b.ma[u] = ld_hbits(a.minv, (size_t)ra * ng + g, in);
-            b.mb[u] = ld_hbits(a.minv, (size_t)rb * ng + g, inb);
+            b.ma[u] = in ? ld_half(a.minv, (size_t)ra * ng + g) : 0.f;
+            b.mb[u] = in && rb >= 0 ? ld_half(a.minv, (size_t)rb * ng + g) : 0.f;
         }
     }
 }
@@ -377,11 +363,11 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_kernel(QGemvArgs a) 
                     for (int k = 0; k < KPC; ++k) db = fmaf(qf[k], xf[k], db);
                     if constexpr (QM == 4) {
                         const float sx = xsum[c];
-                        acc_a += fmaf(hbits(w.sa[u]), da, hbits(w.ma[u]) * sx);
-                        acc_b += fmaf(hbits(w.sb[u]), db, hbits(w.mb[u]) * sx);
+                        acc_a += fmaf(w.sa[u], da, w.ma[u] * sx);
+                        acc_b += fmaf(w.sb[u], db, w.mb[u] * sx);
                     } else {
-                        acc_a += hbits(w.sa[u]) * da;
-                        acc_b += hbits(w.sb[u]) * db;
+                        acc_a += w.sa[u] * da;
+                        acc_b += w.sb[u] * db;
                     }
                 }
             }
@@ -508,12 +494,11 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
                 }
                 if constexpr (QM == 4) {
                     const float sx = xsum[c];
-                    const float sa = hbits(cur.sa[u]), sb = hbits(cur.sb[u]);
-                    acc_a += fmaf(8.f * sa, da, fmaf(8.f, sa, hbits(cur.ma[u])) * sx);
-                    acc_b += fmaf(8.f * sb, db, fmaf(8.f, sb, hbits(cur.mb[u])) * sx);
+                    acc_a += fmaf(8.f * cur.sa[u], da, fmaf(8.f, cur.sa[u], cur.ma[u]) * sx);
+                    acc_b += fmaf(8.f * cur.sb[u], db, fmaf(8.f, cur.sb[u], cur.mb[u]) * sx);
                 } else {
-                    acc_a += (128.f * hbits(cur.sa[u])) * da;
-                    acc_b += (128.f * hbits(cur.sb[u])) * db;
+                    acc_a += (128.f * cur.sa[u]) * da;
+                    acc_b += (128.f * cur.sb[u]) * db;
                 }
             }
         }
@@ -591,9 +576,9 @@ __device__ __forceinline__ void unpack_tc(unsigned w, unsigned (&q)[QM == 4 ? 4 
     }
 }
 
-struct QTStep {  // one step of a lane: its 16-byte chunk and the chunk's group scale (and int4 minimum), fp16 bits
+struct QTStep {  // one step of a lane: its 16-byte chunk and the chunk's group scale (and int4 minimum)
     uint4 w;
-    unsigned short s, m;
+    float s, m;
 };
 
 template <int MODE, bool NORM, int QM, int W>  // W: warps a block, 8 or 16 (32 / W blocks a SM at <= 64 registers)
@@ -647,9 +632,9 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
         if (per_warp == 0 || lj >= my_tiles) return;
         const bool in = lrow && lc < nchunk;
         const int gi = lg + group_of(lc);
-        b.w = ld_chunk(Q + (lq + lc), in, pol);
-        b.s = ld_hbits(a.scale, gi, in);
-        if constexpr (QM == 4) b.m = ld_hbits(a.minv, gi, in);
+        b.w = in ? ld_stream(Q + (lq + lc), pol) : make_uint4(0, 0, 0, 0);
+        b.s = in ? ld_half(a.scale, gi) : 0.f;
+        if constexpr (QM == 4) b.m = in ? ld_half(a.minv, gi) : 0.f;
         lc += 4 * kQTWarps;
         if (++ls == per_warp) {
             ls = 0;
@@ -707,9 +692,8 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
         const int cx = min(rc, nchunk - 1);
         rc += 4 * kQTWarps;
         // dot: sum((v - 8) x) (int4) or sum(q x) (int8)
-        const float sc = hbits(cur.s);
-        if constexpr (QM == 4) acc += fmaf(sc, dot, fmaf(8.f, sc, hbits(cur.m)) * xsum[cx]);
-        else acc += sc * dot;
+        if constexpr (QM == 4) acc += fmaf(cur.s, dot, fmaf(8.f, cur.s, cur.m) * xsum[cx]);
+        else acc += cur.s * dot;
         load_next(cur);  // the buffer is free: the step D ahead
         if (++rs != per_warp) return;  // the warp's last step of the tile: its sums of the tile's 8 rows
         acc += __shfl_xor_sync(0xffffffffu, acc, 1);
@@ -874,10 +858,17 @@ static int resident_per_sm(K kernel, size_t smem, int threads = kQWarps * kWarp)
 template <int MODE, int QM, int W>
 static int launch_tc(const QGemvArgs &a, const Launch &L, size_t smem, int ntiles) {
     auto kernel = a.norm_w ? qgemv_tc_kernel<MODE, true, QM, W> : qgemv_tc_kernel<MODE, false, QM, W>;
-    auto smem_for = [&](int blocks) { return smem + (size_t)((ntiles + blocks - 1) / blocks) * W * 8 * 4; };
-    int tgrid = a.max_blocks > 0 ? std::min(ntiles, a.max_blocks) : ntiles;
+    const size_t per_tile = (size_t)W * 8 * 4;  // a block's fp32 partial sums of one tile
+    auto smem_for = [&](int blocks) { return smem + (size_t)((ntiles + blocks - 1) / blocks) * per_tile; };
+    if (smem + per_tile > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
+    // At least the blocks whose partial sums fit in shared memory, above a small max_blocks if need be (a grid cap of
+    // 7 gave a SwiGLU 11008 x 4096 block 394 tiles, 201 KB of partials at 16 warps): not another kernel or another W,
+    // whose sums would differ in the last bits (a row's sum depends on W, not on the grid).
+    const int max_tiles = (int)(((size_t)q_smem_limit - smem) / per_tile);
+    const int min_grid = (ntiles + max_tiles - 1) / max_tiles;
+    int tgrid = std::max(a.max_blocks > 0 ? std::min(ntiles, a.max_blocks) : ntiles, min_grid);
     const int per_sm = resident_per_sm(kernel, smem_for(tgrid), W * kWarp);
-    if (per_sm > 0) tgrid = std::min(tgrid, per_sm * q_sms);
+    if (per_sm > 0) tgrid = std::max(std::min(tgrid, per_sm * q_sms), min_grid);
     const int per_block = (ntiles + tgrid - 1) / tgrid;
     tgrid = (ntiles + per_block - 1) / per_block;  // the fewest blocks with that many tiles each
     if (smem_for(tgrid) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
