@@ -1,10 +1,13 @@
-# Session 28's prepared next step for issue 26 (performance entry 51), for one device call (~7 min on an H100; the
-# repo root of a device copy of main at 8611b4b or later):
+# The prepared next step for issue 26 (sessions 28-29, performance entries 51-52), for one device call (~7 min on an
+# H100; the repo root of a device copy of main at 421b8de or later; the patch was regenerated for that tree):
 #   OUT=dir bash docs/experiments/qgemv-tc-next.sh
-# 1. main, clean default build: 7B int4 G128 / int8 rows (auto), and int8 under CASE4_QGEMV=tc (16-warp blocks now
-#    apply to int8 too: entry 50 measured tc's int8 before them, 3.091 against f32's 2.959 ms);
+# 1. main, clean default build: 7B int4 G128 / int8 rows (auto), and int8 under CASE4_QGEMV=tc (session 29 measured
+#    it at 3.013 against the fp32 kernel's 2.993 ms, entry 52);
 # 2. ncu of the int8 QKV launch, fp32 kernel and tensor-core kernel (why tc's int8 streams at ~2.2 TB/s where the
-#    fp32 kernel reaches 2.6 on gate|up and lm_head);
+#    fp32 kernel reaches 2.6 on gate|up and lm_head), and of the int4 QKV launch (tensor-core kernel) with the
+#    scheduler and warp-state sections: entry 52 ruled out the prologue's waits and the L2 look-ahead, so is the
+#    int4 kernel issue-bound (~1,700 instructions a warp, 32 warps a SM: 6.9 us of issue at 4 a cycle for a
+#    14 us launch)?
 # 3. qgemv-tc-branchless.patch applied and rebuilt: the same rows, then every test of tests/gpu/test_quant_kernels.py
 #    (the real-GGUF one needs the gguf package and the built-in GGUF on PYTHONPATH).
 set -o pipefail
@@ -37,6 +40,12 @@ for k in f32 tc; do
     --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis python /tmp/one_q8.py 12288 4096 0 > $OUT/ncu_int8_$k.txt 2>&1
   echo "== ncu int8 QKV $k: $(grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per" $OUT/ncu_int8_$k.txt | tr -s ' ' | tr '\n' ';' | cut -c1-300)"
 done
+sed -i 's/"int8", K, "cuda")/MODE, G, "cuda")/; s/, 0, 8, ql.group,/, QP, 8 if MODE == "int8" else 4, ql.group,/' /tmp/one_q8.py
+sed -i 's/^N, K, gm = .*/&\nMODE, G = sys.argv[4], int(sys.argv[5])/' /tmp/one_q8.py
+sed -i 's/^for ql in qls:/&\n    QP = ql.minv.data_ptr() if ql.minv is not None else 0/' /tmp/one_q8.py
+CASE4_QGEMV=tc timeout 100 ncu --kernel-name regex:qgemv --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+  --section SchedulerStats --section WarpStateStats --section InstructionStats python /tmp/one_q8.py 12288 4096 0 int4 128 > $OUT/ncu_int4_tc.txt 2>&1
+echo "== ncu int4 QKV tc: $(grep -E "Duration|DRAM Throughput|Issued Warp|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued" $OUT/ncu_int4_tc.txt | tr -s ' ' | tr '\n' ';' | cut -c1-400)"
 git apply docs/experiments/qgemv-tc-branchless.patch || { echo "patch does not apply"; exit 1; }
 build branchless
 for k in auto tc; do CASE4_QGEMV=$k timeout 120 python bench/quick_timing.py --out $OUT/qt_bl_$k $QT > $OUT/qt_bl_$k.log 2>&1; echo "== branchless $k rc=$?"; rows $OUT/qt_bl_$k.log; done
