@@ -870,8 +870,7 @@ static int launch_tc(const QGemvArgs &a, const Launch &L, size_t smem, int ntile
     const int per_sm = resident_per_sm(kernel, smem_for(tgrid), W * kWarp);
     if (per_sm > 0) tgrid = std::max(std::min(tgrid, per_sm * q_sms), min_grid);
     const int per_block = (ntiles + tgrid - 1) / tgrid;
-    tgrid = (ntiles + per_block - 1) / per_block;  // the fewest blocks with that many tiles each
-    if (smem_for(tgrid) > (size_t)q_smem_limit) throw BadArgument("qgemv: K too large for shared memory");
+    tgrid = (ntiles + per_block - 1) / per_block;  // the fewest blocks with that many tiles each (<= max_tiles: fits)
     launch_pdl(L, kernel, dim3(tgrid), dim3(W * kWarp), smem_for(tgrid), a);
     return tgrid;
 }
