@@ -271,3 +271,54 @@ def test_cli_bad_quant_inputs_exit_2(tmp_path, tiny_hf_folder):
     assert ("synthetic:smollm2-135m: --group-size 128 does not divide the input dimension 576 of w_qkv" in line), line
     r = run_cli(tmp_path, "--model", str(folder), "--quant", "int4", "--group-size", "64")
     assert r.returncode == 0, r.stderr
+
+
+class _CpuDequant:
+    """cuda_backend.DequantWeights with the dequant kernel replaced by dequantize() of the slices it is given (the
+    rows' own q, scale and minv), so that the chunking, the slices and the bias run on the CPU."""
+
+    @staticmethod
+    def make(w, chunk_mb):
+        from server.cuda_backend import DequantWeights, scratch_elems
+        from server.cuda_backend import quantized as quant_mats
+
+        class D(DequantWeights):
+            def _launch(self, m, q, scale, minv, out, stream):
+                out.copy_(dequantize(QuantLinear(m.mode, out.shape[0], m.k, m.group, q, scale, minv)))
+        return D(w, None, torch.empty(scratch_elems(quant_mats(w), chunk_mb), dtype=w.dtype), chunk_mb)
+
+
+@pytest.mark.parametrize("quant,group", [("int4", 32), ("int8", None)])
+def test_prefill_chunks_match_whole_matrices(quant, group):
+    """The cuda backend's prefill on quantized weights dequantizes a matrix a chunk of rows at a time
+    (CASE4_PREFILL_CHUNK_MB; server/cuda_backend.py DequantWeights) and multiplies each chunk into its columns of
+    the output: the same logits and K/V rows as the reference decoder on the QuantLinears (float32, a model with
+    q/k/v biases, every matrix cut into 2-4 chunks of 128 rows), and as whole matrices (chunk 0)."""
+    import dataclasses
+    from server.cuda_backend import chunk_rows
+    cfg = dataclasses.replace(SYNTHETIC_SHAPES["tiny"], qkv_bias=True)
+    w = synthetic_weights(cfg, "float32", "cpu", 7, schemes=quant_schemes(cfg, quant, group, "tiny"))
+    assert all(chunk_rows(m.n, m.k, 0.01) == 128 < m.n for m in (w.layers[0].w_qkv, w.layers[0].w_gu, w.lm_head))
+    ids = [(5 * i + 3) % cfg.vocab_size for i in range(23)]
+    outs = {}
+    for name, pw in (("ref", w), ("chunks", _CpuDequant.make(w, 0.01)), ("whole", _CpuDequant.make(w, 0))):
+        kv = KVArena(cfg, 1, torch.float32, "cpu")
+        logits = ReferenceDecoder(pw, kv, compute_dtype=torch.float32).forward(0, ids, 0)
+        outs[name] = (logits, kv.k(0, 1)[:, :len(ids)].clone(), kv.v(0, 1)[:, :len(ids)].clone())
+    for name in ("chunks", "whole"):
+        for got, want in zip(outs[name], outs["ref"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_prefill_chunk_env_is_checked(monkeypatch):
+    from server.cuda_backend import PREFILL_CHUNK_MB_DEFAULT, PREFILL_SIDE_DEFAULT, prefill_chunk_mb, prefill_side
+    monkeypatch.delenv("CASE4_PREFILL_CHUNK_MB", raising=False)
+    monkeypatch.delenv("CASE4_PREFILL_SIDE", raising=False)
+    assert prefill_chunk_mb() == PREFILL_CHUNK_MB_DEFAULT and prefill_side() == PREFILL_SIDE_DEFAULT
+    assert prefill_side("1") is True and prefill_side("0") is False
+    with pytest.raises(BadInput, match="CASE4_PREFILL_SIDE must be 0 or 1, got 'yes'"):
+        prefill_side("yes")
+    assert prefill_chunk_mb("0") == 0 and prefill_chunk_mb("16") == 16 and prefill_chunk_mb("2.5") == 2.5
+    for bad in ("x", "-1", "0.5", "5000", "nan"):
+        with pytest.raises(BadInput, match="CASE4_PREFILL_CHUNK_MB must be 0"):
+            prefill_chunk_mb(bad)
