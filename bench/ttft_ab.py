@@ -3,9 +3,7 @@ alternating, median of repeats, prompts of 128/512/2048 tokens on the synthetic 
     python bench/ttft_ab.py [--shape llama2-7b] [--repeats 5]
 With --quant int4:128 (mode:group): the prefill graphs of the fp16 weights and of the quantized ones (each matrix
 dequantized into the prefill scratch: server/cuda_backend.py DequantWeights) in one process, alternating backends
-by round, prompts of --prompts tokens (default 512); --chunks 0,16,16s: one quantized backend per prefill chunk size
-(MB, 0 = whole matrices; CASE4_PREFILL_CHUNK_MB; "s": with the side stream, CASE4_PREFILL_SIDE=1), all on the same
-quantized weights."""
+by round, prompts of --prompts tokens (default 512)."""
 import argparse
 import json
 import statistics
@@ -41,7 +39,6 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quant", default="", help="mode:group: fp16 vs quantized prefill (see above)")
     ap.add_argument("--prompts", default="", help="prompt lengths (default 128,512,2048; with --quant 512)")
-    ap.add_argument("--chunks", default="", help="with --quant: prefill chunk sizes in MB, one backend each")
     a = ap.parse_args()
     lens = [int(n) for n in (a.prompts or ("512" if a.quant else "128,512,2048")).split(",")]
     if a.quant:
@@ -76,13 +73,7 @@ def quant_ab(a, lens):
     for name, sch in (("fp16", None), (a.quant, schemes)):
         w = synthetic_weights(cfg, "float16", "cuda", 0, schemes=sch)
         model = LoadedModel(name=f"synthetic:{a.shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
-        if sch is None or not a.chunks:
-            bes[name] = CudaBackend(model, sessions=1, graph_mode="dynamic", warmup=False)
-            continue
-        for c in a.chunks.split(","):
-            bes[f"{name}/chunk{c}"] = CudaBackend(model, sessions=1, graph_mode="dynamic", warmup=False,
-                                                  prefill_chunk=float(c.rstrip("s")),
-                                                  prefill_side_stream=c.endswith("s"))
+        bes[name] = CudaBackend(model, sessions=1, graph_mode="dynamic", warmup=False)
     out = {"device": torch.cuda.get_device_name(0), "shape": a.shape, "quant": a.quant}
     for n in lens:
         ids = [(3 * i + 5) % cfg.vocab_size for i in range(n)]

@@ -8,8 +8,8 @@ the GIL. Prefill runs the torch path (cuBLAS GEMMs + SDPA) of the ReferenceDecod
 model dtype on the same KV arena, replayed as a CUDA graph per prompt-length bucket
 (server/prefill_graphs.py). Quantized weights (server/model/quant.py QuantLinear): the decode step runs them in
 the quantized gemv kernels (custom_kernels/csrc/gemv_quant.cu), chosen once when the Engine is built; prefill
-sees each quantized matrix dequantized, when the forward reaches it, into one preplanned scratch, whole or a chunk
-of rows at a time (`DequantWeights`). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
+sees each quantized matrix dequantized, when the forward reaches it, into one preplanned scratch of the largest
+matrix's size (`DequantWeights`). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
 GPU tests and the timing tool use) are its own, set at construction (custom_kernels/csrc/step.h).
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from case4_errors import BadInput
 from server.model.config import with_max_seq
@@ -89,67 +88,15 @@ def quant_name(w) -> str:
     return "+".join(sorted({m.mode for m in quantized(w)})) or "none"
 
 
-# Prefill's dequantization scratch (`DequantWeights`): a quantized matrix is dequantized CASE4_PREFILL_CHUNK_MB of
-# rows at a time into one scratch of that size, each chunk multiplied into its columns of the output right after it;
-# 0: the whole matrix at once into a scratch of the largest. CASE4_PREFILL_SIDE=1: the next chunk on a side stream
-# into a second buffer while a chunk's GEMM runs (docs/quantization.md, "Prefill"; performance.md entry 53)
-PREFILL_CHUNK_MB_DEFAULT = 0
-PREFILL_SIDE_DEFAULT = False
-
-
-def prefill_side(raw: str | None = None) -> bool:
-    """CASE4_PREFILL_SIDE (read once a backend): 1 dequantizes the next chunk on a side stream, 0 not."""
-    raw = os.environ.get("CASE4_PREFILL_SIDE", "") if raw is None else raw
-    if raw not in ("", "0", "1"):
-        raise BadInput(f"CASE4_PREFILL_SIDE must be 0 or 1, got '{raw}'")
-    return PREFILL_SIDE_DEFAULT if raw == "" else raw == "1"
-
-
-def prefill_chunk_mb(raw: str | None = None) -> float:
-    """CASE4_PREFILL_CHUNK_MB (read once a backend): a chunk's size in MB, 0 for whole matrices."""
-    raw = os.environ.get("CASE4_PREFILL_CHUNK_MB", "") if raw is None else raw
-    if raw == "":
-        return PREFILL_CHUNK_MB_DEFAULT
-    try:
-        v = float(raw)
-    except ValueError:
-        v = -1.0
-    if not (v == 0 or 1 <= v <= 4096):
-        raise BadInput(f"CASE4_PREFILL_CHUNK_MB must be 0 (whole matrices) or a size in MB from 1 to 4096, got '{raw}'")
-    return v
-
-
-def chunk_rows(n: int, k: int, mb: float) -> int:
-    """Rows of an n x k matrix (2-byte values) a chunk of mb MB holds: a multiple of 128, at least 128, at most n;
-    n (the whole matrix) for mb = 0."""
-    if mb <= 0:
-        return n
-    return max(128, min(n, int(mb * 2 ** 20) // (2 * k) // 128 * 128))
-
-
-def scratch_elems(mats, mb: float, side: bool = False) -> int:
-    """The scratch DequantWeights needs for these matrices: the largest chunk (or matrix) in elements; two of them
-    with a side stream."""
-    return max(chunk_rows(m.n, m.k, mb) * m.k for m in mats) * (2 if side else 1)
-
-
 class DequantWeights:
     """The weights as the prefill decoder (ReferenceDecoder in the model dtype) sees them: every attribute is the
-    real weights', except that a quantized matrix comes back as a `DequantMatrix`, whose `prefill_linear(x, b)` the
-    decoder's `_lin` calls: it dequantizes the matrix (the extension's dequant kernel, on torch's current stream)
-    into the one `scratch`, a chunk of `chunk_rows` rows at a time, and multiplies each chunk into its columns of the
-    output before the next chunk overwrites it (stream order). A chunk of a few MB stays in L2 between the kernel
-    that writes it and the GEMM that reads it, so the fp16 values need not go to DRAM and back; mb = 0: the whole
-    matrix at once. With `side` (two chunk buffers: scratch holds both) chunk i + 1 is dequantized on a side stream
-    into the other buffer while chunk i's GEMM runs, behind an event on chunk i - 1's GEMM (that buffer's last
-    reader); the current stream waits for a chunk's event before its GEMM, and for the side stream at the end of
-    the matrix. Capturable: no allocation but the output, a fixed sequence of launches and events."""
+    real weights', except that a quantized matrix, when the forward reads it, is dequantized into `scratch` (one
+    buffer of the largest quantized matrix, model dtype) by the extension's dequant kernel on torch's current
+    stream, and that view is returned. One buffer serves every matrix because the forward reads a matrix, uses
+    it in one linear and reads the next only after it (stream order). Capturable: no allocation, one launch."""
 
-    def __init__(self, w, ext, scratch: torch.Tensor, chunk_mb: float = 0, side: bool = False):
-        self._w, self._ext, self.chunk_mb = w, ext, chunk_mb
-        half = scratch.numel() // 2
-        self._bufs = [scratch[:half], scratch[half:2 * half]] if side else [scratch]
-        self._side = torch.cuda.Stream(scratch.device) if side else None
+    def __init__(self, w, ext, scratch: torch.Tensor):
+        self._w, self._ext, self._scratch = w, ext, scratch
         self._dt = 0 if w.dtype == torch.float16 else 1
         self.layers = [_DequantLayer(self, lw) for lw in w.layers]
 
@@ -161,67 +108,13 @@ class DequantWeights:
         return self.matrix(self._w.lm_head)
 
     def matrix(self, m):
-        return DequantMatrix(self, m) if isinstance(m, QuantLinear) else m  # checked by the plan (matrix_entry)
-
-    def dequant_rows(self, m: QuantLinear, r0: int, r1: int, buf: int = 0, stream=None) -> torch.Tensor:
-        """Rows [r0, r1) of m, dequantized into scratch buffer `buf` (a view [r1 - r0, k]) on `stream` (None: the
-        current one): the kernel on the rows' own slices of q, scales and minimums (a row's bytes are contiguous
-        in each: server/model/quant.py)."""
-        out = self._bufs[buf][:(r1 - r0) * m.k].view(r1 - r0, m.k)
-        self._launch(m, m.q[r0:r1], m.scale[r0:r1], None if m.minv is None else m.minv[r0:r1], out, stream)
+        if not isinstance(m, QuantLinear):
+            return m
+        out = self._scratch[:m.n * m.k].view(m.n, m.k)
+        e = matrix_entry(m)
+        self._ext.dequant(e["q"], e["scale"], e["minv"], 8 if m.mode == "int8" else 4, m.group, m.n, m.k,
+                          out.data_ptr(), self._dt, torch.cuda.current_stream(out.device).cuda_stream)
         return out
-
-    def _launch(self, m: QuantLinear, q, scale, minv, out: torch.Tensor, stream) -> None:
-        st = torch.cuda.current_stream(out.device) if stream is None else stream
-        self._ext.dequant(q.data_ptr(), scale.data_ptr(), 0 if minv is None else minv.data_ptr(),
-                          8 if m.mode == "int8" else 4, m.group, out.shape[0], m.k, out.data_ptr(), self._dt,
-                          st.cuda_stream)
-
-
-class DequantMatrix:
-    """A quantized matrix as the prefill decoder's `_lin` takes it (DequantWeights)."""
-
-    def __init__(self, owner: DequantWeights, m: QuantLinear):
-        self._owner, self.m = owner, m
-
-    def prefill_linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, k] @ W.T (+ b): [T, n] in x's dtype, one rounding of each fp32 sum (cuBLAS), as F.linear."""
-        m, o = self.m, self._owner
-        rows = chunk_rows(m.n, m.k, o.chunk_mb)
-        if rows >= m.n:
-            return F.linear(x, o.dequant_rows(m, 0, m.n), b)
-        y = torch.empty(x.shape[0], m.n, dtype=x.dtype, device=x.device)
-        spans = [(r, min(m.n, r + rows)) for r in range(0, m.n, rows)]
-
-        def gemm(wc, r0, r1):
-            if b is None:
-                torch.mm(x, wc.t(), out=y[:, r0:r1])
-            else:
-                torch.addmm(b[r0:r1], x, wc.t(), out=y[:, r0:r1])
-        if o._side is None:
-            for r0, r1 in spans:
-                gemm(o.dequant_rows(m, r0, r1), r0, r1)
-            return y
-        cur, side = torch.cuda.current_stream(x.device), o._side
-        side.wait_stream(cur)  # x, and the last readers of both buffers, are enqueued before this
-        ready, free, views = [], [], []
-
-        def issue(i):  # chunk i on the side stream, into buffer i % 2 once chunk i - 2's GEMM is done
-            if i >= 2:
-                side.wait_event(free[i - 2])
-            views.append(o.dequant_rows(m, *spans[i], buf=i % 2, stream=side))
-            ready.append(torch.cuda.Event())
-            ready[-1].record(side)
-        issue(0)
-        for i, (r0, r1) in enumerate(spans):
-            if i + 1 < len(spans):
-                issue(i + 1)
-            cur.wait_event(ready[i])
-            gemm(views[i], r0, r1)
-            free.append(torch.cuda.Event())
-            free[-1].record(cur)
-        cur.wait_stream(side)  # joined: a capture ends with every stream joined
-        return y
 
 
 class _DequantLayer:
@@ -239,10 +132,8 @@ class CudaBackend(Backend):
 
     def __init__(self, model: LoadedModel, sessions: int = 1, graph_mode: str = "exact", gemm: str = "custom",
                  max_seq: int | None = None, steps_per_graph: int = 8, ring_len: int = 4096, warmup: bool = True,
-                 options=None, prefill_chunk: float | None = None, prefill_side_stream: bool | None = None):
-        """options: an ext.EngineOptions (None: default_options, i.e. the defaults and CASE4_PDL). prefill_chunk:
-        MB of a quantized matrix's rows dequantized at a time in prefill (None: CASE4_PREFILL_CHUNK_MB);
-        prefill_side_stream: the next chunk dequantized on a side stream (None: CASE4_PREFILL_SIDE)."""
+                 options=None):
+        """options: an ext.EngineOptions (None: default_options, i.e. the defaults and CASE4_PDL)."""
         if graph_mode not in GRAPH_MODES:
             raise BadInput(f"graph_mode must be one of {', '.join(GRAPH_MODES)}, got '{graph_mode}'")
         if gemm not in GEMMS:
@@ -269,12 +160,10 @@ class CudaBackend(Backend):
         with torch.cuda.device(dev):
             self.kv = KVArena(cfg, sessions, dt, dev)
             qmats = quantized(w)
-            # prefill's dequantization scratch: the largest chunk (or whole quantized matrix), in the model dtype
-            self.prefill_chunk_mb = prefill_chunk_mb() if prefill_chunk is None else prefill_chunk
-            side = (prefill_side() if prefill_side_stream is None else prefill_side_stream) and self.prefill_chunk_mb > 0
-            self.dequant_scratch = (torch.empty(scratch_elems(qmats, self.prefill_chunk_mb, side), dtype=dt, device=dev)
+            # prefill's dequantization scratch: the largest quantized matrix, in the model dtype
+            self.dequant_scratch = (torch.empty(max(m.n * m.k for m in qmats), dtype=dt, device=dev)
                                     if qmats else None)
-            pw = DequantWeights(w, self.ext, self.dequant_scratch, self.prefill_chunk_mb, side) if qmats else w
+            pw = DequantWeights(w, self.ext, self.dequant_scratch) if qmats else w
             self.prefill_dec = ReferenceDecoder(pw, self.kv, compute_dtype=dt)
             # prompt forwards replayed as CUDA graphs per (session, bucket); CASE4_PREFILL_GRAPHS=0: eager
             self.prefill_graphs = (PrefillGraphs(self.prefill_dec, cfg.max_seq_len)
