@@ -9,7 +9,8 @@ model dtype on the same KV arena, replayed as a CUDA graph per prompt-length buc
 (server/prefill_graphs.py). Quantized weights (server/model/quant.py QuantLinear): the decode step runs them in
 the quantized gemv kernels (custom_kernels/csrc/gemv_quant.cu), chosen once when the Engine is built; prefill
 sees each quantized matrix dequantized, when the forward reaches it, into one preplanned scratch of the largest
-matrix's size (`DequantWeights`). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
+matrix's size, except for a single row (the last position's lm_head), which the quantized gemv takes
+(`DequantWeights`). The Engine's options (ext.EngineOptions: PDL level and the A/B switches that the
 GPU tests and the timing tool use) are its own, set at construction (custom_kernels/csrc/step.h).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 from case4_errors import BadInput
 from server.model.config import with_max_seq
@@ -61,6 +63,7 @@ def default_options(ext):
 
 
 MATRICES = ("w_qkv", "w_o", "w_gu", "w_down")
+GEMV_STORE = 0  # ops.h GemvMode kGemvStore: out = round(W x (+ bias))
 
 
 def matrix_entry(m):
@@ -90,14 +93,20 @@ def quant_name(w) -> str:
 
 class DequantWeights:
     """The weights as the prefill decoder (ReferenceDecoder in the model dtype) sees them: every attribute is the
-    real weights', except that a quantized matrix, when the forward reads it, is dequantized into `scratch` (one
-    buffer of the largest quantized matrix, model dtype) by the extension's dequant kernel on torch's current
-    stream, and that view is returned. One buffer serves every matrix because the forward reads a matrix, uses
-    it in one linear and reads the next only after it (stream order). Capturable: no allocation, one launch."""
+    real weights', except that a quantized matrix comes back as a `DequantMatrix`, whose `prefill_linear(x, b)` the
+    decoder's `_lin` calls, on torch's current stream:
+      * more than one row: the matrix dequantized into `scratch` (one buffer of the largest quantized matrix, model
+        dtype) by the extension's dequant kernel, then F.linear (cuBLAS). One buffer serves every matrix because the
+        forward uses a matrix in one linear before it reads the next (stream order);
+      * one row (the lm_head of a prompt's last position, every matrix of a one-token continuation): the decode
+        step's quantized gemv on the quantized weights (`ext.qgemv`, store mode, the bias in its epilogue), which
+        reads a quarter (int4) or half (int8) of the bytes that dequantizing and multiplying would write and read.
+    Capturable: no allocation but the output, plain launches (no PDL)."""
 
     def __init__(self, w, ext, scratch: torch.Tensor):
         self._w, self._ext, self._scratch = w, ext, scratch
         self._dt = 0 if w.dtype == torch.float16 else 1
+        self._max_blocks = 0  # the gemv's grid cap, as the decode step's (SMs x 4); set on first use
         self.layers = [_DequantLayer(self, lw) for lw in w.layers]
 
     def __getattr__(self, name):
@@ -108,13 +117,42 @@ class DequantWeights:
         return self.matrix(self._w.lm_head)
 
     def matrix(self, m):
-        if not isinstance(m, QuantLinear):
-            return m
+        return DequantMatrix(self, m) if isinstance(m, QuantLinear) else m  # checked by the plan (matrix_entry)
+
+    def dequant(self, m: QuantLinear) -> torch.Tensor:
+        """m dequantized into the scratch (a view [n, k])."""
         out = self._scratch[:m.n * m.k].view(m.n, m.k)
-        e = matrix_entry(m)
-        self._ext.dequant(e["q"], e["scale"], e["minv"], 8 if m.mode == "int8" else 4, m.group, m.n, m.k,
-                          out.data_ptr(), self._dt, torch.cuda.current_stream(out.device).cuda_stream)
+        self._ext.dequant(m.q.data_ptr(), m.scale.data_ptr(), 0 if m.minv is None else m.minv.data_ptr(),
+                          8 if m.mode == "int8" else 4, m.group, m.n, m.k, out.data_ptr(), self._dt,
+                          torch.cuda.current_stream(out.device).cuda_stream)
         return out
+
+    def gemv(self, m: QuantLinear, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """x [1, k] @ W.T (+ b) -> [1, n] in x's dtype by the quantized gemv (fp32 sums of the exact values, one
+        rounding: the decode step's numbers)."""
+        if not self._max_blocks:
+            self._max_blocks = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        if not x.is_contiguous() or x.data_ptr() % 16:  # the gemv reads x in 16-byte vectors
+            x = x.clone(memory_format=torch.contiguous_format)
+        y = torch.empty(1, m.n, dtype=x.dtype, device=x.device)
+        self._ext.qgemv(m.q.data_ptr(), m.scale.data_ptr(), 0 if m.minv is None else m.minv.data_ptr(),
+                        8 if m.mode == "int8" else 4, m.group, m.n, m.k, x.data_ptr(), 0, 0.0, y.data_ptr(),
+                        GEMV_STORE, self._dt, torch.cuda.current_stream(x.device).cuda_stream, 1, self._max_blocks,
+                        pdl=0, bias=0 if b is None else b.contiguous().data_ptr())
+        return y
+
+
+class DequantMatrix:
+    """A quantized matrix as the prefill decoder's `_lin` takes it (DequantWeights)."""
+
+    def __init__(self, owner: DequantWeights, m: QuantLinear):
+        self._owner, self.m = owner, m
+
+    def prefill_linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, k] @ W.T (+ b): [T, n] in x's dtype, each fp32 sum rounded once, as F.linear."""
+        if x.shape[0] == 1:
+            return self._owner.gemv(self.m, x, b)
+        return F.linear(x, self._owner.dequant(self.m), b)
 
 
 class _DequantLayer:

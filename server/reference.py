@@ -48,6 +48,8 @@ class ReferenceDecoder:
 
     def _lin(self, x: torch.Tensor, w: torch.Tensor | QuantLinear, b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T (+ b), rounded once, as HF's nn.Linear (bias included before the rounding)."""
+        if hasattr(w, "prefill_linear"):  # the cuda backend's prefill on quantized weights (cuda_backend.DequantMatrix)
+            return self._r(w.prefill_linear(x, None if b is None else b.to(self.cdt)))
         if isinstance(w, QuantLinear):
             w = self.dense[id(w)] if id(w) in self.dense else dequantize(w)
         return self._r(F.linear(x, w.to(self.cdt), None if b is None else b.to(self.cdt)))

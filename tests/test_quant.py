@@ -271,3 +271,49 @@ def test_cli_bad_quant_inputs_exit_2(tmp_path, tiny_hf_folder):
     assert ("synthetic:smollm2-135m: --group-size 128 does not divide the input dimension 576 of w_qkv" in line), line
     r = run_cli(tmp_path, "--model", str(folder), "--quant", "int4", "--group-size", "64")
     assert r.returncode == 0, r.stderr
+
+
+def test_prefill_on_quantized_weights_takes_one_row_to_the_gemv():
+    """The cuda backend's prefill view of quantized weights (server/cuda_backend.py DequantWeights, the decoder's
+    `_lin` hook): more than one row -> the matrix dequantized, then F.linear; one row (the last position's lm_head,
+    every matrix of a one-token continuation) -> the quantized gemv. On the CPU with both kernels replaced by
+    torch on the same QuantLinear (q/k/v biases included): the same logits and K/V rows as the reference decoder on
+    the QuantLinears themselves (float32), and the gemv called for exactly the one-row linears."""
+    import dataclasses
+    import torch.nn.functional as F
+    from server.cuda_backend import DequantWeights
+
+    calls = []
+
+    class CpuDequant(DequantWeights):
+        def dequant(self, m):
+            calls.append(("dequant", m.n))
+            return dequantize(m)
+
+        def gemv(self, m, x, b):
+            assert x.shape[0] == 1
+            calls.append(("gemv", m.n))
+            return F.linear(x, dequantize(m), b)
+
+    cfg = dataclasses.replace(SYNTHETIC_SHAPES["tiny"], qkv_bias=True)
+    for quant, group in (("int4", 32), ("int8", None)):
+        w = synthetic_weights(cfg, "float32", "cpu", 7, schemes=quant_schemes(cfg, quant, group, "tiny"))
+        ids = [(5 * i + 3) % cfg.vocab_size for i in range(23)]
+        outs = {}
+        for name, pw in (("ref", w), ("hook", CpuDequant(w, None, torch.empty(0)))):
+            kv = KVArena(cfg, 1, torch.float32, "cpu")
+            dec = ReferenceDecoder(pw, kv, compute_dtype=torch.float32)
+            calls.clear()
+            full = dec.forward(0, ids, 0)                      # 23 rows: every matrix dequantized
+            n_full = list(calls)
+            last = dec.forward(0, ids, 0, last_only=True)      # the lm_head of one row: the gemv
+            n_last = list(calls[len(n_full):])
+            cont = dec.forward(0, [11], len(ids))              # a one-token continuation: every matrix by the gemv
+            n_cont = list(calls[len(n_full) + len(n_last):])
+            outs[name] = (full, last, cont, kv.k(0, 1)[:, :len(ids) + 1].clone(), kv.v(0, 0)[:, :len(ids) + 1].clone())
+        for got, want in zip(outs["hook"], outs["ref"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        L = cfg.num_layers
+        assert [c for c, _ in n_full] == ["dequant"] * (4 * L + 1)
+        assert [c for c, _ in n_last] == ["dequant"] * 4 * L + ["gemv"] and n_last[-1][1] == cfg.vocab_size
+        assert [c for c, _ in n_cont] == ["gemv"] * (4 * L + 1)

@@ -457,18 +457,20 @@ def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n):
         assert torch.equal(logits[gm], logits["none"]), f"{gm}: logits not bitwise equal to eager"
 
 
-def test_quant_prefill_dequant_scratch():
-    """Prefill on quantized weights (each matrix dequantized into the scratch when the forward reaches it) against
-    the fp16 reference decoder on a copy of the weights dequantized up front. Both round the same exact values
-    once to fp16, but sum in other orders (cuBLAS + our attention against torch's matmul + SDPA): the fp16
-    prefill tests' bound (tests/gpu/test_step.py, 1e-2; an H100 run measured 2.2e-3 here), and the same
-    argmax unless the top two are within that bound."""
+@pytest.mark.parametrize("mode,G", [("int4", 32), ("int8", 64)])
+def test_quant_prefill_dequant_scratch(mode, G):
+    """Prefill on quantized weights (each matrix dequantized into the scratch when the forward reaches it; the last
+    position's lm_head row, and every matrix of a one-token prompt run eagerly, by the quantized gemv) against
+    the fp16 reference decoder on a copy of the weights dequantized up front. Both use the same exact values
+    (rounded once to fp16 where dequantized), but sum in other orders (cuBLAS + our attention against torch's
+    matmul + SDPA): the fp16 prefill tests' bound (tests/gpu/test_step.py, 1e-2; an H100 run measured 2.2e-3
+    here), and the same argmax unless the top two are within that bound."""
     import dataclasses
     from server.cuda_backend import CudaBackend
     from server.kv import KVArena
     from server.model.weights import LayerWeights
     from server.reference import ReferenceDecoder
-    model = quant_model("smollm2-135m", "int4", 32)
+    model = quant_model("smollm2-135m", mode, G)
     w = model.weights
 
     def d(m):
@@ -477,13 +479,15 @@ def test_quant_prefill_dequant_scratch():
     wr = dataclasses.replace(w, layers=layers, lm_head=d(w.lm_head))
     ref = ReferenceDecoder(wr, KVArena(model.cfg, 1, w.dtype, "cuda"), compute_dtype=torch.float16)
     be = CudaBackend(model, sessions=1, graph_mode="none")
+    pg = be.prefill_graphs
     try:
-        for n in (5, 37, 200):
+        for n, graphs in ((1, False), (1, True), (5, True), (37, True), (200, True), (37, False)):
             ids = _ids(model.cfg.vocab_size, n, n)
+            be.prefill_graphs = pg if graphs else None
             got = be.prefill(0, ids)
             want = ref.prefill(0, ids).float().cpu()
             e = float((got.double() - want.double()).norm() / want.double().norm())
-            assert e < 1e-2, f"prefill of {n} tokens: rel err {e:.2e} against the up-front dequantized weights"
+            assert e < 1e-2, f"prefill of {n} tokens (graphs {graphs}): rel err {e:.2e} against the up-front dequantized weights"
             a, b = int(got.argmax()), int(want.argmax())
             assert a == b or abs(float(want[a] - want[b])) < 1e-2 * float(want.abs().max()), (n, a, b)
     finally:
