@@ -122,6 +122,7 @@ def test_blocks_repack_bitwise(tmp_path, qtype):
         want = gguf_values(path, name)
         got = dequantize(ql)
         assert got.shape == want.shape and torch.equal(got, want), name
+        assert torch.equal(f.dense(name), want), name  # the dense path (an fp16 embedding) takes the same values
         # bitwise too, but for the sign of zero: Q4_0's (8 - 8) * d is -0.0 when d < 0, where
         # our nib * d + (-8 d) = 8 d - 8 d gives +0.0 (the same value; no product can differ)
         diff = got.view(torch.int32) != want.view(torch.int32)

@@ -208,9 +208,14 @@ class GGUFFile:
         return data
 
     def dense(self, name: str) -> torch.Tensor:
-        """The tensor's values in fp32 ([n, k], or [k] for a vector), as gguf.quants.dequantize gives them."""
+        """The tensor's values in fp32 ([n, k], or [k] for a vector), as gguf.quants.dequantize gives them. A matrix
+        of a type we repack (the built-in model's Q8_0 token_embd) is repacked and dequantized by quant.dequantize
+        instead: the same values bit for bit (test_gguf.py), ~20x sooner than the package's numpy loop."""
         from gguf.quants import dequantize
         t = self.tensor(name)
+        if t.tensor_type.name in REPACKED and len(t.shape) == 2:
+            from server.model.quant import dequantize as dequantize_ql
+            return dequantize_ql(self.quant(name))
         rows = self.rows(name)
         try:
             v = dequantize(rows, t.tensor_type)
