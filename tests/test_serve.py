@@ -279,7 +279,10 @@ def test_key_queue_disconnect_and_a_killed_server(model_dir, tmp_path):
         a = c.completions.create(model=m, prompt="long", max_tokens=500, temperature=0, stream=True)
         next(iter(a))
         b_result = {}
-        b = threading.Thread(target=lambda: b_result.update(r=c.completions.create(model=m, prompt="b", max_tokens=4)))
+        # B ignores the EOS (vLLM's ignore_eos): sampled at temperature 1 with a random seed, it could otherwise stop
+        # early (3 tokens in one CI run of session 30)
+        b = threading.Thread(target=lambda: b_result.update(r=c.completions.create(
+            model=m, prompt="b", max_tokens=4, extra_body={"ignore_eos": True})))
         b.start()
         deadline = time.monotonic() + 30
         while "case4_queue_depth 1" not in httpx.get(srv.url + "/metrics", timeout=30).text:
