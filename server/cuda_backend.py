@@ -122,9 +122,9 @@ class DequantWeights:
     def dequant(self, m: QuantLinear) -> torch.Tensor:
         """m dequantized into the scratch (a view [n, k])."""
         out = self._scratch[:m.n * m.k].view(m.n, m.k)
-        self._ext.dequant(m.q.data_ptr(), m.scale.data_ptr(), 0 if m.minv is None else m.minv.data_ptr(),
-                          8 if m.mode == "int8" else 4, m.group, m.n, m.k, out.data_ptr(), self._dt,
-                          torch.cuda.current_stream(out.device).cuda_stream)
+        e = matrix_entry(m)
+        self._ext.dequant(e["q"], e["scale"], e["minv"], 8 if m.mode == "int8" else 4, m.group, m.n, m.k,
+                          out.data_ptr(), self._dt, torch.cuda.current_stream(out.device).cuda_stream)
         return out
 
     def gemv(self, m: QuantLinear, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -135,10 +135,10 @@ class DequantWeights:
         if not x.is_contiguous() or x.data_ptr() % 16:  # the gemv reads x in 16-byte vectors
             x = x.clone(memory_format=torch.contiguous_format)
         y = torch.empty(1, m.n, dtype=x.dtype, device=x.device)
-        self._ext.qgemv(m.q.data_ptr(), m.scale.data_ptr(), 0 if m.minv is None else m.minv.data_ptr(),
-                        8 if m.mode == "int8" else 4, m.group, m.n, m.k, x.data_ptr(), 0, 0.0, y.data_ptr(),
-                        GEMV_STORE, self._dt, torch.cuda.current_stream(x.device).cuda_stream, 1, self._max_blocks,
-                        pdl=0, bias=0 if b is None else b.contiguous().data_ptr())
+        e = matrix_entry(m)
+        self._ext.qgemv(e["q"], e["scale"], e["minv"], 8 if m.mode == "int8" else 4, m.group, m.n, m.k, x.data_ptr(),
+                        0, 0.0, y.data_ptr(), GEMV_STORE, self._dt, torch.cuda.current_stream(x.device).cuda_stream, 1,
+                        self._max_blocks, pdl=0, bias=0 if b is None else b.contiguous().data_ptr())
         return y
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from server.model.config import ConfigError, ModelConfig, config_from_hf
-from server.model.quant import QuantLinear
+from server.model.quant import QuantLinear, dequantize as dequantize_ql
 from server.model.weights import WeightLoadError, _assemble, matrix_shapes, quant_schemes
 
 # general.architecture -> the HF class it is (llama: SmolLM2, Llama-2/3.x, Mistral as llama.cpp writes them)
@@ -214,7 +214,6 @@ class GGUFFile:
         from gguf.quants import dequantize
         t = self.tensor(name)
         if t.tensor_type.name in REPACKED and len(t.shape) == 2:
-            from server.model.quant import dequantize as dequantize_ql
             return dequantize_ql(self.quant(name))
         rows = self.rows(name)
         try:
