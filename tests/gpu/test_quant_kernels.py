@@ -459,6 +459,7 @@ def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n):
         assert gm not in first_diff, f"{gm}: logits not bitwise equal to eager from step {first_diff[gm]}"
 
 
+@pytest.mark.parametrize("mode,G", [("int4", 32), ("int8", 64)])
 def test_quant_prefill_dequant_scratch(mode, G):
     """Prefill on quantized weights (each matrix dequantized into the scratch when the forward reaches it; the last
     position's lm_head row, and every matrix of a one-token prompt run eagerly, by the quantized gemv) against
