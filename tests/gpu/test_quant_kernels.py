@@ -419,11 +419,13 @@ def test_quant_step_matches_dequant_oracle(shape, mode, G):
 
 
 @pytest.mark.parametrize("shape,mode,G,n", [("smollm2-135m", "int4", 64, 1000), ("smollm2-135m", "int8", 576, 1000),
-                                            ("tiny", "int4", 128, 1000)])
+                                            ("mha-1b", "int4", 128, 1000)])
 def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n):
     """exact and dynamic graphs == eager (mode none), issue 26's 1,000 greedy tokens: n tokens through device
     sampling, and n steps of client sampling whose logits must be bitwise equal at every step (the same kernels in
-    the same order; nothing is allocated at capture: a capture that allocated would fail and count in failures)."""
+    the same order; nothing is allocated at capture: a capture that allocated would fail and count in failures).
+    The int4 G128 case is mha-1b's shape (K 2048 and 5632): tiny's context is 512 positions (session 30 wrote it
+    with tiny; its first GPU run found the context full, 512 positions)."""
     from server.cuda_backend import CudaBackend
     model = quant_model(shape, mode, G, max_seq=2048)
     runs, eager_logits, first_diff = {}, [], {}
