@@ -115,7 +115,7 @@ def load_backend(opts: dict, device: str, dtype: str):
             name = _auto("hf", f"{' '.join(hf_only)} is an option of the hf backend")
         else:
             try:
-                load_config(opts["model"], max_seq)  # reads config.json only
+                load_config(opts["model"], max_seq)  # config.json only (a GGUF: its header, kept for the load)
             except ConfigError as e:  # neither custom path covers it: transformers runs it
                 name = _auto("hf", f"{e}; transformers runs it")
     elif name != "hf" and hf_only:

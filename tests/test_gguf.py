@@ -293,3 +293,42 @@ def test_builtin_smollm2_runs_its_own_blocks(smollm2_hf):
         ref = smollm2_hf(torch.tensor([toks])).logits[0, len(ids) - 1:]
     torch.testing.assert_close(torch.stack(ours), ref, atol=2e-4, rtol=1e-4)
     assert toks[len(ids):] == ref[:-1].argmax(-1).tolist()
+
+
+def test_backend_auto_parses_a_gguf_once(tmp_path, monkeypatch):
+    """`--backend auto` checks the config (server/backends.py load_config) before the load (resolve_model): with a
+    GGUF both read the same parse (server/model/gguf.py open_gguf; the gguf package parses every metadata field
+    at each GGUFReader, ~1.6 s for the built-in file). Counted on a tiny file through the server's own entry,
+    load_backend; the loaded model equals a fresh load's; a file changed on disk is parsed again; the load drops
+    the kept parse."""
+    import os
+    import gguf
+    from server.backends import load_backend
+    from server.model import gguf as g
+    path = tmp_path / "m.gguf"
+    write_llama_gguf(path, {}, tokenizer=True)
+    monkeypatch.setenv("CASE4_HOME", str(tmp_path / "home"))
+    parses = []
+    real = gguf.GGUFReader
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            parses.append(a[0])
+            super().__init__(*a, **k)
+    load_backend({"model": str(path), "backend": "auto"}, "cpu", "float32")  # converts the tokenizer once (cached)
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    model, backend = load_backend({"model": str(path), "backend": "auto"}, "cpu", "float32")
+    assert backend.name == "reference" and len(parses) == 1, parses
+    assert not g._opened  # the load dropped it
+    fresh = g.load_gguf(g.GGUFFile(path), model.cfg, torch.float32, "cpu", g.schemes_for(g.GGUFFile(path), None, None))
+    ids = [256, 5, 17]
+    a = ReferenceDecoder(model.weights, KVArena(model.cfg, 1, torch.float32, "cpu")).prefill(0, ids)
+    b = ReferenceDecoder(fresh, KVArena(model.cfg, 1, torch.float32, "cpu")).prefill(0, ids)
+    assert torch.equal(a, b)
+    parses.clear()
+    first = g.open_gguf(path)
+    assert g.open_gguf(path) is first and len(parses) == 1
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed on disk
+    assert g.open_gguf(path) is not first and len(parses) == 2
+    g.forget_gguf()

@@ -253,6 +253,33 @@ class GGUFFile:
         return QuantLinear("int4", n, k, BLOCK, q, d, minv)
 
 
+_opened: dict[tuple, GGUFFile] = {}  # one entry: (path, size, mtime) -> the file opened for it
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """GGUFFile(path), parsed once for the config check and the load that follows it (server/backends.py's
+    `--backend auto` reads the config first): the gguf package parses every metadata field, the tokenizer's
+    vocabulary included (the built-in SmolLM2 file: ~1.6 s on the CPU machines), at each GGUFReader. The one
+    entry is the last file opened; a changed file (size or mtime) is opened again. `forget_gguf` drops it."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return GGUFFile(p)  # GGUFFile says what is wrong with the path
+    f = _opened.get(key)
+    if f is None:
+        f = GGUFFile(p)
+        _opened.clear()
+        _opened[key] = f
+    return f
+
+
+def forget_gguf() -> None:
+    """Drop the file open_gguf keeps (after the load: its memory map and parsed fields are not needed again)."""
+    _opened.clear()
+
+
 def _finite(ql: QuantLinear) -> bool:
     return bool(torch.isfinite(ql.scale).all()) and (ql.minv is None or bool(torch.isfinite(ql.minv).all()))
 

@@ -218,8 +218,8 @@ def _is_gguf(p: Path | None) -> bool:
 def load_config(spec: str, max_seq: int | None = None) -> tuple[ModelConfig, Path | None]:
     folder = resolve_folder(spec)
     if _is_gguf(folder):
-        from server.model.gguf import GGUFFile
-        cfg = GGUFFile(folder).cfg
+        from server.model.gguf import open_gguf
+        cfg = open_gguf(folder).cfg  # parsed once: the load that follows (_resolve_gguf) takes the same file
     elif folder is None:
         shape = spec.split(":", 1)[1]
         if shape not in SYNTHETIC_SHAPES:
@@ -271,8 +271,9 @@ def resolve_model(spec: str, dtype="float32", device="cpu", seed: int = 0,
 def _resolve_gguf(spec: str, path: Path, dt: torch.dtype, device, max_seq: int | None, sessions: int,
                   quant: str | None, group: int | None) -> LoadedModel:
     """A GGUF file (server/model/gguf.py): quant None keeps its own Q8_0/Q4_0/Q4_1 blocks."""
-    from server.model.gguf import GGUFFile, load_gguf, schemes_for, tokenizer_dir
-    f = GGUFFile(path)
+    from server.model.gguf import forget_gguf, load_gguf, open_gguf, schemes_for, tokenizer_dir
+    f = open_gguf(path)
+    forget_gguf()  # this load is the file's last use in this process (the weights are copied out of it)
     cfg = with_max_seq(f.cfg, DEFAULT_MAX_SEQ if max_seq is None else max_seq)
     check_floor(spec, cfg, device)
     schemes = schemes_for(f, quant, group)
