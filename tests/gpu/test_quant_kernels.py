@@ -343,9 +343,10 @@ def test_bad_layouts_are_refused():
 # on the same weights with each QuantLinear replaced by its exact fp32 values (dequantize): the kernels' math, in
 # fp32 with the model dtype's rounding points.
 
-def quant_model(shape: str, mode: str, group: int, seed: int = 0, max_seq: int = 1024):
+def quant_model(shape: str, mode: str, group: int, seed: int = 0, max_seq: int = 1024, lm: tuple | None = None):
     """A LoadedModel: synthetic fp16 weights with every projection and the lm_head replaced by random QuantLinear
-    (lm_head with a 4x gain, as synthetic_weights' lm_head: clear greedy winners)."""
+    (lm_head with a 4x gain, as synthetic_weights' lm_head: clear greedy winners). lm: the lm_head's own (mode,
+    group) (the built-in GGUF's layout: int4 G32 layers, int8 G32 lm_head)."""
     from server.model.config import SYNTHETIC_SHAPES, with_max_seq
     from server.model.resolve import LoadedModel
     from server.model.weights import synthetic_weights
@@ -356,7 +357,8 @@ def quant_model(shape: str, mode: str, group: int, seed: int = 0, max_seq: int =
         for k in ("w_qkv", "w_o", "w_gu", "w_down"):
             n, kk = getattr(lw, k).shape
             setattr(lw, k, random_quant(mode, n, kk, group if kk % group == 0 else kk, g))
-    w.lm_head = random_quant(mode, cfg.vocab_size, cfg.hidden_size, group, g, gain=4.0)
+    lm_mode, lm_group = lm or (mode, group)
+    w.lm_head = random_quant(lm_mode, cfg.vocab_size, cfg.hidden_size, lm_group, g, gain=4.0)
     return LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
 
 
@@ -418,16 +420,20 @@ def test_quant_step_matches_dequant_oracle(shape, mode, G):
         be.close()
 
 
-@pytest.mark.parametrize("shape,mode,G,n", [("smollm2-135m", "int4", 64, 1000), ("smollm2-135m", "int8", 576, 1000),
-                                            ("mha-1b", "int4", 128, 1000)])
-def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n):
+@pytest.mark.parametrize("shape,mode,G,n,lm", [("smollm2-135m", "int4", 64, 1000, None),
+                                               ("smollm2-135m", "int8", 576, 1000, None),
+                                               ("mha-1b", "int4", 128, 1000, None),
+                                               ("smollm2-135m", "int4", 32, 1000, ("int8", 32))],
+                         ids=["smollm2-int4-g64", "smollm2-int8", "mha1b-int4-g128", "smollm2-gguf-layout"])
+def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n, lm):
     """exact and dynamic graphs == eager (mode none), issue 26's 1,000 greedy tokens: n tokens through device
     sampling, and n steps of client sampling whose logits must be bitwise equal at every step (the same kernels in
     the same order; nothing is allocated at capture: a capture that allocated would fail and count in failures).
     The int4 G128 case is mha-1b's shape (K 2048 and 5632): tiny's context is 512 positions (session 30 wrote it
-    with tiny; its first GPU run found the context full, 512 positions)."""
+    with tiny; its first GPU run found the context full, 512 positions). The last case is the built-in GGUF's layout
+    (int4 G32 layers, int8 G32 lm_head) on random weights."""
     from server.cuda_backend import CudaBackend
-    model = quant_model(shape, mode, G, max_seq=2048)
+    model = quant_model(shape, mode, G, max_seq=2048, lm=lm)
     runs, eager_logits, first_diff = {}, [], {}
     for gm in ("none", "exact", "dynamic"):
         be = CudaBackend(model, sessions=1, graph_mode=gm)
