@@ -332,3 +332,47 @@ def test_backend_auto_parses_a_gguf_once(tmp_path, monkeypatch):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed on disk
     assert g.open_gguf(path) is not first and len(parses) == 2
     g.forget_gguf()
+
+
+def _same_reader(a, b) -> None:
+    assert list(a.fields) == list(b.fields)
+    for k in a.fields:
+        fa, fb = a.fields[k], b.fields[k]
+        assert fa.types == fb.types and fa.contents() == fb.contents(), k
+    assert [(t.name, t.tensor_type, list(t.shape), t.n_elements, t.data_offset) for t in a.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape), t.n_elements, t.data_offset) for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.data.dtype == tb.data.dtype and np.array_equal(ta.data, tb.data), ta.name
+
+
+def test_read_gguf_equals_the_package_reader(tmp_path):
+    """server/model/gguf.py read_gguf (the gguf package's GGUFReader over a plain array of the file's map instead
+    of an np.memmap: 3x faster on the built-in file's vocabulary) against the unchanged GGUFReader: the same fields
+    (types and contents), tensors (name, type, shape, offset, every byte), on the built-in SmolLM2 file and on a
+    tiny file with a tokenizer; the reader module's numpy restored after each call; a truncated and a junk file
+    fail as the package's reader fails, and exit 2 through the CLI (test_bad_gguf_files_exit_2)."""
+    import gguf
+    from gguf import gguf_reader
+    from server.model.gguf import read_gguf
+    from server.model.resolve import smollm2_gguf
+    tiny = tmp_path / "t.gguf"
+    write_llama_gguf(tiny, {"ffn_down": "F16"}, tokenizer=True)
+    for path in (smollm2_gguf(), tiny):
+        fast = read_gguf(path)
+        assert gguf_reader.np is np and not isinstance(fast.data, np.memmap)
+        _same_reader(fast, gguf.GGUFReader(str(path)))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.read_bytes()[:5000])
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(range(64)))
+    for bad in (cut, junk, tmp_path / "empty.gguf"):
+        bad.touch()
+        errs = []
+        for read in (read_gguf, lambda p: gguf.GGUFReader(str(p))):
+            try:
+                read(bad)
+                errs.append(None)
+            except Exception as e:  # noqa: BLE001
+                errs.append((type(e), str(e)))
+        assert errs[0] == errs[1] and errs[0] is not None, (bad.name, errs)
+        assert gguf_reader.np is np
