@@ -70,6 +70,8 @@ def write_llama_gguf(path: Path, types: dict[str, str], seed=0, arch="llama", ti
             w.add_tensor(name, arr.astype(np.float32))
         elif t == "F16":
             w.add_tensor(name, arr.astype(np.float16))
+        elif t in KQUANT_D:  # the gguf package has no quantize for K-quants: random blocks, moderate scales
+            w.add_tensor(name, kquant_blocks(arr.shape, t, float(arr.std()), rng), raw_dtype=qt)
         else:
             w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qt), raw_dtype=qt)
 
@@ -96,6 +98,26 @@ def write_llama_gguf(path: Path, types: dict[str, str], seed=0, arch="llama", ti
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
     w.close()
     return hf
+
+
+# K-quant blocks (256 values): the byte offsets of their fp16 super-block scales (Q4_K: d, dmin; Q6_K: d) and the
+# scale that keeps the values about `std` (a 6-bit sub-block scale times a 4-bit / signed 6-bit integer)
+KQUANT_D = {"Q4_K": ((0, 2), 1 / 240), "Q6_K": ((208,), 1 / 1000)}
+
+
+def kquant_blocks(shape: tuple[int, int], t: str, std: float, rng) -> np.ndarray:
+    """Random Q4_K / Q6_K rows of `shape` (k a multiple of 256): random bytes, the super-block scales set to
+    std * KQUANT_D's factor (finite, so every value is)."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
+    n, k = shape
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    offs, f = KQUANT_D[t]
+    d = np.frombuffer(np.float16(std * f).tobytes(), dtype=np.uint8)
+    for o in offs:
+        raw[:, :, o:o + 2] = d
+    return raw.reshape(n, k // block * size)
 
 
 def gguf_values(path: Path, name: str) -> torch.Tensor:
@@ -376,3 +398,30 @@ def test_read_gguf_equals_the_package_reader(tmp_path):
                 errs.append((type(e), str(e)))
         assert errs[0] == errs[1] and errs[0] is not None, (bad.name, errs)
         assert gguf_reader.np is np
+
+
+def test_k_quant_matrices_load_dequantized(tmp_path, capsys):
+    """The files most users hold (llama.cpp's Q4_K_M) are K-quants: Q4_K and Q6_K blocks of 256. They are
+    dequantized at load by the gguf package (one line naming the type and the matrices), the rest of the file as
+    it is: the tiny model with every ffn_down (K = 256, the only rows long enough) in Q4_K, then in Q6_K, against
+    transformers' own GGUF load of the same file, and the matrix values against the package's dequantization."""
+    from transformers import AutoModelForCausalLM
+    from server.model.gguf import GGUFFile, load_gguf, schemes_for
+    for kind in ("Q4_K", "Q6_K"):
+        p = tmp_path / f"{kind}.gguf"
+        write_llama_gguf(p, {"ffn_down": kind, "token_embd": "Q8_0"}, tied=True)
+        f = GGUFFile(p)
+        sch = schemes_for(f, None, None)
+        assert "0.w_down" not in sch and sch["0.w_qkv"] == ("int4", 32)
+        assert f"2 matrices of type {kind} (0.w_down, 1.w_down) dequantized at load" in capsys.readouterr().err
+        w = load_gguf(f, f.cfg, torch.float32, "cpu", sch)
+        want = gguf_values(p, "blk.1.ffn_down.weight")
+        assert torch.isfinite(want).all() and 0.2 < float(want.std()) / (CFG.intermediate_size ** -0.5) < 5
+        assert torch.equal(w.layers[1].w_down, want)
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=p.name, dtype=torch.float32).eval()
+        ids = [256, 5, 17, 300, 42, 7]
+        dec = ReferenceDecoder(w, KVArena(f.cfg, 1, w.dtype, w.device))
+        ours = torch.stack([dec.prefill(0, ids[:3])] + [dec.step(0, t) for t in ids[3:]])
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0, 2:]
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
