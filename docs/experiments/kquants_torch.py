@@ -1,0 +1,91 @@
+# Prepared in session 31, not wired in: llama.cpp's K-quants (Q4_K, Q5_K, Q6_K) dequantized with torch, bit for bit
+# the gguf package's numpy values (checked on the CPU machine on random 64 x 4096 blocks of each type, NaN/Inf
+# included). On the CPU it is slower than the package (4096 x 14336, 2 threads: Q4_K 1.28 s against 0.33, Q5_K 1.32
+# against 0.68, Q6_K 0.64 against 0.56), so the CPU load keeps the package. The point is the GPU load of a K-quant
+# file (llama.cpp's Q4_K_M / Q5_K_M: their matrices are dequantized at load, server/model/gguf.py GGUFFile.dense):
+# the raw blocks uploaded (0.56-0.82 B a value) and dequantized on the device, instead of ~40-90 s of numpy for an
+# 8B file on this machine's cores. To use it: dense(name, device) calling this on the device's tensor for these
+# types, and a GPU test comparing it with gguf.quants.dequantize bitwise (elementwise float32 mul / sub in separate
+# kernels: the same IEEE results on the GPU). Not run on a GPU.
+"""llama.cpp's K-quant blocks (Q4_K, Q5_K, Q6_K: the types of its Q4_K_M / Q5_K_M / Q6_K files) dequantized with
+torch, to the values the `gguf` package's numpy code gives, bit for bit (tests/test_gguf.py), in a fraction of its
+time: an 8B model's matrices took about two minutes of the package's single-threaded numpy on the CPU machines.
+
+A block holds 256 values of one row. Each value is computed in float32 with the package's operations in its order,
+every product and difference rounded once (torch runs them as separate elementwise kernels: no contraction):
+  Q4_K (144 bytes): d, dmin (fp16), 12 bytes of eight 6-bit scales and eight 6-bit minimums, 128 bytes of nibbles;
+                    value = (d * scale_j) * q - dmin * min_j over sub-block j of 32 values.
+  Q5_K (176 bytes): Q4_K's header, then 32 bytes holding the fifth bit of every value, then the 128 nibble bytes.
+  Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of 2-bit high parts, sixteen int8 scales, d (fp16);
+                    value = (d * scale_j) * (q - 32) over sub-block j of 16 values.
+"""
+from __future__ import annotations
+
+import torch
+
+QK = 256
+BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[n, 2] uint8 little-endian fp16 bits -> [n, 1] float32."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eight 6-bit scales and minimums of Q4_K / Q5_K's 12 scale bytes ([n, 12] uint8 -> two [n, 8] float32).
+    Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 minimums 0-3; bytes 8-11 hold the low 4 bits of
+    scales 4-7 (low nibble) and of minimums 4-7 (high nibble), whose top 2 bits are the top bits of bytes 0-3 / 4-7."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
+    return sc.float(), mn.float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 128] bytes -> [n, 8, 32]: sub-block 2g is the low nibbles of bytes 32g..32g+31, 2g+1 their high ones."""
+    q = qs.view(-1, 4, 1, 32)
+    return torch.cat([q & 15, q >> 4], dim=2).view(-1, 8, 32)
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _scales_mins(b[:, 4:16])
+    q = _nibbles(b[:, 16:144]).float()
+    return ((d * sc).unsqueeze(2) * q - (dmin * mn).unsqueeze(2)).reshape(-1, QK)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _scales_mins(b[:, 4:16])
+    high = b[:, 16:48].view(-1, 1, 32)  # bit j of byte i: the fifth bit of value i of sub-block j
+    bits = torch.cat([(high >> j) & 1 for j in range(8)], dim=1)
+    q = (_nibbles(b[:, 48:176]) | (bits << 4)).float()
+    return ((d * sc).unsqueeze(2) * q - (dmin * mn).unsqueeze(2)).reshape(-1, QK)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    ql = b[:, 0:128].view(-1, 2, 1, 64)  # per half of 128 values: 64 low-nibble bytes (values 0-63, then 64-127)
+    low = torch.cat([ql & 15, ql >> 4], dim=2).view(-1, 8, 32)
+    qh = b[:, 128:192].view(-1, 2, 1, 32)  # per half: 32 bytes, 2 bits for each of its four runs of 32 values
+    high = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=2).view(-1, 8, 32)
+    q = ((low | (high << 4)).to(torch.int16) - 32).float().view(-1, 16, 16)
+    scale = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = _f16(b[:, 208:210])
+    return ((d * scale).unsqueeze(2) * q).reshape(-1, QK)
+
+
+_KERNELS = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def dequantize(raw, kind: str, chunk_blocks: int = 1 << 16) -> torch.Tensor:
+    """The values of K-quant rows: raw [rows, bytes] uint8 (numpy or torch) -> float32 [rows, bytes / size * 256],
+    chunk_blocks blocks at a time (bounded temporaries)."""
+    b = torch.as_tensor(raw)
+    rows = b.shape[0]
+    size = BLOCK_BYTES[kind]
+    blocks = b.reshape(-1, size)
+    out = torch.empty(blocks.shape[0], QK, dtype=torch.float32)
+    for i in range(0, blocks.shape[0], chunk_blocks):
+        out[i:i + chunk_blocks] = _KERNELS[kind](blocks[i:i + chunk_blocks])
+    return out.view(rows, -1)
