@@ -460,6 +460,11 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1)
+        # what this server cannot honour, refused rather than ignored (the answer would not be what was asked)
+        tools: list | None = None
+        tool_choice: str | dict | None = None
+        functions: list | None = None  # the older form of tools
+        response_format: dict | None = None
 
     class CompletionRequest(Common):
         prompt: str | list[str] | list[int]  # token ids: used as they are (vLLM takes them too)
@@ -673,10 +678,26 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
             request.scope["case4.t_parsed"] = time.perf_counter()
         return body
 
+    def check_chat_features(body) -> None:
+        """Tool calls and constrained output are not produced here: a request that needs them is a 400 naming the
+        field (vLLM answers the same when its server was not started with tool calling), not a plain-text answer.
+        tools with tool_choice "none", and response_format {"type": "text"}, ask for nothing extra."""
+        if (body.tools or body.functions) and body.tool_choice != "none":
+            field = "tools" if body.tools else "functions"
+            raise ApiError(400, f"{field}: tool calls are not supported by this server (send tool_choice \"none\" to "
+                                f"answer in text)", param=field)
+        if body.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice: tool calls are not supported by this server", param="tool_choice")
+        kind = (body.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ApiError(400, f"response_format: type {kind!r} is not supported (no constrained decoding); "
+                                f"only \"text\"", param="response_format")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         authorize(request)
         body = await parse(request, ChatRequest)
+        check_chat_features(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params, stops = check(body)
         req = common_request(params, body, messages=[{"role": m.role, "content": m.text()} for m in body.messages])

@@ -254,6 +254,21 @@ def test_errors_have_openai_shape(server, model_dir):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model=m, prompt="a", max_tokens=2, **kw)
         assert e.value.body["param"] == param
+    # tool calls and constrained output are not produced: refused, not answered in plain text
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    msgs = [{"role": "user", "content": "a"}]
+    for kw, param in (({"tools": [tool]}, "tools"), ({"tools": [tool], "tool_choice": "required"}, "tools"),
+                      ({"tool_choice": "required"}, "tool_choice"),
+                      ({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+                       "response_format")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=m, messages=msgs, max_tokens=2, **kw)
+        assert e.value.body["param"] == param, (kw, e.value.body)
+    ok = c.chat.completions.create(model=m, messages=msgs, max_tokens=2, temperature=0, tools=[tool],
+                                   tool_choice="none", response_format={"type": "text"})
+    plain = c.chat.completions.create(model=m, messages=msgs, max_tokens=2, temperature=0)
+    assert ok.choices[0].message.content == plain.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=m, prompt="abc", max_tokens=600)
     assert re.search(r"prompt is \d+ tokens and max_tokens is 600.*context of 512", e.value.message)
