@@ -463,7 +463,8 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         # what this server cannot honour, refused rather than ignored (the answer would not be what was asked)
         tools: list | None = None
         tool_choice: str | dict | None = None
-        functions: list | None = None  # the older form of tools
+        functions: list | None = None  # the older form of tools and tool_choice
+        function_call: str | dict | None = None
         response_format: dict | None = None
 
     class CompletionRequest(Common):
@@ -682,12 +683,13 @@ def build_app(engine: Engine, api_key: str | None, served_name: str):
         """Tool calls and constrained output are not produced here: a request that needs them is a 400 naming the
         field (vLLM answers the same when its server was not started with tool calling), not a plain-text answer.
         tools with tool_choice "none", and response_format {"type": "text"}, ask for nothing extra."""
-        if (body.tools or body.functions) and body.tool_choice != "none":
+        if (body.tools or body.functions) and "none" not in (body.tool_choice, body.function_call):
             field = "tools" if body.tools else "functions"
             raise ApiError(400, f"{field}: tool calls are not supported by this server (send tool_choice \"none\" to "
                                 f"answer in text)", param=field)
-        if body.tool_choice not in (None, "none", "auto"):
-            raise ApiError(400, "tool_choice: tool calls are not supported by this server", param="tool_choice")
+        for field in ("tool_choice", "function_call"):
+            if getattr(body, field) not in (None, "none", "auto"):
+                raise ApiError(400, f"{field}: tool calls are not supported by this server", param=field)
         kind = (body.response_format or {}).get("type", "text")
         if kind != "text":
             raise ApiError(400, f"response_format: type {kind!r} is not supported (no constrained decoding); "

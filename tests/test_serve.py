@@ -259,6 +259,8 @@ def test_errors_have_openai_shape(server, model_dir):
     msgs = [{"role": "user", "content": "a"}]
     for kw, param in (({"tools": [tool]}, "tools"), ({"tools": [tool], "tool_choice": "required"}, "tools"),
                       ({"tool_choice": "required"}, "tool_choice"),
+                      ({"extra_body": {"functions": [tool["function"]]}}, "functions"),
+                      ({"extra_body": {"function_call": {"name": "f"}}}, "function_call"),
                       ({"response_format": {"type": "json_object"}}, "response_format"),
                       ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
                        "response_format")):
@@ -268,7 +270,9 @@ def test_errors_have_openai_shape(server, model_dir):
     ok = c.chat.completions.create(model=m, messages=msgs, max_tokens=2, temperature=0, tools=[tool],
                                    tool_choice="none", response_format={"type": "text"})
     plain = c.chat.completions.create(model=m, messages=msgs, max_tokens=2, temperature=0)
-    assert ok.choices[0].message.content == plain.choices[0].message.content
+    old_form = c.chat.completions.create(model=m, messages=msgs, max_tokens=2, temperature=0,
+                                         extra_body={"functions": [tool["function"]], "function_call": "none"})
+    assert ok.choices[0].message.content == plain.choices[0].message.content == old_form.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=m, prompt="abc", max_tokens=600)
     assert re.search(r"prompt is \d+ tokens and max_tokens is 600.*context of 512", e.value.message)
