@@ -400,6 +400,31 @@ def test_read_gguf_equals_the_package_reader(tmp_path):
         assert gguf_reader.np is np
 
 
+def kquant_check(kind: str, device: str, seed: int) -> None:
+    """server/model/kquants.py (the K-quant dequantization of a cuda load) against the gguf package's numpy on
+    random rows of `kind`: every byte random, so the fp16 super-block scales include subnormals, Inf and NaN.
+    Equal bit for bit wherever the package's value is not NaN, NaN where it is (a NaN's payload is the
+    hardware's); the same with the work cut into chunks of 7 blocks."""
+    import gguf
+    from server.model import kquants
+    size = kquants.BLOCK_BYTES[kind]
+    raw = np.random.default_rng(seed).integers(0, 256, (37, 5 * size), dtype=np.uint8)
+    want = torch.from_numpy(np.array(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]), np.float32))
+    assert want.shape == (37, 5 * 256) and bool(torch.isfinite(want).any()) and bool(torch.isnan(want).any())
+    for chunk in (1 << 16, 7):
+        got = kquants.dequantize(raw, kind, device, chunk_blocks=chunk)
+        assert got.device.type == torch.device(device).type and got.dtype == torch.float32
+        got = got.cpu()
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan), kind
+        assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), kind
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_kquants_equal_package(kind):
+    kquant_check(kind, "cpu", 26)
+
+
 def test_k_quant_matrices_load_dequantized(tmp_path, capsys):
     """The files most users hold (llama.cpp's Q4_K_M) are K-quants: Q4_K and Q6_K blocks of 256. They are
     dequantized at load by the gguf package (one line naming the type and the matrices), the rest of the file as

@@ -1,8 +1,8 @@
 """GGUF files as they are (issue 26; docs/quantization.md): read with the `gguf` package, config
 from the file's metadata, the Q8_0 / Q4_0 / Q4_1 blocks of every projection and of the lm_head
 repacked into our QuantLinear layouts with no rounding (server/model/quant.py says why each maps
-exactly), every other tensor type dequantized by `gguf.quants.dequantize` at load (one line for
-each matrix that is). The tokenizer and chat template come from the file too: transformers
+exactly), every other tensor type dequantized at load (one line for each matrix that is): by
+`gguf.quants.dequantize`, or, for llama.cpp's K-quants bound for a GPU, by server/model/kquants.py there. The tokenizer and chat template come from the file too: transformers
 converts them once into a cache folder the client reads like any other.
 
 Two architectures (general.architecture): `llama` (Llama-2/3.x, SmolLM2, Mistral as llama.cpp writes
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.model import kquants
 from server.model.config import ConfigError, ModelConfig, config_from_hf
 from server.model.quant import QuantLinear, dequantize as dequantize_ql
 from server.model.weights import WeightLoadError, _assemble, matrix_shapes, quant_schemes
@@ -241,15 +242,20 @@ class GGUFFile:
             data = data[_unpermute(n, heads)]
         return data
 
-    def dense(self, name: str) -> torch.Tensor:
-        """The tensor's values in fp32 ([n, k], or [k] for a vector), as gguf.quants.dequantize gives them. A matrix
-        of a type we repack (the built-in model's Q8_0 token_embd) is repacked and dequantized by quant.dequantize
-        instead: the same values bit for bit (test_gguf.py), ~20x sooner than the package's numpy loop."""
+    def dense(self, name: str, device="cpu") -> torch.Tensor:
+        """The tensor's values in fp32 ([n, k], or [k] for a vector), as gguf.quants.dequantize gives them, on the
+        CPU or, for a K-quant matrix, on `device`. A matrix of a type we repack (the built-in model's Q8_0
+        token_embd) is repacked and dequantized by quant.dequantize instead: the same values bit for bit
+        (test_gguf.py), ~20x sooner than the package's numpy loop. A K-quant matrix bound for a GPU is dequantized
+        there by server/model/kquants.py, also bit for bit, instead of by the package's numpy on the CPU."""
         from gguf.quants import dequantize
         t = self.tensor(name)
-        if t.tensor_type.name in REPACKED and len(t.shape) == 2:
+        kind = t.tensor_type.name
+        if kind in REPACKED and len(t.shape) == 2:
             return dequantize_ql(self.quant(name))
         rows = self.rows(name)
+        if kind in kquants.BLOCK_BYTES and len(t.shape) == 2 and torch.device(device).type == "cuda":
+            return kquants.dequantize(rows, kind, device)
         try:
             v = dequantize(rows, t.tensor_type)
         except NotImplementedError:
@@ -379,7 +385,7 @@ def load_gguf(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device, schemes
     def fill(name: str, view: torch.Tensor) -> None:
         row = 0
         for s in _sources(cfg, name):
-            t = f.dense(s)
+            t = f.dense(s, view.device)
             if t.shape[0] + row > view.shape[0] or tuple(t.shape[1:]) != tuple(view.shape[1:]):
                 raise WeightLoadError(f"{f.path}: tensor '{s}' has shape {tuple(t.shape)}, expected rows of "
                                       f"{tuple(view.shape[1:])} in {tuple(view.shape)}")

@@ -38,3 +38,33 @@ def test_cuda_gguf_matches_reference(tmp_path, monkeypatch, name, qtype):
     assert bool(w.b_qkv) == (kind == "qwen2") and len(model.cfg.rope_freq_factors) == (32 if kind == "llama" else 0)
     assert isinstance(w.layers[0].w_qkv, QuantLinear) == (qtype == "Q8_0")
     _compare(model, f"{name} {qtype}")
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_kquants_on_gpu_equal_package(kind):
+    """A cuda load dequantizes llama.cpp's K-quants on the GPU (server/model/kquants.py): the values of random
+    blocks (Inf and NaN scales included) equal the gguf package's numpy bit for bit, as on the CPU."""
+    from tests.test_gguf import kquant_check
+    kquant_check(kind, "cuda", 27)
+
+
+def test_kquant_gguf_cuda_load_dequantizes_on_gpu(tmp_path, monkeypatch):
+    """load_gguf on cuda: the tiny llama GGUF with every ffn_down in Q4_K and Q6_K (test_gguf.py's file) goes
+    through kquants on the GPU, not the package (its dequantize is watched), and the fp16 arena holds the package's
+    values rounded once to fp16, bit for bit."""
+    import gguf.quants
+    from server.model.gguf import GGUFFile, load_gguf, schemes_for
+    from tests.test_gguf import gguf_values, write_llama_gguf
+    seen = []
+    real = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, t: (seen.append(t.name), real(data, t))[1])
+    for kind in ("Q4_K", "Q6_K"):
+        p = tmp_path / f"{kind}.gguf"
+        write_llama_gguf(p, {"ffn_down": kind, "token_embd": "Q8_0"}, tied=True)
+        f = GGUFFile(p)
+        w = load_gguf(f, f.cfg, torch.float16, "cuda", schemes_for(f, None, None))
+        assert kind not in seen
+        for layer in (0, 1):
+            want = gguf_values(p, f"blk.{layer}.ffn_down.weight").half()
+            got = w.layers[layer].w_down
+            assert got.device.type == "cuda" and torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))

@@ -1,18 +1,13 @@
-# Prepared in session 31, not wired in: llama.cpp's K-quants (Q4_K, Q5_K, Q6_K) dequantized with torch, bit for bit
-# the gguf package's numpy values (checked on the CPU machine on random 64 x 4096 blocks of each type, NaN/Inf
-# included). On the CPU it is slower than the package (4096 x 14336, 2 threads: Q4_K 1.28 s against 0.33, Q5_K 1.32
-# against 0.68, Q6_K 0.64 against 0.56), so the CPU load keeps the package. The point is the GPU load of a K-quant
-# file (llama.cpp's Q4_K_M / Q5_K_M: their matrices are dequantized at load, server/model/gguf.py GGUFFile.dense):
-# the raw blocks uploaded (0.56-0.82 B a value) and dequantized on the device, instead of ~40-90 s of numpy for an
-# 8B file on this machine's cores. To use it: dense(name, device) calling this on the device's tensor for these
-# types, and a GPU test comparing it with gguf.quants.dequantize bitwise (elementwise float32 mul / sub in separate
-# kernels: the same IEEE results on the GPU). Not run on a GPU.
 """llama.cpp's K-quant blocks (Q4_K, Q5_K, Q6_K: the types of its Q4_K_M / Q5_K_M / Q6_K files) dequantized with
-torch, to the values the `gguf` package's numpy code gives, bit for bit (tests/test_gguf.py), in a fraction of its
-time: an 8B model's matrices took about two minutes of the package's single-threaded numpy on the CPU machines.
+torch on the load's device, to the values the `gguf` package's numpy code gives, bit for bit (tests/test_gguf.py on
+the CPU, tests/gpu/test_gguf_gpu.py on the GPU). server/model/gguf.py uses it for a cuda load: the raw blocks
+(0.56-0.82 bytes a value) go to the GPU and are dequantized there, where the package's single-threaded numpy takes
+0.3-0.7 s per 58.7 M values (4096 x 14336) on the CPU machines, a minute or more for an 8B Q4_K_M file. On the CPU
+this code is slower than the package (Q4_K 1.28 s against 0.33 on 2 threads), so a CPU load keeps the package.
 
 A block holds 256 values of one row. Each value is computed in float32 with the package's operations in its order,
-every product and difference rounded once (torch runs them as separate elementwise kernels: no contraction):
+every product and difference rounded once (torch runs them as separate elementwise kernels, on the GPU too: no
+contraction into an FMA, and CUDA's fp32 multiply and subtract round as IEEE's):
   Q4_K (144 bytes): d, dmin (fp16), 12 bytes of eight 6-bit scales and eight 6-bit minimums, 128 bytes of nibbles;
                     value = (d * scale_j) * q - dmin * min_j over sub-block j of 32 values.
   Q5_K (176 bytes): Q4_K's header, then 32 bytes holding the fifth bit of every value, then the 128 nibble bytes.
@@ -21,6 +16,7 @@ every product and difference rounded once (torch runs them as separate elementwi
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 QK = 256
@@ -78,14 +74,14 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 _KERNELS = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
-def dequantize(raw, kind: str, chunk_blocks: int = 1 << 16) -> torch.Tensor:
-    """The values of K-quant rows: raw [rows, bytes] uint8 (numpy or torch) -> float32 [rows, bytes / size * 256],
-    chunk_blocks blocks at a time (bounded temporaries)."""
-    b = torch.as_tensor(raw)
+def dequantize(raw, kind: str, device="cpu", chunk_blocks: int = 1 << 16) -> torch.Tensor:
+    """The values of K-quant rows: raw [rows, bytes] uint8 (numpy or torch) -> float32 [rows, bytes / size * 256]
+    on `device` (the raw bytes are copied there first), chunk_blocks blocks at a time (bounded temporaries)."""
+    b = (raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.array(raw, dtype=np.uint8))).to(device)
     rows = b.shape[0]
     size = BLOCK_BYTES[kind]
     blocks = b.reshape(-1, size)
-    out = torch.empty(blocks.shape[0], QK, dtype=torch.float32)
+    out = torch.empty(blocks.shape[0], QK, dtype=torch.float32, device=b.device)
     for i in range(0, blocks.shape[0], chunk_blocks):
         out[i:i + chunk_blocks] = _KERNELS[kind](blocks[i:i + chunk_blocks])
     return out.view(rows, -1)
