@@ -419,8 +419,9 @@ def main():
     report["decode"] = []
     for shape in a.shapes.split(","):
         cfg = with_max_seq(SYNTHETIC_SHAPES[shape], a.max_seq)
-        w = synthetic_weights(cfg, "float16", "cuda", 0)
-        model = LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
+        # fp16 weights only for the fp16 rows (--rows skip: none, so that llama2-70b's quantized rows fit one card)
+        w = None if a.rows == "skip" else synthetic_weights(cfg, "float16", "cuda", 0)
+        model = w and LoadedModel(name=f"synthetic:{shape}", cfg=cfg, weights=w, tokenizer_dir=None, eos_ids=())
         floor_ms = cfg.decode_weight_bytes(2) / (report["copy_GBps"] * 1e9) * 1e3
         first_tokens = None
         rows = ([] if a.rows == "skip" else [tuple(r.split(":")) for r in a.rows.split(",")] if a.rows else
