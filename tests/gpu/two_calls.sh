@@ -10,7 +10,8 @@
 # A: the GGUF's first half and the gguf package to /tmp/gg; a clean default build (CASE4_CUDA_ARCHS unset);
 #    every GPU test file but the quant file and the soak, and the quant file (less the real-GGUF test and the
 #    opt-in kernel runs, which read the GGUF), in two processes side by side.
-# B: the GGUF joined; the real-GGUF test and the opt-in kernel runs; the README's first command; the soak; the bench.
+# B: the GGUF joined; the real-GGUF test and the opt-in kernel runs; the README's first command; the soak; the K-quant
+#    load bench (bench/kquant_load.py); the bench.
 # Every log goes to $OUT (about 9 files come back from a call: the bench's folder is packed into one tarball).
 set -o pipefail
 export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/gg/site${PYTHONPATH:+:$PYTHONPATH}
@@ -50,6 +51,8 @@ B)
     echo "README first command rc=$? $(t)"; tail -6 $OUT/readme1.log | cut -c1-300
     timeout 240 python -m pytest -m gpu tests/gpu/test_soak.py -q -rs -p no:cacheprovider > $OUT/soak.log 2>&1
     echo "soak rc=$? $(t): $(tail -1 $OUT/soak.log)"
+    timeout 90 python bench/kquant_load.py > $OUT/kquant_load.log 2>&1
+    echo "kquant_load rc=$? $(t)"; cut -c1-300 $OUT/kquant_load.log
     if [ -z "${SKIP_BENCH:-}" ]; then
         rm -rf /tmp/bench && mkdir -p /tmp/bench
         timeout 300 python bench/decode.py --out /tmp/bench --shapes llama2-7b:fp16 \
