@@ -2,8 +2,9 @@
 from the file's metadata, the Q8_0 / Q4_0 / Q4_1 blocks of every projection and of the lm_head
 repacked into our QuantLinear layouts with no rounding (server/model/quant.py says why each maps
 exactly), every other tensor type dequantized at load (one line for each matrix that is): by
-`gguf.quants.dequantize`, or, for llama.cpp's K-quants bound for a GPU, by server/model/kquants.py there. The tokenizer and chat template come from the file too: transformers
-converts them once into a cache folder the client reads like any other.
+`gguf.quants.dequantize`, or, for llama.cpp's K-quants bound for a GPU, by server/model/kquants.py
+there. The tokenizer and chat template come from the file too: transformers converts them once into
+a cache folder the client reads like any other.
 
 Two architectures (general.architecture): `llama` (Llama-2/3.x, SmolLM2, Mistral as llama.cpp writes
 them) and `qwen2` (Qwen2, Qwen2.5: q/k/v biases, stored F32, that go to the arena's fused b_qkv as an HF
