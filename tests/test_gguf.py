@@ -442,8 +442,9 @@ def kquant_check(kind: str, device: str, seed: int) -> None:
     Equal bit for bit wherever the package's value is not NaN, NaN where it is (a NaN's payload is the
     hardware's); the same with the work cut into chunks of 7 blocks."""
     import gguf
+    from gguf.constants import GGML_QUANT_SIZES
     from server.model import kquants
-    size = kquants.BLOCK_BYTES[kind]
+    size = GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
     raw = np.random.default_rng(seed).integers(0, 256, (37, 5 * size), dtype=np.uint8)
     want = torch.from_numpy(np.array(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]), np.float32))
     assert want.shape == (37, 5 * 256) and bool(torch.isfinite(want).any()) and bool(torch.isnan(want).any())

@@ -255,7 +255,7 @@ class GGUFFile:
         if kind in REPACKED and len(t.shape) == 2:
             return dequantize_ql(self.quant(name))
         rows = self.rows(name)
-        if kind in kquants.BLOCK_BYTES and len(t.shape) == 2 and torch.device(device).type == "cuda":
+        if kind in kquants.KINDS and len(t.shape) == 2 and torch.device(device).type == "cuda":
             return kquants.dequantize(rows, kind, device)
         try:
             v = dequantize(rows, t.tensor_type)

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 QK = 256
-BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -72,14 +71,16 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 
 
 _KERNELS = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+KINDS = tuple(_KERNELS)  # the GGML type names this module dequantizes
 
 
 def dequantize(raw, kind: str, device="cpu", chunk_blocks: int = 1 << 16) -> torch.Tensor:
     """The values of K-quant rows: raw [rows, bytes] uint8 (numpy or torch) -> float32 [rows, bytes / size * 256]
     on `device` (the raw bytes are copied there first), chunk_blocks blocks at a time (bounded temporaries)."""
     b = (raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.array(raw, dtype=np.uint8))).to(device)
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     rows = b.shape[0]
-    size = BLOCK_BYTES[kind]
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]][1]  # bytes a block of QK values
     blocks = b.reshape(-1, size)
     out = torch.empty(blocks.shape[0], QK, dtype=torch.float32, device=b.device)
     for i in range(0, blocks.shape[0], chunk_blocks):

@@ -6,8 +6,7 @@
 #   here:        bash tests/gpu/carry_builtin_gguf.sh
 #   call A:      OUT=$OUT bash tests/gpu/two_calls.sh A      (carry .dev/a)   ~5 min on an H100
 #   call B:      OUT=$OUT bash tests/gpu/two_calls.sh B      (carry .dev/b)   ~8 min; within the machine's idle
-#                time after A (its /tmp and build are reused); SHORT_B=1 runs only the README's first command, the
-#                K-quant bench and the real-GGUF test (default kernels), ~2 min
+#                time after A (its /tmp and build are reused)
 #   call C:      OUT=$OUT bash tests/gpu/two_calls.sh C      (no carry)       the bench, ~3-5 min, right after B
 # A: the GGUF's first half and the gguf package to /tmp/gg; a clean default build (CASE4_CUDA_ARCHS unset);
 #    every GPU test file but the quant file and the soak, and the quant file (less the real-GGUF test and the
@@ -52,11 +51,6 @@ B)
     echo "README first command rc=$? $(t)"; tail -6 $OUT/readme1.log | cut -c1-300
     timeout 90 python bench/kquant_load.py > $OUT/kquant_load.log 2>&1
     echo "kquant_load rc=$? $(t)"; cut -c1-300 $OUT/kquant_load.log
-    if [ -n "${SHORT_B:-}" ]; then  # a short call: the real-GGUF test with the default kernels only
-        timeout 120 python -m pytest -m gpu -q -rs -p no:cacheprovider $Q -k builtin_gguf > $OUT/gguf.log 2>&1
-        echo "real-GGUF test rc=$? $(t): $(tail -1 $OUT/gguf.log)"
-        exit 0
-    fi
     # the opt-in kernel runs (each a nested pytest of the whole file, ~100 s for f32 and tc) in two processes
     pair 330 gguf_optin1 "$Q -k 'builtin_gguf or (opt_in and (f32 or h2))'" optin2 "$Q -k 'opt_in and (tc or tc16)'"
     # the soak (~180 s) where the call's 600 s leave room for it
