@@ -411,7 +411,8 @@ def load_gguf(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device, schemes
             if got.n != ql.n:
                 raise WeightLoadError(f"{f.path}: tensors {', '.join(srcs)} have {got.n} rows, expected {ql.n}")
         else:
-            full = torch.empty(ql.shape, dtype=torch.float32)
+            # on the arena's device: a K-quant source is then dequantized there (kquants) and rounded there
+            full = torch.empty(ql.shape, dtype=torch.float32, device=ql.q.device)
             fill(name, full)
             got = quantize_rtn(full, ql.mode, ql.group)
             if not _finite(got):  # a range beyond fp16's

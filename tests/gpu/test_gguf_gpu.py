@@ -68,3 +68,34 @@ def test_kquant_gguf_cuda_load_dequantizes_on_gpu(tmp_path, monkeypatch):
             want = gguf_values(p, f"blk.{layer}.ffn_down.weight").half()
             got = w.layers[layer].w_down
             assert got.device.type == "cuda" and torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("quant,group,kind", [("int4", 32, "Q4_K"), ("int8", None, "Q6_K")])
+def test_kquant_gguf_requantized_on_gpu_equals_cpu(tmp_path, monkeypatch, quant, group, kind):
+    """--quant int4/int8 on a K-quant GGUF, loaded for cuda: the round-to-nearest source is dequantized and rounded
+    on the GPU (kquants, quantize_rtn on the arena's device; the package's dequantize is never called for the
+    K-quant), and every QuantLinear equals the CPU load's (the package's values, rounded on the CPU) bit for bit.
+    The file: test_gguf.py's tiny llama, every ffn_down (K = 256, the only K-quantizable one) in `kind`."""
+    import gguf.quants
+    from server.model.gguf import GGUFFile, load_gguf, schemes_for
+    from server.model.quant import QuantLinear
+    from server.model.weights import MATRICES
+    from tests.test_gguf import write_llama_gguf
+    p = tmp_path / "kq.gguf"
+    write_llama_gguf(p, {"ffn_down": kind, "token_embd": "Q8_0"}, tied=True)
+    f = GGUFFile(p)
+    schemes = schemes_for(f, quant, group)
+    cpu = load_gguf(f, f.cfg, torch.float16, "cpu", schemes)
+    seen = []
+    real = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, t: (seen.append(t.name), real(data, t))[1])
+    gpu = load_gguf(f, f.cfg, torch.float16, "cuda", schemes)
+    assert kind not in seen
+    pairs = [(getattr(lc, m), getattr(lg, m)) for lc, lg in zip(cpu.layers, gpu.layers) for m in MATRICES]
+    assert len(pairs) == 4 * f.cfg.num_layers
+    for a, b in pairs + [(cpu.lm_head, gpu.lm_head)]:
+        assert isinstance(a, QuantLinear) and isinstance(b, QuantLinear) and b.q.device.type == "cuda"
+        for x, y in ((a.q, b.q), (a.scale, b.scale), (a.minv, b.minv)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.equal(x, y.cpu()), "the GPU's rounding differs from the CPU's"
