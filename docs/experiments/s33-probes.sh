@@ -1,0 +1,41 @@
+# Session 33, one device call (~5 min on an H100, no build): what holds the int4 tensor-core kernel's stream at ~2.1-2.3
+# TB/s (entry 52's fit; its lm_head alone: 2085 GB/s for 69.6 MB, where the fp32 kernel's int8 lm_head reaches 2699)?
+# Three probes of qgemv_tc_kernel, each wrong in its values on purpose and right in its bytes, timed against main and
+# against the branchless loop of session 29 (qgemv-tc-branchless.patch), from extensions built on the CPU machine:
+#   pA  qgemv-tc-probe-layout.patch     a tile's step read as one contiguous 512 B (the 8 rows x 64 B of the real layout
+#                                       scattered over 8 rows): does the access pattern cost the stream?
+#   pB  qgemv-tc-probe-nocompute.patch  no unpack, no mma, no B loads (the loads folded by one xor): is it the loop's work?
+#   pAB both
+#   pC  qgemv-tc-probe-nostage.patch    no staging or norm of the input (a barrier only): what does the prologue cost?
+# here:   for v in main:'' bl:docs/experiments/qgemv-tc-branchless.patch pA:...; do
+#             bash bench/prebuild_device_ext.sh .dev/c/$v HEAD $patch; done; then xz each .so into .dev/cx/$v.so.xz
+# device: OUT=$OUT bash docs/experiments/s33-probes.sh      (carry .dev/cx, ~35 MB)
+#         or after tests/gpu/two_calls.sh A in the same call, main being A's build: VARIANTS='main bl pA pB pC' ROUNDS=1
+# Every variant runs with CASE4_QGEMV=tc (int4 and int8 on the tensor-core kernel); main once more with the default
+# kernels (int8 on the fp32 kernel). Rows: 7B dynamic graph, device greedy, 256 steps; per kernel qgemv_bw (pdl 3).
+set -o pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 CASE4_BUILD_EXT=0
+OUT=${OUT:?}
+T0=$(date +%s); t() { echo "$(( $(date +%s) - T0 )) s"; }
+SO=_case4_cuda.cpython-312-x86_64-linux-gnu.so
+mkdir -p /tmp/so && for f in .dev/cx/*.so.xz; do xz -dc $f > /tmp/so/$(basename $f .xz); done
+# main: this call's own build of the tree (call A's, tests/gpu/two_calls.sh) where no prebuilt one came; restored after
+[ -f custom_kernels/$SO ] && cp custom_kernels/$SO /tmp/so/built.so
+[ -f /tmp/so/main.so ] || cp /tmp/so/built.so /tmp/so/main.so
+use() { cp /tmp/so/$1.so custom_kernels/$SO; }
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/smi.txt
+QT="--shapes llama2-7b --rows skip --kernel-pdl 3 --quant int4:128,int8:0 --quant-modes dynamic"
+run() {  # run NAME VARIANT [ENV...]
+    local n=$1 v=$2; shift 2
+    use $v
+    env "$@" timeout 100 python bench/quick_timing.py --out $OUT/qt_$n $QT > $OUT/qt_$n.log 2>&1
+    echo "== $n ($v $*) rc=$? $(t)"
+    grep -E "^llama2-7b|'(int4 G=128|int8 G=4096|int8 G=11008) " $OUT/qt_$n.log | sed -E "s/'pdl': 3, //" | cut -c1-150
+}
+run main_default main
+for r in $(seq ${ROUNDS:-2}); do
+    for v in ${VARIANTS:-main bl pA pB pAB pC}; do run ${v}_$r $v CASE4_QGEMV=tc; done
+done
+if [ -f /tmp/so/built.so ]; then use built; else use main; fi
+echo "total $(t)"
