@@ -89,18 +89,20 @@ def quantize_rtn(w: torch.Tensor, mode: str, group: int) -> QuantLinear:
     """Round-to-nearest quantization of `w` [n, k] (any float dtype, any device) exactly as the
     module docstring defines it: the scale (and minimum) are rounded to fp16 first, and the integers
     are rounded against those fp16 values, so dequantize() gives the nearest grid point the stored
-    scale can express. torch.round rounds halves to even. Computed in fp32, on w's device."""
+    scale can express. torch.round rounds halves to even. Computed in fp32, on w's device, with the same bits on
+    either: every division is by a tensor on that device (CUDA divides by a Python number as a multiplication by
+    its reciprocal, which rounded some scales differently from the CPU: session 33, tests/gpu/test_gguf_gpu.py)."""
     n, k = w.shape
     g = _groups(k, group)
     wf = w.float().reshape(n, g, group)
     if mode == "int8":
-        scale = (wf.abs().amax(-1) / 127).half()                          # [n, g]
+        scale = (wf.abs().amax(-1) / wf.new_tensor(127.0)).half()         # [n, g]
         s = scale.float()[..., None]
         q = torch.where(s > 0, torch.round(wf / torch.where(s > 0, s, 1)), 0).clamp_(-127, 127)
         return QuantLinear("int8", n, k, group, q.to(torch.int8).reshape(n, k).contiguous(), scale, None)
     if mode == "int4":
         lo, hi = wf.amin(-1), wf.amax(-1)
-        minv, scale = lo.half(), ((hi - lo) / 15).half()
+        minv, scale = lo.half(), ((hi - lo) / wf.new_tensor(15.0)).half()
         s, m = scale.float()[..., None], minv.float()[..., None]
         nib = torch.where(s > 0, torch.round((wf - m) / torch.where(s > 0, s, 1)), 0).clamp_(0, 15)
         return QuantLinear("int4", n, k, group, pack_int4(nib.reshape(n, k)).contiguous(), scale, minv)
