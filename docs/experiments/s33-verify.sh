@@ -3,7 +3,8 @@
 # round-to-nearest on the GPU equal to the CPU's); the branchless tc kernel's outputs bitwise against main's tc kernel
 # (tests/gpu/qgemv_outputs.py --quick, main's build prebuilt on the CPU machine: .dev/cx/main.so.xz); then the 7B
 # quantized rows, main's build against this one, alternating.
-#   device: OUT=$OUT bash docs/experiments/s33-verify.sh      (carry .dev/a/site and .dev/cx/main.so.xz)
+#   device: OUT=$OUT bash docs/experiments/s33-verify.sh      (carry .dev/a/site, .dev/cx/main.so.xz and, to skip the
+#   build, .dev/cx/new.so.xz: this tree prebuilt on the CPU machine)
 set -o pipefail
 export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/gg/site${PYTHONPATH:+:$PYTHONPATH}
 unset CASE4_CUDA_ARCHS CASE4_QGEMV
@@ -12,9 +13,13 @@ T0=$(date +%s); t() { echo "$(( $(date +%s) - T0 )) s"; }
 SO=_case4_cuda.cpython-312-x86_64-linux-gnu.so
 mkdir -p /tmp/gg /tmp/so && cp -r .dev/a/site /tmp/gg/ && xz -dc .dev/cx/main.so.xz > /tmp/so/main.so || exit 3
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/smi.txt
-(cd custom_kernels && rm -rf build ./*.so && python setup.py build_ext --inplace > $OUT/build.log 2>&1)
-echo "clean default build rc=$? $(t)"
-cp custom_kernels/$SO /tmp/so/new.so
+if [ -f .dev/cx/new.so.xz ]; then  # built on the CPU machine (bench/prebuild_device_ext.sh): no device time compiling
+    xz -dc .dev/cx/new.so.xz > /tmp/so/new.so && cp /tmp/so/new.so custom_kernels/$SO; echo "prebuilt rc=$? $(t)"
+else
+    (cd custom_kernels && rm -rf build ./*.so && python setup.py build_ext --inplace > $OUT/build.log 2>&1)
+    echo "clean default build rc=$? $(t)"
+    cp custom_kernels/$SO /tmp/so/new.so
+fi
 export CASE4_BUILD_EXT=0
 PT="python -m pytest -m gpu -q -rs -p no:cacheprovider"
 timeout 220 $PT tests/gpu/test_quant_kernels.py -k 'not builtin_gguf and not opt_in' > $OUT/quant.log 2>&1 & p1=$!
