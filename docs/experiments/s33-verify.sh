@@ -35,7 +35,7 @@ done
 timeout 60 python tests/gpu/qgemv_outputs.py compare /tmp/so/main.pt /tmp/so/new.pt > $OUT/compare.log 2>&1
 echo "compare rc=$? $(t): $(tail -2 $OUT/compare.log | tr '\n' ' ')"
 QT="--shapes llama2-7b --rows skip --kernel-pdl 3 --quant int4:128,int8:0 --quant-modes dynamic"
-for r in 1 2; do for v in main new; do
+for r in $(seq ${ROUNDS:-2}); do for v in main new; do  # ROUNDS=0: no timing
     cp /tmp/so/$v.so custom_kernels/$SO
     timeout 60 python bench/quick_timing.py --out $OUT/qt_${v}_$r $QT > $OUT/qt_${v}_$r.log 2>&1
     echo "== $v round $r rc=$? $(t)"
