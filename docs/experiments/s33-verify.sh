@@ -1,10 +1,15 @@
-# Session 33, one call on a fresh machine (~5.5 min on an H100): the tree with int8 on the tensor-core kernel and its
-# branchless loop (entry 56), built clean with default flags; its quant-kernel tests and the GGUF GPU tests (the
-# round-to-nearest on the GPU equal to the CPU's); the branchless tc kernel's outputs bitwise against main's tc kernel
-# (tests/gpu/qgemv_outputs.py --quick, main's build prebuilt on the CPU machine: .dev/cx/main.so.xz); then the 7B
-# quantized rows, main's build against this one, alternating.
+# Prepared in session 33, not run (its device time ran out: five start attempts got no machine). One call (~4-5 min on
+# an H100 with the build prebuilt): the tree with docs/experiments/qgemv-tc-int8-default.patch applied (int8 on fp16
+# models on the tensor-core kernel, whose loop becomes session 29's branchless one; entry 56 measured it once: 7B int8
+# 2.656 against 2.962 ms/token); its quant-kernel tests and the GGUF GPU tests (the GPU's round-to-nearest equal to
+# the CPU's, since quant.py divides by tensors); the branchless tc kernel's outputs bitwise against main's tc kernel
+# (tests/gpu/qgemv_outputs.py --quick, main's build prebuilt: .dev/cx/main.so.xz); then the 7B quantized rows, main's
+# build against this one, alternating (ROUNDS, default 2; 0: none).
+#   here:   git apply docs/experiments/qgemv-tc-int8-default.patch && git commit ...;
+#           bash bench/prebuild_device_ext.sh .dev/c/new && xz -c .dev/c/new/*.so > .dev/cx/new.so.xz
+#           bash bench/prebuild_device_ext.sh .dev/c/main HEAD~1 && xz -c .dev/c/main/*.so > .dev/cx/main.so.xz
 #   device: OUT=$OUT bash docs/experiments/s33-verify.sh      (carry .dev/a/site, .dev/cx/main.so.xz and, to skip the
-#   build, .dev/cx/new.so.xz: this tree prebuilt on the CPU machine)
+#   build, .dev/cx/new.so.xz); if it passes, the whole quant file's opt-in runs and the real-GGUF test (two_calls.sh B)
 set -o pipefail
 export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/gg/site${PYTHONPATH:+:$PYTHONPATH}
 unset CASE4_CUDA_ARCHS CASE4_QGEMV
