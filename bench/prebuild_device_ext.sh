@@ -9,7 +9,8 @@
 # custom_kernels/ and set CASE4_BUILD_EXT=0; libcublas.so.13 comes from the torch already imported, or from
 # LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib. The session's clean default build on the device
 # (the README's promise) is still its own call: this is for the A/B builds after it.
-# Session 32 built with it here (158 s on 2 cores, the branchless patch applied); no device has loaded such a build yet.
+# Session 32 built with it here (158 s on 2 cores, the branchless patch applied). Session 33 ran four such builds on an
+# H100 (docs/performance.md entry 56), each loaded by quick_timing with CASE4_BUILD_EXT=0.
 set -euo pipefail
 OUTDIR=${1:?usage: bash bench/prebuild_device_ext.sh OUTDIR [REV] [PATCH]}
 REV=${2:-HEAD}
