@@ -11,6 +11,11 @@
 #             bash bench/prebuild_device_ext.sh .dev/c/$v HEAD $patch; done; then xz each .so into .dev/cx/$v.so.xz
 # device: OUT=$OUT bash docs/experiments/s33-probes.sh      (carry .dev/cx, ~35 MB)
 #         or after tests/gpu/two_calls.sh A in the same call, main being A's build: VARIANTS='main bl pA pB pC' ROUNDS=1
+# ABL70=1 adds, with main, llama2-70b int4 G128 priced kernel kind by kind (quick_timing's step_skip ablation, dynamic
+# graph, 64 steps; bits: 1 QKV, 2 attention, 4 O, 8 gate|up, 16 down, 32 lm_head), prepared in session 32, not run yet:
+# 70B runs at 0.623 of its floor although its matrices are ~7x 7B's, and entry 52's 7B fit (3.1 us + bytes / 2.30 TB/s a
+# kernel) predicts ~17.3 ms against 19.5 measured (entry 53); at the copy rate a layer's kinds would cost QKV ~14.4 us,
+# O ~11.5, gate|up ~80.7, down ~40.4 and lm_head ~44 us: the ablation says which kind holds the rest.
 # Every variant runs with CASE4_QGEMV=tc (int4 and int8 on the tensor-core kernel); main once more with the default
 # kernels (int8 on the fp32 kernel). Rows: 7B dynamic graph, device greedy, 256 steps; per kernel qgemv_bw (pdl 3).
 set -o pipefail
@@ -37,5 +42,12 @@ run main_default main
 for r in $(seq ${ROUNDS:-2}); do
     for v in ${VARIANTS:-main bl pA pB pAB pC}; do run ${v}_$r $v CASE4_QGEMV=tc; done
 done
+if [ -n "${ABL70:-}" ]; then
+    use main
+    QO=default,step_skip=1,step_skip=2,step_skip=4,step_skip=8,step_skip=16,step_skip=32
+    timeout 240 python bench/quick_timing.py --out $OUT/qt70 --shapes llama2-70b --rows skip --kernel-pdl '' \
+        --quant int4:128 --quant-modes dynamic --quant-options $QO --steps 64 > $OUT/qt70.log 2>&1
+    echo "70B ablation rc=$? $(t)"; grep -E "^llama2-70b|copy GB" $OUT/qt70.log | cut -c1-200
+fi
 if [ -f /tmp/so/built.so ]; then use built; else use main; fi
 echo "total $(t)"
