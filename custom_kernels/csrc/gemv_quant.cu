@@ -24,8 +24,8 @@
 // read-only, so each warp's first chunk is loaded before griddepcontrol.wait.
 //
 // Three kernels share the staging (qstage) and the epilogues (qpair_out, qamax_out): qgemv_kernel above (fp32
-// products: bf16 models, and int8 on fp16 models), qgemv_tc_kernel (tensor cores: int4 on fp16 models, the default
-// since entry 50) and qgemv_h2_kernel (fp16 models with CASE4_QGEMV=h2: half2 products of 8 inputs at a time summed
+// products: bf16 models), qgemv_tc_kernel (tensor cores: fp16 models, int4 since entry 50, int8 since entry 56) and
+// qgemv_h2_kernel (fp16 models with CASE4_QGEMV=h2: half2 products of 8 inputs at a time summed
 // in fp32, the next tile prefetched); qgemv_init says which runs, each kernel's own comment how.
 #include <algorithm>
 #include <cstdlib>
@@ -516,7 +516,7 @@ __global__ void __launch_bounds__(kQWarps * kWarp, 2) qgemv_h2_kernel(QGemvArgs 
     ktrace_end(a.trace);
 }
 
-// ---- the tensor-core kernel (fp16 models: int4 by default, int8 with CASE4_QGEMV=tc; docs/performance.md entries 49-50)
+// ---- the tensor-core kernel (fp16 models: int4 and int8 by default; docs/performance.md entries 49-50, 56)
 // ncu (entry 47) found the fp32 and half2 kernels issue-bound: 0.32 warp-instructions a weight byte at ~4 warps a
 // scheduler, where 3 TB/s leaves room for ~0.15. Here the products and their sums go to the tensor cores
 // (mma.sync m16n8k16, fp16 in, fp32 accumulation), with three changes from entry 48's tensor-core kernel (slower
@@ -589,6 +589,7 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
     constexpr int KPC = QTraits<QM>::kpc, VPC = QTraits<QM>::vpc, D = kQTDepth;
     extern __shared__ uint4 xs[];  // K / 8 vectors (xperm<5|9>'d, at xs_put's slots), int4's chunk sums, the partials
     __shared__ __align__(16) float red[kWarp];
+    __shared__ uint4 bx0[2];  // the B words of the lanes that own no column (zeros)
     const int nchunk = a.K / KPC, ng = a.K / a.group;
     float *xsum = reinterpret_cast<float *>(xs + a.K / 8);
     float *part = xsum + (QM == 4 ? nchunk : 0);  // [tile of this block][warp][8 rows]
@@ -630,11 +631,17 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
     tile_rows();
     auto load_next = [&](QTStep &b) {
         if (per_warp == 0 || lj >= my_tiles) return;
+        // every lane loads (no branch): past the row or the matrix, chunk 0 and group 0, and a zero scale and
+        // minimum make that step's term 0 (its weights are finite integers, its B zero or finite)
         const bool in = lrow && lc < nchunk;
-        const int gi = lg + group_of(lc);
-        b.w = in ? ld_stream(Q + (lq + lc), pol) : make_uint4(0, 0, 0, 0);
-        b.s = in ? ld_half(a.scale, gi) : 0.f;
-        if constexpr (QM == 4) b.m = in ? ld_half(a.minv, gi) : 0.f;
+        const int qi = in ? lq + lc : 0, gi = in ? lg + group_of(lc) : 0;
+        b.w = ld_stream(Q + qi, pol);
+        const float sv = ld_half(a.scale, gi);
+        b.s = in ? sv : 0.f;
+        if constexpr (QM == 4) {
+            const float mv = ld_half(a.minv, gi);
+            b.m = in ? mv : 0.f;
+        }
         lc += 4 * kQTWarps;
         if (++ls == per_warp) {
             ls = 0;
@@ -657,6 +664,7 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
         for (int d = 0; d < D; ++d) load_next(buf[d]);
     }
     for (int k = threadIdx.x; k < my_tiles * kQTPart; k += blockDim.x) part[k] = 0.f;  // before qstage's barrier
+    if (threadIdx.x < 2) bx0[threadIdx.x] = make_uint4(0, 0, 0, 0);
     qstage<T, NORM, QM, QM == 4 ? 5 : 9>(a, xs, xsum, red);
     ktrace_mark(a.trace, 8);  // the input staged (this block's thread 0)
 
@@ -664,12 +672,13 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
     int rj = 0, rs = 0, rc = c0;  // the step being computed: tile rj, step rs, this lane's chunk rc
     auto run = [&](QTStep &cur) {
         // B: the owner's half h of the input of chunk rc (lane t's): VPC 8-byte words, one per mma, in 16-byte loads
+        // (every lane loads, no branch: the others read 32 zero bytes, bx0)
         const bool bx = owner && rc < nchunk;
-        const uint4 *xb = xs + rc * VPC + h * (VPC / 2);
+        const uint4 *xb = bx ? xs + rc * VPC + h * (VPC / 2) : bx0;
         float cc[4] = {0.f, 0.f, 0.f, 0.f};
         const unsigned ws[4] = {cur.w.x, cur.w.y, cur.w.z, cur.w.w};
         if constexpr (QM == 4) {
-            const uint4 b01 = bx ? xb[0] : make_uint4(0, 0, 0, 0), b23 = bx ? xb[1] : make_uint4(0, 0, 0, 0);
+            const uint4 b01 = xb[0], b23 = xb[1];
             const unsigned bs[8] = {b01.x, b01.y, b01.z, b01.w, b23.x, b23.y, b23.z, b23.w};
 #pragma unroll
             for (int d = 0; d < 4; ++d) {  // word d: inputs 8d .. 8d + 7 of the chunk
@@ -678,7 +687,7 @@ __global__ void __launch_bounds__(W * kWarp, 32 / W) qgemv_tc_kernel(QGemvArgs a
                 mma_16816(cc, q[0], q[1], q[2], q[3], bs[2 * d], bs[2 * d + 1]);
             }
         } else {
-            const uint4 b = bx ? xb[0] : make_uint4(0, 0, 0, 0);
+            const uint4 b = xb[0];
             const unsigned bs[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int d = 0; d < 2; ++d) {  // words 2d, 2d + 1: inputs 8d .. 8d + 7 of the chunk
@@ -746,12 +755,13 @@ static_assert(sizeof(QGemvArgs) <= 128, "qgemv's kernel parameter: at most 128 b
 static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmode == 4 ? 32 : 16) * 4; }
 
 // Which kernel fp16 models use (bf16 always takes the fp32 one): CASE4_QGEMV, read once by qgemv_init.
-//   auto (or unset, the default): the tensor-core kernel for int4, the fp32 kernel for int8. Measured side by side on
-//     one H100 (docs/performance.md entry 50): 7B int4 G128 2.092 ms/token against the fp32 kernel's 2.502, int8
-//     3.091 against the fp32 kernel's 2.959; on every test of tests/gpu/test_quant_kernels.py (the real SmolLM2
-//     GGUF's included) both pass, and the tensor-core kernel's rounding is the fp32 kernel's (exact integer
-//     products, fp32 sums).
-//   f32: the fp32 kernel for both modes. tc: the tensor-core kernel for both modes.
+//   auto (or unset, the default), or tc: the tensor-core kernel for both modes. Measured side by side on one H100
+//     (docs/performance.md entries 50 and 56): 7B int4 G128 2.092 ms/token against the fp32 kernel's 2.502 (entry 50);
+//     int8 with the branchless loop 2.656 against the fp32 kernel's 2.962 (entry 56; before that loop tc's int8 was
+//     the slower, 3.091 against 2.959, and auto kept int8 on the fp32 kernel); on every test of
+//     tests/gpu/test_quant_kernels.py (the real SmolLM2 GGUF's included) both pass, and the tensor-core kernel's
+//     rounding is the fp32 kernel's (exact integer products, fp32 sums).
+//   f32: the fp32 kernel for both modes.
 //   h2: the half2 kernel (opt-in since entry 47: its fp16 partial sums moved one teacher-forced argmax in 256 on the
 //     real SmolLM2 GGUF by more than an fp16 near-tie, the GPU test's bound).
 enum QKernel { kQAuto, kQF32, kQH2, kQTc };
@@ -884,7 +894,7 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
     if constexpr (std::is_same_v<T, half>) {
         // the tensor-core kernel indexes a row's chunks from r * nchunk in 32 bits: larger matrices take the fp32 one
         const long long chunks = (long long)(MODE == kGemvSwiglu ? 2 * a.N : a.N) * (a.K / QTraits<QM>::kpc);
-        if ((q_kernel == kQTc || (q_kernel == kQAuto && QM == 4)) && chunks < (1LL << 31)) {
+        if ((q_kernel == kQTc || q_kernel == kQAuto) && chunks < (1LL << 31)) {
             // blocks of 16 warps stage the input once for twice the warps (entry 51): where every warp of such a block
             // has steps in each tile (nsteps >= 16) and a warp of 8-warp blocks would have >= 8 steps in all; else 8
             const int ntiles = MODE == kGemvSwiglu ? (a.N + 3) / 4 : (a.N + 7) / 8;

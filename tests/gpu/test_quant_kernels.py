@@ -190,16 +190,15 @@ def _clean_env(env):
     return {k: v for k, v in os.environ.items() if not k.startswith("CASE4_QGEMV")} | env | {"CASE4_BUILD_EXT": "0"}
 
 
-# The kernels of fp16 models that the default (CASE4_QGEMV=auto: int4 on the tensor-core kernel, int8 on the fp32
-# one; the tensor-core kernel's blocks of 8 or 16 warps by launch_tc's rule) leaves out, each through this file's
-# float64 tests in a pytest process of its own (CASE4_QGEMV* are read once a process): f32 (the fp32 kernel's int4)
-# and tc (the tensor-core kernel's int8) run every test of the file, the step, graph and real-GGUF tests included;
+# The kernels of fp16 models that the default (CASE4_QGEMV=auto: int4 and int8 on the tensor-core kernel since
+# session 33; its blocks of 8 or 16 warps by launch_tc's rule) leaves out, each through this file's float64 tests in
+# a pytest process of its own (CASE4_QGEMV* are read once a process): f32 (the fp32 kernel, both modes) runs every
+# test of the file, the step, graph and real-GGUF tests included;
 # tc16 (16-warp blocks at every shape, int4 and int8: the rule picks them for 7B-class matrices only) the kernel
 # tests; h2 (opt-in since session 25, which found it failing the real-GGUF test's argmax bound) the
 # epilogue/shape/group tests. name -> (environment, -k selection; "" for the whole file)
 OPT_IN = {"h2": ({"CASE4_QGEMV": "h2"}, "qgemv_modes"),
           "f32": ({"CASE4_QGEMV": "f32"}, ""),
-          "tc": ({"CASE4_QGEMV": "tc"}, ""),
           "tc16": ({"CASE4_QGEMV": "tc", "CASE4_QGEMV_TCW": "16"},
                    "qgemv_modes or qgemv_bias or qgemv_argmax or qgemv_deterministic or qgemv_embedding")}
 
