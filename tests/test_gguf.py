@@ -166,7 +166,9 @@ def test_reference_on_gguf_equals_transformers_gguf_load(tmp_path, qtype, tied, 
     sch = schemes_for(f, None, None)
     assert "0.w_down" not in sch and sch["0.w_qkv"] == ("int8" if qtype == "Q8_0" else "int4", 32)
     assert sch["lm_head"] == ("int8" if tied else "int4", 32)
-    assert "2 matrices of type F16 (0.w_down, 1.w_down) dequantized at load" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 matrices of type F16 (0.w_down, 1.w_down) dequantized at load" in err
+    assert "--quant int8|int4 re-quantizes the rest" in err  # the way to quantized speed, named
     w = load_gguf(f, f.cfg, torch.float32, "cpu", sch)
     assert isinstance(w.layers[1].w_qkv, QuantLinear) and not isinstance(w.layers[1].w_down, QuantLinear)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()

@@ -362,7 +362,7 @@ def own_schemes(f: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[str, int]]:
     for types, names in dense.items():
         _log(f"{f.path.name}: {len(names)} matri{'x' if len(names) == 1 else 'ces'} of type {types} "
              f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) dequantized at load "
-             f"(only Q8_0, Q4_0 and Q4_1 blocks run as they are)")
+             f"(only Q8_0, Q4_0 and Q4_1 blocks run as they are; --quant int8|int4 re-quantizes the rest)")
     return out
 
 
