@@ -12,7 +12,8 @@
 # device: OUT=$OUT bash docs/experiments/s33-probes.sh      (carry .dev/cx, ~35 MB)
 #         or after tests/gpu/two_calls.sh A in the same call, main being A's build: VARIANTS='main bl pA pB pC' ROUNDS=1
 # ABL70=1 adds, with main, llama2-70b int4 G128 priced kernel kind by kind (quick_timing's step_skip ablation, dynamic
-# graph, 64 steps; bits: 1 QKV, 2 attention, 4 O, 8 gate|up, 16 down, 32 lm_head), prepared in session 32, not run yet:
+# graph, 64 steps; bits: 1 QKV, 2 attention, 4 O, 8 gate|up, 16 down, 32 lm_head), prepared in session 32, run in session 34 (performance.md
+# entry 59, the same options run directly on that session's build):
 # 70B runs at 0.623 of its floor although its matrices are ~7x 7B's, and entry 52's 7B fit (3.1 us + bytes / 2.30 TB/s a
 # kernel) predicts ~17.3 ms against 19.5 measured (entry 53); at the copy rate a layer's kinds would cost QKV ~14.4 us,
 # O ~11.5, gate|up ~80.7, down ~40.4 and lm_head ~44 us: the ablation says which kind holds the rest.
