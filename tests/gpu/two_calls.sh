@@ -52,7 +52,7 @@ B)
     echo "README first command rc=$? $(t)"; tail -6 $OUT/readme1.log | cut -c1-300
     timeout 90 python bench/kquant_load.py > $OUT/kquant_load.log 2>&1
     echo "kquant_load rc=$? $(t)"; cut -c1-300 $OUT/kquant_load.log
-    # the opt-in kernel runs (each a nested pytest of the whole file, ~100 s for f32 and tc) in two processes
+    # the opt-in kernel runs (f32 a nested pytest of the whole file, ~100 s; h2 and tc16 their kernel tests) in two processes
     pair 330 gguf_optin1 "$Q -k 'builtin_gguf or (opt_in and (f32 or h2))'" optin2 "$Q -k 'opt_in and tc16'"
     # the soak (~180 s) where the call's 600 s leave room for it
     if [ $(( $(date +%s) - T0 )) -lt 340 ]; then
