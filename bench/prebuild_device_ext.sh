@@ -3,7 +3,7 @@
 # device time compiling (a clean build costs 60-100 s of a session's 1800 s there; docs/performance.md's log):
 # custom_kernels/setup.py's own compile and link commands (build()), for one architecture and the device's Python
 # (the module's file name and Python headers must be its: 3.12 on the lent machines, a pyenv 3.12 here), from a
-# tree given as a git revision, optionally with a patch applied.
+# tree given as a git revision, optionally with a patch applied (its custom_kernels/ part: a patch may carry tests too).
 #   bash bench/prebuild_device_ext.sh OUTDIR [REV (HEAD)] [PATCH]   ->  OUTDIR/_case4_cuda.cpython-312-x86_64-linux-gnu.so
 # Env: DEVICE_PY (python3.12 with its headers; default: pyenv's 3.12), ARCH (90a). On the device: copy the file into
 # custom_kernels/ and set CASE4_BUILD_EXT=0; libcublas.so.13 comes from the torch already imported, or from
@@ -23,7 +23,7 @@ PB=$("$HOST_PY" -c "import pybind11, os; print(os.path.dirname(os.path.dirname(p
 SRC=$(mktemp -d)
 trap 'rm -rf "$SRC"' EXIT
 git -C "$ROOT" archive "$REV" custom_kernels | tar x -C "$SRC"
-[ -z "$PATCH" ] || git -C "$SRC" apply "$(realpath "$PATCH")" 2>/dev/null || (cd "$SRC" && patch -p1 -s < "$(realpath "$PATCH")")
+[ -z "$PATCH" ] || git -C "$SRC" apply --include='custom_kernels/*' "$(realpath "$PATCH")" 2>/dev/null || (cd "$SRC" && patch -p1 -s < "$(realpath "$PATCH")")
 mkdir -p "$OUTDIR"
 SUFFIX=$("$DEVICE_PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 PYTHONPATH="$PB" "$DEVICE_PY" - "$SRC/custom_kernels" "$(realpath "$OUTDIR")/_case4_cuda$SUFFIX" "$SRC/tmp" "${ARCH:-90a}" <<'PY'
