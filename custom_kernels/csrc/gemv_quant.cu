@@ -764,8 +764,8 @@ static size_t qsmem(int K, int qmode) { return (size_t)K * 2 + (size_t)K / (qmod
 //   f32: the fp32 kernel for both modes.
 //   h2: the half2 kernel (opt-in since entry 47: its fp16 partial sums moved one teacher-forced argmax in 256 on the
 //     real SmolLM2 GGUF by more than an fp16 near-tie, the GPU test's bound).
-enum QKernel { kQAuto, kQF32, kQH2, kQTc };
-static QKernel q_kernel = kQAuto;
+enum QKernel { kQTc, kQF32, kQH2 };  // auto and tc: kQTc
+static QKernel q_kernel = kQTc;
 static int q_sms = 0;  // the device's SMs (qgemv_init)
 // The half2 kernel's grid: at most the blocks resident at once (occupancy x SMs; 2 a SM at its ~100 registers),
 // below the plan's max_blocks (4 a SM, the fp16 gemv's), so that no second wave of blocks stages and norms the
@@ -810,10 +810,9 @@ void qgemv_init(int dtype) {  // once per device and dtype (the Engines and the 
     q_smem_limit = std::min(kQMaxSmem, optin - 1024);
     const char *v = std::getenv("CASE4_QGEMV");
     const std::string which = v ? v : "";
-    if (which == "" || which == "auto") q_kernel = kQAuto;
+    if (which == "" || which == "auto" || which == "tc") q_kernel = kQTc;
     else if (which == "f32") q_kernel = kQF32;
     else if (which == "h2") q_kernel = kQH2;
-    else if (which == "tc") q_kernel = kQTc;
     else throw BadArgument("CASE4_QGEMV must be auto, f32, h2 or tc, got '" + which + "'");
     const char *gv = std::getenv("CASE4_QGEMV_GRID");
     const std::string grid = gv ? gv : "";
@@ -894,7 +893,7 @@ static int launch_q3(const QGemvArgs &a, const Launch &L) {
     if constexpr (std::is_same_v<T, half>) {
         // the tensor-core kernel indexes a row's chunks from r * nchunk in 32 bits: larger matrices take the fp32 one
         const long long chunks = (long long)(MODE == kGemvSwiglu ? 2 * a.N : a.N) * (a.K / QTraits<QM>::kpc);
-        if ((q_kernel == kQTc || q_kernel == kQAuto) && chunks < (1LL << 31)) {
+        if (q_kernel == kQTc && chunks < (1LL << 31)) {
             // blocks of 16 warps stage the input once for twice the warps (entry 51): where every warp of such a block
             // has steps in each tile (nsteps >= 16) and a warp of 8-warp blocks would have >= 8 steps in all; else 8
             const int ntiles = MODE == kGemvSwiglu ? (a.N + 3) / 4 : (a.N + 7) / 8;

@@ -19,18 +19,12 @@
 # O ~11.5, gate|up ~80.7, down ~40.4 and lm_head ~44 us: the ablation says which kind holds the rest.
 # Every variant runs with CASE4_QGEMV=tc (int4 and int8 on the tensor-core kernel); main once more with the default
 # kernels (int8 on the fp32 kernel). Rows: 7B dynamic graph, device greedy, 256 steps; per kernel qgemv_bw (pdl 3).
-set -o pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 CASE4_BUILD_EXT=0
-OUT=${OUT:?}
-T0=$(date +%s); t() { echo "$(( $(date +%s) - T0 )) s"; }
-SO=_case4_cuda.cpython-312-x86_64-linux-gnu.so
+. "$(dirname "$0")/device_env.sh"
 mkdir -p /tmp/so && for f in .dev/cx/*.so.xz; do xz -dc $f > /tmp/so/$(basename $f .xz); done
 # main: this call's own build of the tree (call A's, tests/gpu/two_calls.sh) where no prebuilt one came; restored after
 [ -f custom_kernels/$SO ] && cp custom_kernels/$SO /tmp/so/built.so
 [ -f /tmp/so/main.so ] || cp /tmp/so/built.so /tmp/so/main.so
 use() { cp /tmp/so/$1.so custom_kernels/$SO; }
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/smi.txt
 QT="--shapes llama2-7b --rows skip --kernel-pdl 3 --quant int4:128,int8:0 --quant-modes dynamic"
 run() {  # run NAME VARIANT [ENV...]
     local n=$1 v=$2; shift 2

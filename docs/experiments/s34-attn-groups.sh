@@ -10,13 +10,8 @@
 #   here:   bash bench/prebuild_device_ext.sh .dev/c/grp HEAD docs/experiments/attn-group-heads.patch &&
 #           xz -c .dev/c/grp/*.so > .dev/cx/grp.so.xz;  git apply docs/experiments/attn-group-heads.patch (its test)
 #   device: OUT=$OUT bash docs/experiments/s34-attn-groups.sh     (carry .dev/cx/grp.so.xz)   ~3-4 min on an H100
-set -o pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 CASE4_BUILD_EXT=0
-OUT=${OUT:?}
-T0=$(date +%s); t() { echo "$(( $(date +%s) - T0 )) s"; }
-xz -dc .dev/cx/grp.so.xz > custom_kernels/_case4_cuda.cpython-312-x86_64-linux-gnu.so || exit 3
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/smi.txt
+. "$(dirname "$0")/device_env.sh"
+xz -dc .dev/cx/grp.so.xz > custom_kernels/$SO || exit 3
 timeout 150 python -m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu/test_kernels.py -k attention \
     > $OUT/attn_tests.log 2>&1
 echo "attention tests rc=$? $(t): $(tail -1 $OUT/attn_tests.log)"; grep -E "^(FAILED|ERROR|SKIPPED)" $OUT/attn_tests.log | head

@@ -12,13 +12,9 @@
 #           xz -c .dev/c/qof/*.so > .dev/cx/qof.so.xz       (before the apply, or with HEAD~0 after a commit of it)
 #   device: OUT=$OUT bash docs/experiments/s34-quant-o.sh    (carry .dev/cx/qof.so.xz; the real-GGUF test also needs
 #           the built-in GGUF: tests/gpu/two_calls.sh's A/B carry, /tmp/gg)   ~4 min on an H100
-set -o pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1 CASE4_BUILD_EXT=0 PYTHONPATH=/tmp/gg/site${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:?}
-T0=$(date +%s); t() { echo "$(( $(date +%s) - T0 )) s"; }
-xz -dc .dev/cx/qof.so.xz > custom_kernels/_case4_cuda.cpython-312-x86_64-linux-gnu.so || exit 3
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/smi.txt
+. "$(dirname "$0")/device_env.sh"
+export PYTHONPATH=/tmp/gg/site${PYTHONPATH:+:$PYTHONPATH}
+xz -dc .dev/cx/qof.so.xz > custom_kernels/$SO || exit 3
 PT="python -m pytest -m gpu -q -rs -p no:cacheprovider"
 timeout 300 $PT tests/gpu/test_quant_kernels.py -k "not opt_in" > $OUT/quant.log 2>&1 & p1=$!
 timeout 300 $PT tests/gpu/test_step.py tests/gpu/test_kernels.py > $OUT/step.log 2>&1 & p2=$!

@@ -191,7 +191,7 @@ def _clean_env(env):
 
 
 # The kernels of fp16 models that the default (CASE4_QGEMV=auto: int4 and int8 on the tensor-core kernel since
-# session 33; its blocks of 8 or 16 warps by launch_tc's rule) leaves out, each through this file's float64 tests in
+# session 34; its blocks of 8 or 16 warps by launch_tc's rule) leaves out, each through this file's float64 tests in
 # a pytest process of its own (CASE4_QGEMV* are read once a process): f32 (the fp32 kernel, both modes) runs every
 # test of the file, the step, graph and real-GGUF tests included;
 # tc16 (16-warp blocks at every shape, int4 and int8: the rule picks them for 7B-class matrices only) the kernel
